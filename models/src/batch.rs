@@ -1,0 +1,92 @@
+use candela_kernels::SeqAttention;
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::LmConfig;
+
+/// One forward pass's worth of work: the new tokens of many sequences, back to back.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[tokens]` u32.
+    pub input_ids: Tensor,
+    /// `[tokens]` u32: each token's position in its sequence.
+    pub positions: Tensor,
+    /// `[tokens]` u32: each token's KV-cache slot (block_id * block_size + offset).
+    pub slot_mapping: Tensor,
+    /// Per sequence: its rows in the batch and its block table.
+    pub seqs: Vec<SeqAttention>,
+    /// `[n]` u32: the rows whose logits are wanted (usually each sequence's last token).
+    pub logits_rows: Tensor,
+    /// Host copy of `logits_rows`.
+    pub logits_rows_host: Vec<u32>,
+    /// Per row: whether its token is part of the prompt (as opposed to a generated token).
+    /// Models may compute the two kinds differently, but never depending on the batch.
+    pub prompt_rows: Vec<bool>,
+}
+
+impl Batch {
+    /// Builds the device tensors from host vectors.
+    pub fn new(
+        input_ids: &[u32],
+        positions: &[u32],
+        slot_mapping: &[u32],
+        seqs: Vec<SeqAttention>,
+        logits_rows: &[u32],
+        prompt_rows: Vec<bool>,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            input_ids: Tensor::new(input_ids, device)?,
+            positions: Tensor::new(positions, device)?,
+            slot_mapping: Tensor::new(slot_mapping, device)?,
+            seqs,
+            logits_rows: Tensor::new(logits_rows, device)?,
+            logits_rows_host: logits_rows.to_vec(),
+            prompt_rows,
+        })
+    }
+
+    /// `prompt_rows` of the rows whose logits are wanted.
+    pub fn logits_prompt_rows(&self) -> Vec<bool> {
+        self.logits_rows_host
+            .iter()
+            .map(|&r| self.prompt_rows[r as usize])
+            .collect()
+    }
+}
+
+/// The paged KV cache: per layer, keys and values as `[num_blocks, block_size, kv_heads, head_dim]`.
+pub struct KvCache {
+    pub layers: Vec<(Tensor, Tensor)>,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        cfg: &LmConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim);
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            num_blocks,
+            block_size,
+        })
+    }
+
+    /// Bytes one block takes across all layers (keys and values).
+    pub fn bytes_per_block(cfg: &LmConfig, block_size: usize, dtype: DType) -> usize {
+        2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.size_in_bytes()
+    }
+}

@@ -1,0 +1,312 @@
+//! Llama-architecture decoder (Llama 2/3, SmolLM, Mistral-style GQA) over the paged KV cache.
+//!
+//! Weights come from a GGUF file (quantized matrices stay quantized; candle's QMatMul runs them)
+//! or from a Hugging Face safetensors directory.
+
+use std::path::Path;
+
+use candela_kernels::{paged_attention, reshape_and_cache};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Embedding;
+
+use crate::gguf::GgufFile;
+use crate::linear::{Linear, RowSplit};
+use crate::{Batch, CausalLm, KvCache, LmConfig, ModelError, Result};
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+pub struct Llama {
+    cfg: LmConfig,
+    device: Device,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    /// `[max_positions, head_dim / 2]` rotary tables.
+    cos: Tensor,
+    sin: Tensor,
+    rms_eps: f32,
+    /// GGUF stores Q/K permuted for interleaved-pair rotary; HF checkpoints use the half-split form.
+    rope_interleaved: bool,
+}
+
+impl Llama {
+    /// Loads a `llama`-architecture GGUF file.
+    pub fn from_gguf(gguf: &mut GgufFile, device: &Device) -> Result<Self> {
+        let arch = gguf.get_str("general.architecture")?.to_string();
+        if arch != "llama" {
+            return Err(ModelError::Unsupported(format!(
+                "{}: architecture `{arch}` (supported: llama)",
+                gguf.path.display()
+            )));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let num_heads = gguf.get_u32(&key("attention.head_count"))? as usize;
+        let hidden_size = gguf.get_u32(&key("embedding_length"))? as usize;
+        let num_layers = gguf.get_u32(&key("block_count"))? as usize;
+        let head_dim = gguf
+            .get_u32(&key("rope.dimension_count"))
+            .map(|d| d as usize)
+            .unwrap_or(hidden_size / num_heads);
+        let embed_q = gguf.tensor("token_embd.weight", device)?;
+        let vocab_size = embed_q.shape().dims()[0];
+        let mut cfg = LmConfig {
+            num_layers,
+            num_heads,
+            num_kv_heads: gguf
+                .get_u32(&key("attention.head_count_kv"))
+                .map(|d| d as usize)
+                .unwrap_or(num_heads),
+            head_dim,
+            hidden_size,
+            vocab_size,
+            context_len: gguf.get_u32(&key("context_length"))? as usize,
+            params: 0,
+        };
+        let rope_base = gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.);
+        let rms_eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
+
+        let mut params = embed_q.shape().elem_count() as u64;
+        let mut matmul = |gguf: &mut GgufFile, name: &str| -> Result<Linear> {
+            let t = gguf.tensor(name, device)?;
+            params += t.shape().elem_count() as u64;
+            Linear::from_qtensor(t, device)
+        };
+        let vector = |gguf: &mut GgufFile, name: &str| -> Result<Tensor> {
+            Ok(gguf.tensor(name, device)?.dequantize(device)?)
+        };
+        let mut layers = Vec::with_capacity(num_layers);
+        for i in 0..num_layers {
+            let p = |n: &str| format!("blk.{i}.{n}.weight");
+            layers.push(Layer {
+                attn_norm: vector(gguf, &p("attn_norm"))?,
+                wq: matmul(gguf, &p("attn_q"))?,
+                wk: matmul(gguf, &p("attn_k"))?,
+                wv: matmul(gguf, &p("attn_v"))?,
+                wo: matmul(gguf, &p("attn_output"))?,
+                ffn_norm: vector(gguf, &p("ffn_norm"))?,
+                w_gate: matmul(gguf, &p("ffn_gate"))?,
+                w_up: matmul(gguf, &p("ffn_up"))?,
+                w_down: matmul(gguf, &p("ffn_down"))?,
+            });
+        }
+        let norm = vector(gguf, "output_norm.weight")?;
+        let embed = Embedding::new(embed_q.dequantize(device)?, hidden_size);
+        // Tied embeddings when the file has no separate output matrix.
+        let lm_head = if gguf.has_tensor("output.weight") {
+            matmul(gguf, "output.weight")?
+        } else {
+            Linear::from_qtensor(embed_q, device)?
+        };
+        cfg.params = params;
+        let (cos, sin) = rope_tables(head_dim, rope_base, cfg.context_len, device)?;
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            rms_eps,
+            rope_interleaved: true,
+        })
+    }
+
+    /// Loads a Hugging Face `LlamaForCausalLM` directory (config.json + *.safetensors).
+    pub fn from_safetensors(
+        dir: &Path,
+        config: &serde_json::Value,
+        device: &Device,
+    ) -> Result<Self> {
+        let get = |k: &str| config.get(k).and_then(|v| v.as_f64());
+        let need = |k: &str| {
+            get(k).ok_or_else(|| ModelError::Format {
+                path: dir.join("config.json"),
+                message: format!("missing or non-numeric `{k}`"),
+            })
+        };
+        let hidden_size = need("hidden_size")? as usize;
+        let num_heads = need("num_attention_heads")? as usize;
+        let mut cfg = LmConfig {
+            num_layers: need("num_hidden_layers")? as usize,
+            num_heads,
+            num_kv_heads: get("num_key_value_heads")
+                .map(|v| v as usize)
+                .unwrap_or(num_heads),
+            head_dim: get("head_dim")
+                .map(|v| v as usize)
+                .unwrap_or(hidden_size / num_heads),
+            hidden_size,
+            vocab_size: need("vocab_size")? as usize,
+            context_len: need("max_position_embeddings")? as usize,
+            params: 0,
+        };
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|source| ModelError::Io {
+                path: dir.into(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        let vb =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        let embed_w = vb.get((cfg.vocab_size, hidden_size), "model.embed_tokens.weight")?;
+        let mut params = embed_w.elem_count() as u64;
+        let mut linear = |name: &str, shape: (usize, usize)| -> Result<Linear> {
+            let w = vb.get(shape, name)?;
+            params += w.elem_count() as u64;
+            Ok(Linear::dense(w))
+        };
+        let (h, kv, hd, ffn) = (
+            hidden_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            need("intermediate_size")? as usize,
+        );
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = |n: &str| format!("model.layers.{i}.{n}.weight");
+            layers.push(Layer {
+                attn_norm: vb.get(h, &p("input_layernorm"))?,
+                wq: linear(&p("self_attn.q_proj"), (num_heads * hd, h))?,
+                wk: linear(&p("self_attn.k_proj"), (kv * hd, h))?,
+                wv: linear(&p("self_attn.v_proj"), (kv * hd, h))?,
+                wo: linear(&p("self_attn.o_proj"), (h, num_heads * hd))?,
+                ffn_norm: vb.get(h, &p("post_attention_layernorm"))?,
+                w_gate: linear(&p("mlp.gate_proj"), (ffn, h))?,
+                w_up: linear(&p("mlp.up_proj"), (ffn, h))?,
+                w_down: linear(&p("mlp.down_proj"), (h, ffn))?,
+            });
+        }
+        let lm_head = if vb.contains_tensor("lm_head.weight") {
+            linear("lm_head.weight", (cfg.vocab_size, h))?
+        } else {
+            Linear::dense(embed_w.clone())
+        };
+        drop(linear);
+        cfg.params = params;
+        let rope_base = get("rope_theta").unwrap_or(10_000.) as f32;
+        let (cos, sin) = rope_tables(cfg.head_dim, rope_base, cfg.context_len, device)?;
+        Ok(Self {
+            embed: Embedding::new(embed_w, h),
+            norm: vb.get(h, "model.norm.weight")?,
+            lm_head,
+            layers,
+            cos,
+            sin,
+            rms_eps: get("rms_norm_eps").unwrap_or(1e-5) as f32,
+            rope_interleaved: false,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        if self.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)
+        }
+    }
+}
+
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    max_pos: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1. / base.powf(2. * i as f32 / head_dim as f32))
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+    let pos = Tensor::arange(0u32, max_pos as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_pos, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+impl CausalLm for Llama {
+    fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward(&self, batch: &Batch, kv: &KvCache) -> Result<Tensor> {
+        let c = &self.cfg;
+        let tokens = batch.input_ids.dim(0)?;
+        let half = c.head_dim / 2;
+        // Per-token rotary rows, shaped for rope's (batch=tokens, heads, seq=1, dim) layout.
+        let cos = self
+            .cos
+            .index_select(&batch.positions, 0)?
+            .reshape((tokens, 1, half))?;
+        let sin = self
+            .sin
+            .index_select(&batch.positions, 0)?
+            .reshape((tokens, 1, half))?;
+        let scale = 1. / (c.head_dim as f32).sqrt();
+        let rows = RowSplit::new(&batch.prompt_rows, &self.device)?;
+        let mut x = self.embed.forward(&batch.input_ids)?;
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&kv.layers) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
+            let q = layer
+                .wq
+                .forward(&h, &rows)?
+                .reshape((tokens, c.num_heads, 1, c.head_dim))?;
+            let k =
+                layer
+                    .wk
+                    .forward(&h, &rows)?
+                    .reshape((tokens, c.num_kv_heads, 1, c.head_dim))?;
+            let v = layer
+                .wv
+                .forward(&h, &rows)?
+                .reshape((tokens, c.num_kv_heads, c.head_dim))?;
+            let q = self.rope(&q.contiguous()?, &cos, &sin)?.reshape((
+                tokens,
+                c.num_heads,
+                c.head_dim,
+            ))?;
+            let k = self.rope(&k.contiguous()?, &cos, &sin)?.reshape((
+                tokens,
+                c.num_kv_heads,
+                c.head_dim,
+            ))?;
+            reshape_and_cache(&k, &v, k_cache, v_cache, &batch.slot_mapping)?;
+            let attn = paged_attention(&q, k_cache, v_cache, &batch.seqs, scale)?;
+            let attn = attn.reshape((tokens, c.num_heads * c.head_dim))?;
+            x = (x + layer.wo.forward(&attn, &rows)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.rms_eps)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h, &rows)?)?;
+            x = (x + layer
+                .w_down
+                .forward(&(gate * layer.w_up.forward(&h, &rows)?)?, &rows)?)?;
+        }
+        // Only the rows that will be sampled go through the (large) output projection.
+        let x = x.index_select(&batch.logits_rows, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.rms_eps)?;
+        let logits_split = RowSplit::new(&batch.logits_prompt_rows(), &self.device)?;
+        Ok(self
+            .lm_head
+            .forward(&x, &logits_split)?
+            .to_dtype(DType::F32)?)
+    }
+}

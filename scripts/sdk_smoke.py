@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""End-to-end smoke test of a running candela server through the official `openai` SDK.
+
+Usage:
+    python3 scripts/sdk_smoke.py http://127.0.0.1:PORT [-k SUBSTRING]
+
+Prints one line per check (PASS/FAIL), then a closing line `N passed, N failed`,
+and exits 1 if any check failed. `-k` runs only the checks whose name contains
+SUBSTRING. Needs: openai, numpy (scripts/test.sh installs both into .venv).
+Raw HTTP (malformed bodies, raw base64) goes through urllib so the script does
+not depend on which HTTP client the SDK version ships with.
+"""
+import argparse
+import base64
+import concurrent.futures
+import functools
+import json
+import math
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import openai
+from openai import OpenAI
+
+CHAT = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+CHAT_CONTEXT = 8192
+EMBED_DIMS = 384
+
+MSG = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+LIST_MSG = [{"role": "user", "content": "Name three fruits, one per line, nothing else."}]
+LONG_MSG = [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}]
+CONCURRENT_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Hi!",
+    "Explain in two sentences why the sky is blue, as if talking to a curious ten year old child.",
+    "Give me a short list of three tips for staying focused while working from home.",
+]
+SENTENCES = [
+    "A cat sits on the mat.",
+    "A kitten is resting on a rug.",
+    "Quarterly revenue grew by five percent.",
+]
+
+BASE = ""
+NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is local
+client = None  # type: OpenAI
+CHECKS = []
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check(name):
+    def deco(fn):
+        CHECKS.append((name, fn))
+        return fn
+
+    return deco
+
+
+def expect(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def eq(got, want, what):
+    expect(got == want, f"{what}: got {got!r}, want {want!r}")
+
+
+def http(method, path, body=None, raw=None, timeout=120):
+    """Plain HTTP request; returns (status, headers, body bytes) for any status."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(BASE + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with NO_PROXY_OPENER.open(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def check_error_json(status, raw_body, want_status):
+    """OpenAI error JSON: {"error": {"message", "type", "param", "code"}}; returns the inner object."""
+    eq(status, want_status, "HTTP status")
+    try:
+        j = json.loads(raw_body)
+    except ValueError:
+        raise AssertionError(f"error body is not JSON: {raw_body[:200]!r}")
+    expect(isinstance(j, dict) and isinstance(j.get("error"), dict), f"no error object: {j!r}")
+    err = j["error"]
+    for key in ("message", "type", "param", "code"):
+        expect(key in err, f"error JSON lacks {key!r}: {err!r}")
+    expect(isinstance(err["message"], str) and err["message"], f"empty error message: {err!r}")
+    return err
+
+
+def sdk_error(exc_type, fn, want_status):
+    """Run fn, expect the SDK to raise exc_type with want_status; return the inner error object."""
+    try:
+        fn()
+    except exc_type as e:
+        eq(e.status_code, want_status, "status_code")
+        return check_error_json(e.status_code, e.response.content, want_status)
+    except openai.APIStatusError as e:
+        raise AssertionError(f"expected {exc_type.__name__}, got {type(e).__name__} "
+                             f"{e.status_code}: {e.response.text[:300]}")
+    raise AssertionError(f"expected {exc_type.__name__}, the request succeeded")
+
+
+def chat(messages=MSG, **kw):
+    kw.setdefault("max_tokens", 16)
+    return client.chat.completions.create(model=CHAT, messages=messages, **kw)
+
+
+def stream_chat(messages=MSG, **kw):
+    """Streaming chat (single choice): returns (chunks, concatenated content)."""
+    kw.setdefault("max_tokens", 16)
+    chunks = list(client.chat.completions.create(model=CHAT, messages=messages, stream=True, **kw))
+    text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+    return chunks, text
+
+
+def check_usage(usage, max_completion=None):
+    expect(usage is not None, "usage missing")
+    expect(usage.prompt_tokens > 0, f"prompt_tokens={usage.prompt_tokens}")
+    expect(usage.completion_tokens > 0, f"completion_tokens={usage.completion_tokens}")
+    if max_completion is not None:
+        expect(usage.completion_tokens <= max_completion,
+               f"completion_tokens={usage.completion_tokens} > {max_completion}")
+    eq(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens, "total_tokens")
+
+
+@functools.lru_cache(maxsize=None)
+def greedy():
+    """The reference greedy chat completion (MSG, temperature 0, max_tokens 16)."""
+    return chat(temperature=0, max_tokens=16)
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@check("health")
+def _():
+    status, _, body = http("GET", "/health")
+    eq(status, 200, "status")
+    eq(json.loads(body).get("status"), "ok", "/health status field")
+
+
+@check("models.list: both models with metadata")
+def _():
+    models = {m.id: m.to_dict() for m in client.models.list().data}
+    for mid, mtype in ((CHAT, "chat"), (EMBED, "embedding")):
+        expect(mid in models, f"{mid} not listed (got {sorted(models)})")
+        m = models[mid]
+        eq(m.get("object"), "model", f"{mid}.object")
+        expect(isinstance(m.get("created"), int), f"{mid}.created={m.get('created')!r}")
+        expect(isinstance(m.get("owned_by"), str) and m["owned_by"], f"{mid}.owned_by={m.get('owned_by')!r}")
+        eq(m.get("type"), mtype, f"{mid}.type")
+        expect(isinstance(m.get("context_size"), int) and m["context_size"] > 0,
+               f"{mid}.context_size={m.get('context_size')!r}")
+        expect(m.get("params") is not None, f"{mid}.params missing")
+        expect(isinstance(m.get("tags"), list), f"{mid}.tags={m.get('tags')!r}")
+    eq(models[CHAT]["context_size"], CHAT_CONTEXT, "chat context_size")
+    status, _, body = http("GET", "/v1/models")
+    eq(status, 200, "GET /v1/models status")
+    eq(json.loads(body).get("object"), "list", "GET /v1/models object")
+
+
+@check("chat: non-stream greedy basics")
+def _():
+    r = greedy()
+    expect(r.id, "empty id")
+    eq(r.object, "chat.completion", "object")
+    eq(r.model, CHAT, "model")
+    eq(len(r.choices), 1, "len(choices)")
+    c = r.choices[0]
+    eq(c.index, 0, "choices[0].index")
+    eq(c.message.role, "assistant", "role")
+    expect(c.message.content, f"empty content: {c.message.content!r}")
+    expect(c.finish_reason in ("stop", "length"), f"finish_reason={c.finish_reason!r}")
+    check_usage(r.usage, 16)
+
+
+@check("chat: temperature 0 is deterministic")
+def _():
+    a = greedy().choices[0].message.content
+    b = chat(temperature=0, max_tokens=16).choices[0].message.content
+    eq(b, a, "second greedy content")
+
+
+@check("chat: temperature 0.8 with a fixed seed is reproducible")
+def _():
+    kw = dict(messages=LONG_MSG, temperature=0.8, seed=1234, max_tokens=24)
+    a = chat(**kw).choices[0].message.content
+    b = chat(**kw).choices[0].message.content
+    expect(a, "empty content")
+    eq(b, a, "second seeded content")
+
+
+@check("chat: stream + include_usage matches non-stream")
+def _():
+    ref = greedy()
+    chunks, text = stream_chat(temperature=0, max_tokens=16, stream_options={"include_usage": True})
+    expect(len(chunks) >= 2, f"only {len(chunks)} chunks")
+    eq(text, ref.choices[0].message.content, "streamed content")
+    for c in chunks:
+        eq(c.object, "chat.completion.chunk", "chunk.object")
+        eq(c.model, CHAT, "chunk.model")
+    eq(len({c.id for c in chunks}), 1, "distinct chunk ids")
+    last = chunks[-1]
+    eq(last.choices, [], "last chunk choices")
+    check_usage(last.usage, 16)
+    eq(last.usage.completion_tokens, ref.usage.completion_tokens, "stream completion_tokens")
+    eq(last.usage.prompt_tokens, ref.usage.prompt_tokens, "stream prompt_tokens")
+    for c in chunks[:-1]:
+        expect(c.usage is None, "usage on a non-final chunk")
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    eq(reasons, [ref.choices[0].finish_reason], "finish_reason(s) in stream")
+
+
+@check("chat: n=2 at temperature 1.0")
+def _():
+    r = chat(messages=LONG_MSG, n=2, temperature=1.0, max_tokens=16)
+    eq(sorted(c.index for c in r.choices), [0, 1], "choice indices")
+    for c in r.choices:
+        expect(c.message.content, f"choice {c.index} empty")
+        expect(c.finish_reason in ("stop", "length"), f"finish_reason={c.finish_reason!r}")
+    check_usage(r.usage, 32)
+    if all(c.finish_reason == "length" for c in r.choices):
+        eq(r.usage.completion_tokens, 32, "completion_tokens (both hit length)")
+
+
+@check("chat: n=2 usage is the sum over choices (counted via logprobs)")
+def _():
+    r = chat(messages=LONG_MSG, n=2, temperature=1.0, max_tokens=12, logprobs=True)
+    counts = [len(c.logprobs.content) for c in sorted(r.choices, key=lambda c: c.index)]
+    eq(r.usage.completion_tokens, sum(counts), f"completion_tokens (per choice {counts})")
+
+
+@check("chat: stop=['\\n']")
+def _():
+    r = chat(messages=LIST_MSG, temperature=0, max_tokens=32, stop=["\n"])
+    c = r.choices[0]
+    expect("\n" not in c.message.content, f"content has a newline: {c.message.content!r}")
+    expect(c.finish_reason in ("stop", "length"), f"finish_reason={c.finish_reason!r}")
+    _, text = stream_chat(messages=LIST_MSG, temperature=0, max_tokens=32, stop=["\n"])
+    eq(text, c.message.content, "streamed content with stop")
+
+
+@check("chat: max_tokens=1")
+def _():
+    r = chat(messages=LONG_MSG, temperature=0, max_tokens=1)
+    eq(r.choices[0].finish_reason, "length", "finish_reason")
+    eq(r.usage.completion_tokens, 1, "completion_tokens")
+
+
+@check("chat: max_completion_tokens=5")
+def _():
+    r = client.chat.completions.create(model=CHAT, messages=LONG_MSG, temperature=0, max_completion_tokens=5)
+    n, reason = r.usage.completion_tokens, r.choices[0].finish_reason
+    expect(0 < n <= 5, f"completion_tokens={n}")
+    eq(reason, "length" if n == 5 else "stop", f"finish_reason after {n} tokens")
+
+
+@check("chat: logprobs with top_logprobs=3")
+def _():
+    r = chat(temperature=0, max_tokens=16, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    eq(len(content), r.usage.completion_tokens, "len(logprobs.content)")
+    for i, t in enumerate(content):
+        expect(isinstance(t.token, str), f"token {i} not a string")
+        expect(t.logprob <= 0, f"token {i} logprob {t.logprob} > 0")
+        eq(len(t.top_logprobs), 3, f"len(top_logprobs) of token {i}")
+        tops = [x.logprob for x in t.top_logprobs]
+        expect(all(x <= 0 for x in tops), f"token {i} top logprob > 0: {tops}")
+        # greedy: the sampled token is the most likely one
+        expect(t.logprob >= max(tops) - 1e-3, f"token {i}: logprob {t.logprob} < top {max(tops)}")
+    eq(r.choices[0].message.content, greedy().choices[0].message.content, "content with logprobs")
+
+
+@check("chat: extra_body ignore_eos, max_tokens=40")
+def _():
+    r = chat(temperature=0, max_tokens=40, extra_body={"ignore_eos": True})
+    eq(r.usage.completion_tokens, 40, "completion_tokens")
+    eq(r.choices[0].finish_reason, "length", "finish_reason")
+
+
+@check("chat: extra_body top_k=1 equals greedy; min_p/repetition_penalty accepted")
+def _():
+    r = chat(temperature=1.0, max_tokens=16, extra_body={"top_k": 1})
+    eq(r.choices[0].message.content, greedy().choices[0].message.content, "top_k=1 content")
+    r = chat(temperature=0.7, max_tokens=8, seed=7, extra_body={"min_p": 0.1, "repetition_penalty": 1.1})
+    expect(r.choices[0].message.content, "empty content with min_p/repetition_penalty")
+
+
+@check("completions (legacy): non-stream and stream")
+def _():
+    kw = dict(model=CHAT, prompt="The capital of France is", max_tokens=8, temperature=0)
+    r = client.completions.create(**kw)
+    eq(r.object, "text_completion", "object")
+    eq(r.model, CHAT, "model")
+    eq(len(r.choices), 1, "len(choices)")
+    text = r.choices[0].text
+    expect(text, f"empty text: {text!r}")
+    expect(r.choices[0].finish_reason in ("stop", "length"), f"finish_reason={r.choices[0].finish_reason!r}")
+    check_usage(r.usage, 8)
+    chunks = list(client.completions.create(stream=True, **kw))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    eq(streamed, text, "streamed text")
+
+
+@check("embeddings: float, list of 3")
+def _():
+    r = client.embeddings.create(model=EMBED, input=SENTENCES, encoding_format="float")
+    eq(r.model, EMBED, "model")
+    eq(len(r.data), 3, "len(data)")
+    eq([d.index for d in r.data], [0, 1, 2], "indices")
+    for d in r.data:
+        eq(len(d.embedding), EMBED_DIMS, f"dims of {d.index}")
+        norm = math.sqrt(sum(x * x for x in d.embedding))
+        expect(abs(norm - 1) <= 1e-3, f"L2 norm of {d.index} = {norm}")
+    expect(r.usage.prompt_tokens > 0, f"prompt_tokens={r.usage.prompt_tokens}")
+    v = [unit(d.embedding) for d in r.data]
+    close, far = float(v[0] @ v[1]), float(v[0] @ v[2])
+    expect(close > far, f"cos(cat, kitten)={close:.3f} <= cos(cat, revenue)={far:.3f}")
+
+
+@check("embeddings: base64 (raw and SDK default) equals float")
+def _():
+    floats = np.array([d.embedding for d in
+                       client.embeddings.create(model=EMBED, input=SENTENCES, encoding_format="float").data])
+    status, _, body = http("POST", "/v1/embeddings",
+                           {"model": EMBED, "input": SENTENCES, "encoding_format": "base64"})
+    eq(status, 200, "raw base64 status")
+    data = sorted(json.loads(body)["data"], key=lambda d: d["index"])
+    eq(len(data), 3, "raw base64 len(data)")
+    for d in data:
+        expect(isinstance(d["embedding"], str), f"base64 embedding is {type(d['embedding']).__name__}")
+    raw = np.array([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])
+    eq(raw.shape, (3, EMBED_DIMS), "raw base64 shape")
+    diff = float(np.max(np.abs(raw - floats)))
+    expect(diff <= 1e-5, f"raw base64 vs float max diff {diff}")
+    # without encoding_format the SDK itself asks for base64 and decodes it
+    sdk = np.array([d.embedding for d in client.embeddings.create(model=EMBED, input=SENTENCES).data])
+    eq(sdk.shape, (3, EMBED_DIMS), "SDK default shape")
+    diff = float(np.max(np.abs(sdk - floats)))
+    expect(diff <= 1e-5, f"SDK default (base64) vs float max diff {diff}")
+
+
+@check("embeddings: string input")
+def _():
+    r = client.embeddings.create(model=EMBED, input=SENTENCES[0], encoding_format="float")
+    eq(len(r.data), 1, "len(data)")
+    eq(len(r.data[0].embedding), EMBED_DIMS, "dims")
+    batch = client.embeddings.create(model=EMBED, input=SENTENCES, encoding_format="float").data[0].embedding
+    diff = float(np.max(np.abs(np.array(r.data[0].embedding) - np.array(batch))))
+    expect(diff <= 1e-3, f"single vs batched max diff {diff}")
+
+
+@check("errors: unknown model -> 404")
+def _():
+    sdk_error(openai.NotFoundError, lambda: client.chat.completions.create(
+        model="no-such-model", messages=MSG, max_tokens=4), 404)
+
+
+@check("errors: temperature=5 -> 400 param=temperature")
+def _():
+    err = sdk_error(openai.BadRequestError, lambda: chat(temperature=5, max_tokens=4), 400)
+    eq(err["param"], "temperature", "error.param")
+
+
+@check("errors: empty messages -> 400")
+def _():
+    sdk_error(openai.BadRequestError, lambda: chat(messages=[], max_tokens=4), 400)
+
+
+@check("errors: max_tokens=100000 -> 400 mentioning the context")
+def _():
+    err = sdk_error(openai.BadRequestError, lambda: chat(max_tokens=100000), 400)
+    expect("context" in err["message"].lower(), f"message does not mention the context: {err['message']!r}")
+
+
+@check("errors: malformed JSON body -> 400")
+def _():
+    status, _, body = http("POST", "/v1/chat/completions", raw=b'{"model": "' + CHAT.encode() + b'", "messages": [')
+    check_error_json(status, body, 400)
+
+
+@check("concurrency: 16 streaming greedy requests match solo runs")
+def _():
+    def run(prompt):
+        _, text = stream_chat(messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=32)
+        return text
+
+    solo = {p: run(p) for p in CONCURRENT_PROMPTS}
+    for p, t in solo.items():
+        expect(t, f"empty solo output for {p!r}")
+    jobs = [CONCURRENT_PROMPTS[i % len(CONCURRENT_PROMPTS)] for i in range(16)]
+    barrier = threading.Barrier(len(jobs))
+
+    def job(prompt):
+        barrier.wait(timeout=60)
+        return run(prompt)
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        outs = list(pool.map(job, jobs, timeout=600))
+    dt = time.monotonic() - t0
+    bad = [(i, p, o) for i, (p, o) in enumerate(zip(jobs, outs)) if o != solo[p]]
+    expect(not bad, f"{len(bad)}/16 differ from solo, first: #{bad[0][0]} got {bad[0][2]!r} "
+                    f"want {solo[bad[0][1]]!r}" if bad else "")
+    print(f"  16 concurrent streams done in {dt:.1f}s", flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main():
+    global BASE, client
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base_url", help="server root, e.g. http://127.0.0.1:8080")
+    ap.add_argument("-k", default="", help="run only checks whose name contains this")
+    args = ap.parse_args()
+    BASE = args.base_url.rstrip("/")
+    if BASE.endswith("/v1"):
+        BASE = BASE[:-3]
+    client = OpenAI(base_url=BASE + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    passed = failed = 0
+    for name, fn in CHECKS:
+        if args.k and args.k not in name:
+            continue
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then the next check runs
+            failed += 1
+            msg = str(e).replace("\n", "\\n")
+            print(f"FAIL {name}: {type(e).__name__}: {msg[:600]}", flush=True)
+        else:
+            passed += 1
+            print(f"PASS {name} ({time.monotonic() - t0:.1f}s)", flush=True)
+    print(f"{passed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+//! `POST /v1/chat/completions` and the legacy `POST /v1/completions`, streamed (SSE) or not.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, BoxStream, StreamExt};
+use serde_json::{json, Value};
+
+use super::types::{ChatCompletionRequest, CompletionRequest, Prompt, Usage};
+use super::{json, ApiError, AppState};
+use crate::engine::FinishReason;
+use crate::serving::{
+    ChatModel, GenChunk, GenParams, Generation, Served, ServingError, TokenLogprob,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// What every response of one request shares.
+struct Meta {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn chat_model(state: &AppState, id: &str) -> Result<Arc<ChatModel>, ApiError> {
+    match state.registry.get(id) {
+        Some(Served::Chat(m)) => Ok(m.clone()),
+        Some(Served::Embedding(_)) => Err(ServingError::WrongModelType(format!(
+            "The model `{id}` is an embedding model; use it with /v1/embeddings."
+        ))
+        .into()),
+        None => Err(ServingError::ModelNotFound(id.to_string()).into()),
+    }
+}
+
+/// Starts `n` generations of one prompt; each choice after the first gets its own seed.
+fn start_n(
+    model: &ChatModel,
+    prompt: &[u32],
+    params: &GenParams,
+    n: usize,
+    param: &str,
+) -> Result<Vec<Generation>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut p = params.clone();
+            p.sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            Ok(model.start(prompt.to_vec(), p, param)?)
+        })
+        .collect()
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: ChatCompletionRequest = json::parse(body)?;
+    let model = chat_model(&state, &req.model)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (_, Some(k)) if !(0..=20).contains(&k) => {
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                format!("Invalid value for 'top_logprobs': {k}; it must be between 0 and 20."),
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                "'top_logprobs' requires 'logprobs' to be true.",
+            ))
+        }
+        (false, _) => None,
+    };
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => Some((m, "max_completion_tokens")),
+        (None, Some(m)) => Some((m, "max_tokens")),
+        (None, None) => None,
+    };
+    let (params, n) = req.sampling().to_params(max_tokens, logprobs)?;
+    let messages = req
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.to_chat(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let prompt = model.chat_prompt(&messages)?;
+    let gens = start_n(&model, &prompt, &params, n, "messages")?;
+    let meta = Meta {
+        kind: Kind::Chat,
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: now(),
+        model: model.info.id.clone(),
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        Ok(stream_response(meta, gens, include_usage, prompt.len()))
+    } else {
+        full_response(meta, gens, prompt.len()).await
+    }
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: CompletionRequest = json::parse(body)?;
+    let model = chat_model(&state, &req.model)?;
+    let logprobs = match req.logprobs {
+        Some(k) if !(0..=20).contains(&k) => {
+            return Err(ApiError::invalid(
+                Some("logprobs"),
+                format!("Invalid value for 'logprobs': {k}; it must be between 0 and 20."),
+            ))
+        }
+        Some(k) => Some(k as usize),
+        None => None,
+    };
+    if req.echo {
+        return Err(ApiError::invalid(Some("echo"), "'echo' is not supported."));
+    }
+    let max_tokens = Some((req.max_tokens.unwrap_or(16), "max_tokens"));
+    let (params, n) = req.sampling().to_params(max_tokens, logprobs)?;
+    let vocab = model.tokenizer().get_vocab_size(true) as u32;
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
+        Prompt::Text(t) => vec![model.completion_prompt(t)?],
+        Prompt::Texts(ts) => ts
+            .iter()
+            .map(|t| model.completion_prompt(t))
+            .collect::<Result<_, _>>()?,
+        Prompt::Tokens(t) => vec![t.clone()],
+        Prompt::TokenLists(ts) => ts.clone(),
+    };
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "'prompt' must not be empty.",
+        ));
+    }
+    if prompts.iter().flatten().any(|&t| t >= vocab) {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            format!("'prompt' holds a token id outside the vocabulary (size {vocab})."),
+        ));
+    }
+    let mut gens = Vec::new();
+    for p in &prompts {
+        gens.extend(start_n(&model, p, &params, n, "prompt")?);
+    }
+    let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    let meta = Meta {
+        kind: Kind::Completion,
+        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: now(),
+        model: model.info.id.clone(),
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        Ok(stream_response(meta, gens, include_usage, prompt_tokens))
+    } else {
+        full_response(meta, gens, prompt_tokens).await
+    }
+}
+
+/// A generation run to its end.
+struct Finished {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: FinishReason,
+    completion_tokens: usize,
+    cached_tokens: usize,
+}
+
+async fn run_to_end(mut gen: Generation) -> Result<Finished, ServingError> {
+    let mut text = String::new();
+    let mut logprobs = Vec::new();
+    let mut finish = FinishReason::Length;
+    while let Some(chunk) = gen.next().await {
+        let chunk = chunk?;
+        text.push_str(&chunk.text);
+        logprobs.extend(chunk.logprobs);
+        if let Some(f) = chunk.finish {
+            finish = f;
+        }
+    }
+    Ok(Finished {
+        text,
+        logprobs,
+        finish,
+        completion_tokens: gen.completion_tokens,
+        cached_tokens: gen.cached_tokens,
+    })
+}
+
+async fn full_response(
+    meta: Meta,
+    gens: Vec<Generation>,
+    prompt_tokens: usize,
+) -> Result<Response, ApiError> {
+    let results = futures::future::join_all(gens.into_iter().map(run_to_end)).await;
+    let mut choices = Vec::new();
+    let (mut completion, mut cached) = (0, 0);
+    for (index, r) in results.into_iter().enumerate() {
+        let f = r?;
+        completion += f.completion_tokens;
+        cached += f.cached_tokens;
+        let logprobs = (!f.logprobs.is_empty()).then(|| logprobs_json(meta.kind, &f.logprobs, 0));
+        choices.push(match meta.kind {
+            Kind::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": f.text},
+                "logprobs": logprobs,
+                "finish_reason": f.finish.as_str(),
+            }),
+            Kind::Completion => json!({
+                "index": index,
+                "text": f.text,
+                "logprobs": logprobs,
+                "finish_reason": f.finish.as_str(),
+            }),
+        });
+    }
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    Ok(Json(json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+        "usage": Usage::new(prompt_tokens, completion, cached),
+    }))
+    .into_response())
+}
+
+fn logprobs_json(kind: Kind, lps: &[TokenLogprob], text_offset: usize) -> Value {
+    match kind {
+        Kind::Chat => {
+            let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|lp| {
+                    let mut e = entry(&lp.token, lp.logprob);
+                    e["top_logprobs"] = lp.top.iter().map(|(t, l)| entry(t, *l)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let mut offsets = Vec::with_capacity(lps.len());
+            let mut offset = text_offset;
+            for lp in lps {
+                offsets.push(offset);
+                offset += lp.token.len();
+            }
+            let top: Vec<Value> = lps
+                .iter()
+                .map(|lp| {
+                    Value::Object(lp.top.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
+                })
+                .collect();
+            json!({
+                "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
+/// Items of the merged per-choice streams.
+enum Item {
+    Chunk(usize, Result<GenChunk, ServingError>),
+    Done {
+        completion_tokens: usize,
+        cached_tokens: usize,
+    },
+}
+
+fn choice_stream(index: usize, gen: Generation) -> BoxStream<'static, Item> {
+    stream::unfold(Some(gen), move |gen| async move {
+        let mut gen = gen?;
+        match gen.next().await {
+            Some(chunk) => Some((Item::Chunk(index, chunk), Some(gen))),
+            None => Some((
+                Item::Done {
+                    completion_tokens: gen.completion_tokens,
+                    cached_tokens: gen.cached_tokens,
+                },
+                None,
+            )),
+        }
+    })
+    .boxed()
+}
+
+fn stream_response(
+    meta: Meta,
+    gens: Vec<Generation>,
+    include_usage: bool,
+    prompt_tokens: usize,
+) -> Response {
+    let meta = Arc::new(meta);
+    let n = gens.len();
+    let merged = stream::select_all(
+        gens.into_iter()
+            .enumerate()
+            .map(|(i, g)| choice_stream(i, g)),
+    );
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let usage_field = move |v: &mut Value| {
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+    };
+    let chunk = {
+        let meta = meta.clone();
+        move |choices: Vec<Value>| {
+            let mut v = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": choices});
+            usage_field(&mut v);
+            v
+        }
+    };
+    // Chat streams open each choice with the assistant role.
+    let opening: Vec<Value> = if meta.kind == Kind::Chat {
+        (0..n)
+            .map(|i| chunk(vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})]))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut offsets = vec![0usize; n];
+    // (completion tokens, cached tokens, failed): the usage chunk needs totals known only at the end.
+    let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize, false)));
+    let body_totals = totals.clone();
+    let kind = meta.kind;
+    let body = merged.filter_map(move |item| {
+        let mut t = body_totals.lock().unwrap_or_else(|p| p.into_inner());
+        let out: Option<Value> = match item {
+            _ if t.2 => None,
+            Item::Chunk(i, Ok(c)) => {
+                if c.text.is_empty() && c.finish.is_none() && c.logprobs.is_empty() {
+                    None
+                } else {
+                    let logprobs = (!c.logprobs.is_empty()).then(|| logprobs_json(kind, &c.logprobs, offsets[i]));
+                    offsets[i] += c.text.len();
+                    let finish = c.finish.map(FinishReason::as_str);
+                    Some(chunk(vec![match kind {
+                        Kind::Chat => {
+                            let delta = if c.text.is_empty() { json!({}) } else { json!({"content": c.text}) };
+                            json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                        }
+                        Kind::Completion => json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish}),
+                    }]))
+                }
+            }
+            Item::Chunk(_, Err(e)) => {
+                t.2 = true;
+                Some(serde_json::to_value(ApiError::from(e).body()).unwrap_or(Value::Null))
+            }
+            Item::Done { completion_tokens, cached_tokens } => {
+                t.0 += completion_tokens;
+                t.1 += cached_tokens;
+                None
+            }
+        };
+        futures::future::ready(out)
+    });
+    let meta_tail = meta.clone();
+    let tail = stream::once(async move {
+        let (completion, cached, failed) = *totals.lock().unwrap_or_else(|p| p.into_inner());
+        let usage = (include_usage && !failed).then(|| {
+            json!({
+                "id": meta_tail.id, "object": object, "created": meta_tail.created, "model": meta_tail.model,
+                "choices": [], "usage": Usage::new(prompt_tokens, completion, cached),
+            })
+        });
+        stream::iter(usage)
+    })
+    .flatten();
+    let events = stream::iter(opening)
+        .chain(body)
+        .chain(tail)
+        .map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string())))
+        .chain(stream::once(async { Ok(Event::default().data("[DONE]")) }));
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,94 @@
+//! `POST /v1/embeddings`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::Json;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::types::{EmbeddingInput, EmbeddingRequest};
+use super::{json, ApiError, AppState};
+use crate::serving::{Served, ServingError};
+
+/// Most inputs in one request.
+const MAX_INPUTS: usize = 2048;
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: EmbeddingRequest = json::parse(body)?;
+    let model = match state.registry.get(&req.model) {
+        Some(Served::Embedding(m)) => m.clone(),
+        Some(Served::Chat(_)) => return Err(ServingError::WrongModelType(format!(
+            "The model `{}` is a chat model and cannot create embeddings; use an embedding model.",
+            req.model
+        ))
+        .into()),
+        None => return Err(ServingError::ModelNotFound(req.model.clone()).into()),
+    };
+    let base64 =
+        match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(ApiError::invalid(
+                Some("encoding_format"),
+                format!(
+                    "Invalid value for 'encoding_format': '{other}'; expected 'float' or 'base64'."
+                ),
+            )),
+        };
+    if let Some(d) = req.dimensions {
+        if d != model.dim as i64 {
+            return Err(ApiError::invalid(
+                Some("dimensions"),
+                format!("This model produces {}-dimensional embeddings and cannot change that (got dimensions={d}).", model.dim),
+            ));
+        }
+    }
+    let tokens = match req.input {
+        EmbeddingInput::Text(t) => model.tokenize(&[t])?,
+        EmbeddingInput::Texts(ts) => model.tokenize(&ts)?,
+        EmbeddingInput::Tokens(t) => vec![t],
+        EmbeddingInput::TokenLists(ts) => ts,
+    };
+    if tokens.is_empty() || tokens.len() > MAX_INPUTS {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!(
+                "'input' must hold between 1 and {MAX_INPUTS} items; got {}.",
+                tokens.len()
+            ),
+        ));
+    }
+    if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!("input[{i}] is empty; inputs must not be empty."),
+        ));
+    }
+    let prompt_tokens: usize = tokens.iter().map(Vec::len).sum();
+    let vectors = model.embed(tokens).await?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.info.id,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    })))
+}

@@ -1,0 +1,325 @@
+//! OpenAI request and response bodies, and the validation that turns requests into serving's
+//! typed parameters. Unknown request fields are accepted and ignored, as OpenAI's servers do.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::sampling::SamplingParams;
+use crate::serving::{ChatMessage, GenParams};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and legacy completions (copied out of each request, since
+/// `#[serde(flatten)]` would lose the field paths that error messages name).
+#[derive(Debug, Default)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StringOrList>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Generate until `max_tokens` even past end-of-sequence (for benchmarks).
+    pub ignore_eos: Option<bool>,
+}
+
+macro_rules! sampling_fields {
+    ($req:expr) => {
+        SamplingFields {
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            top_k: $req.top_k,
+            min_p: $req.min_p,
+            seed: $req.seed,
+            stop: $req.stop.take(),
+            n: $req.n,
+            presence_penalty: $req.presence_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            repetition_penalty: $req.repetition_penalty,
+            ignore_eos: $req.ignore_eos,
+        }
+    };
+}
+
+impl ChatCompletionRequest {
+    pub fn sampling(&mut self) -> SamplingFields {
+        sampling_fields!(self)
+    }
+}
+
+impl CompletionRequest {
+    pub fn sampling(&mut self) -> SamplingFields {
+        sampling_fields!(self)
+    }
+}
+
+fn check_range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::invalid(
+            Some(param),
+            format!("Invalid value for '{param}': {x} is out of range; it must be between {lo} and {hi}."),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl SamplingFields {
+    /// Validates the fields. `max_tokens` may come from another field (`max_completion_tokens`);
+    /// `logprobs` is the validated number of alternatives, when wanted.
+    pub fn to_params(
+        &self,
+        max_tokens: Option<(i64, &str)>,
+        logprobs: Option<usize>,
+    ) -> Result<(GenParams, usize), ApiError> {
+        check_range("temperature", self.temperature, 0.0, 2.0)?;
+        check_range("top_p", self.top_p, 0.0, 1.0)?;
+        if self.top_p == Some(0.0) {
+            return Err(ApiError::invalid(
+                Some("top_p"),
+                "Invalid value for 'top_p': it must be greater than 0.",
+            ));
+        }
+        check_range("min_p", self.min_p, 0.0, 1.0)?;
+        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        check_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)?;
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => return Err(ApiError::invalid(
+                Some("top_k"),
+                format!(
+                    "Invalid value for 'top_k': {k}; it must be -1 (off) or a positive integer."
+                ),
+            )),
+        };
+        let n = self.n.unwrap_or(1);
+        if !(1..=128).contains(&n) {
+            return Err(ApiError::invalid(
+                Some("n"),
+                format!("Invalid value for 'n': {n}; it must be between 1 and 128."),
+            ));
+        }
+        let max_tokens = match max_tokens {
+            Some((m, param)) if m < 1 => {
+                return Err(ApiError::invalid(
+                    Some(param),
+                    format!("Invalid value for '{param}': {m}; it must be at least 1."),
+                ))
+            }
+            Some((m, _)) => Some(m as usize),
+            None => None,
+        };
+        let stop = self.stop.as_ref().map(|s| match s {
+            StringOrList::One(s) => vec![s.clone()],
+            StringOrList::Many(v) => v.clone(),
+        });
+        let stop = stop.unwrap_or_default();
+        if stop.len() > 16 {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                "Invalid value for 'stop': at most 16 stop sequences are allowed.",
+            ));
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k,
+            min_p: self.min_p.unwrap_or(0.0),
+            seed: self.seed.map(|s| s as u64),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            logprobs,
+        };
+        let params = GenParams {
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            priority: Default::default(),
+        };
+        Ok((params, n as usize))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+impl RequestMessage {
+    pub fn to_chat(&self, index: usize) -> Result<ChatMessage, ApiError> {
+        const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+        if !ROLES.contains(&self.role.as_str()) {
+            let param = format!("messages[{index}].role");
+            return Err(ApiError::invalid(
+                Some(&param),
+                format!(
+                    "Invalid value for '{param}': '{}'; expected one of {}.",
+                    self.role,
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+        let content = match &self.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t.clone(),
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        _ => {
+                            let param = format!("messages[{index}].content[{j}]");
+                            return Err(ApiError::invalid(
+                                Some(&param),
+                                format!("Content part type '{}' is not supported by this model; only 'text' parts are.", p.kind),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        // Templates know `system`; `developer` is OpenAI's newer name for it.
+        let role = if self.role == "developer" {
+            "system".to_string()
+        } else {
+            self.role.clone()
+        };
+        Ok(ChatMessage { role, content })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<RequestMessage>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StringOrList>,
+    pub max_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub ignore_eos: Option<bool>,
+    pub max_completion_tokens: Option<i64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<StringOrList>,
+    pub max_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub ignore_eos: Option<bool>,
+    /// Legacy API: number of top alternatives per token.
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+impl Usage {
+    pub fn new(prompt: usize, completion: usize, cached: usize) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: cached,
+            }),
+        }
+    }
+}

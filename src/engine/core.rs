@@ -1,0 +1,246 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use super::{
+    Command, EngineError, EngineHandle, EngineOutput, EngineRequest, EngineStats, FinishReason,
+};
+use crate::ids::RequestId;
+use crate::runner::ModelRunner;
+use crate::sampling::Sampler;
+use crate::scheduler::{SchedRequest, Scheduler, SchedulerConfig, SchedulerOutput};
+
+/// Engine sizing, fixed at start.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+}
+
+struct Active {
+    req: EngineRequest,
+    sampler: Sampler,
+    out: tokio_mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
+    cached_prompt_tokens: Option<usize>,
+}
+
+struct EngineCore {
+    scheduler: Scheduler,
+    runner: ModelRunner,
+    active: HashMap<RequestId, Active>,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<EngineStats>,
+    healthy: Arc<AtomicBool>,
+    name: String,
+}
+
+/// Starts an engine thread for `runner` and returns its handle.
+pub fn spawn(name: &str, runner: ModelRunner, cfg: EngineConfig) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = mpsc::channel();
+    let stats = Arc::new(EngineStats::default());
+    let healthy = Arc::new(AtomicBool::new(true));
+    let scheduler = Scheduler::new(cfg.scheduler.clone());
+    let max_request_tokens = scheduler
+        .max_tokens_per_request()
+        .min(runner.config().context_len);
+    stats
+        .kv_blocks_total
+        .store(cfg.scheduler.num_blocks as u64, Ordering::Relaxed);
+    let core = EngineCore {
+        scheduler,
+        runner,
+        active: HashMap::new(),
+        rx,
+        stats: stats.clone(),
+        healthy: healthy.clone(),
+        name: name.to_string(),
+    };
+    std::thread::Builder::new()
+        .name(format!("engine-{name}"))
+        .spawn(move || core.run())?;
+    Ok(EngineHandle {
+        tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        healthy,
+        stats,
+        max_request_tokens,
+    })
+}
+
+impl EngineCore {
+    fn run(mut self) {
+        loop {
+            // Block only when idle; otherwise take whatever arrived and keep stepping.
+            if !self.scheduler.has_work() {
+                match self.rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            self.drop_cancelled();
+            if self.scheduler.has_work() {
+                if let Err(e) = self.step() {
+                    tracing::error!(engine = %self.name, error = %e, "engine step failed; failing requests in flight");
+                    self.healthy.store(false, Ordering::Relaxed);
+                    self.fail_all(EngineError::Model(e.to_string()));
+                }
+            }
+            self.publish_stats();
+        }
+    }
+
+    /// Returns false when the engine should stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add { id, req, out } => {
+                if !self.healthy.load(Ordering::Relaxed) {
+                    let _ = out.send(Err(EngineError::Stopped(
+                        "an earlier failure stopped the engine".into(),
+                    )));
+                    return true;
+                }
+                self.scheduler
+                    .add(SchedRequest::new(id, req.prompt.clone(), req.priority));
+                let sampler = Sampler::new(req.sampling.clone());
+                self.active.insert(
+                    id,
+                    Active {
+                        req,
+                        sampler,
+                        out,
+                        cached_prompt_tokens: None,
+                    },
+                );
+                true
+            }
+            Command::Shutdown => {
+                self.fail_all(EngineError::ShuttingDown);
+                false
+            }
+        }
+    }
+
+    /// Frees the requests whose client went away.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<RequestId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.out.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            tracing::debug!(engine = %self.name, request = id.0, "client gone; freeing its blocks");
+            self.finish(id);
+        }
+    }
+
+    fn finish(&mut self, id: RequestId) {
+        self.scheduler.remove(id);
+        self.active.remove(&id);
+    }
+
+    fn fail_all(&mut self, err: EngineError) {
+        for (id, a) in self.active.drain() {
+            let _ = a.out.send(Err(err.clone()));
+            self.scheduler.remove(id);
+        }
+    }
+
+    fn step(&mut self) -> candela_models::Result<()> {
+        let started = Instant::now();
+        let out: SchedulerOutput = self.scheduler.schedule();
+        if out.seqs.is_empty() {
+            return Ok(());
+        }
+        let logits = self.runner.execute(&out, &self.scheduler)?;
+        self.scheduler.advance(&out);
+        self.stats
+            .computed_tokens
+            .fetch_add(out.num_tokens() as u64, Ordering::Relaxed);
+        let mut rows = logits.into_iter();
+        let mut done = Vec::new();
+        for s in &out.seqs {
+            if !s.samples {
+                continue;
+            }
+            let Some(mut row) = rows.next() else { break };
+            let (Some(req), Some(active)) =
+                (self.scheduler.request(s.id), self.active.get_mut(&s.id))
+            else {
+                continue;
+            };
+            let (prompt, output) = req.tokens.split_at(req.num_prompt);
+            let sampled = active.sampler.sample(&mut row, prompt, output);
+            let generated = req.num_generated() + 1;
+            let total = req.tokens.len() + 1;
+            let finish = if active.req.stop_token_ids.contains(&sampled.token) {
+                Some(FinishReason::Stop)
+            } else if generated >= active.req.max_tokens
+                || total >= self.scheduler.max_tokens_per_request()
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            // The first sampled token reports how much of the prompt came from the prefix cache.
+            let cached = match active.cached_prompt_tokens.replace(req.num_cached) {
+                None => req.num_cached,
+                Some(_) => 0,
+            };
+            let token = sampled.token;
+            let sent = active.out.send(Ok(EngineOutput {
+                sampled,
+                finish,
+                cached_prompt_tokens: cached,
+            }));
+            self.scheduler.append(s.id, token);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if finish.is_some() || sent.is_err() {
+                done.push(s.id);
+            }
+        }
+        for id in done {
+            self.finish(id);
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .preemptions
+            .store(self.scheduler.num_preemptions, Ordering::Relaxed);
+        tracing::trace!(engine = %self.name, seqs = out.seqs.len(), tokens = out.num_tokens(), ms = started.elapsed().as_secs_f64() * 1e3, "step");
+        Ok(())
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        let kv = self.scheduler.kv();
+        s.running
+            .store(self.scheduler.num_running() as u64, Ordering::Relaxed);
+        s.waiting
+            .store(self.scheduler.num_waiting() as u64, Ordering::Relaxed);
+        s.kv_blocks_used.store(
+            (kv.num_blocks() - kv.num_free_blocks()) as u64,
+            Ordering::Relaxed,
+        );
+        s.prefix_queried_tokens
+            .store(kv.prefix_queried_tokens, Ordering::Relaxed);
+        s.prefix_hit_tokens
+            .store(kv.prefix_hit_tokens, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,119 @@
+//! The model runner: owns the model and the KV-cache tensors, turns a scheduled step into a
+//! ragged batch (token ids, positions, slot mapping, block tables) and runs it.
+
+use candela_models::{Batch, CausalLm, KvCache, LmConfig, SeqAttention};
+use candle_core::{DType, Device};
+
+use crate::scheduler::{Scheduler, SchedulerOutput};
+
+pub struct ModelRunner {
+    model: Box<dyn CausalLm>,
+    kv: KvCache,
+}
+
+/// How much memory the KV cache may take on this device when no size is given.
+pub fn default_kv_budget(device: &Device) -> u64 {
+    const GIB: u64 = 1 << 30;
+    match device {
+        // Pages are touched only as blocks fill, so a generous budget costs little until used.
+        Device::Cpu => (available_memory().unwrap_or(4 * GIB) / 4).min(4 * GIB),
+        _ => device_free_memory(device)
+            .map(|free| free * 8 / 10)
+            .unwrap_or(8 * GIB),
+    }
+}
+
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(feature = "cuda")]
+fn device_free_memory(device: &Device) -> Option<u64> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some(free as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_free_memory(_device: &Device) -> Option<u64> {
+    None
+}
+
+impl ModelRunner {
+    /// Allocates `num_blocks` KV blocks of `block_size` tokens for the model.
+    pub fn new(
+        model: Box<dyn CausalLm>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> candela_models::Result<Self> {
+        let kv = KvCache::new(
+            model.config(),
+            num_blocks,
+            block_size,
+            DType::F32,
+            model.device(),
+        )?;
+        Ok(Self { model, kv })
+    }
+
+    /// Blocks that fit in `budget_bytes`.
+    pub fn blocks_for_budget(cfg: &LmConfig, block_size: usize, budget_bytes: u64) -> usize {
+        (budget_bytes / KvCache::bytes_per_block(cfg, block_size, DType::F32) as u64) as usize
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        self.model.config()
+    }
+
+    /// Runs one step; returns the logits of each sampling sequence, in schedule order.
+    pub fn execute(
+        &self,
+        out: &SchedulerOutput,
+        sched: &Scheduler,
+    ) -> candela_models::Result<Vec<Vec<f32>>> {
+        let bs = self.kv.block_size;
+        let n = out.num_tokens();
+        let (mut ids, mut positions, mut slots) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut seqs = Vec::with_capacity(out.seqs.len());
+        let mut logits_rows = Vec::new();
+        let mut prompt_rows = Vec::with_capacity(n);
+        for s in &out.seqs {
+            let req = sched.request(s.id).expect("scheduled request exists");
+            let table: Vec<u32> = sched.kv().block_table(s.id).iter().map(|b| b.0).collect();
+            let query_start = ids.len();
+            for p in s.num_computed..s.num_computed + s.num_new {
+                ids.push(req.tokens[p]);
+                positions.push(p as u32);
+                prompt_rows.push(p < req.num_prompt);
+                slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            if s.samples {
+                logits_rows.push((query_start + s.num_new - 1) as u32);
+            }
+            seqs.push(SeqAttention {
+                query_start,
+                query_len: s.num_new,
+                context_len: s.num_computed + s.num_new,
+                block_table: table,
+            });
+        }
+        let batch = Batch::new(
+            &ids,
+            &positions,
+            &slots,
+            seqs,
+            &logits_rows,
+            prompt_rows,
+            self.model.device(),
+        )?;
+        let logits = self.model.forward(&batch, &self.kv)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+}

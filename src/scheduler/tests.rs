@@ -1,0 +1,199 @@
+use super::*;
+
+fn sched(num_blocks: usize, max_tokens: usize, max_seqs: usize) -> Scheduler {
+    Scheduler::new(SchedulerConfig {
+        max_num_seqs: max_seqs,
+        max_batched_tokens: max_tokens,
+        num_blocks,
+        block_size: 4,
+    })
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| i * 7 + salt).collect()
+}
+
+/// Runs a step as the engine would: advance, then give every sampling request a token.
+fn step(s: &mut Scheduler) -> SchedulerOutput {
+    let out = s.schedule();
+    s.advance(&out);
+    for seq in &out.seqs {
+        if seq.samples {
+            s.append(seq.id, 1000);
+        }
+    }
+    s.check_invariants();
+    out
+}
+
+#[test]
+fn long_prompt_is_chunked_under_the_token_budget() {
+    let mut s = sched(64, 8, 4);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(20, 0),
+        Priority::Interactive,
+    ));
+    let chunks: Vec<(usize, bool)> = (0..3)
+        .map(|_| {
+            let out = step(&mut s);
+            (out.seqs[0].num_new, out.seqs[0].samples)
+        })
+        .collect();
+    assert_eq!(chunks, vec![(8, false), (8, false), (4, true)]);
+    let out = step(&mut s);
+    assert_eq!(
+        (out.seqs[0].num_computed, out.seqs[0].num_new),
+        (20, 1),
+        "then one decode token per step"
+    );
+}
+
+#[test]
+fn budget_and_sequence_limit_hold_every_step() {
+    let mut s = sched(256, 16, 3);
+    for i in 0..6 {
+        s.add(SchedRequest::new(
+            RequestId(i),
+            prompt(10, i as u32),
+            Priority::Interactive,
+        ));
+    }
+    for _ in 0..30 {
+        let out = step(&mut s);
+        assert!(out.num_tokens() <= 16);
+        assert!(out.seqs.len() <= 3);
+        assert!(s.num_running() <= 3);
+    }
+}
+
+#[test]
+fn decodes_and_prefill_share_a_step() {
+    let mut s = sched(64, 32, 8);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(6, 0),
+        Priority::Interactive,
+    ));
+    step(&mut s);
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(9, 1),
+        Priority::Interactive,
+    ));
+    let out = step(&mut s);
+    assert_eq!(out.seqs.len(), 2);
+    assert_eq!((out.seqs[0].id, out.seqs[0].num_new), (RequestId(1), 1));
+    assert_eq!((out.seqs[1].id, out.seqs[1].num_new), (RequestId(2), 9));
+}
+
+#[test]
+fn shared_prefix_is_not_recomputed() {
+    let mut s = sched(64, 64, 8);
+    let system = prompt(16, 3);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        system.clone(),
+        Priority::Interactive,
+    ));
+    step(&mut s);
+    let mut second = system.clone();
+    second.extend([5, 6, 7]);
+    s.add(SchedRequest::new(
+        RequestId(2),
+        second,
+        Priority::Interactive,
+    ));
+    let out = step(&mut s);
+    let seq = out.seqs.iter().find(|q| q.id == RequestId(2)).unwrap();
+    assert_eq!((seq.num_computed, seq.num_new), (16, 3));
+    assert_eq!(s.kv().prefix_hit_tokens, 16);
+}
+
+#[test]
+fn running_out_of_blocks_preempts_the_newest_and_frees_its_blocks() {
+    // 6 blocks of 4 = 24 slots; two requests of 8 prompt tokens each grow until they collide.
+    let mut s = sched(6, 64, 8);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(8, 0),
+        Priority::Interactive,
+    ));
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(8, 1),
+        Priority::Interactive,
+    ));
+    let mut preempted = Vec::new();
+    for _ in 0..12 {
+        let out = step(&mut s);
+        preempted.extend(out.preempted);
+    }
+    assert_eq!(
+        preempted.first(),
+        Some(&RequestId(2)),
+        "the newer request yields"
+    );
+    let r1 = s.request(RequestId(1)).unwrap();
+    assert!(r1.num_generated() >= 12, "the older request kept going");
+    // Once the first finishes, the second is recomputed from its prompt + output.
+    s.remove(RequestId(1));
+    let out = step(&mut s);
+    let seq = &out.seqs[0];
+    assert_eq!(seq.id, RequestId(2));
+    assert_eq!(
+        seq.num_computed + seq.num_new,
+        s.request(RequestId(2)).unwrap().tokens.len() - 1
+    );
+}
+
+#[test]
+fn batch_priority_is_admitted_after_interactive_and_preempted_first() {
+    let mut s = sched(64, 64, 1);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(4, 0),
+        Priority::Batch,
+    ));
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(4, 1),
+        Priority::Interactive,
+    ));
+    let out = step(&mut s);
+    assert_eq!(out.seqs[0].id, RequestId(2));
+
+    let mut s = sched(4, 64, 8);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(4, 0),
+        Priority::Batch,
+    ));
+    step(&mut s);
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(4, 1),
+        Priority::Interactive,
+    ));
+    let mut preempted = Vec::new();
+    for _ in 0..6 {
+        preempted.extend(step(&mut s).preempted);
+    }
+    assert_eq!(preempted.first(), Some(&RequestId(1)));
+}
+
+#[test]
+fn removing_a_request_frees_its_blocks_at_once() {
+    let mut s = sched(16, 64, 8);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(12, 0),
+        Priority::Interactive,
+    ));
+    step(&mut s);
+    assert!(s.kv().num_free_blocks() < 16);
+    s.remove(RequestId(1));
+    s.check_invariants();
+    assert_eq!(s.kv().num_free_blocks(), 16);
+    assert!(!s.has_work());
+}

@@ -1,0 +1,235 @@
+//! Text generation on a chat/completion model: prompt validation against the context, and the
+//! stream of text chunks a request produces.
+
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+use super::detokenizer::Detokenizer;
+use super::stop::StopMatcher;
+use super::template::{ChatMessage, ChatTemplate};
+use super::{ModelInfo, ServingError};
+use crate::engine::{EngineError, EngineHandle, EngineRequest, FinishReason, RequestStream};
+use crate::ids::TokenId;
+use crate::sampling::SamplingParams;
+use crate::scheduler::Priority;
+
+/// What a client asked for, validated, before it becomes an engine request.
+#[derive(Clone, Debug, Default)]
+pub struct GenParams {
+    pub sampling: SamplingParams,
+    /// `None`: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub priority: Priority,
+}
+
+pub struct ChatModel {
+    pub info: ModelInfo,
+    pub engine: EngineHandle,
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+    eos_token_ids: Vec<TokenId>,
+}
+
+/// One log-probability entry, as OpenAI reports it.
+#[derive(Clone, Debug)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// A piece of generated text: what one engine token turned into after detokenization and stop
+/// strings (possibly empty while a character or a possible stop string is incomplete).
+#[derive(Clone, Debug)]
+pub struct GenChunk {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: Option<FinishReason>,
+}
+
+impl ChatModel {
+    pub fn new(
+        info: ModelInfo,
+        engine: EngineHandle,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        eos_token_ids: Vec<TokenId>,
+    ) -> Self {
+        Self {
+            info,
+            engine,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            eos_token_ids,
+        }
+    }
+
+    /// Renders and tokenizes a conversation.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, ServingError> {
+        if messages.is_empty() {
+            return Err(ServingError::invalid(
+                "messages",
+                "`messages` must contain at least one message.",
+            ));
+        }
+        let text = self
+            .template
+            .render(messages)
+            .map_err(|e| ServingError::invalid("messages", e))?;
+        // The template writes any BOS itself.
+        self.tokenize(&text, false, "messages")
+    }
+
+    /// Tokenizes a raw completion prompt.
+    pub fn completion_prompt(&self, prompt: &str) -> Result<Vec<TokenId>, ServingError> {
+        if prompt.is_empty() {
+            return Err(ServingError::invalid(
+                "prompt",
+                "`prompt` must not be empty.",
+            ));
+        }
+        self.tokenize(prompt, true, "prompt")
+    }
+
+    fn tokenize(
+        &self,
+        text: &str,
+        special: bool,
+        param: &str,
+    ) -> Result<Vec<TokenId>, ServingError> {
+        let enc = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| ServingError::invalid(param, format!("could not tokenize: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Checks the prompt and output length against the context and starts generating.
+    pub fn start(
+        &self,
+        prompt: Vec<TokenId>,
+        params: GenParams,
+        prompt_param: &str,
+    ) -> Result<Generation, ServingError> {
+        let limit = self.engine.max_request_tokens;
+        let max_tokens = params
+            .max_tokens
+            .unwrap_or_else(|| limit.saturating_sub(prompt.len()));
+        if prompt.len() + max_tokens > limit || max_tokens == 0 {
+            let what = if prompt_param == "messages" {
+                "messages"
+            } else {
+                "prompt"
+            };
+            return Err(ServingError::Invalid {
+                message: format!(
+                    "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the {what}, {max_tokens} in the completion). Please reduce the length of the {what} or completion.",
+                    prompt.len() + max_tokens,
+                    prompt.len(),
+                ),
+                param: Some(if params.max_tokens.is_some() { "max_tokens".into() } else { prompt_param.into() }),
+            });
+        }
+        let prompt_tokens = prompt.len();
+        let logprobs = params.sampling.logprobs.is_some();
+        let stream = self.engine.add(EngineRequest {
+            prompt,
+            sampling: params.sampling,
+            max_tokens,
+            stop_token_ids: if params.ignore_eos {
+                Vec::new()
+            } else {
+                self.eos_token_ids.clone()
+            },
+            priority: params.priority,
+        })?;
+        Ok(Generation {
+            stream: Some(stream),
+            tokenizer: self.tokenizer.clone(),
+            detok: Detokenizer::new(&[]),
+            stop: StopMatcher::new(params.stop),
+            logprobs,
+            prompt_tokens,
+            completion_tokens: 0,
+            cached_tokens: 0,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+/// A running generation. Dropping it cancels the request in the engine.
+pub struct Generation {
+    stream: Option<RequestStream>,
+    tokenizer: Arc<Tokenizer>,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    logprobs: bool,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+impl Generation {
+    /// The next chunk; `None` after the chunk that carried the finish reason.
+    pub async fn next(&mut self) -> Option<Result<GenChunk, ServingError>> {
+        let stream = self.stream.as_mut()?;
+        let out = match stream.next().await {
+            Some(Ok(out)) => out,
+            Some(Err(e)) => {
+                self.stream = None;
+                return Some(Err(e.into()));
+            }
+            None => {
+                self.stream = None;
+                return Some(Err(EngineError::Stopped(
+                    "the request ended without finishing".into(),
+                )
+                .into()));
+            }
+        };
+        self.completion_tokens += 1;
+        self.cached_tokens += out.cached_prompt_tokens;
+        let token = out.sampled.token;
+        let piece = self.detok.push(&self.tokenizer, token);
+        let (mut text, stopped) = self.stop.push(&piece);
+        let finish = if stopped {
+            Some(FinishReason::Stop)
+        } else {
+            out.finish
+        };
+        if finish.is_some() {
+            if !stopped {
+                text.push_str(&self.stop.flush());
+            }
+            // Ends the engine request now if a stop string ended it early.
+            self.stream = None;
+        }
+        let logprobs = if self.logprobs {
+            let text_of = |id: TokenId| self.tokenizer.decode(&[id], false).unwrap_or_default();
+            vec![TokenLogprob {
+                token: text_of(token),
+                logprob: out.sampled.logprob.unwrap_or(0.0),
+                top: out
+                    .sampled
+                    .top_logprobs
+                    .iter()
+                    .map(|&(id, lp)| (text_of(id), lp))
+                    .collect(),
+            }]
+        } else {
+            Vec::new()
+        };
+        Some(Ok(GenChunk {
+            text,
+            logprobs,
+            finish,
+        }))
+    }
+}

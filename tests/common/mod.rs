@@ -1,0 +1,151 @@
+//! A real candela server for integration tests: the default models, the real engine and router,
+//! bound on 127.0.0.1:0 and driven over HTTP.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use candela::serving::{load_registry, Served, ServeOptions};
+use candle_core::Device;
+use futures::StreamExt;
+use serde_json::Value;
+
+pub const CHAT: &str = "smollm2-135m-instruct";
+pub const EMBED: &str = "all-minilm-l6-v2";
+
+pub struct TestServer {
+    pub base: String,
+    /// The served models, for reading engine statistics.
+    pub models: Vec<Served>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    pub fn chat_stats(&self) -> &candela::engine::EngineStats {
+        match self.models.iter().find(|m| m.info().id == CHAT) {
+            Some(Served::Chat(c)) => &c.engine.stats,
+            _ => panic!("chat model not served"),
+        }
+    }
+
+    /// Triggers the graceful shutdown of this server.
+    pub fn shut_down(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn options(kv_cache_bytes: u64) -> ServeOptions {
+    ServeOptions {
+        sources: Vec::new(),
+        device: Device::Cpu,
+        home: candela::fetch::candela_home(),
+        kv_cache_bytes: Some(kv_cache_bytes),
+        block_size: 16,
+        max_num_seqs: 64,
+        max_num_batched_tokens: 512,
+    }
+}
+
+/// Starts a server on its own thread and runtime (so that it outlives any one test's runtime).
+pub fn start(opts: ServeOptions) -> TestServer {
+    let registry = load_registry(&opts).expect("default models load (run `candela fetch` first)");
+    let models = registry.models.clone();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            candela::serve(listener, registry, async {
+                let _ = stop.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    TestServer { base: format!("http://{addr}"), models, shutdown: Some(shutdown) }
+}
+
+/// The server most tests share: default models, 512 MiB of KV cache.
+pub fn shared() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| start(options(512 << 20)))
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let resp = client().post(format!("{base}{path}")).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let v = resp.json::<Value>().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+pub async fn post_raw(base: &str, path: &str, body: &'static str) -> (u16, Value) {
+    let resp = client()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+/// A chat request body.
+pub fn chat(content: &str, extra: Value) -> Value {
+    let mut body = serde_json::json!({
+        "model": CHAT,
+        "messages": [{"role": "user", "content": content}],
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+/// Runs a streaming request and returns every `data:` payload (without the final `[DONE]`),
+/// and whether `[DONE]` came.
+pub async fn stream(base: &str, path: &str, body: Value) -> (Vec<Value>, bool) {
+    let resp = client().post(format!("{base}{path}")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut bytes = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let mut done = false;
+    while let Some(chunk) = bytes.next().await {
+        let Ok(chunk) = chunk else { break };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                if let Some(data) = line.strip_prefix("data: ") {
+                    if data == "[DONE]" {
+                        done = true;
+                    } else {
+                        events.push(serde_json::from_str(data).unwrap());
+                    }
+                }
+            }
+        }
+    }
+    (events, done)
+}
+
+/// Concatenated content of a chat stream.
+pub fn stream_text(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e["choices"].get(0))
+        .filter_map(|c| c["delta"]["content"].as_str())
+        .collect()
+}

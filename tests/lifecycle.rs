@@ -1,0 +1,51 @@
+//! Servers with their own settings: memory pressure (preemption) and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use candela::engine::EngineStats;
+use common::{chat, options, start, stream, stream_text};
+use serde_json::json;
+
+/// A KV cache too small for the load forces preemption; every request still completes with the
+/// text it produces alone.
+#[tokio::test]
+async fn preempted_requests_recompute_and_finish_with_the_same_text() {
+    // 48 blocks of 16 tokens: ~770 tokens for 8 requests that want ~140 each.
+    let bytes_per_block = 2 * 30 * 16 * 3 * 64 * 4;
+    let server = start(options(48 * bytes_per_block));
+    let body = |i: usize| chat(&format!("Describe city number {i} in detail."), json!({"temperature": 0, "max_tokens": 100, "ignore_eos": true, "stream": true}));
+    let mut solo = Vec::new();
+    for i in 0..2 {
+        let (events, done) = stream(&server.base, "/v1/chat/completions", body(i)).await;
+        assert!(done);
+        solo.push(stream_text(&events));
+    }
+    let all = futures::future::join_all((0..8).map(|i| stream(&server.base, "/v1/chat/completions", body(i)))).await;
+    for (i, (events, done)) in all.iter().enumerate() {
+        assert!(done, "request {i} finished");
+        let usage_tokens: usize = events.iter().filter(|e| e["choices"][0]["delta"]["content"].is_string()).count();
+        assert!(usage_tokens > 0);
+    }
+    let stats = server.chat_stats();
+    assert!(EngineStats::get(&stats.preemptions) > 0, "the load did not preempt; the test needs a smaller cache");
+    for (i, text) in solo.iter().enumerate() {
+        assert_eq!(&stream_text(&all[i].0), text, "request {i} changed after preemption");
+    }
+}
+
+/// On shutdown, an in-flight stream ends with an error event instead of hanging.
+#[tokio::test]
+async fn shutdown_ends_in_flight_streams_with_an_error() {
+    let mut server = start(options(256 << 20));
+    let base = server.base.clone();
+    let task = tokio::spawn(async move {
+        stream(&base, "/v1/chat/completions", chat("Tell me a long story.", json!({"stream": true, "max_tokens": 3000, "ignore_eos": true}))).await
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    server.shut_down();
+    let (events, _) = tokio::time::timeout(Duration::from_secs(20), task).await.expect("stream ended").unwrap();
+    let last = events.last().expect("some events");
+    assert!(last.get("error").is_some(), "last event is an error: {last}");
+}

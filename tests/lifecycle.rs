@@ -2,10 +2,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candela::engine::EngineStats;
 use common::{chat, options, start, stream, stream_text};
+use futures::StreamExt;
 use serde_json::json;
 
 /// A KV cache too small for the load forces preemption; every request still completes with the
@@ -15,23 +16,41 @@ async fn preempted_requests_recompute_and_finish_with_the_same_text() {
     // 48 blocks of 16 tokens: ~770 tokens for 8 requests that want ~140 each.
     let bytes_per_block = 2 * 30 * 16 * 3 * 64 * 4;
     let server = start(options(48 * bytes_per_block));
-    let body = |i: usize| chat(&format!("Describe city number {i} in detail."), json!({"temperature": 0, "max_tokens": 100, "ignore_eos": true, "stream": true}));
+    let body = |i: usize| {
+        chat(
+            &format!("Describe city number {i} in detail."),
+            json!({"temperature": 0, "max_tokens": 100, "ignore_eos": true, "stream": true}),
+        )
+    };
     let mut solo = Vec::new();
     for i in 0..2 {
         let (events, done) = stream(&server.base, "/v1/chat/completions", body(i)).await;
         assert!(done);
         solo.push(stream_text(&events));
     }
-    let all = futures::future::join_all((0..8).map(|i| stream(&server.base, "/v1/chat/completions", body(i)))).await;
+    let all = futures::future::join_all(
+        (0..8).map(|i| stream(&server.base, "/v1/chat/completions", body(i))),
+    )
+    .await;
     for (i, (events, done)) in all.iter().enumerate() {
         assert!(done, "request {i} finished");
-        let usage_tokens: usize = events.iter().filter(|e| e["choices"][0]["delta"]["content"].is_string()).count();
+        let usage_tokens: usize = events
+            .iter()
+            .filter(|e| e["choices"][0]["delta"]["content"].is_string())
+            .count();
         assert!(usage_tokens > 0);
     }
     let stats = server.chat_stats();
-    assert!(EngineStats::get(&stats.preemptions) > 0, "the load did not preempt; the test needs a smaller cache");
+    assert!(
+        EngineStats::get(&stats.preemptions) > 0,
+        "the load did not preempt; the test needs a smaller cache"
+    );
     for (i, text) in solo.iter().enumerate() {
-        assert_eq!(&stream_text(&all[i].0), text, "request {i} changed after preemption");
+        assert_eq!(
+            &stream_text(&all[i].0),
+            text,
+            "request {i} changed after preemption"
+        );
     }
 }
 
@@ -41,11 +60,68 @@ async fn shutdown_ends_in_flight_streams_with_an_error() {
     let mut server = start(options(256 << 20));
     let base = server.base.clone();
     let task = tokio::spawn(async move {
-        stream(&base, "/v1/chat/completions", chat("Tell me a long story.", json!({"stream": true, "max_tokens": 3000, "ignore_eos": true}))).await
+        stream(
+            &base,
+            "/v1/chat/completions",
+            chat(
+                "Tell me a long story.",
+                json!({"stream": true, "max_tokens": 3000, "ignore_eos": true}),
+            ),
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
     server.shut_down();
-    let (events, _) = tokio::time::timeout(Duration::from_secs(20), task).await.expect("stream ended").unwrap();
+    let (events, _) = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("stream ended")
+        .unwrap();
     let last = events.last().expect("some events");
-    assert!(last.get("error").is_some(), "last event is an error: {last}");
+    assert!(
+        last.get("error").is_some(),
+        "last event is an error: {last}"
+    );
+}
+
+/// A client that goes away mid-stream cancels its request: the engine stops generating for it and
+/// its KV blocks go back to the pool within a step or two.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
+    let server = start(options(256 << 20));
+    let stats = server.chat_stats();
+    let body = chat(
+        "Tell me a very long story.",
+        json!({"stream": true, "max_tokens": 4000, "ignore_eos": true}),
+    );
+    let resp = common::client()
+        .post(format!("{}/v1/chat/completions", server.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = resp.bytes_stream();
+    for _ in 0..5 {
+        bytes.next().await.unwrap().unwrap();
+    }
+    assert!(
+        EngineStats::get(&stats.kv_blocks_used) > 0,
+        "the running request holds blocks"
+    );
+    drop(bytes);
+    let left = Instant::now();
+    while EngineStats::get(&stats.running) > 0 || EngineStats::get(&stats.kv_blocks_used) > 0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "blocks still held {:?} after the client left",
+            left.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let generated = EngineStats::get(&stats.generated_tokens);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        EngineStats::get(&stats.generated_tokens),
+        generated,
+        "generation stopped"
+    );
 }

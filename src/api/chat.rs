@@ -31,6 +31,46 @@ struct Meta {
     id: String,
     created: u64,
     model: String,
+    started: std::time::Instant,
+}
+
+impl Meta {
+    fn new(kind: Kind, model: &str) -> Self {
+        let prefix = if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        };
+        Self {
+            kind,
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            created: now(),
+            model: model.to_string(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// One line per finished request: ids, sizes and timings, never content.
+    fn log(
+        &self,
+        stream: bool,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        cached_tokens: usize,
+        failed: bool,
+    ) {
+        tracing::info!(
+            id = %self.id,
+            model = %self.model,
+            stream,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            failed,
+            ms = self.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
 }
 
 fn now() -> u64 {
@@ -104,12 +144,7 @@ pub async fn chat_completions(
         .collect::<Result<Vec<_>, _>>()?;
     let prompt = model.chat_prompt(&messages)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;
-    let meta = Meta {
-        kind: Kind::Chat,
-        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: now(),
-        model: model.info.id.clone(),
-    };
+    let meta = Meta::new(Kind::Chat, &model.info.id);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         Ok(stream_response(meta, gens, include_usage, prompt.len()))
@@ -166,12 +201,7 @@ pub async fn completions(
         gens.extend(start_n(&model, p, &params, n, "prompt")?);
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let meta = Meta {
-        kind: Kind::Completion,
-        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: now(),
-        model: model.info.id.clone(),
-    };
+    let meta = Meta::new(Kind::Completion, &model.info.id);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         Ok(stream_response(meta, gens, include_usage, prompt_tokens))
@@ -219,7 +249,7 @@ async fn full_response(
     let mut choices = Vec::new();
     let (mut completion, mut cached) = (0, 0);
     for (index, r) in results.into_iter().enumerate() {
-        let f = r?;
+        let f = r.inspect_err(|_| meta.log(false, prompt_tokens, completion, cached, true))?;
         completion += f.completion_tokens;
         cached += f.cached_tokens;
         let logprobs = (!f.logprobs.is_empty()).then(|| logprobs_json(meta.kind, &f.logprobs, 0));
@@ -396,6 +426,7 @@ fn stream_response(
     let meta_tail = meta.clone();
     let tail = stream::once(async move {
         let (completion, cached, failed) = *totals.lock().unwrap_or_else(|p| p.into_inner());
+        meta_tail.log(true, prompt_tokens, completion, cached, failed);
         let usage = (include_usage && !failed).then(|| {
             json!({
                 "id": meta_tail.id, "object": object, "created": meta_tail.created, "model": meta_tail.model,

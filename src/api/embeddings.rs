@@ -23,24 +23,27 @@ pub async fn embeddings(
     let req: EmbeddingRequest = json::parse(body)?;
     let model = match state.registry.get(&req.model) {
         Some(Served::Embedding(m)) => m.clone(),
-        Some(Served::Chat(_)) => return Err(ServingError::WrongModelType(format!(
+        Some(Served::Chat(_)) => {
+            return Err(ServingError::WrongModelType(format!(
             "The model `{}` is a chat model and cannot create embeddings; use an embedding model.",
             req.model
         ))
-        .into()),
+            .into())
+        }
         None => return Err(ServingError::ModelNotFound(req.model.clone()).into()),
     };
-    let base64 =
-        match req.encoding_format.as_deref() {
-            None | Some("float") => false,
-            Some("base64") => true,
-            Some(other) => return Err(ApiError::invalid(
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
                 Some("encoding_format"),
                 format!(
                     "Invalid value for 'encoding_format': '{other}'; expected 'float' or 'base64'."
                 ),
-            )),
-        };
+            ))
+        }
+    };
     if let Some(d) = req.dimensions {
         if d != model.dim as i64 {
             return Err(ApiError::invalid(
@@ -55,6 +58,7 @@ pub async fn embeddings(
         EmbeddingInput::Tokens(t) => vec![t],
         EmbeddingInput::TokenLists(ts) => ts,
     };
+    model.check_ids(&tokens)?;
     if tokens.is_empty() || tokens.len() > MAX_INPUTS {
         return Err(ApiError::invalid(
             Some("input"),

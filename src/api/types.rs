@@ -101,12 +101,14 @@ impl SamplingFields {
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
-            Some(k) => return Err(ApiError::invalid(
-                Some("top_k"),
-                format!(
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    Some("top_k"),
+                    format!(
                     "Invalid value for 'top_k': {k}; it must be -1 (off) or a positive integer."
                 ),
-            )),
+                ))
+            }
         };
         let n = self.n.unwrap_or(1);
         if !(1..=128).contains(&n) {

@@ -167,6 +167,18 @@ impl EngineCore {
         let started = Instant::now();
         let out: SchedulerOutput = self.scheduler.schedule();
         if out.seqs.is_empty() {
+            // Nothing runs and nothing can be admitted: the waiting requests can never fit.
+            if self.scheduler.num_running() == 0 {
+                let stuck: Vec<RequestId> = self.active.keys().copied().collect();
+                for id in stuck {
+                    if let Some(a) = self.active.get(&id) {
+                        let _ = a.out.send(Err(EngineError::Model(
+                            "the request does not fit in the KV cache".into(),
+                        )));
+                    }
+                    self.finish(id);
+                }
+            }
             return Ok(());
         }
         let logits = self.runner.execute(&out, &self.scheduler)?;

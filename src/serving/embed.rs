@@ -104,6 +104,30 @@ impl EmbeddingModel {
             .collect()
     }
 
+    /// Checks inputs given as token ids.
+    pub fn check_ids(&self, inputs: &[Vec<u32>]) -> Result<(), ServingError> {
+        let vocab = self.tokenizer.get_vocab_size(true) as u32;
+        for (i, ids) in inputs.iter().enumerate() {
+            if ids.iter().any(|&t| t >= vocab) {
+                return Err(ServingError::invalid(
+                    "input",
+                    format!("input[{i}] holds a token id outside the vocabulary (size {vocab})."),
+                ));
+            }
+            if ids.len() > self.max_tokens {
+                return Err(ServingError::invalid(
+                    "input",
+                    format!(
+                        "input[{i}] is {} tokens long; this model's maximum input is {} tokens.",
+                        ids.len(),
+                        self.max_tokens
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, ServingError> {
         let (reply, rx) = oneshot::channel();
         self.tx

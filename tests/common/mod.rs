@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use candela::serving::{load_registry, Served, ServeOptions};
+use candela::serving::{load_registry, ServeOptions, Served};
 use candle_core::Device;
 use futures::StreamExt;
 use serde_json::Value;
@@ -55,7 +55,11 @@ pub fn start(opts: ServeOptions) -> TestServer {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
@@ -67,7 +71,11 @@ pub fn start(opts: ServeOptions) -> TestServer {
         });
     });
     let addr = addr_rx.recv().unwrap();
-    TestServer { base: format!("http://{addr}"), models, shutdown: Some(shutdown) }
+    TestServer {
+        base: format!("http://{addr}"),
+        models,
+        shutdown: Some(shutdown),
+    }
 }
 
 /// The server most tests share: default models, 512 MiB of KV cache.
@@ -81,7 +89,12 @@ pub fn client() -> reqwest::Client {
 }
 
 pub async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
-    let resp = client().post(format!("{base}{path}")).json(&body).send().await.unwrap();
+    let resp = client()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     let v = resp.json::<Value>().await.unwrap_or(Value::Null);
     (status, v)
@@ -116,7 +129,12 @@ pub fn chat(content: &str, extra: Value) -> Value {
 /// Runs a streaming request and returns every `data:` payload (without the final `[DONE]`),
 /// and whether `[DONE]` came.
 pub async fn stream(base: &str, path: &str, body: Value) -> (Vec<Value>, bool) {
-    let resp = client().post(format!("{base}{path}")).json(&body).send().await.unwrap();
+    let resp = client()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut bytes = resp.bytes_stream();
     let mut buf = String::new();

@@ -14,13 +14,16 @@ import statistics
 import threading
 import time
 import urllib.request
+import uuid
 
+RUN_ID = ""
 WORDS = ("river mountain lantern copper orchard violet harbor meadow thunder basket quiet "
          "silver garden window engine marble pepper candle forest ribbon").split()
 
 
 def prompt(i, n_words):
-    return f"Request {i}. Summarise these words: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n_words))
+    # A unique opening per request, so that no run is served from a prefix cache.
+    return f"{RUN_ID}-{i}. Summarise these words: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n_words))
 
 
 def one(base, model, i, args, out):
@@ -54,6 +57,8 @@ def one(base, model, i, args, out):
 
 
 def run(base, model, n, args):
+    global RUN_ID
+    RUN_ID = uuid.uuid4().hex[:8]
     out = {}
     threads = [threading.Thread(target=one, args=(base, model, i, args, out)) for i in range(n)]
     t0 = time.time()

@@ -34,8 +34,8 @@ fi
 if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$PY" -c 'import openai, numpy' >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet --disable-pip-version-check openai numpy
+if ! "$PY" -c 'import openai, numpy, gguf, safetensors, tokenizers' >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --disable-pip-version-check openai numpy gguf safetensors tokenizers
 fi
 "$PY" -c 'import openai, numpy; print("openai", openai.__version__, "numpy", numpy.__version__)'
 
@@ -45,6 +45,11 @@ cargo build --release
 
 step "candela fetch (CANDELA_HOME=${CANDELA_HOME:-default})"
 "$BIN" fetch
+
+# A Hugging Face-style Llama directory (safetensors + tokenizer.json), made from the default GGUF,
+# for the test of that loading path.
+HF_DIR="${CANDELA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/candela}/test-models/smollm2-135m-instruct-hf"
+"$PY" scripts/reference/gguf_to_hf.py "$("$BIN" fetch --model smollm2-135m-instruct | cut -f2)" "$HF_DIR"
 
 # ---- 3. Rust tests ----------------------------------------------------------
 if [ "${SMOKE_ONLY:-0}" != 1 ]; then

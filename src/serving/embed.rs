@@ -78,7 +78,7 @@ impl EmbeddingModel {
         })
     }
 
-    /// Tokenizes the inputs (with the model's special tokens), refusing any that are too long.
+    /// Tokenizes the inputs (with the model's special tokens).
     pub fn tokenize(&self, inputs: &[String]) -> Result<Vec<Vec<u32>>, ServingError> {
         inputs
             .iter()
@@ -88,23 +88,12 @@ impl EmbeddingModel {
                     .tokenizer
                     .encode(text.as_str(), true)
                     .map_err(|e| ServingError::invalid("input", format!("input[{i}] could not be tokenized: {e}")))?;
-                let ids = enc.get_ids().to_vec();
-                if ids.len() > self.max_tokens {
-                    return Err(ServingError::invalid(
-                        "input",
-                        format!(
-                            "input[{i}] is {} tokens long; this model's maximum input is {} tokens.",
-                            ids.len(),
-                            self.max_tokens
-                        ),
-                    ));
-                }
-                Ok(ids)
+                Ok(enc.get_ids().to_vec())
             })
             .collect()
     }
 
-    /// Checks inputs given as token ids.
+    /// Checks that every input is in the vocabulary and fits the model.
     pub fn check_ids(&self, inputs: &[Vec<u32>]) -> Result<(), ServingError> {
         let vocab = self.tokenizer.get_vocab_size(true) as u32;
         for (i, ids) in inputs.iter().enumerate() {

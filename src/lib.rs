@@ -5,6 +5,7 @@
 //! stream of tokens that `serving` turns into text.
 
 pub mod api;
+pub mod bench;
 pub mod catalog;
 pub mod engine;
 pub mod fetch;

@@ -26,6 +26,13 @@ enum Command {
     ///
     /// Example: candela serve --port 8080 --model smollm2-135m-instruct --model ./my-model.gguf
     Serve(ServeArgs),
+    /// Benchmark a server (or, with --offline, an in-process engine) the way `vllm bench serve`
+    /// does, with the same flags and result keys.
+    ///
+    /// Example: candela bench --base-url http://127.0.0.1:8080 --dataset-name random
+    ///   --random-input-len 128 --random-output-len 128 --num-prompts 64 --max-concurrency 16
+    ///   --ignore-eos --save-result
+    Bench(candela::bench::BenchArgs),
     /// Download the default models (or the given ones) into the cache and exit.
     ///
     /// Example: candela fetch --model all-minilm-l6-v2
@@ -118,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(args, home).await,
+        Command::Bench(args) => Ok(candela::bench::run(args, home).await?),
     }
 }
 

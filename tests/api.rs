@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use candela::engine::EngineRequest;
 use candela::sampling::SamplingParams;
 use candela::serving::{ChatMessage, Served};
-use common::{chat, post, post_raw, shared, stream, stream_text, CHAT, EMBED};
+use common::{chat, post, post_raw, run_bench, shared, stream, stream_text, CHAT, EMBED};
 use serde_json::{json, Value};
 
 fn chat_model() -> std::sync::Arc<candela::serving::ChatModel> {
@@ -450,4 +450,63 @@ async fn usage_is_reported_in_every_mode() {
     assert!(events[..events.len() - 1]
         .iter()
         .all(|e| e["usage"].is_null()));
+}
+
+/// The load generator against the real server: exact prompt lengths, the requested output
+/// lengths, and vLLM's result keys.
+#[tokio::test]
+async fn bench_reports_what_vllm_bench_serve_reports() {
+    let base = shared().base.clone();
+    let s = run_bench(&[
+        "--base-url",
+        &base,
+        "--model",
+        CHAT,
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "8",
+        "--num-prompts",
+        "6",
+        "--max-concurrency",
+        "3",
+        "--ignore-eos",
+        "--metric-percentiles",
+        "50,99",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--goodput",
+        "ttft:60000",
+    ])
+    .await;
+    assert_eq!(s["completed"], 6);
+    assert_eq!(
+        s["total_input_tokens"],
+        6 * 32,
+        "random prompts have exact token lengths"
+    );
+    assert_eq!(s["total_output_tokens"], 6 * 8);
+    for key in [
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "mean_ttft_ms",
+        "median_ttft_ms",
+        "p99_ttft_ms",
+        "p50_tpot_ms",
+        "mean_itl_ms",
+        "p99_e2el_ms",
+        "request_goodput",
+        "duration",
+    ] {
+        assert!(
+            s[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} = {}",
+            s[key]
+        );
+    }
+    assert_eq!(
+        s["request_goodput"].as_f64(),
+        s["request_throughput"].as_f64()
+    );
 }

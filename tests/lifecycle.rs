@@ -175,3 +175,27 @@ async fn a_hugging_face_directory_serves_the_reference_tokens() {
         "The capital of France is Paris."
     );
 }
+
+/// `candela bench --offline` drives an engine in-process, with no server.
+#[tokio::test]
+async fn offline_bench_drives_the_engine_in_process() {
+    let s = common::run_bench(&[
+        "--offline",
+        "--model",
+        "smollm2-135m-instruct",
+        "--kv-cache-memory",
+        "0.25",
+        "--random-input-len",
+        "24",
+        "--random-output-len",
+        "6",
+        "--num-prompts",
+        "4",
+        "--ignore-eos",
+    ])
+    .await;
+    assert_eq!(s["backend"], "candela-offline");
+    assert_eq!(s["completed"], 4);
+    assert_eq!(s["total_output_tokens"], 24);
+    assert_eq!(s["total_input_tokens"], 4 * 24);
+}

@@ -84,10 +84,12 @@ impl EmbeddingModel {
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                let enc = self
-                    .tokenizer
-                    .encode(text.as_str(), true)
-                    .map_err(|e| ServingError::invalid("input", format!("input[{i}] could not be tokenized: {e}")))?;
+                let enc = self.tokenizer.encode(text.as_str(), true).map_err(|e| {
+                    ServingError::invalid(
+                        "input",
+                        format!("input[{i}] could not be tokenized: {e}"),
+                    )
+                })?;
                 Ok(enc.get_ids().to_vec())
             })
             .collect()

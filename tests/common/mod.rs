@@ -167,3 +167,35 @@ pub fn stream_text(events: &[Value]) -> String {
         .filter_map(|c| c["delta"]["content"].as_str())
         .collect()
 }
+
+#[derive(clap::Parser)]
+struct BenchCli {
+    #[command(flatten)]
+    args: candela::bench::BenchArgs,
+}
+
+/// Runs `candela bench` with these flags and returns its saved JSON.
+pub async fn run_bench(flags: &[&str]) -> Value {
+    use clap::Parser;
+    let out = std::env::temp_dir().join(format!("candela-bench-{}.json", uuid_like()));
+    let mut argv = vec!["bench", "--result-filename", out.to_str().unwrap()];
+    argv.extend_from_slice(flags);
+    let cli = BenchCli::try_parse_from(argv).unwrap();
+    candela::bench::run(cli.args, candela::fetch::candela_home())
+        .await
+        .unwrap();
+    let saved: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&out);
+    saved
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}

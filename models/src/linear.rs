@@ -1,17 +1,18 @@
 //! Linear layers over quantized or dense weights, choosing the kernel by batch shape.
 //!
-//! On the CPU, candle's quantized kernels are fast for a few rows (decode) only for some GGUF types
-//! (Q8_0 among them; Q4_0/Q4_1 run scalar code), and re-read every weight for each activation row.
-//! So a CPU linear keeps the weights twice: requantized to Q8_0 for steps of a few rows, and
-//! dequantized to f32 for larger batches and prefill, where a blocked GEMM reuses each weight
-//! across rows. On a GPU the quantized matmul serves every shape.
+//! On the CPU a linear keeps its weights twice: as int8 blocks ([`Q8Matrix`], candela's own kernel,
+//! which reads each weight once per step however many sequences decode in it) for generated
+//! tokens, and dequantized to f32 for prompt tokens, where a blocked GEMM reuses each weight across
+//! many rows. (candle's own CPU kernels for Q4_0/Q4_1 are scalar, and its Q8_0 kernel re-reads
+//! every weight for each row.) On a GPU the quantized matmul serves every shape.
 //!
 //! The kernel is chosen per row, not per batch, so that a sequence's numbers do not depend on what
 //! it is batched with: prompt tokens always take the dense path and generated tokens the
 //! quantized one ([`RowSplit`]). A request therefore produces the same text alone or among many,
 //! and after a preemption recomputes its generated tokens exactly as they were first computed.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candela_kernels::{Q8MatMul, Q8Matrix};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::Result;
@@ -51,7 +52,10 @@ impl RowSplit {
 }
 
 pub struct Linear {
+    /// GPU: the checkpoint's quantized weights.
     quantized: Option<QMatMul>,
+    /// CPU: int8 weights for generated tokens.
+    int8: Option<Q8Matrix>,
     dense: Option<Tensor>,
 }
 
@@ -60,6 +64,7 @@ impl Linear {
     pub fn dense(w: Tensor) -> Self {
         Self {
             quantized: None,
+            int8: None,
             dense: Some(w),
         }
     }
@@ -68,39 +73,50 @@ impl Linear {
         if !device.is_cpu() {
             return Ok(Self {
                 quantized: Some(QMatMul::from_qtensor(t)?),
+                int8: None,
                 dense: None,
             });
         }
         let dense = t.dequantize(device)?;
-        let fast_on_cpu = matches!(t.dtype(), GgmlDType::Q8_0 | GgmlDType::F32 | GgmlDType::F16);
-        let q = if fast_on_cpu {
-            t
-        } else {
-            QTensor::quantize(&dense, GgmlDType::Q8_0)?
-        };
+        if dense.dim(1)? % candela_kernels::Q8_BLOCK != 0 {
+            // Widths the int8 kernel cannot block keep candle's kernel.
+            return Ok(Self {
+                quantized: Some(QMatMul::from_qtensor(t)?),
+                int8: None,
+                dense: Some(dense),
+            });
+        }
         Ok(Self {
-            quantized: Some(QMatMul::from_qtensor(q)?),
+            quantized: None,
+            int8: Some(Q8Matrix::from_tensor(&dense)?),
             dense: Some(dense),
         })
     }
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: &Tensor, split: &RowSplit) -> candle_core::Result<Tensor> {
-        match (&self.quantized, &self.dense) {
-            (Some(q), Some(w)) => {
+        let quantized = |x: &Tensor| -> candle_core::Result<Tensor> {
+            match (&self.int8, &self.quantized) {
+                (Some(m), _) => x.contiguous()?.apply_op1_no_bwd(&Q8MatMul(m)),
+                (None, Some(q)) => q.forward(x),
+                (None, None) => unreachable!("checked by the caller"),
+            }
+        };
+        let has_quantized = self.int8.is_some() || self.quantized.is_some();
+        match &self.dense {
+            Some(w) if has_quantized => {
                 if split.n_quant == 0 {
                     return x.matmul(&w.t()?);
                 }
                 if split.n_dense == 0 {
-                    return q.forward(x);
+                    return quantized(x);
                 }
                 let dense = x.index_select(&split.dense, 0)?.matmul(&w.t()?)?;
-                let quant = q.forward(&x.index_select(&split.quant, 0)?)?;
+                let quant = quantized(&x.index_select(&split.quant, 0)?)?;
                 Tensor::cat(&[dense, quant], 0)?.index_select(&split.inverse, 0)
             }
-            (None, Some(w)) => x.matmul(&w.t()?),
-            (Some(q), None) => q.forward(x),
-            (None, None) => unreachable!("a linear layer has weights"),
+            Some(w) => x.matmul(&w.t()?),
+            None => quantized(x),
         }
     }
 }

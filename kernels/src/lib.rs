@@ -10,4 +10,4 @@ mod q8;
 
 pub use cache::reshape_and_cache;
 pub use paged_attention::{paged_attention, paged_attention_reference, SeqAttention};
-pub use q8::{Q8MatMul, Q8Matrix, BLOCK as Q8_BLOCK};
+pub use q8::{QMatMul as CpuQMatMul, QMatrix, BLOCK as Q8_BLOCK};

@@ -1,23 +1,42 @@
-//! A CPU matrix multiply over int8 weights (Q8_0 blocks: 32 int8 values and one f32 scale) for
-//! the few-row steps of decoding.
+//! A CPU matrix multiply over block-quantized weights for the few-row steps of decoding:
+//! int8 blocks (Q8_0: 32 values, one scale) or the GGUF's own 4-bit blocks (Q4_1: 32 nibbles, a
+//! scale and a minimum), against activations quantized to int8 per block of 32.
 //!
-//! Each weight row is loaded once per step and multiplied against every activation row while it
-//! sits in L1, so a step of 16 sequences costs little more memory traffic than a step of one.
-//! The result of a row depends only on that row (activations are quantized per row, blocks are
-//! summed in a fixed order), never on how many rows share the step.
+//! Each weight block is loaded once per step and multiplied against up to four activation rows
+//! while it sits in registers, so a step of many sequences costs little more memory traffic than a
+//! step of one. A row's result depends only on that row (activations are quantized per row, blocks
+//! are summed in a fixed order, every row runs the same instructions), never on how many rows
+//! share the step.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
+/// Activation rows that share one pass over a weight row.
+const GROUP: usize = 4;
+/// Bytes of a GGUF Q4_1 block: f16 scale, f16 min, 16 bytes of nibbles.
+const Q4_1_BYTES: usize = 20;
 
-/// Weights `[rows, cols]` as int8 blocks with one scale per block.
-pub struct Q8Matrix {
+enum Weights {
+    Q8 {
+        quants: Vec<i8>,
+        scales: Vec<f32>,
+    },
+    /// Nibble `j` of a block's byte `i` is value `i` (low) or `i + 16` (high), as ggml stores them.
+    Q4_1 {
+        nibbles: Vec<u8>,
+        scales: Vec<f32>,
+        mins: Vec<f32>,
+    },
+}
+
+/// Weights `[rows, cols]` in quantized blocks along each row.
+pub struct QMatrix {
     rows: usize,
     cols: usize,
-    quants: Vec<i8>,
-    scales: Vec<f32>,
+    weights: Weights,
 }
 
 /// Quantizes one block to int8 with a shared scale (`amax / 127`).
@@ -31,9 +50,37 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     d
 }
 
-impl Q8Matrix {
-    /// Quantizes row-major f32 weights `[rows, cols]`; `cols` must be a multiple of 32.
-    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
+/// Activations quantized per block: values, scales, and scale * sum of the values (for Q4_1's min).
+struct Activations {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl Activations {
+    fn new(x: &[f32]) -> Self {
+        let mut quants = vec![0i8; x.len()];
+        let mut sums = Vec::with_capacity(x.len() / BLOCK);
+        let scales = x
+            .chunks_exact(BLOCK)
+            .zip(quants.chunks_exact_mut(BLOCK))
+            .map(|(x, q)| {
+                let d = quantize_block(x, q);
+                sums.push(d * q.iter().map(|&v| v as i32).sum::<i32>() as f32);
+                d
+            })
+            .collect();
+        Self {
+            quants,
+            scales,
+            sums,
+        }
+    }
+}
+
+impl QMatrix {
+    /// Quantizes row-major f32 weights `[rows, cols]` to int8 blocks; `cols` must be a multiple of 32.
+    pub fn quantize_q8(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         if cols % BLOCK != 0 || w.len() != rows * cols {
             candle_core::bail!(
                 "q8 matrix: {rows}x{cols} (from {} values) needs columns in multiples of {BLOCK}",
@@ -49,8 +96,7 @@ impl Q8Matrix {
         Ok(Self {
             rows,
             cols,
-            quants,
-            scales,
+            weights: Weights::Q8 { quants, scales },
         })
     }
 
@@ -60,7 +106,37 @@ impl Q8Matrix {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        Self::quantize(&data, rows, cols)
+        Self::quantize_q8(&data, rows, cols)
+    }
+
+    /// Takes GGUF Q4_1 blocks as they are (`rows * cols / 32` blocks of 20 bytes).
+    pub fn from_q4_1(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        if cols % BLOCK != 0 || bytes.len() != rows * cols / BLOCK * Q4_1_BYTES {
+            candle_core::bail!(
+                "q4_1 matrix: {rows}x{cols} does not match {} bytes of blocks",
+                bytes.len()
+            );
+        }
+        let n = rows * cols / BLOCK;
+        let (mut nibbles, mut scales, mut mins) = (
+            Vec::with_capacity(n * 16),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for b in bytes.chunks_exact(Q4_1_BYTES) {
+            scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            mins.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            nibbles.extend_from_slice(&b[4..]);
+        }
+        Ok(Self {
+            rows,
+            cols,
+            weights: Weights::Q4_1 {
+                nibbles,
+                scales,
+                mins,
+            },
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -69,37 +145,44 @@ impl Q8Matrix {
 
     /// `x`: `[m, cols]` row-major -> `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let blocks = self.cols / BLOCK;
-        let mut xq = vec![0i8; m * self.cols];
-        let xs: Vec<f32> = x
-            .chunks_exact(BLOCK)
-            .zip(xq.chunks_exact_mut(BLOCK))
-            .map(|(x, q)| quantize_block(x, q))
-            .collect();
-        let dots = kernel();
-        // out is [m, rows]; compute it transposed ([rows, m]) so each weight row writes a contiguous
-        // run, then transpose back.
+        let (cols, blocks) = (self.cols, self.cols / BLOCK);
+        let act = Activations::new(x);
+        let kernels = kernels();
+        // Computed transposed ([rows, m]) so that each weight row writes one contiguous run.
         let mut out_t = vec![0f32; self.rows * m];
         const ROWS_PER_TASK: usize = 16;
         out_t
             .par_chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
             .for_each(|(task, out)| {
-                let r0 = task * ROWS_PER_TASK;
                 for (j, out_row) in out.chunks_exact_mut(m).enumerate() {
-                    let r = r0 + j;
-                    let w = (
-                        &self.quants[r * self.cols..][..self.cols],
-                        &self.scales[r * blocks..][..blocks],
-                    );
-                    // Up to GROUP activation rows share each load of a weight block.
+                    let r = task * ROWS_PER_TASK + j;
                     for (g, outs) in out_row.chunks_mut(GROUP).enumerate() {
                         let (first, n) = (g * GROUP, outs.len());
-                        let x = (
-                            &xq[first * self.cols..][..n * self.cols],
-                            &xs[first * blocks..][..n * blocks],
-                        );
-                        dots(w, x, outs);
+                        let xg = XGroup {
+                            quants: &act.quants[first * cols..][..n * cols],
+                            scales: &act.scales[first * blocks..][..n * blocks],
+                            sums: &act.sums[first * blocks..][..n * blocks],
+                        };
+                        match &self.weights {
+                            Weights::Q8 { quants, scales } => (kernels.q8)(
+                                &quants[r * cols..][..cols],
+                                &scales[r * blocks..][..blocks],
+                                &xg,
+                                outs,
+                            ),
+                            Weights::Q4_1 {
+                                nibbles,
+                                scales,
+                                mins,
+                            } => (kernels.q4_1)(
+                                &nibbles[r * cols / 2..][..cols / 2],
+                                &scales[r * blocks..][..blocks],
+                                &mins[r * blocks..][..blocks],
+                                &xg,
+                                outs,
+                            ),
+                        }
                     }
                 }
             });
@@ -113,107 +196,180 @@ impl Q8Matrix {
     }
 }
 
-/// Activation rows that share one pass over a weight row.
-const GROUP: usize = 4;
+/// Up to [`GROUP`] activation rows, back to back.
+pub(crate) struct XGroup<'a> {
+    quants: &'a [i8],
+    scales: &'a [f32],
+    sums: &'a [f32],
+}
 
-type Row<'a> = (&'a [i8], &'a [f32]);
+struct Kernels {
+    q8: fn(&[i8], &[f32], &XGroup, &mut [f32]),
+    q4_1: fn(&[u8], &[f32], &[f32], &XGroup, &mut [f32]),
+}
 
-/// One weight row against `outs.len()` (at most [`GROUP`]) activation rows stored back to back.
-type DotsFn = fn(Row<'_>, Row<'_>, &mut [f32]);
-
-/// The fastest kernel this CPU runs (the feature check is cached by std).
-fn kernel() -> DotsFn {
+/// The fastest kernels this CPU runs (the feature check is cached by std).
+fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            return |w, x, outs| unsafe { avx2::dots(w, x, outs) };
+            return Kernels {
+                q8: |w, s, x, o| unsafe { avx2::q8(w, s, x, o) },
+                q4_1: |w, s, m, x, o| unsafe { avx2::q4_1(w, s, m, x, o) },
+            };
         }
     }
-    |w, x, outs| {
-        let (cols, blocks) = (w.0.len(), w.1.len());
-        for (k, o) in outs.iter_mut().enumerate() {
-            *o = dot_scalar(
-                w.0,
-                w.1,
-                &x.0[k * cols..][..cols],
-                &x.1[k * blocks..][..blocks],
-            );
-        }
+    Kernels {
+        q8: scalar::q8,
+        q4_1: scalar::q4_1,
     }
 }
 
-fn dot_scalar(a: &[i8], sa: &[f32], b: &[i8], sb: &[f32]) -> f32 {
-    let mut acc = 0f32;
-    for (k, (qa, qb)) in a.chunks_exact(BLOCK).zip(b.chunks_exact(BLOCK)).enumerate() {
-        let s: i32 = qa.iter().zip(qb).map(|(&x, &y)| x as i32 * y as i32).sum();
-        acc += s as f32 * sa[k] * sb[k];
+mod scalar {
+    use super::{XGroup, BLOCK};
+
+    pub fn q8(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
+        let (cols, blocks) = (wq.len(), ws.len());
+        for (k, o) in outs.iter_mut().enumerate() {
+            let xq = &x.quants[k * cols..][..cols];
+            *o = (0..blocks)
+                .map(|b| {
+                    let s: i32 = (0..BLOCK)
+                        .map(|i| wq[b * BLOCK + i] as i32 * xq[b * BLOCK + i] as i32)
+                        .sum();
+                    s as f32 * ws[b] * x.scales[k * blocks + b]
+                })
+                .sum();
+        }
     }
-    acc
+
+    pub fn q4_1(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
+        let blocks = ws.len();
+        let cols = blocks * BLOCK;
+        for (k, o) in outs.iter_mut().enumerate() {
+            let xq = &x.quants[k * cols..][..cols];
+            *o = (0..blocks)
+                .map(|b| {
+                    let s: i32 = (0..16)
+                        .map(|i| {
+                            let byte = wn[b * 16 + i];
+                            (byte & 15) as i32 * xq[b * BLOCK + i] as i32
+                                + (byte >> 4) as i32 * xq[b * BLOCK + 16 + i] as i32
+                        })
+                        .sum();
+                    s as f32 * ws[b] * x.scales[k * blocks + b] + wm[b] * x.sums[k * blocks + b]
+                })
+                .sum();
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::BLOCK;
+    use super::{XGroup, BLOCK, GROUP};
 
-    use super::{Row, GROUP};
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
 
-    /// Per activation row: sum over blocks of (int8 dot) * weight scale * activation scale. The
-    /// int8 products use the sign-transfer trick (|w| unsigned times x with w's sign) so that
-    /// `maddubs` can take them. Every row goes through the same instructions in the same order
-    /// whatever the group size, so its result does not depend on its neighbours.
+    /// Int8 weights: the sign-transfer trick (|w| unsigned times x with w's sign) lets `maddubs`
+    /// multiply two signed blocks.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dots(w: Row<'_>, x: Row<'_>, outs: &mut [f32]) {
+    pub unsafe fn q8(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
         let n = outs.len().min(GROUP);
+        let (cols, blocks) = (wq.len(), ws.len());
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); GROUP];
-        let ((wq, ws), (xq, xs)) = (w, x);
-        let (cols, blocks) = (wq.len(), ws.len());
-        for blk in 0..blocks {
-            let vw = _mm256_loadu_si256(wq.as_ptr().add(blk * BLOCK) as *const __m256i);
+        for b in 0..blocks {
+            let vw = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK) as *const __m256i);
             let abs_w = _mm256_sign_epi8(vw, vw);
-            let w_scale = *ws.get_unchecked(blk);
+            let w_scale = *ws.get_unchecked(b);
             for k in 0..n {
-                let vx =
-                    _mm256_loadu_si256(xq.as_ptr().add(k * cols + blk * BLOCK) as *const __m256i);
-                let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(vx, vw));
-                let sums = _mm256_madd_epi16(pairs, ones);
-                let scale = _mm256_set1_ps(w_scale * *xs.get_unchecked(k * blocks + blk));
+                let vx = _mm256_loadu_si256(
+                    x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i
+                );
+                let sums =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(vx, vw)), ones);
+                let scale = _mm256_set1_ps(w_scale * *x.scales.get_unchecked(k * blocks + b));
                 acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[k]);
             }
         }
         for k in 0..n {
-            let hi = _mm256_extractf128_ps(acc[k], 1);
-            let lo = _mm256_castps256_ps128(acc[k]);
-            let s = _mm_add_ps(hi, lo);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            outs[k] = _mm_cvtss_f32(s);
+            outs[k] = hsum(acc[k]);
+        }
+    }
+
+    /// Q4_1 weights: w = d * q + m with q in 0..16 (unsigned, so `maddubs` takes them directly);
+    /// the min contributes m * (sum of the activation block), precomputed per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn q4_1(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
+        let n = outs.len().min(GROUP);
+        let blocks = ws.len();
+        let cols = blocks * BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        let low4 = _mm_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); GROUP];
+        let mut mins = [_mm256_setzero_ps(); GROUP];
+        for b in 0..blocks {
+            let raw = _mm_loadu_si128(wn.as_ptr().add(b * 16) as *const __m128i);
+            let lo = _mm_and_si128(raw, low4);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            let q = _mm256_set_m128i(hi, lo);
+            let (d, m) = (*ws.get_unchecked(b), *wm.get_unchecked(b));
+            for k in 0..n {
+                let vx = _mm256_loadu_si256(
+                    x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i
+                );
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, vx), ones);
+                let scale = _mm256_set1_ps(d * *x.scales.get_unchecked(k * blocks + b));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[k]);
+                // Lane 0 only: keeps the min terms in a vector so they are summed in block order.
+                mins[k] = _mm256_add_ps(
+                    mins[k],
+                    _mm256_set_ps(
+                        0.,
+                        0.,
+                        0.,
+                        0.,
+                        0.,
+                        0.,
+                        0.,
+                        m * *x.sums.get_unchecked(k * blocks + b),
+                    ),
+                );
+            }
+        }
+        for k in 0..n {
+            outs[k] = hsum(acc[k]) + _mm256_cvtss_f32(mins[k]);
         }
     }
 }
 
 /// `x @ w.T` for f32 `x` (`[m, cols]`) as a candle op, on the CPU.
-pub struct Q8MatMul<'a>(pub &'a Q8Matrix);
+pub struct QMatMul<'a>(pub &'a QMatrix);
 
-impl CustomOp1 for Q8MatMul<'_> {
+impl CustomOp1 for QMatMul<'_> {
     fn name(&self) -> &'static str {
-        "q8-matmul"
+        "cpu-qmatmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, cols) = l.shape().dims2()?;
         if cols != self.0.cols {
             candle_core::bail!(
-                "q8-matmul: input has {cols} columns, weights {}",
+                "cpu-qmatmul: input has {cols} columns, weights {}",
                 self.0.cols
             );
         }
         let (start, end) = l
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("q8-matmul: non-contiguous input".into()))?;
+            .ok_or_else(|| candle_core::Error::Msg("cpu-qmatmul: non-contiguous input".into()))?;
         let x = &s.as_slice::<f32>()?[start..end];
         Ok((
             CpuStorage::F32(self.0.matmul(x, m)),
@@ -225,16 +381,11 @@ impl CustomOp1 for Q8MatMul<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
-    #[test]
-    fn matches_f32_matmul_and_is_row_independent() -> Result<()> {
-        let dev = Device::Cpu;
-        let (rows, cols) = (70, 96);
-        let w = Tensor::randn(0f32, 1., (rows, cols), &dev)?;
-        let x = Tensor::randn(0f32, 1., (5, cols), &dev)?;
-        let q = Q8Matrix::from_tensor(&w)?;
-        let got = x.apply_op1_no_bwd(&Q8MatMul(&q))?;
+    fn check(q: &QMatrix, w: &Tensor, x: &Tensor) -> Result<()> {
+        let got = x.apply_op1_no_bwd(&QMatMul(q))?;
         let want = x.matmul(&w.t()?)?;
         let err = (&got - &want)?
             .abs()?
@@ -247,25 +398,73 @@ mod tests {
         let alone = x
             .narrow(0, 2, 1)?
             .contiguous()?
-            .apply_op1_no_bwd(&Q8MatMul(&q))?;
+            .apply_op1_no_bwd(&QMatMul(q))?;
         assert_eq!(alone.to_vec2::<f32>()?[0], got.to_vec2::<f32>()?[2]);
-        // The SIMD kernel and the scalar one agree.
+        // The SIMD kernels agree with the scalar ones.
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let simd = q.matmul(&xs, 5);
-        let mut xq = vec![0i8; 5 * cols];
-        let xs_scales: Vec<f32> = xs
-            .chunks_exact(BLOCK)
-            .zip(xq.chunks_exact_mut(BLOCK))
-            .map(|(a, b)| quantize_block(a, b))
-            .collect();
-        let blocks = cols / BLOCK;
-        let scalar = dot_scalar(
-            &q.quants[..cols],
-            &q.scales[..blocks],
-            &xq[..cols],
-            &xs_scales[..blocks],
-        );
-        assert!((scalar - simd[0]).abs() < 1e-3 * scalar.abs().max(1.0));
+        let act = Activations::new(&xs);
+        let blocks = q.cols / BLOCK;
+        let xg = XGroup {
+            quants: &act.quants[..4 * q.cols],
+            scales: &act.scales[..4 * blocks],
+            sums: &act.sums[..4 * blocks],
+        };
+        let (mut fast, mut slow) = ([0f32; 4], [0f32; 4]);
+        let k = kernels();
+        match &q.weights {
+            Weights::Q8 { quants, scales } => {
+                (k.q8)(&quants[..q.cols], &scales[..blocks], &xg, &mut fast);
+                scalar::q8(&quants[..q.cols], &scales[..blocks], &xg, &mut slow);
+            }
+            Weights::Q4_1 {
+                nibbles,
+                scales,
+                mins,
+            } => {
+                (k.q4_1)(
+                    &nibbles[..q.cols / 2],
+                    &scales[..blocks],
+                    &mins[..blocks],
+                    &xg,
+                    &mut fast,
+                );
+                scalar::q4_1(
+                    &nibbles[..q.cols / 2],
+                    &scales[..blocks],
+                    &mins[..blocks],
+                    &xg,
+                    &mut slow,
+                );
+            }
+        }
+        for (a, b) in fast.iter().zip(&slow) {
+            assert!(
+                (a - b).abs() < 1e-3 * b.abs().max(1.0),
+                "simd {a} vs scalar {b}"
+            );
+        }
         Ok(())
+    }
+
+    #[test]
+    fn int8_weights_match_f32_matmul_and_are_row_independent() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (70, 96), &dev)?;
+        let x = Tensor::randn(0f32, 1., (5, 96), &dev)?;
+        check(&QMatrix::from_tensor(&w)?, &w, &x)
+    }
+
+    #[test]
+    fn gguf_q4_1_blocks_match_their_dequantized_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (70, 96), &dev)?;
+        let qt = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+        let q = QMatrix::from_q4_1(&qt.data()?, 70, 96)?;
+        // Compare against the weights the blocks actually hold.
+        check(
+            &q,
+            &qt.dequantize(&dev)?,
+            &Tensor::randn(0f32, 1., (5, 96), &dev)?,
+        )
     }
 }

@@ -36,7 +36,7 @@ pub struct LmConfig {
 }
 
 /// A decoder-only language model over a paged KV cache.
-pub trait CausalLm: Send {
+pub trait CausalLm: Send + Sync {
     fn config(&self) -> &LmConfig;
     fn device(&self) -> &Device;
     /// Runs the batch's new tokens, writing their keys and values into `kv`, and returns the logits

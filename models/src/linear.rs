@@ -1,8 +1,8 @@
 //! Linear layers over quantized or dense weights, choosing the kernel by batch shape.
 //!
-//! On the CPU a linear keeps its weights twice: as int8 blocks ([`Q8Matrix`], candela's own kernel,
-//! which reads each weight once per step however many sequences decode in it) for generated
-//! tokens, and dequantized to f32 for prompt tokens, where a blocked GEMM reuses each weight across
+//! On the CPU a linear keeps its weights twice: as quantized blocks ([`QMatrix`]: the GGUF's own
+//! Q4_1 blocks, or int8 blocks for other types; candela's own kernel, which reads each weight once
+//! per step for up to four sequences at a time) for generated tokens, and dequantized to f32 for prompt tokens, where a blocked GEMM reuses each weight across
 //! many rows. (candle's own CPU kernels for Q4_0/Q4_1 are scalar, and its Q8_0 kernel re-reads
 //! every weight for each row.) On a GPU the quantized matmul serves every shape.
 //!
@@ -11,8 +11,8 @@
 //! quantized one ([`RowSplit`]). A request therefore produces the same text alone or among many,
 //! and after a preemption recomputes its generated tokens exactly as they were first computed.
 
-use candela_kernels::{Q8MatMul, Q8Matrix};
-use candle_core::quantized::{QMatMul, QTensor};
+use candela_kernels::{CpuQMatMul, QMatrix};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::Result;
@@ -54,8 +54,8 @@ impl RowSplit {
 pub struct Linear {
     /// GPU: the checkpoint's quantized weights.
     quantized: Option<QMatMul>,
-    /// CPU: int8 weights for generated tokens.
-    int8: Option<Q8Matrix>,
+    /// CPU: block-quantized weights for generated tokens.
+    int8: Option<QMatrix>,
     dense: Option<Tensor>,
 }
 
@@ -86,9 +86,15 @@ impl Linear {
                 dense: Some(dense),
             });
         }
+        // Q4_1 blocks are used as they are; other types are requantized to int8 blocks.
+        let (rows, cols) = dense.dims2()?;
+        let int8 = match t.dtype() {
+            GgmlDType::Q4_1 => QMatrix::from_q4_1(&t.data()?, rows, cols)?,
+            _ => QMatrix::from_tensor(&dense)?,
+        };
         Ok(Self {
             quantized: None,
-            int8: Some(Q8Matrix::from_tensor(&dense)?),
+            int8: Some(int8),
             dense: Some(dense),
         })
     }
@@ -97,7 +103,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, split: &RowSplit) -> candle_core::Result<Tensor> {
         let quantized = |x: &Tensor| -> candle_core::Result<Tensor> {
             match (&self.int8, &self.quantized) {
-                (Some(m), _) => x.contiguous()?.apply_op1_no_bwd(&Q8MatMul(m)),
+                (Some(m), _) => x.contiguous()?.apply_op1_no_bwd(&CpuQMatMul(m)),
                 (None, Some(q)) => q.forward(x),
                 (None, None) => unreachable!("checked by the caller"),
             }

@@ -181,7 +181,11 @@ impl EngineCore {
             }
             return Ok(());
         }
-        let logits = self.runner.execute(&out, &self.scheduler)?;
+        // Run the forward pass on a worker of the compute pool, so that the kernels' parallel
+        // loops start on an awake pool instead of waking it from this thread hundreds of times a
+        // step.
+        let (runner, scheduler) = (&self.runner, &self.scheduler);
+        let logits = rayon::scope(|_| runner.execute(&out, scheduler))?;
         self.scheduler.advance(&out);
         self.stats
             .computed_tokens

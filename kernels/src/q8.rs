@@ -214,9 +214,15 @@ fn kernels() -> Kernels {
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
+            let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl");
             return Kernels {
                 q8: |w, s, x, o| unsafe { avx2::q8(w, s, x, o) },
-                q4_1: |w, s, m, x, o| unsafe { avx2::q4_1(w, s, m, x, o) },
+                q4_1: if vnni {
+                    |w, s, m, x, o| unsafe { avx2::q4_1_vnni(w, s, m, x, o) }
+                } else {
+                    |w, s, m, x, o| unsafe { avx2::q4_1(w, s, m, x, o) }
+                },
             };
         }
     }
@@ -306,47 +312,57 @@ mod avx2 {
     }
 
     /// Q4_1 weights: w = d * q + m with q in 0..16 (unsigned, so `maddubs` takes them directly);
-    /// the min contributes m * (sum of the activation block), precomputed per block.
+    /// the mins contribute sum_b m[b] * (scale * sum of activation block b), a short dot product
+    /// done after the main loop.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn q4_1(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
+        q4_1_body(wn, ws, wm, x, outs, |q, vx| {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(q, vx), _mm256_set1_epi16(1))
+        })
+    }
+
+    /// The same with AVX-512 VNNI's fused unsigned-by-signed dot product; the integer sums are
+    /// identical to the AVX2 path's, so results do not depend on which one runs.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn q4_1_vnni(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
+        q4_1_body(wn, ws, wm, x, outs, |q, vx| {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, vx)
+        })
+    }
+
+    #[inline(always)]
+    unsafe fn q4_1_body(
+        wn: &[u8],
+        ws: &[f32],
+        wm: &[f32],
+        x: &XGroup,
+        outs: &mut [f32],
+        dot: impl Fn(__m256i, __m256i) -> __m256i,
+    ) {
         let n = outs.len().min(GROUP);
         let blocks = ws.len();
         let cols = blocks * BLOCK;
-        let ones = _mm256_set1_epi16(1);
         let low4 = _mm_set1_epi8(0x0f);
         let mut acc = [_mm256_setzero_ps(); GROUP];
-        let mut mins = [_mm256_setzero_ps(); GROUP];
         for b in 0..blocks {
             let raw = _mm_loadu_si128(wn.as_ptr().add(b * 16) as *const __m128i);
             let lo = _mm_and_si128(raw, low4);
             let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
             let q = _mm256_set_m128i(hi, lo);
-            let (d, m) = (*ws.get_unchecked(b), *wm.get_unchecked(b));
+            let d = _mm256_set1_ps(*ws.get_unchecked(b));
             for k in 0..n {
                 let vx = _mm256_loadu_si256(
                     x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i
                 );
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, vx), ones);
-                let scale = _mm256_set1_ps(d * *x.scales.get_unchecked(k * blocks + b));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[k]);
-                // Lane 0 only: keeps the min terms in a vector so they are summed in block order.
-                mins[k] = _mm256_add_ps(
-                    mins[k],
-                    _mm256_set_ps(
-                        0.,
-                        0.,
-                        0.,
-                        0.,
-                        0.,
-                        0.,
-                        0.,
-                        m * *x.sums.get_unchecked(k * blocks + b),
-                    ),
-                );
+                let scale =
+                    _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(k * blocks + b)));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(q, vx)), scale, acc[k]);
             }
         }
         for k in 0..n {
-            outs[k] = hsum(acc[k]) + _mm256_cvtss_f32(mins[k]);
+            let sums = &x.sums[k * blocks..][..blocks];
+            let mins: f32 = wm.iter().zip(sums).map(|(m, s)| m * s).sum();
+            outs[k] = hsum(acc[k]) + mins;
         }
     }
 }

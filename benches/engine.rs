@@ -1,5 +1,6 @@
-//! The engine's own CPU cost per step, without a model: scheduling 256 running sequences and the
-//! block pool's allocate/free. Run with `cargo bench --bench engine`.
+//! The engine's own CPU cost per step, without a model: scheduling 256 running sequences, the
+//! block pool's allocate/free, and incremental detokenization (with the default chat model's
+//! tokenizer, fetched into the cache if needed). Run with `cargo bench --bench engine`.
 
 use candela::ids::RequestId;
 use candela::kv_cache::BlockPool;
@@ -59,5 +60,20 @@ fn block_pool(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, scheduler_step, block_pool);
+fn detokenizer(c: &mut Criterion) {
+    let catalog = candela::catalog::Catalog::builtin();
+    let entry = catalog.get("smollm2-135m-instruct").expect("catalog entry");
+    let path = candela::fetch::fetch(entry, &candela::fetch::candela_home()).expect("model fetched");
+    let tokenizer = candela_models::gguf::GgufFile::open(&path).and_then(|g| g.tokenizer()).expect("tokenizer");
+    let text = "The quick brown fox jumps over the lazy dog, and then — naïvely — writes 1234 émojis 🦊. ".repeat(16);
+    let ids = tokenizer.encode(text.as_str(), false).expect("encodes").get_ids().to_vec();
+    c.bench_function(&format!("detokenize {} tokens one at a time", ids.len()), |b| {
+        b.iter(|| {
+            let mut d = candela::serving::Detokenizer::new(&[]);
+            ids.iter().map(|&t| d.push(&tokenizer, t).len()).sum::<usize>()
+        })
+    });
+}
+
+criterion_group!(benches, scheduler_step, block_pool, detokenizer);
 criterion_main!(benches);

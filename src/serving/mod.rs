@@ -10,6 +10,7 @@ mod registry;
 mod stop;
 mod template;
 
+pub use detokenizer::Detokenizer;
 pub use embed::EmbeddingModel;
 pub use error::ServingError;
 pub use generate::{ChatModel, GenChunk, GenParams, Generation, TokenLogprob};

@@ -63,16 +63,30 @@ fn block_pool(c: &mut Criterion) {
 fn detokenizer(c: &mut Criterion) {
     let catalog = candela::catalog::Catalog::builtin();
     let entry = catalog.get("smollm2-135m-instruct").expect("catalog entry");
-    let path = candela::fetch::fetch(entry, &candela::fetch::candela_home()).expect("model fetched");
-    let tokenizer = candela_models::gguf::GgufFile::open(&path).and_then(|g| g.tokenizer()).expect("tokenizer");
-    let text = "The quick brown fox jumps over the lazy dog, and then — naïvely — writes 1234 émojis 🦊. ".repeat(16);
-    let ids = tokenizer.encode(text.as_str(), false).expect("encodes").get_ids().to_vec();
-    c.bench_function(&format!("detokenize {} tokens one at a time", ids.len()), |b| {
-        b.iter(|| {
-            let mut d = candela::serving::Detokenizer::new(&[]);
-            ids.iter().map(|&t| d.push(&tokenizer, t).len()).sum::<usize>()
-        })
-    });
+    let path =
+        candela::fetch::fetch(entry, &candela::fetch::candela_home()).expect("model fetched");
+    let tokenizer = candela_models::gguf::GgufFile::open(&path)
+        .and_then(|g| g.tokenizer())
+        .expect("tokenizer");
+    let text =
+        "The quick brown fox jumps over the lazy dog, and then — naïvely — writes 1234 émojis 🦊. "
+            .repeat(16);
+    let ids = tokenizer
+        .encode(text.as_str(), false)
+        .expect("encodes")
+        .get_ids()
+        .to_vec();
+    c.bench_function(
+        &format!("detokenize {} tokens one at a time", ids.len()),
+        |b| {
+            b.iter(|| {
+                let mut d = candela::serving::Detokenizer::new(&[]);
+                ids.iter()
+                    .map(|&t| d.push(&tokenizer, t).len())
+                    .sum::<usize>()
+            })
+        },
+    );
 }
 
 criterion_group!(benches, scheduler_step, block_pool, detokenizer);

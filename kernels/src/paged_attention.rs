@@ -133,7 +133,6 @@ impl CustomOp3 for CpuPagedAttention<'_> {
             contiguous_f32(k, k_l)?,
             contiguous_f32(v, v_l)?,
         );
-        let group = heads / kv_heads;
         let row = heads * head_dim;
         // Each batch row -> (its sequence, its position).
         let mut owner = vec![None; tokens];
@@ -144,39 +143,110 @@ impl CustomOp3 for CpuPagedAttention<'_> {
             }
         }
         let mut out = vec![0f32; tokens * row];
+        let dims = Dims {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            scale: self.scale,
+        };
+        let attend: fn(&Dims, &[f32], &[f32], &[f32], &[u32], usize, &mut [f32]) = {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    |d, q, k, v, t, p, o| unsafe { attend_token_avx2(d, q, k, v, t, p, o) }
+                } else {
+                    attend_token
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                attend_token
+            }
+        };
         out.par_chunks_mut(row)
             .enumerate()
             .for_each(|(t, out_row)| {
-                let Some((si, pos)) = owner[t] else { return };
-                let table = &self.seqs[si].block_table;
-                let mut scores = vec![0f32; pos + 1];
-                let kv_offset = |p: usize, kvh: usize| {
-                    let slot = table[p / block_size] as usize * block_size + p % block_size;
-                    (slot * kv_heads + kvh) * head_dim
-                };
-                for h in 0..heads {
-                    let kvh = h / group;
-                    let qv = &q[t * row + h * head_dim..][..head_dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, s) in scores.iter_mut().enumerate() {
-                        *s = dot(qv, &k[kv_offset(p, kvh)..][..head_dim]) * self.scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let o = &mut out_row[h * head_dim..][..head_dim];
-                    for (p, s) in scores.iter().enumerate() {
-                        let w = s / sum;
-                        for (o, x) in o.iter_mut().zip(&v[kv_offset(p, kvh)..][..head_dim]) {
-                            *o += w * x;
-                        }
-                    }
+                if let Some((si, pos)) = owner[t] {
+                    attend(
+                        &dims,
+                        &q[t * row..][..row],
+                        k,
+                        v,
+                        &self.seqs[si].block_table,
+                        pos,
+                        out_row,
+                    );
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((tokens, heads, head_dim))))
+    }
+}
+
+struct Dims {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+/// The same code compiled with AVX2 and FMA enabled, for CPUs that have them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_token_avx2(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    table: &[u32],
+    pos: usize,
+    out: &mut [f32],
+) {
+    attend_token(d, q, k, v, table, pos, out)
+}
+
+/// One query token (all heads) over positions `0..=pos` of its sequence, walking the block table
+/// block by block.
+#[inline(always)]
+fn attend_token(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    table: &[u32],
+    pos: usize,
+    out: &mut [f32],
+) {
+    let (hd, bs) = (d.head_dim, d.block_size);
+    let group = d.heads / d.kv_heads;
+    let mut scores = vec![0f32; pos + 1];
+    // Offset of position p's row for kv head 0; kv head h adds h * head_dim.
+    let base = |p: usize| ((table[p / bs] as usize * bs + p % bs) * d.kv_heads) * hd;
+    let bases: Vec<usize> = (0..=pos).map(base).collect();
+    for h in 0..d.heads {
+        let kvh = h / group;
+        let qv = &q[h * hd..][..hd];
+        let mut max = f32::NEG_INFINITY;
+        for (s, &b) in scores.iter_mut().zip(&bases) {
+            *s = dot(qv, &k[b + kvh * hd..][..hd]) * d.scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let o = &mut out[h * hd..][..hd];
+        let inv = 1.0 / sum;
+        for (s, &b) in scores.iter().zip(&bases) {
+            let w = s * inv;
+            for (o, x) in o.iter_mut().zip(&v[b + kvh * hd..][..hd]) {
+                *o += w * x;
+            }
+        }
     }
 }
 
@@ -188,7 +258,7 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Dot product with eight independent accumulators so that the compiler vectorises it.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -45,7 +45,10 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
     for (q, v) in q.iter_mut().zip(x) {
-        *q = (v * inv).round() as i8;
+        // Round half away from zero, as f32::round does, without the libm call (|r| <= 127, so
+        // adding 0.5 is exact).
+        let r = v * inv;
+        *q = (r + 0.5f32.copysign(r)) as i8;
     }
     d
 }
@@ -186,6 +189,9 @@ impl QMatrix {
                     }
                 }
             });
+        if m == 1 {
+            return out_t;
+        }
         let mut out = vec![0f32; m * self.rows];
         for r in 0..self.rows {
             for i in 0..m {

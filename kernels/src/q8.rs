@@ -24,11 +24,10 @@ enum Weights {
         quants: Vec<i8>,
         scales: Vec<f32>,
     },
-    /// Nibble `j` of a block's byte `i` is value `i` (low) or `i + 16` (high), as ggml stores them.
+    /// GGUF's own blocks, unchanged: f16 scale, f16 min, then 16 bytes whose low nibbles are
+    /// values 0..16 and high nibbles values 16..32.
     Q4_1 {
-        nibbles: Vec<u8>,
-        scales: Vec<f32>,
-        mins: Vec<f32>,
+        blocks: Vec<u8>,
     },
 }
 
@@ -120,24 +119,11 @@ impl QMatrix {
                 bytes.len()
             );
         }
-        let n = rows * cols / BLOCK;
-        let (mut nibbles, mut scales, mut mins) = (
-            Vec::with_capacity(n * 16),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for b in bytes.chunks_exact(Q4_1_BYTES) {
-            scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            mins.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
-            nibbles.extend_from_slice(&b[4..]);
-        }
         Ok(Self {
             rows,
             cols,
             weights: Weights::Q4_1 {
-                nibbles,
-                scales,
-                mins,
+                blocks: bytes.to_vec(),
             },
         })
     }
@@ -174,17 +160,10 @@ impl QMatrix {
                                 &xg,
                                 outs,
                             ),
-                            Weights::Q4_1 {
-                                nibbles,
-                                scales,
-                                mins,
-                            } => (kernels.q4_1)(
-                                &nibbles[r * cols / 2..][..cols / 2],
-                                &scales[r * blocks..][..blocks],
-                                &mins[r * blocks..][..blocks],
-                                &xg,
-                                outs,
-                            ),
+                            Weights::Q4_1 { blocks: raw } => {
+                                let row_bytes = blocks * Q4_1_BYTES;
+                                (kernels.q4_1)(&raw[r * row_bytes..][..row_bytes], &xg, outs)
+                            }
                         }
                     }
                 }
@@ -211,23 +190,29 @@ pub(crate) struct XGroup<'a> {
 
 struct Kernels {
     q8: fn(&[i8], &[f32], &XGroup, &mut [f32]),
-    q4_1: fn(&[u8], &[f32], &[f32], &XGroup, &mut [f32]),
+    /// One row of raw Q4_1 blocks.
+    q4_1: fn(&[u8], &XGroup, &mut [f32]),
 }
 
-/// The fastest kernels this CPU runs (the feature check is cached by std).
+/// The fastest kernels this CPU runs (the feature checks are cached by std).
 fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            let vnni = std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512vl");
+        let has = |f: &str| match f {
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "fma" => std::arch::is_x86_feature_detected!("fma"),
+            "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+            "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+            "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+            _ => false,
+        };
+        if has("avx2") && has("fma") && has("f16c") {
             return Kernels {
                 q8: |w, s, x, o| unsafe { avx2::q8(w, s, x, o) },
-                q4_1: if vnni {
-                    |w, s, m, x, o| unsafe { avx2::q4_1_vnni(w, s, m, x, o) }
+                q4_1: if has("avx512vnni") && has("avx512vl") {
+                    |w, x, o| unsafe { avx2::q4_1_vnni(w, x, o) }
                 } else {
-                    |w, s, m, x, o| unsafe { avx2::q4_1(w, s, m, x, o) }
+                    |w, x, o| unsafe { avx2::q4_1(w, x, o) }
                 },
             };
         }
@@ -238,8 +223,17 @@ fn kernels() -> Kernels {
     }
 }
 
+/// Scale and min of a raw Q4_1 block.
+#[inline(always)]
+fn q4_1_scale_min(block: &[u8]) -> (f32, f32) {
+    (
+        f16::from_le_bytes([block[0], block[1]]).to_f32(),
+        f16::from_le_bytes([block[2], block[3]]).to_f32(),
+    )
+}
+
 mod scalar {
-    use super::{XGroup, BLOCK};
+    use super::{q4_1_scale_min, XGroup, BLOCK, Q4_1_BYTES};
 
     pub fn q8(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
         let (cols, blocks) = (wq.len(), ws.len());
@@ -256,23 +250,25 @@ mod scalar {
         }
     }
 
-    pub fn q4_1(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
-        let blocks = ws.len();
+    pub fn q4_1(raw: &[u8], x: &XGroup, outs: &mut [f32]) {
+        let blocks = raw.len() / Q4_1_BYTES;
         let cols = blocks * BLOCK;
         for (k, o) in outs.iter_mut().enumerate() {
             let xq = &x.quants[k * cols..][..cols];
-            *o = (0..blocks)
-                .map(|b| {
-                    let s: i32 = (0..16)
-                        .map(|i| {
-                            let byte = wn[b * 16 + i];
-                            (byte & 15) as i32 * xq[b * BLOCK + i] as i32
-                                + (byte >> 4) as i32 * xq[b * BLOCK + 16 + i] as i32
-                        })
-                        .sum();
-                    s as f32 * ws[b] * x.scales[k * blocks + b] + wm[b] * x.sums[k * blocks + b]
-                })
-                .sum();
+            let (mut main, mut mins) = (0f32, 0f32);
+            for (b, block) in raw.chunks_exact(Q4_1_BYTES).enumerate() {
+                let (d, m) = q4_1_scale_min(block);
+                let s: i32 = (0..16)
+                    .map(|i| {
+                        let byte = block[4 + i];
+                        (byte & 15) as i32 * xq[b * BLOCK + i] as i32
+                            + (byte >> 4) as i32 * xq[b * BLOCK + 16 + i] as i32
+                    })
+                    .sum();
+                main += s as f32 * d * x.scales[k * blocks + b];
+                mins += m * x.sums[k * blocks + b];
+            }
+            *o = main + mins;
         }
     }
 }
@@ -281,7 +277,7 @@ mod scalar {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{XGroup, BLOCK, GROUP};
+    use super::{XGroup, BLOCK, GROUP, Q4_1_BYTES};
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -317,45 +313,51 @@ mod avx2 {
         }
     }
 
-    /// Q4_1 weights: w = d * q + m with q in 0..16 (unsigned, so `maddubs` takes them directly);
-    /// the mins contribute sum_b m[b] * (scale * sum of activation block b), a short dot product
-    /// done after the main loop.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn q4_1(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
-        q4_1_body(wn, ws, wm, x, outs, |q, vx| {
+    /// Q4_1 weights read straight from GGUF blocks: w = d * q + m with q in 0..16 (unsigned, so
+    /// `maddubs` takes them directly); the min contributes m * (scale * sum of the activation
+    /// block), precomputed per activation block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1(raw: &[u8], x: &XGroup, outs: &mut [f32]) {
+        q4_1_body(raw, x, outs, |q, vx| {
             _mm256_madd_epi16(_mm256_maddubs_epi16(q, vx), _mm256_set1_epi16(1))
         })
     }
 
     /// The same with AVX-512 VNNI's fused unsigned-by-signed dot product; the integer sums are
     /// identical to the AVX2 path's, so results do not depend on which one runs.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub unsafe fn q4_1_vnni(wn: &[u8], ws: &[f32], wm: &[f32], x: &XGroup, outs: &mut [f32]) {
-        q4_1_body(wn, ws, wm, x, outs, |q, vx| {
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn q4_1_vnni(raw: &[u8], x: &XGroup, outs: &mut [f32]) {
+        q4_1_body(raw, x, outs, |q, vx| {
             _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, vx)
         })
     }
 
     #[inline(always)]
     unsafe fn q4_1_body(
-        wn: &[u8],
-        ws: &[f32],
-        wm: &[f32],
+        raw: &[u8],
         x: &XGroup,
         outs: &mut [f32],
         dot: impl Fn(__m256i, __m256i) -> __m256i,
     ) {
         let n = outs.len().min(GROUP);
-        let blocks = ws.len();
+        let blocks = raw.len() / Q4_1_BYTES;
         let cols = blocks * BLOCK;
         let low4 = _mm_set1_epi8(0x0f);
         let mut acc = [_mm256_setzero_ps(); GROUP];
+        let mut mins = [0f32; GROUP];
         for b in 0..blocks {
-            let raw = _mm_loadu_si128(wn.as_ptr().add(b * 16) as *const __m128i);
-            let lo = _mm_and_si128(raw, low4);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-            let q = _mm256_set_m128i(hi, lo);
-            let d = _mm256_set1_ps(*ws.get_unchecked(b));
+            let block = raw.as_ptr().add(b * Q4_1_BYTES);
+            // f16 scale and min -> f32 lanes 0 and 1.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                block as *const i32,
+            )));
+            let d = _mm256_set1_ps(_mm_cvtss_f32(dm));
+            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+            let nib = _mm_loadu_si128(block.add(4) as *const __m128i);
+            let q = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(nib, 4), low4),
+                _mm_and_si128(nib, low4),
+            );
             for k in 0..n {
                 let vx = _mm256_loadu_si256(
                     x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i
@@ -363,12 +365,11 @@ mod avx2 {
                 let scale =
                     _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(k * blocks + b)));
                 acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(q, vx)), scale, acc[k]);
+                mins[k] += m * *x.sums.get_unchecked(k * blocks + b);
             }
         }
         for k in 0..n {
-            let sums = &x.sums[k * blocks..][..blocks];
-            let mins: f32 = wm.iter().zip(sums).map(|(m, s)| m * s).sum();
-            outs[k] = hsum(acc[k]) + mins;
+            outs[k] = hsum(acc[k]) + mins[k];
         }
     }
 }
@@ -438,25 +439,23 @@ mod tests {
                 (k.q8)(&quants[..q.cols], &scales[..blocks], &xg, &mut fast);
                 scalar::q8(&quants[..q.cols], &scales[..blocks], &xg, &mut slow);
             }
-            Weights::Q4_1 {
-                nibbles,
-                scales,
-                mins,
-            } => {
-                (k.q4_1)(
-                    &nibbles[..q.cols / 2],
-                    &scales[..blocks],
-                    &mins[..blocks],
-                    &xg,
-                    &mut fast,
-                );
-                scalar::q4_1(
-                    &nibbles[..q.cols / 2],
-                    &scales[..blocks],
-                    &mins[..blocks],
-                    &xg,
-                    &mut slow,
-                );
+            Weights::Q4_1 { blocks: raw } => {
+                let row = &raw[..blocks * Q4_1_BYTES];
+                (k.q4_1)(row, &xg, &mut fast);
+                scalar::q4_1(row, &xg, &mut slow);
+                // Where AVX-512 VNNI runs, it gives exactly what the AVX2 path gives.
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
+                    unsafe {
+                        avx2::q4_1(row, &xg, &mut a);
+                        avx2::q4_1_vnni(row, &xg, &mut b);
+                    }
+                    assert_eq!(a, b);
+                }
             }
         }
         for (a, b) in fast.iter().zip(&slow) {

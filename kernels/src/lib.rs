@@ -6,8 +6,8 @@
 
 mod cache;
 mod paged_attention;
-mod q8;
+mod quant_matmul;
 
 pub use cache::reshape_and_cache;
 pub use paged_attention::{paged_attention, paged_attention_reference, SeqAttention};
-pub use q8::{QMatMul as CpuQMatMul, QMatrix, BLOCK as Q8_BLOCK};
+pub use quant_matmul::{QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK};

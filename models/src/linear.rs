@@ -55,7 +55,7 @@ pub struct Linear {
     /// GPU: the checkpoint's quantized weights.
     quantized: Option<QMatMul>,
     /// CPU: block-quantized weights for generated tokens.
-    int8: Option<QMatrix>,
+    cpu_quant: Option<QMatrix>,
     dense: Option<Tensor>,
 }
 
@@ -64,7 +64,7 @@ impl Linear {
     pub fn dense(w: Tensor) -> Self {
         Self {
             quantized: None,
-            int8: None,
+            cpu_quant: None,
             dense: Some(w),
         }
     }
@@ -73,28 +73,28 @@ impl Linear {
         if !device.is_cpu() {
             return Ok(Self {
                 quantized: Some(QMatMul::from_qtensor(t)?),
-                int8: None,
+                cpu_quant: None,
                 dense: None,
             });
         }
         let dense = t.dequantize(device)?;
-        if dense.dim(1)? % candela_kernels::Q8_BLOCK != 0 {
-            // Widths the int8 kernel cannot block keep candle's kernel.
+        if dense.dim(1)? % candela_kernels::QUANT_BLOCK != 0 {
+            // Widths the block kernel cannot handle keep candle's kernel.
             return Ok(Self {
                 quantized: Some(QMatMul::from_qtensor(t)?),
-                int8: None,
+                cpu_quant: None,
                 dense: Some(dense),
             });
         }
         // Q4_1 blocks are used as they are; other types are requantized to int8 blocks.
         let (rows, cols) = dense.dims2()?;
-        let int8 = match t.dtype() {
+        let cpu_quant = match t.dtype() {
             GgmlDType::Q4_1 => QMatrix::from_q4_1(&t.data()?, rows, cols)?,
             _ => QMatrix::from_tensor(&dense)?,
         };
         Ok(Self {
             quantized: None,
-            int8: Some(int8),
+            cpu_quant: Some(cpu_quant),
             dense: Some(dense),
         })
     }
@@ -102,13 +102,13 @@ impl Linear {
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: &Tensor, split: &RowSplit) -> candle_core::Result<Tensor> {
         let quantized = |x: &Tensor| -> candle_core::Result<Tensor> {
-            match (&self.int8, &self.quantized) {
+            match (&self.cpu_quant, &self.quantized) {
                 (Some(m), _) => x.contiguous()?.apply_op1_no_bwd(&CpuQMatMul(m)),
                 (None, Some(q)) => q.forward(x),
                 (None, None) => unreachable!("checked by the caller"),
             }
         };
-        let has_quantized = self.int8.is_some() || self.quantized.is_some();
+        let has_quantized = self.cpu_quant.is_some() || self.quantized.is_some();
         match &self.dense {
             Some(w) if has_quantized => {
                 if split.n_quant == 0 {

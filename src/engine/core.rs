@@ -73,25 +73,20 @@ impl EngineCore {
     fn run(mut self) {
         loop {
             // Block only when idle; otherwise take whatever arrived and keep stepping.
-            if !self.scheduler.has_work() {
-                match self.rx.recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
+            // A dropped handle side counts as a shutdown.
+            let mut next =
+                (!self.scheduler.has_work()).then(|| self.rx.recv().unwrap_or(Command::Shutdown));
             loop {
-                match self.rx.try_recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return,
+                let cmd = match next.take() {
+                    Some(cmd) => cmd,
+                    None => match self.rx.try_recv() {
+                        Ok(cmd) => cmd,
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => Command::Shutdown,
+                    },
+                };
+                if !self.handle(cmd) {
+                    return;
                 }
             }
             self.drop_cancelled();

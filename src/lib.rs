@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fetch;
 pub mod ids;
 pub mod kv_cache;
+pub mod platform;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
@@ -26,10 +27,14 @@ use tokio::net::TcpListener;
 pub async fn serve(
     listener: TcpListener,
     registry: serving::Registry,
+    platform: Arc<platform::Platform>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(api::AppState { registry });
-    let app = api::router(state.clone());
+    // Changes made by `candela token|project` on the same database reach the server this fast.
+    platform.spawn_reloader(std::time::Duration::from_millis(250));
+    let state = Arc::new(api::AppState { registry, platform });
+    let app =
+        api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let stopper = state.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -4,8 +4,11 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+mod cli;
+
 use candela::catalog::Catalog;
 use candela::fetch;
+use candela::platform::{DefaultLimits, Platform, PlatformConfig};
 use candela::serving::{load_registry, ServeOptions};
 
 /// candela: a self-hosted, OpenAI-compatible inference endpoint (chat, completions, embeddings)
@@ -41,6 +44,83 @@ enum Command {
         #[arg(long = "model", value_name = "ID")]
         models: Vec<String>,
     },
+    /// Create, list and revoke access tokens (in $CANDELA_HOME/candela.db; a server running on
+    /// the same directory sees each change within a second).
+    ///
+    /// Example: candela token create --project research --ttl 30d --name ci
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Set a project's rate limits (a running server applies them within a second), or list them.
+    ///
+    /// Example: candela project set research --rpm 100 --tpm 200000 --embeddings-rpm 1000
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Calls, tokens and estimated cost per project, model and day, from the usage log.
+    ///
+    /// Example: candela usage --project research --from 2026-11-01
+    Usage(UsageArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed once, alone on the last line (only its hash is stored).
+    Create {
+        /// The project the token calls for (created with default limits when new).
+        #[arg(long)]
+        project: String,
+        /// Validity period: a number and a unit, s, m, h, d or w (e.g. 30d, 12h).
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        /// A label to recognize it by in `token list`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// One line per token, starting with its id (the secret is never shown again).
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Revoke a token by its id; calls with it get 401 from then on.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Set limits; an omitted flag keeps its value, 0 returns to the server's default.
+    Set {
+        name: String,
+        /// Requests per minute (chat and completions).
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens per minute (prompt + generated, chat and completions).
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// Embeddings requests per minute.
+        #[arg(long)]
+        embeddings_rpm: Option<u64>,
+    },
+    /// One line per project with its limits.
+    List,
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    /// Only this project. Default: every project.
+    #[arg(long)]
+    project: Option<String>,
+    /// First day (YYYY-MM-DD, UTC), an RFC 3339 time or Unix seconds. Default: 30 days ago.
+    #[arg(long)]
+    from: Option<String>,
+    /// Last day, included (same formats). Default: now.
+    #[arg(long)]
+    to: Option<String>,
+    /// Print JSON (as GET /v1/usage does) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -73,6 +153,41 @@ struct ServeArgs {
     /// adds to the streams running beside it.
     #[arg(long, default_value_t = 512)]
     max_num_batched_tokens: usize,
+    /// A catalog file (TOML, like models/catalog.toml) to serve instead of the built-in one.
+    #[arg(long, value_name = "FILE")]
+    catalog: Option<PathBuf>,
+    /// Calls without an access token: `allow` (rate limited per client address by
+    /// --anonymous-rpm) or `deny` (401).
+    #[arg(long, default_value = "allow", value_parser = ["allow", "deny"])]
+    anonymous: String,
+    /// Requests per minute of each anonymous client address (chat and completions); 0: unlimited.
+    #[arg(long, default_value_t = 200)]
+    anonymous_rpm: u64,
+    /// Embeddings requests per minute of each anonymous client address; 0: unlimited.
+    #[arg(long, default_value_t = 1000)]
+    anonymous_embeddings_rpm: u64,
+    /// Requests per minute of a project that sets none (`candela project set`); 0: unlimited.
+    #[arg(long, default_value_t = 400)]
+    default_rpm: u64,
+    /// Embeddings requests per minute of a project that sets none; 0: unlimited.
+    #[arg(long, default_value_t = 2000)]
+    default_embeddings_rpm: u64,
+    /// Tokens per minute of a project that sets none; 0: unlimited.
+    #[arg(long, default_value_t = 0)]
+    default_tpm: u64,
+    /// Largest request body, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Most inputs in one embeddings request.
+    #[arg(long, default_value_t = 25)]
+    max_embedding_inputs: usize,
+    /// Skip the start-up speed measurement that `@fastest` ranks by.
+    #[arg(long)]
+    no_calibrate: bool,
+    /// Guards the admin API (/admin/v1/...) and /metrics; unset, the admin API is off and
+    /// /metrics is open.
+    #[arg(long, env = "CANDELA_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn parse_device(spec: &str) -> anyhow::Result<Device> {
@@ -126,6 +241,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args, home).await,
         Command::Bench(args) => Ok(candela::bench::run(args, home).await?),
+        Command::Token { command } => cli::token(command, &home),
+        Command::Project { command } => cli::project(command, &home),
+        Command::Usage(args) => cli::usage(args, &home),
     }
 }
 
@@ -145,14 +263,34 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
         block_size: args.block_size,
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
+        catalog: args.catalog,
+        calibrate: !args.no_calibrate,
     };
+    let limit = |n: u64| (n > 0).then_some(n);
+    let platform = Platform::open(PlatformConfig {
+        allow_anonymous: args.anonymous == "allow",
+        anonymous_limits: DefaultLimits {
+            rpm: limit(args.anonymous_rpm),
+            embeddings_rpm: limit(args.anonymous_embeddings_rpm),
+            tpm: None,
+        },
+        project_limits: DefaultLimits {
+            rpm: limit(args.default_rpm),
+            embeddings_rpm: limit(args.default_embeddings_rpm),
+            tpm: limit(args.default_tpm),
+        },
+        admin_token: args.admin_token.filter(|t| !t.is_empty()),
+        max_body_bytes: args.max_body_bytes,
+        max_embedding_inputs: args.max_embedding_inputs.max(1),
+        ..PlatformConfig::new(opts.home.clone())
+    })?;
     let registry = tokio::task::spawn_blocking(move || load_registry(&opts)).await??;
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "serving the OpenAI API at http://{}/v1", listener.local_addr()?);
-    candela::serve(listener, registry, async {
+    candela::serve(listener, registry, platform, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,9 +15,11 @@ use serde_json::{json, Value};
 use super::types::{ChatCompletionRequest, CompletionRequest, Prompt, Usage};
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
+use crate::platform::usage::{Meter, TokenClock};
 use crate::serving::{
     ChatModel, GenChunk, GenParams, Generation, Served, ServingError, TokenLogprob,
 };
+use candela_models::ModelKind;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -32,10 +34,11 @@ struct Meta {
     created: u64,
     model: String,
     started: std::time::Instant,
+    meter: Option<Arc<Meter>>,
 }
 
 impl Meta {
-    fn new(kind: Kind, model: &str) -> Self {
+    fn new(kind: Kind, model: &str, meter: Option<Arc<Meter>>) -> Self {
         let prefix = if kind == Kind::Chat {
             "chatcmpl"
         } else {
@@ -47,6 +50,7 @@ impl Meta {
             created: now(),
             model: model.to_string(),
             started: std::time::Instant::now(),
+            meter,
         }
     }
 
@@ -80,15 +84,33 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn chat_model(state: &AppState, id: &str) -> Result<Arc<ChatModel>, ApiError> {
-    match state.registry.get(id) {
-        Some(Served::Chat(m)) => Ok(m.clone()),
-        Some(Served::Embedding(_)) => Err(ServingError::WrongModelType(format!(
-            "The model `{id}` is an embedding model; use it with /v1/embeddings."
+/// The chat model that `model` names or resolves to, noted in the meter.
+fn chat_model(
+    state: &AppState,
+    model: &str,
+    meter: Option<&Meter>,
+) -> Result<Arc<ChatModel>, ApiError> {
+    match state.registry.resolve(model, Some(ModelKind::Chat))? {
+        Served::Chat(m) => {
+            if let Some(meter) = meter {
+                meter.set_model(&m.info);
+            }
+            Ok(m)
+        }
+        Served::Embedding(m) => Err(ServingError::WrongModelType(format!(
+            "The model `{}` is an embedding model; use it with /v1/embeddings.",
+            m.info.id
         ))
         .into()),
-        None => Err(ServingError::ModelNotFound(id.to_string()).into()),
     }
+}
+
+/// Names the model that served a request (useful when `model` was a query).
+pub fn resolved_header(mut resp: Response, model: &str) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(model) {
+        resp.headers_mut().insert("x-candela-resolved-model", v);
+    }
+    resp
 }
 
 /// Starts `n` generations of one prompt; each choice after the first gets its own seed.
@@ -110,10 +132,12 @@ fn start_n(
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    meter: Option<Extension<Arc<Meter>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let meter = meter.map(|Extension(m)| m);
     let mut req: ChatCompletionRequest = json::parse(body)?;
-    let model = chat_model(&state, &req.model)?;
+    let model = chat_model(&state, &req.model, meter.as_deref())?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(
@@ -144,21 +168,24 @@ pub async fn chat_completions(
         .collect::<Result<Vec<_>, _>>()?;
     let prompt = model.chat_prompt(&messages)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;
-    let meta = Meta::new(Kind::Chat, &model.info.id);
-    if req.stream {
+    let meta = Meta::new(Kind::Chat, &model.info.id, meter);
+    let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, gens, include_usage, prompt.len()))
+        stream_response(meta, gens, include_usage, prompt.len())
     } else {
-        full_response(meta, gens, prompt.len()).await
-    }
+        full_response(meta, gens, prompt.len()).await?
+    };
+    Ok(resolved_header(resp, &model.info.id))
 }
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    meter: Option<Extension<Arc<Meter>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let meter = meter.map(|Extension(m)| m);
     let mut req: CompletionRequest = json::parse(body)?;
-    let model = chat_model(&state, &req.model)?;
+    let model = chat_model(&state, &req.model, meter.as_deref())?;
     let logprobs = match req.logprobs {
         Some(k) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(
@@ -201,13 +228,14 @@ pub async fn completions(
         gens.extend(start_n(&model, p, &params, n, "prompt")?);
     }
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let meta = Meta::new(Kind::Completion, &model.info.id);
-    if req.stream {
+    let meta = Meta::new(Kind::Completion, &model.info.id, meter);
+    let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_response(meta, gens, include_usage, prompt_tokens))
+        stream_response(meta, gens, include_usage, prompt_tokens)
     } else {
-        full_response(meta, gens, prompt_tokens).await
-    }
+        full_response(meta, gens, prompt_tokens).await?
+    };
+    Ok(resolved_header(resp, &model.info.id))
 }
 
 /// A generation run to its end.
@@ -219,12 +247,19 @@ struct Finished {
     cached_tokens: usize,
 }
 
-async fn run_to_end(mut gen: Generation) -> Result<Finished, ServingError> {
+async fn run_to_end(
+    mut gen: Generation,
+    meter: Option<Arc<Meter>>,
+) -> Result<Finished, ServingError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
     let mut finish = FinishReason::Length;
+    let mut clock = TokenClock::default();
     while let Some(chunk) = gen.next().await {
         let chunk = chunk?;
+        if let Some(m) = &meter {
+            clock.tick(m);
+        }
         text.push_str(&chunk.text);
         logprobs.extend(chunk.logprobs);
         if let Some(f) = chunk.finish {
@@ -245,7 +280,9 @@ async fn full_response(
     gens: Vec<Generation>,
     prompt_tokens: usize,
 ) -> Result<Response, ApiError> {
-    let results = futures::future::join_all(gens.into_iter().map(run_to_end)).await;
+    let results =
+        futures::future::join_all(gens.into_iter().map(|g| run_to_end(g, meta.meter.clone())))
+            .await;
     let mut choices = Vec::new();
     let (mut completion, mut cached) = (0, 0);
     for (index, r) in results.into_iter().enumerate() {
@@ -273,6 +310,9 @@ async fn full_response(
     } else {
         "text_completion"
     };
+    if let Some(m) = &meta.meter {
+        m.set_tokens(prompt_tokens as u64, completion as u64);
+    }
     Ok(Json(json!({
         "id": meta.id,
         "object": object,
@@ -330,18 +370,31 @@ enum Item {
     },
 }
 
-fn choice_stream(index: usize, gen: Generation) -> BoxStream<'static, Item> {
-    stream::unfold(Some(gen), move |gen| async move {
-        let mut gen = gen?;
-        match gen.next().await {
-            Some(chunk) => Some((Item::Chunk(index, chunk), Some(gen))),
-            None => Some((
-                Item::Done {
-                    completion_tokens: gen.completion_tokens,
-                    cached_tokens: gen.cached_tokens,
-                },
-                None,
-            )),
+fn choice_stream(
+    index: usize,
+    gen: Generation,
+    meter: Option<Arc<Meter>>,
+) -> BoxStream<'static, Item> {
+    let state = Some((gen, TokenClock::default()));
+    stream::unfold(state, move |state| {
+        let meter = meter.clone();
+        async move {
+            let (mut gen, mut clock) = state?;
+            match gen.next().await {
+                Some(chunk) => {
+                    if let Some(m) = &meter {
+                        clock.tick(m);
+                    }
+                    Some((Item::Chunk(index, chunk), Some((gen, clock))))
+                }
+                None => Some((
+                    Item::Done {
+                        completion_tokens: gen.completion_tokens,
+                        cached_tokens: gen.cached_tokens,
+                    },
+                    None,
+                )),
+            }
         }
     })
     .boxed()
@@ -358,7 +411,7 @@ fn stream_response(
     let merged = stream::select_all(
         gens.into_iter()
             .enumerate()
-            .map(|(i, g)| choice_stream(i, g)),
+            .map(|(i, g)| choice_stream(i, g, meta.meter.clone())),
     );
     let object = if meta.kind == Kind::Chat {
         "chat.completion.chunk"
@@ -387,14 +440,15 @@ fn stream_response(
         Vec::new()
     };
     let mut offsets = vec![0usize; n];
-    // (completion tokens, cached tokens, failed): the usage chunk needs totals known only at the end.
-    let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize, false)));
+    // (completion tokens, cached tokens, failure status): the usage chunk needs totals known only
+    // at the end.
+    let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize, None::<u16>)));
     let body_totals = totals.clone();
     let kind = meta.kind;
     let body = merged.filter_map(move |item| {
         let mut t = body_totals.lock().unwrap_or_else(|p| p.into_inner());
         let out: Option<Value> = match item {
-            _ if t.2 => None,
+            _ if t.2.is_some() => None,
             Item::Chunk(i, Ok(c)) => {
                 if c.text.is_empty() && c.finish.is_none() && c.logprobs.is_empty() {
                     None
@@ -412,8 +466,9 @@ fn stream_response(
                 }
             }
             Item::Chunk(_, Err(e)) => {
-                t.2 = true;
-                Some(serde_json::to_value(ApiError::from(e).body()).unwrap_or(Value::Null))
+                let err = ApiError::from(e);
+                t.2 = Some(err.status.as_u16());
+                Some(serde_json::to_value(err.body()).unwrap_or(Value::Null))
             }
             Item::Done { completion_tokens, cached_tokens } => {
                 t.0 += completion_tokens;
@@ -426,7 +481,16 @@ fn stream_response(
     let meta_tail = meta.clone();
     let tail = stream::once(async move {
         let (completion, cached, failed) = *totals.lock().unwrap_or_else(|p| p.into_inner());
-        meta_tail.log(true, prompt_tokens, completion, cached, failed);
+        meta_tail.log(true, prompt_tokens, completion, cached, failed.is_some());
+        if let Some(m) = &meta_tail.meter {
+            m.set_tokens(prompt_tokens as u64, completion as u64);
+            if let Some(status) = failed {
+                m.fail(status);
+            }
+            // Recorded before the last event, so a client that reads its usage next sees it.
+            m.finish();
+        }
+        let failed = failed.is_some();
         let usage = (include_usage && !failed).then(|| {
             json!({
                 "id": meta_tail.id, "object": object, "created": meta_tail.created, "model": meta_tail.model,

@@ -4,34 +4,39 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 use super::types::{EmbeddingInput, EmbeddingRequest};
 use super::{json, ApiError, AppState};
+use crate::platform::usage::Meter;
 use crate::serving::{Served, ServingError};
-
-/// Most inputs in one request.
-const MAX_INPUTS: usize = 2048;
+use candela_models::ModelKind;
 
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
+    meter: Option<Extension<Arc<Meter>>>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let req: EmbeddingRequest = json::parse(body)?;
-    let model = match state.registry.get(&req.model) {
-        Some(Served::Embedding(m)) => m.clone(),
-        Some(Served::Chat(_)) => {
-            return Err(ServingError::WrongModelType(format!(
+    let model = match state
+        .registry
+        .resolve(&req.model, Some(ModelKind::Embedding))?
+    {
+        Served::Embedding(m) => m,
+        Served::Chat(m) => return Err(ServingError::WrongModelType(format!(
             "The model `{}` is a chat model and cannot create embeddings; use an embedding model.",
-            req.model
+            m.info.id
         ))
-            .into())
-        }
-        None => return Err(ServingError::ModelNotFound(req.model.clone()).into()),
+        .into()),
     };
+    if let Some(Extension(m)) = &meter {
+        m.set_model(&model.info);
+    }
+    let max_inputs = state.platform.config.max_embedding_inputs;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -59,11 +64,11 @@ pub async fn embeddings(
         EmbeddingInput::TokenLists(ts) => ts,
     };
     model.check_ids(&tokens)?;
-    if tokens.is_empty() || tokens.len() > MAX_INPUTS {
+    if tokens.is_empty() || tokens.len() > max_inputs {
         return Err(ApiError::invalid(
             Some("input"),
             format!(
-                "'input' must hold between 1 and {MAX_INPUTS} items; got {}.",
+                "'input' must hold between 1 and {max_inputs} items; got {}.",
                 tokens.len()
             ),
         ));
@@ -76,6 +81,9 @@ pub async fn embeddings(
     }
     let prompt_tokens: usize = tokens.iter().map(Vec::len).sum();
     let vectors = model.embed(tokens).await?;
+    if let Some(Extension(m)) = &meter {
+        m.set_tokens(prompt_tokens as u64, 0);
+    }
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
@@ -89,10 +97,12 @@ pub async fn embeddings(
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    Ok(Json(json!({
+    let resp = Json(json!({
         "object": "list",
         "data": data,
         "model": model.info.id,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    })))
+    }))
+    .into_response();
+    Ok(super::chat::resolved_header(resp, &model.info.id))
 }

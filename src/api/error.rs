@@ -93,6 +93,13 @@ impl From<ServingError> for ApiError {
                 ..ApiError::not_found(message).with_code("model_not_found")
             },
             ServingError::WrongModelType(_) => ApiError::invalid(Some("model"), message),
+            ServingError::InvalidQuery(_) => {
+                ApiError::invalid(Some("model"), message).with_code("invalid_model_query")
+            }
+            ServingError::NoMatch(_) => ApiError {
+                param: Some("model".into()),
+                ..ApiError::not_found(message).with_code("model_not_found")
+            },
             ServingError::Engine(EngineError::ShuttingDown) => ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 kind: "server_error",

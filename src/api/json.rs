@@ -2,15 +2,29 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
 /// Parses a request body, mapping every failure to a 400 (or the body-limit status) in OpenAI's shape.
 pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|rej| ApiError {
-        status: rej.status(),
-        ..ApiError::invalid(None, rej.body_text())
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: Some("request_too_large".into()),
+                ..ApiError::invalid(
+                    None,
+                    "The request body is larger than this server accepts (see `candela serve --max-body-bytes`).",
+                )
+            }
+        } else {
+            ApiError {
+                status: rej.status(),
+                ..ApiError::invalid(None, rej.body_text())
+            }
+        }
     })?;
     let mut de = serde_json::Deserializer::from_slice(&body);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);

@@ -1,42 +1,72 @@
 //! The HTTP edge (axum): routes, JSON in and out, SSE framing, OpenAI error bodies.
 
+mod access;
+mod admin;
 mod chat;
 mod embeddings;
 mod error;
 mod json;
 mod models;
 mod types;
+mod usage;
 
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 pub use error::ApiError;
+pub use usage::{parse_bound as usage_bound, totals as usage_totals};
 
+use crate::platform::Platform;
 use crate::serving::Registry;
-
-/// Largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 pub struct AppState {
     pub registry: Registry,
+    pub platform: Arc<Platform>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/health", get(health))
+    // Everything under /v1 that needs a caller: an access token, or anonymous when allowed.
+    let api = Router::new()
         .route("/v1/models", get(models::list))
+        .route("/v1/models/resolve", get(models::resolve))
         .route("/v1/models/{*id}", get(models::retrieve))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/usage", get(usage::usage))
+        .route_layer(middleware::from_fn_with_state(state.clone(), access::gate));
+    let admin = Router::new()
+        .route(
+            "/admin/v1/tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route("/admin/v1/tokens/{id}", delete(admin::revoke_token))
+        .route("/admin/v1/projects", get(admin::list_projects))
+        .route(
+            "/admin/v1/projects/{name}",
+            post(admin::set_project)
+                .put(admin::set_project)
+                .patch(admin::set_project),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(usage::metrics))
+        .route("/v1/oauth/revoke", post(admin::oauth_revoke))
+        .merge(api)
+        .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(state.platform.config.max_body_bytes))
         .with_state(state)
 }
 

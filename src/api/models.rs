@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::Json;
 use candela_models::ModelKind;
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ pub fn model_json(info: &ModelInfo) -> Value {
         "output_cost": info.output_cost,
         "endpoint_publication_date": info.endpoint_publication_date,
         "license": info.license,
+        "tokens_per_second": info.tokens_per_second,
     })
 }
 
@@ -51,4 +52,53 @@ pub async fn retrieve(
             ..ApiError::not_found(format!("The model `{id}` does not exist."))
                 .with_code("model_not_found")
         })
+}
+
+#[derive(serde::Deserialize)]
+pub struct ResolveParams {
+    query: Option<String>,
+    /// `chat`, `completions` or `embeddings`: resolve as that endpoint would; default any type.
+    endpoint: Option<String>,
+}
+
+/// `GET /v1/models/resolve?query=chat@fastest[&endpoint=chat]`: what a query resolves to, and why
+/// each loaded model was kept or dropped.
+pub async fn resolve(
+    State(state): State<Arc<AppState>>,
+    Query(p): Query<ResolveParams>,
+) -> Result<Json<Value>, ApiError> {
+    let query = p
+        .query
+        .ok_or_else(|| ApiError::invalid(Some("query"), "Missing required parameter: 'query'."))?;
+    let want = match p.endpoint.as_deref() {
+        None | Some("any") => None,
+        Some("chat" | "completions") => Some(ModelKind::Chat),
+        Some("embeddings") => Some(ModelKind::Embedding),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("endpoint"),
+                format!("Invalid value for 'endpoint': `{other}`; expected chat, completions or embeddings."),
+            ))
+        }
+    };
+    if let Some(m) = state.registry.get(&query) {
+        let served = state.registry.resolve(&query, want)?;
+        return Ok(Json(json!({
+            "query": query,
+            "model": served.info().id,
+            "reason": "the query is the id of a loaded model",
+            "data": [model_json(m.info())],
+        })));
+    }
+    let (q, outcome) = state.registry.explain(&query, want)?;
+    let r = outcome.map_err(crate::serving::ServingError::from_resolve)?;
+    let chosen = &state.registry.models[r.index];
+    Ok(Json(json!({
+        "query": q.to_string(),
+        "model": chosen.info().id,
+        "ranker": format!("{:?}", r.ranker).to_lowercase(),
+        "ranked": r.matched.iter().map(|&i| state.registry.models[i].info().id.clone()).collect::<Vec<_>>(),
+        "candidates": r.explain.iter().map(|e| json!({"id": e.id, "outcome": e.outcome})).collect::<Vec<_>>(),
+        "data": [model_json(chosen.info())],
+    })))
 }

@@ -206,6 +206,8 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             block_size: 16,
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens: 2048,
+            catalog: None,
+            calibrate: false,
         };
         let registry = tokio::task::spawn_blocking(move || crate::serving::load_registry(&opts))
             .await

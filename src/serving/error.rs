@@ -13,11 +13,26 @@ pub enum ServingError {
     ModelNotFound(String),
     #[error("{0}")]
     WrongModelType(String),
+    /// A virtual-model query that does not parse.
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// A virtual-model query that no loaded model satisfies.
+    #[error("{0}")]
+    NoMatch(String),
     #[error("{0}")]
     Engine(#[from] EngineError),
 }
 
 impl ServingError {
+    pub fn from_resolve(e: crate::platform::query::ResolveError) -> Self {
+        match e {
+            crate::platform::query::ResolveError::NoMatch { .. } => {
+                ServingError::NoMatch(e.to_string())
+            }
+            other => ServingError::WrongModelType(other.to_string()),
+        }
+    }
+
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         ServingError::Invalid {
             message: message.into(),

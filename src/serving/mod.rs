@@ -2,6 +2,7 @@
 //! templates, tokenizes, validates against the context, and turns the engine's token stream into
 //! text (incremental detokenization, stop strings, log-probabilities).
 
+mod calibrate;
 mod detokenizer;
 mod embed;
 mod error;
@@ -14,5 +15,5 @@ pub use detokenizer::Detokenizer;
 pub use embed::EmbeddingModel;
 pub use error::ServingError;
 pub use generate::{ChatModel, GenChunk, GenParams, Generation, TokenLogprob};
-pub use registry::{load_registry, ModelInfo, Registry, ServeOptions, Served};
+pub use registry::{load_registry, ModelInfo, Registry, ServeOptions, Served, Want};
 pub use template::ChatMessage;

@@ -6,11 +6,14 @@ use std::sync::Arc;
 use candela_models::{LoadedModel, ModelKind};
 use candle_core::Device;
 
+use super::calibrate;
 use super::template::ChatTemplate;
+use super::ServingError;
 use super::{ChatModel, EmbeddingModel};
-use crate::catalog::{Catalog, CatalogEntry};
+use crate::catalog::{Catalog, CatalogEntry, ModelType};
 use crate::engine::{self, EngineConfig};
 use crate::fetch;
+use crate::platform::query;
 use crate::runner::{self, ModelRunner};
 use crate::scheduler::SchedulerConfig;
 
@@ -29,7 +32,27 @@ pub struct ModelInfo {
     pub output_cost: Option<f64>,
     pub endpoint_publication_date: Option<String>,
     pub license: Option<String>,
+    /// Measured speed on this machine (decode tokens/s for chat, tokens/s for embeddings), from
+    /// the start-up calibration; what `@fastest` ranks by.
+    pub tokens_per_second: Option<f64>,
 }
+
+impl ModelInfo {
+    pub fn published(&self) -> Option<chrono::NaiveDate> {
+        let date = self.endpoint_publication_date.as_deref()?;
+        chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ModelKind::Chat => "chat",
+            ModelKind::Embedding => "embedding",
+        }
+    }
+}
+
+/// The kind of model an endpoint needs (`None`: any, for `/v1/models/resolve`).
+pub type Want = Option<ModelKind>;
 
 #[derive(Clone)]
 pub enum Served {
@@ -55,6 +78,68 @@ impl Registry {
         self.models.iter().find(|m| m.info().id == id)
     }
 
+    /// The model a request's `model` field names: a loaded model's id, or a virtual-model query
+    /// (`chat@fastest`, `smollm?context_size>4000`, or a bare tag) resolved against the models
+    /// loaded now.
+    pub fn resolve(&self, model: &str, want: Want) -> Result<Served, ServingError> {
+        if let Some(m) = self.get(model) {
+            return match want {
+                Some(kind) if m.info().kind != kind => Err(ServingError::WrongModelType(format!(
+                    "The model `{model}` is {} model and cannot serve this endpoint; {}.",
+                    article(m.info().kind_name()),
+                    match kind {
+                        ModelKind::Chat => "use it with /v1/embeddings",
+                        ModelKind::Embedding => "use an embedding model",
+                    }
+                ))),
+                _ => Ok(m.clone()),
+            };
+        }
+        let (_, outcome) = self.explain(model, want)?;
+        outcome
+            .map(|r| self.models[r.index].clone())
+            .map_err(ServingError::from_resolve)
+    }
+
+    /// Parses `model` as a query and resolves it, keeping the reasons.
+    pub fn explain(
+        &self,
+        model: &str,
+        want: Want,
+    ) -> Result<(query::Query, Result<query::Resolution, query::ResolveError>), ServingError> {
+        let tag = model.trim();
+        let tagged = self
+            .models
+            .iter()
+            .any(|m| m.info().tags.iter().any(|t| t.eq_ignore_ascii_case(tag)));
+        if !query::is_query(model) && !tagged && self.get(tag).is_none() {
+            return Err(ServingError::ModelNotFound(model.to_string()));
+        }
+        let q = query::parse(model).map_err(|e| ServingError::InvalidQuery(e.to_string()))?;
+        let candidates: Vec<query::Candidate> = self
+            .models
+            .iter()
+            .map(|m| {
+                let i = m.info();
+                query::Candidate {
+                    id: &i.id,
+                    kind: i.kind_name(),
+                    serves: want.is_none_or(|k| k == i.kind),
+                    tags: &i.tags,
+                    context_size: i.context_size as u64,
+                    max_tokens: i.max_tokens as u64,
+                    params: i.params,
+                    input_cost: i.input_cost,
+                    output_cost: i.output_cost,
+                    published: i.published(),
+                    tokens_per_second: i.tokens_per_second,
+                }
+            })
+            .collect();
+        let outcome = query::resolve(&q, &candidates);
+        Ok((q, outcome))
+    }
+
     /// Stops every engine (in-flight requests end with an error).
     pub fn shutdown(&self) {
         for m in &self.models {
@@ -77,6 +162,10 @@ pub struct ServeOptions {
     pub block_size: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// A catalog file to use instead of the built-in one.
+    pub catalog: Option<PathBuf>,
+    /// Measure each model's speed at start-up (what `@fastest` ranks by).
+    pub calibrate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +173,15 @@ pub struct ServeOptions {
 pub struct LoadError(pub String);
 
 /// Fetches (when needed) and loads every requested model, starting an engine for each.
+/// With no `--model`, the whole catalog is served: an entry that fails to load is logged and
+/// skipped (serve what loads). A model asked for by `--model` must load.
 pub fn load_registry(opts: &ServeOptions) -> Result<Registry, LoadError> {
-    let catalog = Catalog::builtin();
-    let entries: Vec<CatalogEntry> = if opts.sources.is_empty() {
+    let catalog = match &opts.catalog {
+        Some(path) => Catalog::load(path).map_err(|e| LoadError(e.to_string()))?,
+        None => Catalog::builtin(),
+    };
+    let whole_catalog = opts.sources.is_empty();
+    let entries: Vec<CatalogEntry> = if whole_catalog {
         catalog.entries.clone()
     } else {
         opts.sources
@@ -99,16 +194,35 @@ pub fn load_registry(opts: &ServeOptions) -> Result<Registry, LoadError> {
         if models.iter().any(|m: &Served| m.info().id == entry.id) {
             return Err(LoadError(format!("two models share the id `{}`", entry.id)));
         }
-        let path = fetch::fetch(&entry, &opts.home)
-            .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
-        let started = std::time::Instant::now();
-        let loaded = candela_models::load(&path, &opts.device)
-            .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
-        let served = serve_model(&entry, loaded, opts)?;
-        tracing::info!(model = %entry.id, path = %path.display(), secs = started.elapsed().as_secs_f32(), "loaded");
-        models.push(served);
+        match load_one(&entry, opts) {
+            Ok(served) => models.push(served),
+            Err(e) if whole_catalog => tracing::error!(model = %entry.id, error = %e, "not served"),
+            Err(e) => return Err(e),
+        }
+    }
+    if models.is_empty() {
+        return Err(LoadError(
+            "no model could be loaded; see the errors above".into(),
+        ));
     }
     Ok(Registry { models })
+}
+
+fn load_one(entry: &CatalogEntry, opts: &ServeOptions) -> Result<Served, LoadError> {
+    if entry.kind == Some(ModelType::Vision) {
+        return Err(LoadError(format!(
+            "model `{}`: vision models are not supported yet",
+            entry.id
+        )));
+    }
+    let path = fetch::fetch(entry, &opts.home)
+        .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
+    let started = std::time::Instant::now();
+    let loaded = candela_models::load(&path, &opts.device)
+        .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
+    let served = serve_model(entry, loaded, opts)?;
+    tracing::info!(model = %entry.id, path = %path.display(), secs = started.elapsed().as_secs_f32(), tokens_per_second = ?served.info().tokens_per_second, "loaded");
+    Ok(served)
 }
 
 /// A catalog id, or a path to a GGUF file or a Hugging Face directory.
@@ -127,21 +241,7 @@ fn resolve_source(catalog: &Catalog, source: &str) -> Result<CatalogEntry, LoadE
         .file_stem()
         .map(|s| s.to_string_lossy().to_lowercase())
         .unwrap_or_else(|| "model".into());
-    Ok(CatalogEntry {
-        id: stem,
-        kind: String::new(),
-        source: source.to_string(),
-        sha256: None,
-        file: None,
-        owned_by: Some("local".into()),
-        tags: Vec::new(),
-        context_size: None,
-        max_tokens: None,
-        input_cost: None,
-        output_cost: None,
-        endpoint_publication_date: None,
-        license: None,
-    })
+    Ok(CatalogEntry::local(stem, source.to_string()))
 }
 
 fn serve_model(
@@ -160,18 +260,22 @@ fn serve_model(
         created,
         context_size: entry.context_size.unwrap_or(context).min(context),
         max_tokens: entry.max_tokens.unwrap_or(context).min(context),
-        params,
+        params: entry.params.unwrap_or(params),
         tags: entry.tags.clone(),
         input_cost: entry.input_cost,
         output_cost: entry.output_cost,
         endpoint_publication_date: entry.endpoint_publication_date.clone(),
         license: entry.license.clone(),
+        tokens_per_second: None,
     };
     match loaded {
         LoadedModel::Embedding { model, tokenizer } => {
             let info = info(ModelKind::Embedding, model.max_tokens(), model.params());
-            let m = EmbeddingModel::spawn(info, model, tokenizer)
+            let mut m = EmbeddingModel::spawn(info, model, tokenizer)
                 .map_err(|e| LoadError(e.to_string()))?;
+            if opts.calibrate {
+                m.info.tokens_per_second = calibrate::embedding(&m);
+            }
             Ok(Served::Embedding(Arc::new(m)))
         }
         LoadedModel::Text(text) => {
@@ -220,13 +324,19 @@ fn serve_model(
                 },
             )
             .map_err(|e| LoadError(e.to_string()))?;
-            Ok(Served::Chat(Arc::new(ChatModel::new(
-                info,
-                engine,
-                tokenizer,
-                template,
-                eos_token_ids,
-            ))))
+            let mut m = ChatModel::new(info, engine, tokenizer, template, eos_token_ids);
+            if opts.calibrate {
+                m.info.tokens_per_second = calibrate::chat(&m);
+            }
+            Ok(Served::Chat(Arc::new(m)))
         }
+    }
+}
+
+fn article(kind: &str) -> String {
+    if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        format!("an {kind}")
+    } else {
+        format!("a {kind}")
     }
 }

@@ -5,6 +5,10 @@
 
 use std::sync::OnceLock;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candela::platform::{DefaultLimits, Platform, PlatformConfig};
 use candela::serving::{load_registry, ServeOptions, Served};
 use candle_core::Device;
 use futures::StreamExt;
@@ -17,6 +21,9 @@ pub struct TestServer {
     pub base: String,
     /// The served models, for reading engine statistics.
     pub models: Vec<Served>,
+    pub platform: Arc<Platform>,
+    /// The data directory (database) of this server: for running `candela token ...` on it.
+    pub data_dir: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -45,13 +52,41 @@ pub fn options(kv_cache_bytes: u64) -> ServeOptions {
         block_size: 16,
         max_num_seqs: 64,
         max_num_batched_tokens: 512,
+        catalog: None,
+        calibrate: false,
     }
 }
 
-/// Starts a server on its own thread and runtime (so that it outlives any one test's runtime).
+/// A fresh data directory for one server's database.
+pub fn temp_dir(label: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("candela-test-{label}-{}", uuid_like()))
+}
+
+/// Platform settings for tests: a fresh database, no rate limits unless a test sets them.
+pub fn platform_config() -> PlatformConfig {
+    let unlimited = DefaultLimits {
+        rpm: None,
+        embeddings_rpm: None,
+        tpm: None,
+    };
+    PlatformConfig {
+        anonymous_limits: unlimited,
+        project_limits: unlimited,
+        ..PlatformConfig::new(temp_dir("data"))
+    }
+}
+
 pub fn start(opts: ServeOptions) -> TestServer {
+    start_with(opts, platform_config())
+}
+
+/// Starts a server on its own thread and runtime (so that it outlives any one test's runtime).
+pub fn start_with(opts: ServeOptions, config: PlatformConfig) -> TestServer {
     let registry = load_registry(&opts).expect("default models load (run `candela fetch` first)");
     let models = registry.models.clone();
+    let data_dir = config.data_dir.clone();
+    let platform = Platform::open(config).expect("the database opens");
+    let server_platform = platform.clone();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -63,7 +98,7 @@ pub fn start(opts: ServeOptions) -> TestServer {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            candela::serve(listener, registry, async {
+            candela::serve(listener, registry, server_platform, async {
                 let _ = stop.await;
             })
             .await
@@ -74,6 +109,8 @@ pub fn start(opts: ServeOptions) -> TestServer {
     TestServer {
         base: format!("http://{addr}"),
         models,
+        platform,
+        data_dir,
         shutdown: Some(shutdown),
     }
 }

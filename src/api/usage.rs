@@ -1,0 +1,149 @@
+//! `GET /v1/usage` (calls, tokens and estimated cost per project, model and day) and
+//! `GET /metrics` (Prometheus).
+
+use std::sync::Arc;
+
+use axum::extract::{Extension, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::admin::forbidden;
+use super::{access, ApiError, AppState};
+use crate::platform::metrics::{EngineSample, CONTENT_TYPE};
+use crate::platform::store::UsageRow;
+use crate::platform::{Caller, ANONYMOUS_PROJECT};
+use crate::serving::Served;
+
+#[derive(Deserialize)]
+pub struct UsageQuery {
+    project: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// A bound of a usage period: `YYYY-MM-DD` (a whole UTC day; `to` includes it), RFC 3339, or
+/// Unix seconds. Returns Unix milliseconds.
+pub fn parse_bound(text: &str, end: bool) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<i64>() {
+        return Some(secs.saturating_mul(1000));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.timestamp_millis());
+    }
+    let day = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+    let day = if end { day.succ_opt()? } else { day };
+    Some(day.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
+}
+
+/// Sums of a usage table.
+pub fn totals(rows: &[UsageRow]) -> Value {
+    let sum = |f: fn(&UsageRow) -> u64| rows.iter().map(f).sum::<u64>();
+    json!({
+        "requests": sum(|r| r.requests),
+        "failed_requests": sum(|r| r.failed_requests),
+        "input_tokens": sum(|r| r.input_tokens),
+        "output_tokens": sum(|r| r.output_tokens),
+        "cost": rows.iter().map(|r| r.cost).sum::<f64>(),
+    })
+}
+
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<UsageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let bound = |v: &Option<String>, end: bool, param: &str, default: i64| {
+        match v {
+        None => Ok(default),
+        Some(t) => parse_bound(t, end).ok_or_else(|| {
+            ApiError::invalid(
+                Some(param),
+                format!("Invalid value for '{param}': `{t}`; expected YYYY-MM-DD, an RFC 3339 time or Unix seconds."),
+            )
+        }),
+    }
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let from = bound(&q.from, false, "from", now - 30 * 86_400_000)?;
+    let to = bound(&q.to, true, "to", now + 1000)?;
+    // A token sees its own project; anonymous callers see the anonymous project; the admin all.
+    let own = match &caller {
+        Caller::Admin => None,
+        Caller::Project { project, .. } => Some(project.as_str()),
+        Caller::Anonymous(_) => Some(ANONYMOUS_PROJECT),
+    };
+    let project = match (own, q.project.as_deref()) {
+        (Some(own), Some(asked)) if own != asked => {
+            return Err(forbidden(format!(
+                "This token can read the usage of its own project (`{own}`) only."
+            )))
+        }
+        (Some(own), _) => Some(own.to_string()),
+        (None, asked) => asked.map(str::to_owned),
+    };
+    state.platform.flush_usage().await;
+    let platform = state.platform.clone();
+    let p = project.clone();
+    let rows = tokio::task::spawn_blocking(move || platform.store.usage(p.as_deref(), from, to))
+        .await
+        .map_err(|_| ApiError::invalid(None, "usage query failed"))??;
+    let iso = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    };
+    Ok(Json(json!({
+        "object": "list",
+        "project": project,
+        "from": iso(from),
+        "to": iso(to),
+        "currency": "EUR",
+        "data": rows,
+        "total": totals(&rows),
+    })))
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if state.platform.config.admin_token.is_some()
+        && !access::bearer(&headers).is_some_and(|t| state.platform.is_admin(t))
+    {
+        return ApiError {
+            status: axum::http::StatusCode::UNAUTHORIZED,
+            code: Some("invalid_api_key".into()),
+            ..ApiError::invalid(
+                None,
+                "/metrics needs the admin token (CANDELA_ADMIN_TOKEN).",
+            )
+        }
+        .into_response();
+    }
+    let samples: Vec<EngineSample> = state
+        .registry
+        .models
+        .iter()
+        .filter_map(|m| match m {
+            Served::Chat(c) => {
+                let s = &c.engine.stats;
+                let get = crate::engine::EngineStats::get;
+                Some(EngineSample {
+                    model: &c.info.id,
+                    running: get(&s.running),
+                    waiting: get(&s.waiting),
+                    kv_blocks_used: get(&s.kv_blocks_used),
+                    kv_blocks_total: get(&s.kv_blocks_total),
+                    prefix_queried_tokens: get(&s.prefix_queried_tokens),
+                    prefix_hit_tokens: get(&s.prefix_hit_tokens),
+                    preemptions: get(&s.preemptions),
+                    generated_tokens: get(&s.generated_tokens),
+                })
+            }
+            Served::Embedding(_) => None,
+        })
+        .collect();
+    let body = state.platform.metrics.render(&samples);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+}

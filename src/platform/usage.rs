@@ -1,0 +1,219 @@
+//! Usage metering: every API call gets a [`Meter`] that the handler fills in (model, tokens) and
+//! that records one row when the call ends, without its content: in SQLite (written by one
+//! background thread, in batches), in the metrics, and against the caller's token budget.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use super::ratelimit::{Class, Subject};
+use super::store::{Store, UsageRecord};
+use super::Platform;
+use crate::serving::ModelInfo;
+
+enum Msg {
+    Record(UsageRecord),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The writer thread's inbox.
+pub struct UsageSink {
+    tx: Mutex<mpsc::Sender<Msg>>,
+}
+
+impl UsageSink {
+    pub fn spawn(store: Arc<Store>) -> Self {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        std::thread::Builder::new()
+            .name("candela-usage".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut records = Vec::new();
+                    let mut flushes = Vec::new();
+                    for msg in std::iter::once(first).chain(rx.try_iter().take(1024)) {
+                        match msg {
+                            Msg::Record(r) => records.push(r),
+                            Msg::Flush(done) => flushes.push(done),
+                        }
+                    }
+                    if !records.is_empty() {
+                        if let Err(e) = store.insert_usage(&records) {
+                            tracing::error!(error = %e, records = records.len(), "usage not recorded");
+                        }
+                    }
+                    for done in flushes {
+                        let _ = done.send(());
+                    }
+                }
+            })
+            .expect("spawning the usage writer");
+        Self { tx: Mutex::new(tx) }
+    }
+
+    fn send(&self, msg: Msg) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send(msg);
+    }
+
+    /// Waits until every record sent so far is in the database.
+    pub async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Msg::Flush(done));
+        let _ = wait.await;
+    }
+}
+
+/// Who made a call, as the meter records it.
+#[derive(Clone, Debug)]
+pub struct CallerTag {
+    pub project: String,
+    pub token_id: Option<String>,
+    pub subject: Subject,
+}
+
+#[derive(Default)]
+struct State {
+    model: Option<String>,
+    input_cost: f64,
+    output_cost: f64,
+    input_tokens: u64,
+    output_tokens: u64,
+    status: u16,
+    failed: bool,
+}
+
+/// One call being metered; records itself once, on [`Meter::finish`] or when dropped.
+pub struct Meter {
+    platform: Arc<Platform>,
+    caller: CallerTag,
+    endpoint: String,
+    class: Class,
+    at_ms: i64,
+    started: Instant,
+    state: Mutex<State>,
+    done: AtomicBool,
+}
+
+impl Meter {
+    pub fn new(platform: Arc<Platform>, caller: CallerTag, endpoint: &str, class: Class) -> Self {
+        Self {
+            platform,
+            caller,
+            endpoint: endpoint.to_string(),
+            class,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            started: Instant::now(),
+            state: Mutex::new(State {
+                status: 200,
+                ..State::default()
+            }),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The model that serves the call (after virtual-model resolution), with its prices.
+    pub fn set_model(&self, info: &ModelInfo) {
+        let mut s = self.state();
+        s.model = Some(info.id.clone());
+        s.input_cost = info.input_cost.unwrap_or(0.0);
+        s.output_cost = info.output_cost.unwrap_or(0.0);
+    }
+
+    pub fn set_tokens(&self, input: u64, output: u64) {
+        let mut s = self.state();
+        s.input_tokens = input;
+        s.output_tokens = output;
+    }
+
+    /// The response's status (set by the middleware when the handler returns).
+    pub fn set_status(&self, status: u16) {
+        self.state().status = status;
+    }
+
+    /// The call failed after its response began (a stream that ended in an error).
+    pub fn fail(&self, status: u16) {
+        let mut s = self.state();
+        s.status = status;
+        s.failed = true;
+    }
+
+    pub fn project(&self) -> &str {
+        &self.caller.project
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Records the call: the usage row, the metrics, the token budget. Idempotent.
+    pub fn finish(&self) {
+        if self.done.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let s = self.state();
+        let ok = !s.failed && s.status < 400;
+        let model = s.model.clone().unwrap_or_else(|| "-".into());
+        let latency = self.started.elapsed();
+        let p = &self.platform;
+        p.metrics
+            .record_request(&model, &self.endpoint, s.status, latency.as_secs_f64());
+        if ok {
+            p.metrics
+                .record_tokens(&model, s.input_tokens, s.output_tokens);
+            p.limiter.add_tokens(
+                &self.caller.subject,
+                self.class,
+                s.input_tokens + s.output_tokens,
+            );
+        }
+        let cost = if ok {
+            (s.input_tokens as f64 * s.input_cost + s.output_tokens as f64 * s.output_cost) / 1e6
+        } else {
+            0.0
+        };
+        p.usage.send(Msg::Record(UsageRecord {
+            at_ms: self.at_ms,
+            project: self.caller.project.clone(),
+            token_id: self.caller.token_id.clone(),
+            model,
+            endpoint: self.endpoint.clone(),
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
+            status: s.status,
+            ok,
+            latency_ms: latency.as_millis() as u64,
+            cost,
+        }));
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Times one generation's tokens for the TTFT and inter-token-latency metrics.
+#[derive(Default)]
+pub struct TokenClock {
+    last: Option<Instant>,
+}
+
+impl TokenClock {
+    /// A token arrived.
+    pub fn tick(&mut self, meter: &Meter) {
+        let now = Instant::now();
+        let s = meter.state();
+        let model = s.model.as_deref().unwrap_or("-");
+        let metrics = &meter.platform.metrics;
+        match self.last {
+            None => metrics.observe_ttft(model, (now - meter.started).as_secs_f64()),
+            Some(last) => metrics.observe_itl(model, (now - last).as_secs_f64()),
+        }
+        self.last = Some(now);
+    }
+}

@@ -16,6 +16,7 @@ import concurrent.futures
 import functools
 import json
 import math
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ SENTENCES = [
 BASE = ""
 NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is local
 client = None  # type: OpenAI
+BIN = ""  # the candela binary, for `candela token ...` (--bin)
 CHECKS = []
 
 
@@ -423,15 +425,151 @@ def _():
     print(f"  16 concurrent streams done in {dt:.1f}s", flush=True)
 
 
+# --------------------------------------------------------------------------- platform
+
+
+def cli(*args):
+    """Runs the candela binary (on the server's data directory: same CANDELA_HOME)."""
+    if not BIN:
+        raise AssertionError("pass --bin PATH to run the platform checks")
+    out = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise AssertionError(f"candela {' '.join(args)} failed: {out.stderr[-500:]}")
+    return out.stdout
+
+
+def new_token(project, ttl="1h"):
+    """`candela token create`: the secret is alone on the last line."""
+    token = cli("token", "create", "--project", project, "--ttl", ttl).strip().splitlines()[-1]
+    tid = next(line.split()[0] for line in cli("token", "list", "--project", project).splitlines()
+               if line.split()[0] in token)
+    return tid, token
+
+
+def until(fn, limit=1.0):
+    """Retries fn until it returns without raising, for at most `limit` seconds."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except (AssertionError, openai.APIStatusError):
+            if time.monotonic() - t0 > limit:
+                raise
+            time.sleep(0.05)
+
+
+def as_user(token):
+    return OpenAI(base_url=BASE + "/v1", api_key=token, max_retries=0, timeout=300)
+
+
+@check("platform: virtual models resolve on chat, completions and embeddings")
+def _():
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat@fastest", messages=MSG, max_tokens=4)
+    eq(raw.parse().model, CHAT, "model")
+    eq(raw.headers.get("x-candela-resolved-model"), CHAT, "x-candela-resolved-model")
+    eq(client.completions.create(model="smollm@latest?context_size > 1000", prompt="Hi",
+                                 max_tokens=2).model, CHAT, "completions model")
+    eq(client.embeddings.create(model="embeddings@fastest", input="hello").model, EMBED,
+       "embeddings model")
+    err = sdk_error(openai.NotFoundError, lambda: client.chat.completions.create(
+        model="llama@biggest?input_cost<0.5", messages=MSG), 404)
+    expect("llama@biggest?input_cost<0.5" in err["message"], f"404 does not quote the query: {err}")
+    err = sdk_error(openai.BadRequestError, lambda: client.chat.completions.create(
+        model="chat@fastes", messages=MSG), 400)
+    eq(err["param"], "model", "param")
+    expect("fastes" in err["message"], f"400 does not point at the bad part: {err}")
+    sdk_error(openai.BadRequestError, lambda: client.chat.completions.create(
+        model="embeddings@fastest", messages=MSG), 400)
+    status, _, body = http("GET", "/v1/models/resolve?query=chat%40fastest")
+    eq(status, 200, "resolve status")
+    eq(json.loads(body)["model"], CHAT, "resolved model")
+    speeds = [m.model_extra.get("tokens_per_second") for m in client.models.list().data]
+    expect(all(isinstance(v, (int, float)) and v > 0 for v in speeds), f"speeds: {speeds}")
+
+
+@check("platform: token create, use, revoke (401) through the SDK and the CLI")
+def _():
+    tid, token = new_token("smoke")
+    user = as_user(token)
+    until(lambda: user.chat.completions.create(model=CHAT, messages=MSG, max_tokens=2))
+    cli("token", "revoke", tid)
+    t0 = time.monotonic()
+
+    def refused():
+        sdk_error(openai.AuthenticationError, lambda: user.models.list(), 401)
+
+    until(refused)
+    print(f"  revocation took effect after {time.monotonic() - t0:.2f}s", flush=True)
+    expect("status=revoked" in cli("token", "list", "--project", "smoke"), "token list")
+    # A token in candela's format that the server does not know is refused, never anonymous.
+    sdk_error(openai.AuthenticationError, lambda: as_user("cdl_" + "0" * 12 + "_" + "0" * 64)
+              .models.list(), 401)
+
+
+@check("platform: rate limit -> RateLimitError with retry-after and x-ratelimit headers")
+def _():
+    _, token = new_token("smoke-limited")
+    cli("project", "set", "smoke-limited", "--rpm", "2")
+    user = as_user(token)
+
+    def limited():
+        raw = user.chat.completions.with_raw_response.create(model=CHAT, messages=MSG, max_tokens=1)
+        eq(raw.headers.get("x-ratelimit-limit-requests"), "2", "x-ratelimit-limit-requests")
+
+    until(limited)
+    try:
+        for _ in range(3):
+            user.chat.completions.create(model=CHAT, messages=MSG, max_tokens=1)
+    except openai.RateLimitError as e:
+        eq(e.status_code, 429, "status")
+        err = check_error_json(429, e.response.content, 429)
+        eq(err["code"], "rate_limit_exceeded", "code")
+        h = e.response.headers
+        expect(h.get("retry-after", "").isdigit(), f"retry-after: {h.get('retry-after')}")
+        eq(h.get("x-ratelimit-remaining-requests"), "0", "x-ratelimit-remaining-requests")
+    else:
+        raise AssertionError("no 429 after 3 calls at 2 requests per minute")
+
+
+@check("platform: /v1/usage totals equal the usage the SDK received")
+def _():
+    _, token = new_token("smoke-usage")
+    user = as_user(token)
+    until(lambda: user.models.list())
+    got = [user.chat.completions.create(model=CHAT, messages=MSG, max_tokens=n).usage for n in (3, 5)]
+    got.append(user.embeddings.create(model=EMBED, input=SENTENCES).usage)
+    req = urllib.request.Request(BASE + "/v1/usage", headers={"Authorization": f"Bearer {token}"})
+    with NO_PROXY_OPENER.open(req, timeout=60) as r:
+        usage = json.load(r)
+    eq(usage["project"], "smoke-usage", "project")
+    eq(usage["total"]["requests"], 3, "requests")
+    eq(usage["total"]["input_tokens"], sum(u.prompt_tokens for u in got), "input_tokens")
+    eq(usage["total"]["output_tokens"], sum(getattr(u, "completion_tokens", 0) or 0 for u in got),
+       "output_tokens")
+
+
+@check("platform: /metrics is Prometheus text with request and engine metrics")
+def _():
+    status, headers, body = http("GET", "/metrics")
+    eq(status, 200, "status")
+    text = body.decode()
+    for name in ("candela_requests_total", "candela_time_to_first_token_seconds_bucket",
+                 "candela_num_requests_running", "candela_kv_cache_usage_ratio"):
+        expect(name in text, f"{name} missing")
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main():
-    global BASE, client
+    global BASE, BIN, client
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base_url", help="server root, e.g. http://127.0.0.1:8080")
     ap.add_argument("-k", default="", help="run only checks whose name contains this")
+    ap.add_argument("--bin", default="", help="the candela binary (for the platform checks)")
     args = ap.parse_args()
+    BIN = args.bin
     BASE = args.base_url.rstrip("/")
     if BASE.endswith("/v1"):
         BASE = BASE[:-3]

@@ -114,7 +114,7 @@ done
 echo "healthy after $((SECONDS - start))s"
 
 step "scripts/sdk_smoke.py $BASE"
-if ! "$PY" scripts/sdk_smoke.py "$BASE"; then
+if ! "$PY" scripts/sdk_smoke.py "$BASE" --bin "$BIN"; then
     log_tail
     echo "SDK smoke test failed"
     exit 1

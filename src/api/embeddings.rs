@@ -27,11 +27,13 @@ pub async fn embeddings(
         .resolve(&req.model, Some(ModelKind::Embedding))?
     {
         Served::Embedding(m) => m,
-        Served::Chat(m) => return Err(ServingError::WrongModelType(format!(
+        Served::Chat(m) => {
+            return Err(ServingError::WrongModelType(format!(
             "The model `{}` is a chat model and cannot create embeddings; use an embedding model.",
             m.info.id
         ))
-        .into()),
+            .into())
+        }
     };
     if let Some(Extension(m)) = &meter {
         m.set_model(&model.info);

@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Server to benchmark (any OpenAI-compatible API: candela, vLLM, llama.cpp's server).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub base_url: String,
+    /// API key sent as `Authorization: Bearer KEY` (a candela access token, so that the load
+    /// counts against that project's rate limits rather than the anonymous ones).
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// API path: /v1/completions (prompt text) or /v1/chat/completions (one user message).
     #[arg(long, default_value = "/v1/completions")]
     pub endpoint: String,
@@ -186,9 +190,16 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
         .to_string();
     // A fresh connection per request: servers that drop idle keep-alive connections (llama.cpp's does)
     // would otherwise fail requests sent on a stale one.
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = args.api_key.as_deref().filter(|k| !k.is_empty()) {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| err("--api-key: not a valid header value"))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
+        .default_headers(headers)
         .build()
         .map_err(err)?;
     let (backend, model_id) = if args.offline {
@@ -341,6 +352,13 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
     print!("{}", metrics::report(&summary, &reporting));
     if let Some(e) = results.iter().find(|r| !r.success) {
         eprintln!("first error: {}", e.error);
+        if e.error.starts_with("HTTP 429") {
+            eprintln!(
+                "hint: the server rate-limited the load; pass a token of a project with higher \
+                 limits (--api-key, `candela project set P --rpm 0`) or start candela with \
+                 --anonymous-rpm 0"
+            );
+        }
     }
     if args.save_result || args.result_filename.is_some() {
         let date = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();

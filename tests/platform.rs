@@ -713,7 +713,12 @@ async fn metrics_parse_as_prometheus_text() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     let text = resp.text().await.unwrap();
+    assert!(text.contains("# TYPE candela_requests_total counter"));
     assert!(!text.contains(&token));
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).unwrap();

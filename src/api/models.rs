@@ -43,15 +43,9 @@ pub async fn retrieve(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state
-        .registry
-        .get(&id)
-        .map(|m| Json(model_json(m.info())))
-        .ok_or_else(|| ApiError {
-            param: Some("model".into()),
-            ..ApiError::not_found(format!("The model `{id}` does not exist."))
-                .with_code("model_not_found")
-        })
+    // A virtual-model query names a model too (`/v1/models/chat@fastest`).
+    let served = state.registry.resolve(&id, None)?;
+    Ok(Json(model_json(served.info())))
 }
 
 #[derive(serde::Deserialize)]

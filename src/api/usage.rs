@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use super::admin::forbidden;
 use super::{access, ApiError, AppState};
-use crate::platform::metrics::{EngineSample, CONTENT_TYPE};
+use crate::platform::metrics::{
+    to_prometheus_text, EngineSample, CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE,
+};
 use crate::platform::store::UsageRow;
 use crate::platform::{Caller, ANONYMOUS_PROJECT};
 use crate::serving::Served;
@@ -145,5 +147,18 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
         })
         .collect();
     let body = state.platform.metrics.render(&samples);
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+    // Prometheus asks for OpenMetrics; anyone else (curl, classic parsers) gets the classic format.
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            to_prometheus_text(&body),
+        )
+            .into_response()
+    }
 }

@@ -268,6 +268,22 @@ fn serve_model(
         license: entry.license.clone(),
         tokens_per_second: None,
     };
+    let loaded_type = match &loaded {
+        LoadedModel::Embedding { .. } => "an embedding model",
+        LoadedModel::Text(_) => "a text-generation model",
+    };
+    let declared_ok = match entry.kind {
+        None => true,
+        Some(ModelType::Embedding) => matches!(loaded, LoadedModel::Embedding { .. }),
+        Some(_) => matches!(loaded, LoadedModel::Text(_)),
+    };
+    if !declared_ok {
+        return Err(LoadError(format!(
+            "model `{}`: the catalog says type {:?} but the weights are {loaded_type}",
+            entry.id,
+            entry.kind.unwrap_or(ModelType::Chat)
+        )));
+    }
     match loaded {
         LoadedModel::Embedding { model, tokenizer } => {
             let info = info(ModelKind::Embedding, model.max_tokens(), model.params());

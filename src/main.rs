@@ -181,6 +181,12 @@ struct ServeArgs {
     /// Most inputs in one embeddings request.
     #[arg(long, default_value_t = 25)]
     max_embedding_inputs: usize,
+    /// `auto`: weights from each --model source. `dummy`: each --model is a Hugging Face Llama
+    /// config.json (see models/configs/) loaded with random weights at its real shapes, to
+    /// measure speed at real sizes without downloading weights (benchmark it with
+    /// `candela bench --tokenizer CONFIG.json`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
+    load_format: String,
     /// Skip the start-up speed measurement that `@fastest` ranks by.
     #[arg(long)]
     no_calibrate: bool,
@@ -265,7 +271,13 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         catalog: args.catalog,
         calibrate: !args.no_calibrate,
+        dummy_weights: args.load_format == "dummy",
     };
+    if opts.dummy_weights && opts.sources.is_empty() {
+        bail!(
+            "--load-format dummy needs --model CONFIG.json (e.g. models/configs/llama-3.1-8b.json)"
+        );
+    }
     let limit = |n: u64| (n > 0).then_some(n);
     let platform = Platform::open(PlatformConfig {
         allow_anonymous: args.anonymous == "allow",

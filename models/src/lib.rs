@@ -7,6 +7,7 @@
 
 mod batch;
 pub mod bert;
+pub mod dummy;
 mod error;
 pub mod gguf;
 mod linear;

@@ -130,10 +130,40 @@ impl Llama {
         config: &serde_json::Value,
         device: &Device,
     ) -> Result<Self> {
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|source| ModelError::Io {
+                path: dir.into(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        let vb =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        Self::from_var_builder(&dir.join("config.json"), config, vb, device)
+    }
+
+    /// Random weights at the shapes of a Hugging Face Llama `config.json` (vLLM's "dummy" load
+    /// format): for measuring speed at real sizes without the weights.
+    pub fn dummy(config_path: &Path, config: &serde_json::Value, device: &Device) -> Result<Self> {
+        let vb = candle_nn::VarBuilder::from_backend(
+            Box::new(crate::dummy::RandomWeights),
+            DType::F32,
+            device.clone(),
+        );
+        Self::from_var_builder(config_path, config, vb, device)
+    }
+
+    fn from_var_builder(
+        config_path: &Path,
+        config: &serde_json::Value,
+        vb: candle_nn::VarBuilder,
+        device: &Device,
+    ) -> Result<Self> {
         let get = |k: &str| config.get(k).and_then(|v| v.as_f64());
         let need = |k: &str| {
             get(k).ok_or_else(|| ModelError::Format {
-                path: dir.join("config.json"),
+                path: config_path.into(),
                 message: format!("missing or non-numeric `{k}`"),
             })
         };
@@ -153,16 +183,6 @@ impl Llama {
             context_len: need("max_position_embeddings")? as usize,
             params: 0,
         };
-        let files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|source| ModelError::Io {
-                path: dir.into(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        let vb =
-            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
         let embed_w = vb.get((cfg.vocab_size, hidden_size), "model.embed_tokens.weight")?;
         let mut params = embed_w.elem_count() as u64;
         let mut linear = |name: &str, shape: (usize, usize)| -> Result<Linear> {
@@ -191,7 +211,11 @@ impl Llama {
                 w_down: linear(&p("mlp.down_proj"), (h, ffn))?,
             });
         }
-        let lm_head = if vb.contains_tensor("lm_head.weight") {
+        let tied = config
+            .get("tie_word_embeddings")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let lm_head = if vb.contains_tensor("lm_head.weight") && !tied {
             linear("lm_head.weight", (cfg.vocab_size, h))?
         } else {
             Linear::dense(embed_w.clone())

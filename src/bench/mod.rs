@@ -73,7 +73,8 @@ pub struct BenchArgs {
     pub ignore_eos: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// tokenizer.json or a GGUF file, used to make prompts of exact token lengths. Default: the
+    /// tokenizer.json, a GGUF file, or a model config.json served with `--load-format dummy`
+    /// (its synthetic tokenizer), used to make prompts of exact token lengths. Default: the
     /// catalog model's tokenizer when --model is a catalog id.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -105,6 +106,9 @@ pub struct BenchArgs {
     /// Sequence limit for --offline.
     #[arg(long, default_value_t = 256)]
     pub max_num_seqs: usize,
+    /// For --offline: `dummy` loads --model (a config.json) with random weights.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
+    pub load_format: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +123,10 @@ fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer, BenchError> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let gguf = candela_models::gguf::GgufFile::open(path).map_err(err)?;
         return gguf.tokenizer().map_err(err);
+    }
+    // A model config.json (as served with --load-format dummy): the synthetic tokenizer.
+    if let Ok(vocab) = candela_models::dummy::config_vocab_size(path) {
+        return candela_models::dummy::synthetic_tokenizer(vocab).map_err(err);
     }
     Tokenizer::from_file(path).map_err(|e| err(format!("{}: {e}", path.display())))
 }
@@ -219,6 +227,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             max_num_batched_tokens: 2048,
             catalog: None,
             calibrate: false,
+            dummy_weights: args.load_format == "dummy",
         };
         let registry = tokio::task::spawn_blocking(move || crate::serving::load_registry(&opts))
             .await

@@ -166,6 +166,8 @@ pub struct ServeOptions {
     pub catalog: Option<PathBuf>,
     /// Measure each model's speed at start-up (what `@fastest` ranks by).
     pub calibrate: bool,
+    /// `--load-format dummy`: each source is a Llama `config.json`, loaded with random weights.
+    pub dummy_weights: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,8 +220,12 @@ fn load_one(entry: &CatalogEntry, opts: &ServeOptions) -> Result<Served, LoadErr
     let path = fetch::fetch(entry, &opts.home)
         .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
     let started = std::time::Instant::now();
-    let loaded = candela_models::load(&path, &opts.device)
-        .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
+    let loaded = if opts.dummy_weights {
+        candela_models::dummy::load_dummy(&path, &opts.device).map(LoadedModel::Text)
+    } else {
+        candela_models::load(&path, &opts.device)
+    }
+    .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
     let served = serve_model(entry, loaded, opts)?;
     tracing::info!(model = %entry.id, path = %path.display(), secs = started.elapsed().as_secs_f32(), tokens_per_second = ?served.info().tokens_per_second, "loaded");
     Ok(served)

@@ -54,6 +54,7 @@ pub fn options(kv_cache_bytes: u64) -> ServeOptions {
         max_num_batched_tokens: 512,
         catalog: None,
         calibrate: false,
+        dummy_weights: false,
     }
 }
 

@@ -1,0 +1,157 @@
+//! The "dummy" load format: a Llama model with random weights at the shapes of a Hugging Face
+//! `config.json`, and a synthetic tokenizer, so that speed can be measured at real sizes (e.g.
+//! Llama-3.1-8B) without downloading weights. Throughput depends on shapes, not values.
+//!
+//! The tokenizer maps the word `w<i>` to token `i` (whitespace-separated), so a prompt of `n`
+//! such words is exactly `n` tokens: `candela bench --tokenizer CONFIG.json` builds the same one.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use tokenizers::Tokenizer;
+
+use crate::llama::Llama;
+use crate::{ModelError, Result, TextModel};
+
+/// Weights drawn at random: norms are ones, matrices uniform in ±1/sqrt(fan-in), which keeps
+/// activations finite through many layers.
+pub(crate) struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = match s.dims() {
+            [_] => Tensor::ones(s, DType::F32, dev)?,
+            dims => {
+                let fan_in = *dims.last().unwrap_or(&1) as f64;
+                let a = 1.0 / fan_in.sqrt();
+                Tensor::rand(-a as f32, a as f32, s, dev)?
+            }
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("dummy weights need a shape (asked for `{name}` without one)")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// `w0 w1 ...`: one token per whitespace-separated word `w<i>`, `i` below `vocab_size`.
+pub fn synthetic_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
+    let vocab = (0..vocab_size)
+        .map(|i| (format!("w{i}"), i as u32))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab)
+        .unk_token("w0".into())
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(WhitespaceSplit));
+    Ok(tokenizer)
+}
+
+fn read_config(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Format {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// The vocabulary size a config declares (for the synthetic tokenizer).
+pub fn config_vocab_size(path: &Path) -> Result<usize> {
+    read_config(path)?
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| ModelError::Format {
+            path: path.into(),
+            message: "missing `vocab_size`".into(),
+        })
+}
+
+/// Loads a `config.json` (or a directory holding one) as a dummy model.
+pub fn load_dummy(path: &Path, device: &Device) -> Result<TextModel> {
+    let config_path = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let config = read_config(&config_path)?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    if !matches!(model_type, "llama" | "mistral") {
+        return Err(ModelError::Unsupported(format!(
+            "{}: the dummy load format supports model_type llama and mistral, not `{model_type}`",
+            config_path.display()
+        )));
+    }
+    let model = Llama::dummy(&config_path, &config, device)?;
+    let vocab_size = config_vocab_size(&config_path)?;
+    Ok(TextModel {
+        model: Box::new(model),
+        tokenizer: synthetic_tokenizer(vocab_size)?,
+        chat_template: None,
+        // Random weights would end streams at random; benchmarks set ignore_eos anyway.
+        eos_token_ids: Vec::new(),
+        bos_token: None,
+        eos_token: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CausalLm;
+
+    #[test]
+    fn the_synthetic_tokenizer_counts_words() {
+        let t = synthetic_tokenizer(100).unwrap();
+        let ids = t.encode("w1 w2  w99", false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, vec![1, 2, 99]);
+        assert_eq!(t.decode(&[5, 6], false).unwrap(), "w5 w6");
+    }
+
+    #[test]
+    fn a_tiny_config_loads_with_the_right_shapes() {
+        let dir = std::env::temp_dir().join(format!("candela-dummy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 300, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}"#,
+        )
+        .unwrap();
+        let m = load_dummy(&path, &Device::Cpu).unwrap();
+        let cfg = m.model.config();
+        assert_eq!((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), (2, 2, 16));
+        // embed + 2 layers of (q, k, v, o, gate, up, down) + lm_head
+        let per_layer = 64 * 64 * 2 + 2 * (32 * 64) + 3 * (128 * 64);
+        assert_eq!(cfg.params, (300 * 64 * 2 + 2 * per_layer) as u64);
+    }
+}

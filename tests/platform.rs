@@ -142,18 +142,33 @@ macro_rules! within {
     }};
 }
 
+/// A small chat call to server `s` with `token` (or none).
+async fn chat_as(s: &TestServer, token: Option<&str>) -> Reply {
+    call(
+        &s.base,
+        "POST",
+        "/v1/chat/completions",
+        token,
+        Some(chat_body(CHAT)),
+    )
+    .await
+}
+
+/// Waits until the server accepts a token just made with the CLI (within a second).
+async fn accepted(s: &TestServer, token: &str) -> Duration {
+    within!(Duration::from_secs(1), {
+        call(&s.base, "GET", "/v1/models", Some(token), None)
+            .await
+            .status
+            == 200
+    })
+}
+
 #[tokio::test]
 async fn token_lifecycle_create_use_expire_revoke() {
     let s = gated();
     // No token, a malformed one, an unknown one: 401 in OpenAI's shape.
-    let r = call(
-        &s.base,
-        "POST",
-        "/v1/chat/completions",
-        None,
-        Some(chat_body(CHAT)),
-    )
-    .await;
+    let r = chat_as(s, None).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.body["error"]["code"], "invalid_api_key");
     assert_eq!(
@@ -170,16 +185,7 @@ async fn token_lifecycle_create_use_expire_revoke() {
 
     let (id, secret) = create_token(s, "lifecycle", "30d");
     let ok = within!(Duration::from_secs(1), {
-        call(
-            &s.base,
-            "POST",
-            "/v1/chat/completions",
-            Some(&secret),
-            Some(chat_body(CHAT)),
-        )
-        .await
-        .status
-            == 200
+        chat_as(s, Some(&secret)).await.status == 200
     });
     assert!(ok < Duration::from_secs(1));
 
@@ -201,14 +207,7 @@ async fn token_lifecycle_create_use_expire_revoke() {
     let (ok, out, _) = cli(s, &["token", "revoke", &id]);
     assert!(ok && out.contains(&id));
     within!(Duration::from_secs(1), {
-        let r = call(
-            &s.base,
-            "POST",
-            "/v1/chat/completions",
-            Some(&secret),
-            Some(chat_body(CHAT)),
-        )
-        .await;
+        let r = chat_as(s, Some(&secret)).await;
         r.status == 401
             && r.body["error"]["message"]
                 .as_str()
@@ -220,12 +219,7 @@ async fn token_lifecycle_create_use_expire_revoke() {
 
     // A short validity period runs out.
     let (_, short) = create_token(s, "lifecycle", "2s");
-    within!(Duration::from_secs(1), {
-        call(&s.base, "GET", "/v1/models", Some(&short), None)
-            .await
-            .status
-            == 200
-    });
+    accepted(s, &short).await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let r = loop {
         let r = call(&s.base, "GET", "/v1/models", Some(&short), None).await;
@@ -353,12 +347,7 @@ async fn usage_totals_match_what_clients_received_and_projects_are_isolated() {
     let s = gated();
     let (_, mine) = create_token(s, "metered", "1h");
     let (_, theirs) = create_token(s, "neighbour", "1h");
-    within!(Duration::from_secs(1), {
-        call(&s.base, "GET", "/v1/models", Some(&theirs), None)
-            .await
-            .status
-            == 200
-    });
+    accepted(s, &theirs).await;
     let mut received = (0u64, 0u64, 0u64); // requests, prompt tokens, completion tokens
     let mut add = |usage: &Value| {
         received.0 += 1;
@@ -429,14 +418,7 @@ async fn usage_totals_match_what_clients_received_and_projects_are_isolated() {
         400
     );
     // The neighbour's call is not ours.
-    call(
-        &s.base,
-        "POST",
-        "/v1/chat/completions",
-        Some(&theirs),
-        Some(chat_body(CHAT)),
-    )
-    .await;
+    chat_as(s, Some(&theirs)).await;
 
     let usage = call(&s.base, "GET", "/v1/usage", Some(&mine), None).await;
     assert_eq!(usage.status, 200, "{}", usage.body);
@@ -510,24 +492,12 @@ async fn rate_limits_refuse_with_headers_and_recover_after_the_window() {
     let (_, token) = create_token(s, "limited", "1h");
     let (ok, out, err) = cli(s, &["project", "set", "limited", "--rpm", "2"]);
     assert!(ok && out.contains("rpm=2"), "{err}");
-    within!(Duration::from_secs(1), {
-        call(&s.base, "GET", "/v1/models", Some(&token), None)
-            .await
-            .status
-            == 200
-    });
+    accepted(s, &token).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // the limit itself is in the snapshot too
     let mut statuses = Vec::new();
     let mut refused = None;
     for _ in 0..3 {
-        let r = call(
-            &s.base,
-            "POST",
-            "/v1/chat/completions",
-            Some(&token),
-            Some(chat_body(CHAT)),
-        )
-        .await;
+        let r = chat_as(s, Some(&token)).await;
         statuses.push(r.status);
         if r.status == 429 {
             refused = Some(r);
@@ -553,14 +523,7 @@ async fn rate_limits_refuse_with_headers_and_recover_after_the_window() {
     .await;
     assert_eq!(e.status, 200);
     tokio::time::sleep(Duration::from_millis(retry * 1000 + 100)).await;
-    let r = call(
-        &s.base,
-        "POST",
-        "/v1/chat/completions",
-        Some(&token),
-        Some(chat_body(CHAT)),
-    )
-    .await;
+    let r = chat_as(s, Some(&token)).await;
     assert_eq!(r.status, 200, "{}", r.body);
 
     // A tokens-per-minute limit refuses once the window's tokens reach it.
@@ -601,40 +564,17 @@ async fn anonymous_calls_have_their_own_lower_limit() {
         .into_iter()
         .enumerate()
     {
-        let r = call(
-            &s.base,
-            "POST",
-            "/v1/chat/completions",
-            key,
-            Some(chat_body(CHAT)),
-        )
-        .await;
+        let r = chat_as(s, key).await;
         assert_eq!(r.status, 200, "call {i}: {}", r.body);
         assert_eq!(r.headers["x-ratelimit-limit-requests"], "3");
     }
-    let r = call(
-        &s.base,
-        "POST",
-        "/v1/chat/completions",
-        None,
-        Some(chat_body(CHAT)),
-    )
-    .await;
+    let r = chat_as(s, None).await;
     assert_eq!(r.status, 429);
     assert!(r.headers["retry-after"].parse::<u64>().unwrap() <= 60);
     // A project's token is not limited by the anonymous budget.
     let (_, token) = create_token(s, "named", "1h");
     within!(Duration::from_secs(1), {
-        call(
-            &s.base,
-            "POST",
-            "/v1/chat/completions",
-            Some(&token),
-            Some(chat_body(CHAT)),
-        )
-        .await
-        .status
-            == 200
+        chat_as(s, Some(&token)).await.status == 200
     });
     // Anonymous usage is its own project.
     let u = call(&s.base, "GET", "/v1/usage", None, None).await;
@@ -646,12 +586,7 @@ async fn anonymous_calls_have_their_own_lower_limit() {
 async fn request_limits_413_and_embedding_inputs() {
     let s = gated();
     let (_, token) = create_token(s, "sizes", "1h");
-    within!(Duration::from_secs(1), {
-        call(&s.base, "GET", "/v1/models", Some(&token), None)
-            .await
-            .status
-            == 200
-    });
+    accepted(s, &token).await;
     let big = "x".repeat(3 * 1024 * 1024);
     let r = call(
         &s.base,
@@ -690,16 +625,7 @@ async fn metrics_parse_as_prometheus_text() {
     let s = gated();
     let (_, token) = create_token(s, "scraped", "1h");
     within!(Duration::from_secs(1), {
-        call(
-            &s.base,
-            "POST",
-            "/v1/chat/completions",
-            Some(&token),
-            Some(chat_body(CHAT)),
-        )
-        .await
-        .status
-            == 200
+        chat_as(s, Some(&token)).await.status == 200
     });
     // Behind the admin token, since one is set.
     assert_eq!(
@@ -770,12 +696,7 @@ async fn metrics_parse_as_prometheus_text() {
 async fn virtual_models_resolve_on_every_endpoint() {
     let s = gated();
     let (_, token) = create_token(s, "virtual", "1h");
-    within!(Duration::from_secs(1), {
-        call(&s.base, "GET", "/v1/models", Some(&token), None)
-            .await
-            .status
-            == 200
-    });
+    accepted(s, &token).await;
     let t = Some(token.as_str());
     // The calibrated speed is in the catalog.
     let models = call(&s.base, "GET", "/v1/models", t, None).await;

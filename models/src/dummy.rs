@@ -68,20 +68,9 @@ pub fn synthetic_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-fn read_config(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.into(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Format {
-        path: path.into(),
-        message: e.to_string(),
-    })
-}
-
 /// The vocabulary size a config declares (for the synthetic tokenizer).
 pub fn config_vocab_size(path: &Path) -> Result<usize> {
-    read_config(path)?
+    crate::load::read_json(path)?
         .get("vocab_size")
         .and_then(|v| v.as_u64())
         .map(|v| v as usize)
@@ -98,7 +87,7 @@ pub fn load_dummy(path: &Path, device: &Device) -> Result<TextModel> {
     } else {
         path.to_path_buf()
     };
-    let config = read_config(&config_path)?;
+    let config = crate::load::read_json(&config_path)?;
     let model_type = config
         .get("model_type")
         .and_then(|v| v.as_str())

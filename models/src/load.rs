@@ -94,7 +94,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     }))
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
         path: path.into(),
         source,

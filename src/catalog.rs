@@ -37,12 +37,15 @@ pub struct CatalogEntry {
     pub file: Option<String>,
     #[serde(default)]
     pub owned_by: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "tags")]
     pub tags: Vec<String>,
     /// Parameter count, when the catalog should state it (else counted from the weights).
     #[serde(default, deserialize_with = "count")]
     pub params: Option<u64>,
+    #[serde(default, deserialize_with = "positive")]
     pub context_size: Option<usize>,
+    /// Most completion tokens per request.
+    #[serde(default, deserialize_with = "positive")]
     pub max_tokens: Option<usize>,
     /// EUR per million tokens.
     #[serde(default, deserialize_with = "price")]
@@ -89,6 +92,34 @@ fn id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Err(serde::de::Error::custom(format!(
             "invalid id `{s}`: use letters, digits and - _ . : / (no @ or ?, which start virtual-model queries)"
         )))
+    }
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let v = i64::deserialize(d)?;
+    usize::try_from(v)
+        .ok()
+        .filter(|&v| v > 0)
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid value {v}: must be a positive number of tokens"
+            ))
+        })
+}
+
+fn tags<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let tags = Vec::<String>::deserialize(d)?;
+    match tags.iter().find(|t| {
+        t.is_empty()
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+    }) {
+        Some(bad) => Err(serde::de::Error::custom(format!(
+            "invalid tag `{bad}`: use letters, digits and - _ . : / (a query names tags by these)"
+        ))),
+        None => Ok(tags),
     }
 }
 
@@ -153,8 +184,13 @@ impl Catalog {
             if !seen.insert(e.id.as_str()) {
                 let line = text
                     .lines()
-                    .position(|l| l.contains(&format!("\"{}\"", e.id)) && l.contains("id"))
-                    .map_or(String::new(), |i| format!(" (line {})", i + 1));
+                    .enumerate()
+                    .filter(|(_, l)| {
+                        let l = l.trim_start();
+                        l.starts_with("id") && l.contains(&format!("\"{}\"", e.id))
+                    })
+                    .nth(1)
+                    .map_or(String::new(), |(i, _)| format!(" (line {})", i + 1));
                 return Err(err(format!("two models have the id `{}`{line}", e.id)));
             }
         }
@@ -219,6 +255,8 @@ mod tests {
             ("context_size = \"big\"", "context_size"),
             ("colour = \"red\"", "colour"),
             ("params = 1.5", "params"),
+            ("context_size = 0", "context_size"),
+            ("tags = [\"chat bot\"]", "tags"),
         ];
         for (entry, field) in cases {
             let e = error_of(entry);

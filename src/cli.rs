@@ -7,7 +7,17 @@ use anyhow::{bail, Context};
 
 use super::{ProjectCommand, TokenCommand, UsageArgs};
 use candela::platform::store::{now, ProjectLimits, Store};
-use candela::platform::{token, ANONYMOUS_PROJECT};
+use candela::platform::token;
+
+/// Lets `candela token list | head -1` end quietly, as other command-line tools do, instead of
+/// panicking when the reader goes away.
+pub fn quiet_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of a signal before any thread starts writing.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
 
 fn open(home: &Path) -> anyhow::Result<Store> {
     Store::open_dir(home).context("opening the database")
@@ -23,9 +33,6 @@ pub fn token(command: TokenCommand, home: &Path) -> anyhow::Result<()> {
     let store = open(home)?;
     match command {
         TokenCommand::Create { project, ttl, name } => {
-            if project == ANONYMOUS_PROJECT {
-                bail!("`{ANONYMOUS_PROJECT}` is reserved for calls without a token");
-            }
             let ttl = token::parse_ttl(&ttl).map_err(|e| anyhow::anyhow!("--ttl {e}"))?;
             let (record, secret) = store.create_token(&project, name.as_deref(), ttl)?;
             println!(

@@ -247,9 +247,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args, home).await,
         Command::Bench(args) => Ok(candela::bench::run(args, home).await?),
-        Command::Token { command } => cli::token(command, &home),
-        Command::Project { command } => cli::project(command, &home),
-        Command::Usage(args) => cli::usage(args, &home),
+        Command::Token { command } => {
+            cli::quiet_broken_pipe();
+            cli::token(command, &home)
+        }
+        Command::Project { command } => {
+            cli::quiet_broken_pipe();
+            cli::project(command, &home)
+        }
+        Command::Usage(args) => {
+            cli::quiet_broken_pipe();
+            cli::usage(args, &home)
+        }
     }
 }
 

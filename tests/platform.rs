@@ -526,34 +526,51 @@ async fn rate_limits_refuse_with_headers_and_recover_after_the_window() {
     let r = chat_as(s, Some(&token)).await;
     assert_eq!(r.status, 200, "{}", r.body);
 
-    // A tokens-per-minute limit refuses once the window's tokens reach it.
+    // A tokens-per-minute limit: each call reserves its prompt + max_tokens when it starts (so
+    // calls cannot overrun the budget together), and is charged what it used when it ends.
     cli(
         s,
-        &["project", "set", "limited", "--rpm", "0", "--tpm", "10"],
+        &["project", "set", "limited", "--rpm", "0", "--tpm", "100"],
     );
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let mut body = chat_body(CHAT);
-    body["max_tokens"] = json!(8);
-    let first = call(
-        &s.base,
-        "POST",
-        "/v1/chat/completions",
-        Some(&token),
-        Some(body.clone()),
-    )
-    .await;
+    let with_max = |m: u64| {
+        let mut body = chat_body(CHAT);
+        body["max_tokens"] = json!(m);
+        body
+    };
+    let post = |body: Value| {
+        let token = token.clone();
+        async move {
+            call(
+                &s.base,
+                "POST",
+                "/v1/chat/completions",
+                Some(&token),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let too_large = post(with_max(200)).await;
+    assert_eq!(too_large.status, 429, "{}", too_large.body);
+    assert!(too_large.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("too large"));
+    let first = post(with_max(8)).await;
     assert_eq!(first.status, 200, "{}", first.body);
-    assert_eq!(first.headers["x-ratelimit-limit-tokens"], "10");
-    let second = call(
-        &s.base,
-        "POST",
-        "/v1/chat/completions",
-        Some(&token),
-        Some(body),
-    )
-    .await;
-    assert_eq!(second.status, 429);
-    assert_eq!(second.body["error"]["type"], "tokens");
+    assert_eq!(first.headers["x-ratelimit-limit-tokens"], "100");
+    let mut refused = None;
+    for _ in 0..4 {
+        let r = post(with_max(8)).await;
+        if r.status == 429 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("the tokens-per-minute limit refused a call");
+    assert_eq!(refused.body["error"]["type"], "tokens");
+    assert!(refused.headers.contains_key("retry-after"));
 }
 
 #[tokio::test]
@@ -579,7 +596,9 @@ async fn anonymous_calls_have_their_own_lower_limit() {
     // Anonymous usage is its own project.
     let u = call(&s.base, "GET", "/v1/usage", None, None).await;
     assert_eq!(u.body["project"], "anonymous");
-    assert_eq!(u.body["total"]["requests"], 3);
+    // The refused call is recorded too, as failed.
+    assert_eq!(u.body["total"]["requests"], 4);
+    assert_eq!(u.body["total"]["failed_requests"], 1);
 }
 
 #[tokio::test]
@@ -851,4 +870,99 @@ fn a_bad_catalog_is_a_start_up_error_naming_file_line_and_field() {
         err.contains("catalog.toml") && err.contains("line 5") && err.contains("input_cost"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn edges_a_user_hits() {
+    let s = gated();
+    // A token works the moment `token create` returns, whatever the scheme's case.
+    let (_, token) = create_token(s, "edges", "1h");
+    let r = call(&s.base, "GET", "/v1/models", Some(&token), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let upper = common::client()
+        .get(format!("{}/v1/models", s.base))
+        .header("authorization", format!("BEARER {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upper.status(), 200);
+    let t = Some(token.as_str());
+
+    // Ids match case-insensitively; an empty model or a query without `?` is a 400, not a 404.
+    let r = call(
+        &s.base,
+        "POST",
+        "/v1/chat/completions",
+        t,
+        Some(chat_body("SMOLLM2-135M-Instruct")),
+    )
+    .await;
+    assert_eq!((r.status, r.body["model"].as_str()), (200, Some(CHAT)));
+    for bad in ["", "  ", "chat&context_size>1"] {
+        let r = call(
+            &s.base,
+            "POST",
+            "/v1/chat/completions",
+            t,
+            Some(chat_body(bad)),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.body);
+        assert_eq!(r.body["error"]["param"], "model");
+    }
+    // A failed resolution still says why each model was dropped.
+    let r = call(
+        &s.base,
+        "GET",
+        "/v1/models/resolve?query=chat%40latest%3Fcontext_size%3E100000",
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.body["candidates"].as_array().unwrap().len(),
+        2,
+        "{}",
+        r.body
+    );
+
+    // n > 1: the prompt counts once, and so do its cached tokens.
+    let mut body = chat_body(CHAT);
+    body["n"] = json!(3);
+    let r = call(&s.base, "POST", "/v1/chat/completions", t, Some(body)).await;
+    let usage = &r.body["usage"];
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            <= usage["prompt_tokens"].as_u64().unwrap(),
+        "{usage}"
+    );
+
+    // A stream the client abandons is charged what it generated, not nothing.
+    let (_, quitter) = create_token(s, "abandoned", "1h");
+    let resp = common::client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .bearer_auth(&quitter)
+        .json(
+            &json!({"model": CHAT, "messages": [{"role": "user", "content": "Tell a long story."}],
+                      "max_tokens": 400, "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = futures::StreamExt::boxed(resp.bytes_stream());
+    for _ in 0..5 {
+        futures::StreamExt::next(&mut bytes).await;
+    }
+    drop(bytes);
+    let charged = within!(Duration::from_secs(5), {
+        let u = call(&s.base, "GET", "/v1/usage", Some(&quitter), None).await;
+        u.body["total"]["output_tokens"].as_u64().unwrap_or(0) > 0
+    });
+    let u = call(&s.base, "GET", "/v1/usage", Some(&quitter), None).await;
+    let out = u.body["total"]["output_tokens"].as_u64().unwrap();
+    assert!(out < 400, "{out} tokens charged after {charged:?}");
+    assert!(u.body["total"]["input_tokens"].as_u64().unwrap() > 0);
 }

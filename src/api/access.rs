@@ -20,10 +20,11 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?
-        .trim();
+    let (scheme, token) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
     (!token.is_empty()).then_some(token)
 }
 
@@ -90,23 +91,62 @@ pub async fn gate(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
         .into_response();
     }
     let tag = caller.tag();
-    let decision = platform
-        .limiter
-        .check(&tag.subject, class, platform.limits(&caller, class));
+    let limits = platform.limits(&caller, class);
+    let decision = platform.limiter.check(&tag.subject, class, limits);
+    let project = tag.project.clone();
+    // Refused calls are recorded too (status 429, not charged).
+    let meter = Arc::new(Meter::new(
+        platform.clone(),
+        tag,
+        &path,
+        class,
+        limits.tokens,
+    ));
     if let Some(limit) = decision.refused_by {
         platform.metrics.record_rate_limited(&path, limit);
-        tracing::info!(project = %tag.project, endpoint = %path, limit, "rate limited");
-        let mut resp = too_many(&decision, &tag.project, limit, class).into_response();
+        tracing::info!(project = %project, endpoint = %path, limit, "rate limited");
+        let mut resp = too_many(&decision, &project, limit, class).into_response();
+        meter.set_status(resp.status().as_u16());
         rate_headers(resp.headers_mut(), &decision);
         return resp;
     }
-    let meter = Arc::new(Meter::new(platform.clone(), tag, &path, class));
     req.extensions_mut().insert(caller);
     req.extensions_mut().insert(meter.clone());
     let mut resp = next.run(req).await;
     meter.set_status(resp.status().as_u16());
+    let mut decision = decision;
+    if let Some(wait) = meter.refused_for() {
+        // Admitted, then refused once its size was known (tokens per minute).
+        platform.metrics.record_rate_limited(&path, "tokens");
+        decision.refused_by = Some("tokens");
+        decision.retry_after = wait.min(platform.config.window);
+    }
     rate_headers(resp.headers_mut(), &decision);
     resp
+}
+
+/// The 429 for a call whose tokens (prompt + max_tokens) do not fit the project's
+/// tokens-per-minute budget now (or ever, when they exceed it).
+pub fn tokens_refused(meter: &Meter, wait: std::time::Duration, requested: u64) -> ApiError {
+    let limit = meter.token_limit().unwrap_or(0);
+    let message = if wait == std::time::Duration::MAX {
+        format!(
+            "Request too large for project `{}` on tokens per minute (TPM): limit {limit}, requested {requested}. Lower max_tokens or the prompt.",
+            meter.project()
+        )
+    } else {
+        format!(
+            "Rate limit reached for project `{}` on tokens per minute (TPM): limit {limit}, requested {requested}. Please try again in {}.",
+            meter.project(),
+            format_reset(wait)
+        )
+    };
+    ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        kind: "tokens",
+        code: Some("rate_limit_exceeded".into()),
+        ..ApiError::invalid(None, message)
+    }
 }
 
 fn too_many(d: &Decision, project: &str, limit: &'static str, class: Class) -> ApiError {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::{access, json, ApiError, AppState};
 use crate::platform::store::{ProjectLimits, StoreError, TokenRecord};
-use crate::platform::{token, ANONYMOUS_PROJECT};
+use crate::platform::token;
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -118,12 +118,6 @@ pub async fn create_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CreateToken = json::parse(body)?;
-    if req.project == ANONYMOUS_PROJECT {
-        return Err(ApiError::invalid(
-            Some("project"),
-            format!("`{ANONYMOUS_PROJECT}` is reserved for calls without a token."),
-        ));
-    }
     let ttl = token::parse_ttl(req.ttl.as_deref().unwrap_or("30d"))
         .map_err(|e| ApiError::invalid(Some("ttl"), e))?;
     let (record, secret) =
@@ -194,8 +188,16 @@ pub async fn oauth_revoke(
         oauth2_token: String,
     }
     let req: Revoke = json::parse(body)?;
-    let revoked = state.platform.store.revoke_secret(&req.oauth2_token)?;
-    state.platform.reload(true)?;
+    let platform = state.platform.clone();
+    let revoked = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let revoked = platform.store.revoke_secret(&req.oauth2_token)?;
+        if revoked.is_some() {
+            platform.reload(true)?;
+        }
+        Ok(revoked)
+    })
+    .await
+    .map_err(|_| ApiError::invalid(None, "revocation failed"))??;
     if let Some(t) = &revoked {
         tracing::info!(token_id = %t.id, "token revoked by its holder");
     }

@@ -35,10 +35,13 @@ struct Meta {
     model: String,
     started: std::time::Instant,
     meter: Option<Arc<Meter>>,
+    /// Choices per prompt: the prefix cache serves the later ones, so only the first choice of
+    /// each prompt reports its cached tokens.
+    n: usize,
 }
 
 impl Meta {
-    fn new(kind: Kind, model: &str, meter: Option<Arc<Meter>>) -> Self {
+    fn new(kind: Kind, model: &str, meter: Option<Arc<Meter>>, n: usize) -> Self {
         let prefix = if kind == Kind::Chat {
             "chatcmpl"
         } else {
@@ -51,6 +54,7 @@ impl Meta {
             model: model.to_string(),
             started: std::time::Instant::now(),
             meter,
+            n: n.max(1),
         }
     }
 
@@ -113,6 +117,21 @@ pub fn resolved_header(mut resp: Response, model: &str) -> Response {
     resp
 }
 
+/// Reserves the call's tokens (its prompts, and `max_tokens` for each choice when given) under
+/// the project's tokens-per-minute limit.
+fn reserve(
+    meter: Option<&Meter>,
+    prompt_tokens: usize,
+    params: &GenParams,
+    choices: usize,
+) -> Result<(), ApiError> {
+    let Some(meter) = meter else { return Ok(()) };
+    let tokens = (prompt_tokens + params.max_tokens.unwrap_or(0) * choices) as u64;
+    meter
+        .reserve_tokens(tokens)
+        .map_err(|wait| super::access::tokens_refused(meter, wait, tokens))
+}
+
 /// Starts `n` generations of one prompt; each choice after the first gets its own seed.
 fn start_n(
     model: &ChatModel,
@@ -167,8 +186,12 @@ pub async fn chat_completions(
         .map(|(i, m)| m.to_chat(i))
         .collect::<Result<Vec<_>, _>>()?;
     let prompt = model.chat_prompt(&messages)?;
+    reserve(meter.as_deref(), prompt.len(), &params, n)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;
-    let meta = Meta::new(Kind::Chat, &model.info.id, meter);
+    if let Some(m) = &meter {
+        m.set_tokens(prompt.len() as u64, 0);
+    }
+    let meta = Meta::new(Kind::Chat, &model.info.id, meter, n);
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt.len())
@@ -223,12 +246,17 @@ pub async fn completions(
             format!("'prompt' holds a token id outside the vocabulary (size {vocab})."),
         ));
     }
+    let prompt_total: usize = prompts.iter().map(Vec::len).sum();
+    reserve(meter.as_deref(), prompt_total, &params, n * prompts.len())?;
     let mut gens = Vec::new();
     for p in &prompts {
         gens.extend(start_n(&model, p, &params, n, "prompt")?);
     }
-    let prompt_tokens = prompts.iter().map(Vec::len).sum();
-    let meta = Meta::new(Kind::Completion, &model.info.id, meter);
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    if let Some(m) = &meter {
+        m.set_tokens(prompt_tokens as u64, 0);
+    }
+    let meta = Meta::new(Kind::Completion, &model.info.id, meter, n);
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt_tokens)
@@ -288,7 +316,9 @@ async fn full_response(
     for (index, r) in results.into_iter().enumerate() {
         let f = r.inspect_err(|_| meta.log(false, prompt_tokens, completion, cached, true))?;
         completion += f.completion_tokens;
-        cached += f.cached_tokens;
+        if index % meta.n == 0 {
+            cached += f.cached_tokens;
+        }
         let logprobs = (!f.logprobs.is_empty()).then(|| logprobs_json(meta.kind, &f.logprobs, 0));
         choices.push(match meta.kind {
             Kind::Chat => json!({
@@ -365,6 +395,7 @@ fn logprobs_json(kind: Kind, lps: &[TokenLogprob], text_offset: usize) -> Value 
 enum Item {
     Chunk(usize, Result<GenChunk, ServingError>),
     Done {
+        index: usize,
         completion_tokens: usize,
         cached_tokens: usize,
     },
@@ -389,6 +420,7 @@ fn choice_stream(
                 }
                 None => Some((
                     Item::Done {
+                        index,
                         completion_tokens: gen.completion_tokens,
                         cached_tokens: gen.cached_tokens,
                     },
@@ -406,6 +438,10 @@ fn stream_response(
     include_usage: bool,
     prompt_tokens: usize,
 ) -> Response {
+    if let Some(m) = &meta.meter {
+        m.stream_started();
+    }
+    let per_prompt = meta.n;
     let meta = Arc::new(meta);
     let n = gens.len();
     let merged = stream::select_all(
@@ -470,9 +506,11 @@ fn stream_response(
                 t.2 = Some(err.status.as_u16());
                 Some(serde_json::to_value(err.body()).unwrap_or(Value::Null))
             }
-            Item::Done { completion_tokens, cached_tokens } => {
+            Item::Done { index, completion_tokens, cached_tokens } => {
                 t.0 += completion_tokens;
-                t.1 += cached_tokens;
+                if index % per_prompt == 0 {
+                    t.1 += cached_tokens;
+                }
                 None
             }
         };

@@ -59,6 +59,28 @@ pub async fn embeddings(
             ));
         }
     }
+    let texts: &[String] = match &req.input {
+        EmbeddingInput::Text(t) => std::slice::from_ref(t),
+        EmbeddingInput::Texts(ts) => ts,
+        _ => &[],
+    };
+    if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!("input[{i}] is an empty string; inputs must not be empty."),
+        ));
+    }
+    let count = match &req.input {
+        EmbeddingInput::Text(_) | EmbeddingInput::Tokens(_) => 1,
+        EmbeddingInput::Texts(ts) => ts.len(),
+        EmbeddingInput::TokenLists(ts) => ts.len(),
+    };
+    if count == 0 || count > max_inputs {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!("'input' must hold between 1 and {max_inputs} items; got {count}."),
+        ));
+    }
     let tokens = match req.input {
         EmbeddingInput::Text(t) => model.tokenize(&[t])?,
         EmbeddingInput::Texts(ts) => model.tokenize(&ts)?,
@@ -66,15 +88,6 @@ pub async fn embeddings(
         EmbeddingInput::TokenLists(ts) => ts,
     };
     model.check_ids(&tokens)?;
-    if tokens.is_empty() || tokens.len() > max_inputs {
-        return Err(ApiError::invalid(
-            Some("input"),
-            format!(
-                "'input' must hold between 1 and {max_inputs} items; got {}.",
-                tokens.len()
-            ),
-        ));
-    }
     if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
         return Err(ApiError::invalid(
             Some("input"),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use candela_models::ModelKind;
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ pub fn model_json(info: &ModelInfo) -> Value {
         "object": "model",
         "created": info.created,
         "owned_by": info.owned_by,
-        "type": match info.kind { ModelKind::Chat => "chat", ModelKind::Embedding => "embedding" },
+        "type": info.kind_name(),
         "context_size": info.context_size,
         "max_tokens": info.max_tokens,
         "params": info.params,
@@ -60,7 +61,7 @@ pub struct ResolveParams {
 pub async fn resolve(
     State(state): State<Arc<AppState>>,
     Query(p): Query<ResolveParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let query = p
         .query
         .ok_or_else(|| ApiError::invalid(Some("query"), "Missing required parameter: 'query'."))?;
@@ -82,17 +83,34 @@ pub async fn resolve(
             "model": served.info().id,
             "reason": "the query is the id of a loaded model",
             "data": [model_json(m.info())],
-        })));
+        }))
+        .into_response());
     }
-    let (q, outcome) = state.registry.explain(&query, want)?;
-    let r = outcome.map_err(crate::serving::ServingError::from_resolve)?;
+    let explained = state.registry.explain(&query, want)?;
+    let candidates: Vec<Value> = explained
+        .reasons
+        .iter()
+        .map(|e| json!({"id": e.id, "outcome": e.outcome}))
+        .collect();
+    let r = match explained.outcome {
+        Ok(r) => r,
+        Err(e) => {
+            // The error, with the reasons beside it.
+            let err = ApiError::from(crate::serving::ServingError::from_resolve(e));
+            let mut body = serde_json::to_value(err.body()).unwrap_or_default();
+            body["query"] = json!(explained.query.to_string());
+            body["candidates"] = json!(candidates);
+            return Ok((err.status, Json(body)).into_response());
+        }
+    };
     let chosen = &state.registry.models[r.index];
     Ok(Json(json!({
-        "query": q.to_string(),
+        "query": explained.query.to_string(),
         "model": chosen.info().id,
-        "ranker": format!("{:?}", r.ranker).to_lowercase(),
+        "ranker": r.ranker.to_string(),
         "ranked": r.matched.iter().map(|&i| state.registry.models[i].info().id.clone()).collect::<Vec<_>>(),
-        "candidates": r.explain.iter().map(|e| json!({"id": e.id, "outcome": e.outcome})).collect::<Vec<_>>(),
+        "candidates": candidates,
         "data": [model_json(chosen.info())],
-    })))
+    }))
+    .into_response())
 }

@@ -49,7 +49,8 @@ pub fn totals(rows: &[UsageRow]) -> Value {
         "failed_requests": sum(|r| r.failed_requests),
         "input_tokens": sum(|r| r.input_tokens),
         "output_tokens": sum(|r| r.output_tokens),
-        "cost": rows.iter().map(|r| r.cost).sum::<f64>(),
+        // `+ 0.0`: an empty sum is -0.0.
+        "cost": rows.iter().map(|r| r.cost).sum::<f64>() + 0.0,
     })
 }
 
@@ -72,6 +73,12 @@ pub async fn usage(
     let now = chrono::Utc::now().timestamp_millis();
     let from = bound(&q.from, false, "from", now - 30 * 86_400_000)?;
     let to = bound(&q.to, true, "to", now + 1000)?;
+    if from >= to {
+        return Err(ApiError::invalid(
+            Some("from"),
+            "'from' must be before 'to'.",
+        ));
+    }
     // A token sees its own project; anonymous callers see the anonymous project; the admin all.
     let own = match &caller {
         Caller::Admin => None,

@@ -194,16 +194,25 @@ impl Platform {
         if self.is_admin(presented) {
             return Ok(Caller::Admin);
         }
-        let Some((id, hash)) = token::split(presented) else {
+        if !token::looks_like_token(presented) {
             // OpenAI clients insist on some key ("EMPTY", "none", "sk-..."); where anonymous
-            // access is allowed, a key that is not a candela token is no key at all. A candela
-            // token is always checked, so an expired or revoked one never passes as anonymous.
+            // access is allowed, a key that is not a candela token is no key at all. Anything
+            // that looks like a candela token is checked, so an expired, revoked or mistyped
+            // one never passes as anonymous.
             return if self.config.allow_anonymous {
                 Ok(Caller::Anonymous(ip))
             } else {
                 Err(AuthError::Invalid)
             };
-        };
+        }
+        let (id, hash) = token::split(presented).ok_or(AuthError::Invalid)?;
+        if !self.read().tokens.contains_key(id) {
+            // Made a moment ago by the CLI? Reload now rather than at the next tick (cheap when
+            // nothing changed: one PRAGMA).
+            if let Err(e) = self.reload(false) {
+                tracing::warn!(error = %e, "reloading tokens");
+            }
+        }
         let snapshot = self.read();
         let record = snapshot.tokens.get(id).ok_or(AuthError::Invalid)?;
         if !token::hashes_equal(&record.hash, &hash) {

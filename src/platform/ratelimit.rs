@@ -1,7 +1,8 @@
 //! Per-project (and per anonymous client address) rate limits over a sliding window: requests
 //! per minute, a separate requests-per-minute for embeddings, and tokens per minute. Request
-//! counts are taken at admission; tokens are counted when a request finishes, so a project over
-//! its token budget is refused until the window slides past enough of its usage.
+//! counts are taken at admission. Tokens are reserved when a call knows its size (prompt +
+//! max_tokens), so concurrent calls cannot overrun the budget together, and settled to the
+//! actual count when it ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -50,12 +51,17 @@ pub struct Budget {
 #[derive(Default)]
 struct Window {
     requests: VecDeque<Instant>,
-    /// (when, tokens) of finished requests.
-    tokens: VecDeque<(Instant, u64)>,
+    /// (when, tokens, ticket) of calls, reserved or finished.
+    tokens: VecDeque<(Instant, u64, u64)>,
 }
+
+/// A reservation of tokens, settled when the call ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(u64);
 
 pub struct RateLimiter {
     window: Duration,
+    next_ticket: std::sync::atomic::AtomicU64,
     state: Mutex<HashMap<(Subject, Class), Window>>,
 }
 
@@ -63,6 +69,7 @@ impl RateLimiter {
     pub fn new(window: Duration) -> Self {
         Self {
             window,
+            next_ticket: std::sync::atomic::AtomicU64::new(1),
             state: Mutex::new(HashMap::new()),
         }
     }
@@ -77,7 +84,7 @@ impl RateLimiter {
         }
         let w = state.entry((subject.clone(), class)).or_default();
         self.slide(w, now);
-        let used_tokens: u64 = w.tokens.iter().map(|(_, n)| n).sum();
+        let used_tokens: u64 = w.tokens.iter().map(|(_, n, _)| n).sum();
         let until = |t: Instant| (t + self.window).saturating_duration_since(now);
         let mut refused_by = None;
         let mut retry_after = Duration::ZERO;
@@ -95,15 +102,7 @@ impl RateLimiter {
         if let Some(limit) = limits.tokens {
             if refused_by.is_none() && used_tokens >= limit {
                 refused_by = Some("tokens");
-                let mut left = used_tokens;
-                retry_after = self.window;
-                for &(t, n) in &w.tokens {
-                    left -= n;
-                    if left < limit {
-                        retry_after = until(t);
-                        break;
-                    }
-                }
+                retry_after = self.room_after(w, now, 1, limit);
             }
         }
         if refused_by.is_none() && limits.requests.is_some() {
@@ -117,7 +116,10 @@ impl RateLimiter {
         let tokens = limits.tokens.map(|limit| Budget {
             limit,
             remaining: limit.saturating_sub(used_tokens),
-            reset: w.tokens.back().map_or(Duration::ZERO, |&(t, _)| until(t)),
+            reset: w
+                .tokens
+                .back()
+                .map_or(Duration::ZERO, |&(t, _, _)| until(t)),
         });
         Decision {
             refused_by,
@@ -135,7 +137,56 @@ impl RateLimiter {
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let w = state.entry((subject.clone(), class)).or_default();
-        w.tokens.push_back((Instant::now(), tokens));
+        w.tokens.push_back((Instant::now(), tokens, 0));
+    }
+
+    /// Reserves `tokens` (a call's prompt + max_tokens) under `limit`, or says how long until
+    /// they fit (`Err`, the wait; `Duration::MAX` when they never can).
+    pub fn reserve(
+        &self,
+        subject: &Subject,
+        class: Class,
+        tokens: u64,
+        limit: u64,
+    ) -> Result<Ticket, Duration> {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let w = state.entry((subject.clone(), class)).or_default();
+        self.slide(w, now);
+        if tokens > limit {
+            return Err(Duration::MAX);
+        }
+        let used: u64 = w.tokens.iter().map(|(_, n, _)| n).sum();
+        if used + tokens > limit {
+            return Err(self.room_after(w, now, tokens, limit));
+        }
+        let ticket = self
+            .next_ticket
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        w.tokens.push_back((now, tokens, ticket));
+        Ok(Ticket(ticket))
+    }
+
+    /// Replaces a reservation by the tokens the call actually used.
+    pub fn settle(&self, subject: &Subject, class: Class, ticket: Ticket, actual: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = state.get_mut(&(subject.clone(), class)) {
+            if let Some(entry) = w.tokens.iter_mut().find(|e| e.2 == ticket.0) {
+                entry.1 = actual;
+            }
+        }
+    }
+
+    /// How long until `need` more tokens fit under `limit`, as the oldest entries leave.
+    fn room_after(&self, w: &Window, now: Instant, need: u64, limit: u64) -> Duration {
+        let mut used: u64 = w.tokens.iter().map(|(_, n, _)| n).sum();
+        for &(t, n, _) in &w.tokens {
+            used -= n;
+            if used + need <= limit {
+                return (t + self.window).saturating_duration_since(now);
+            }
+        }
+        self.window
     }
 
     fn slide(&self, w: &mut Window, now: Instant) {
@@ -143,7 +194,7 @@ impl RateLimiter {
         while w.requests.front().is_some_and(|t| !fresh(t)) {
             w.requests.pop_front();
         }
-        while w.tokens.front().is_some_and(|(t, _)| !fresh(t)) {
+        while w.tokens.front().is_some_and(|(t, _, _)| !fresh(t)) {
             w.tokens.pop_front();
         }
     }
@@ -153,12 +204,14 @@ impl RateLimiter {
 pub fn format_reset(d: Duration) -> String {
     let ms = d.as_millis() as u64;
     if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        let s = ms as f64 / 1000.0;
-        format!("{}s", (s * 10.0).round() / 10.0)
+        return format!("{ms}ms");
+    }
+    let tenths = (ms + 50) / 100;
+    if tenths < 600 {
+        format!("{}s", tenths as f64 / 10.0)
     } else {
-        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+        let secs = tenths / 10;
+        format!("{}m{}s", secs / 60, secs % 60)
     }
 }
 
@@ -226,6 +279,33 @@ mod tests {
     }
 
     #[test]
+    fn reservations_hold_the_budget_until_settled() {
+        let rl = RateLimiter::new(Duration::from_secs(60));
+        let p = project();
+        let a = rl.reserve(&p, Class::Requests, 60, 100).unwrap();
+        // A second call of the same size does not fit beside the first.
+        assert!(rl.reserve(&p, Class::Requests, 60, 100).is_err());
+        assert_eq!(
+            rl.reserve(&p, Class::Requests, 101, 100),
+            Err(Duration::MAX)
+        );
+        // The first used fewer tokens than it reserved: the rest is free again.
+        rl.settle(&p, Class::Requests, a, 10);
+        assert!(rl.reserve(&p, Class::Requests, 60, 100).is_ok());
+        let limits = Limits {
+            requests: None,
+            tokens: Some(100),
+        };
+        assert_eq!(
+            rl.check(&p, Class::Requests, limits)
+                .tokens
+                .unwrap()
+                .remaining,
+            30
+        );
+    }
+
+    #[test]
     fn unlimited_is_always_admitted() {
         let rl = RateLimiter::new(Duration::from_secs(60));
         for _ in 0..1000 {
@@ -241,5 +321,6 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+        assert_eq!(format_reset(Duration::from_millis(59_990)), "1m0s");
     }
 }

@@ -158,6 +158,13 @@ impl Store {
         ttl: Duration,
     ) -> Result<(TokenRecord, TokenSecret), StoreError> {
         check_name("project", project)?;
+        if let Some(name) = name {
+            if name.len() > 128 || name.chars().any(char::is_control) {
+                return Err(StoreError::Invalid(
+                    "a token name is at most 128 characters, without control characters".into(),
+                ));
+            }
+        }
         let secret = TokenSecret::generate();
         let now_ms = chrono::Utc::now().timestamp_millis();
         let now = now_ms.div_euclid(1000);
@@ -191,12 +198,24 @@ impl Store {
     }
 
     pub fn tokens(&self, project: Option<&str>) -> Result<Vec<TokenRecord>, StoreError> {
+        self.select_tokens("WHERE ?1 IS NULL OR project = ?1", project)
+    }
+
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self.select_tokens("WHERE id = ?1", Some(id))?.pop())
+    }
+
+    fn select_tokens(
+        &self,
+        filter: &str,
+        arg: Option<&str>,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare(&format!(
                 "SELECT id, project, name, hash, created_at, expires_at, revoked_at FROM tokens
-                 WHERE ?1 IS NULL OR project = ?1 ORDER BY created_at, id",
-            )?;
-            let rows = stmt.query_map(params![project], |r| {
+                 {filter} ORDER BY created_at, id"
+            ))?;
+            let rows = stmt.query_map(params![arg], |r| {
                 let hash: Vec<u8> = r.get(3)?;
                 Ok(TokenRecord {
                     id: r.get(0)?,
@@ -221,7 +240,7 @@ impl Store {
                 params![id, now],
             )
         })?;
-        Ok(self.tokens(None)?.into_iter().find(|t| t.id == id))
+        self.token(id)
     }
 
     /// Revokes the token whose secret is `presented`; `Ok(None)` when it is not a valid token.
@@ -229,8 +248,7 @@ impl Store {
         let Some((id, hash)) = token::split(presented) else {
             return Ok(None);
         };
-        let found = self.tokens(None)?.into_iter().find(|t| t.id == id);
-        match found {
+        match self.token(id)? {
             Some(t) if token::hashes_equal(&t.hash, &hash) => self.revoke(&t.id),
             _ => Ok(None),
         }
@@ -360,6 +378,11 @@ pub fn now() -> i64 {
 
 /// Project names: what a user can type and read in a log line.
 fn check_name(what: &str, name: &str) -> Result<(), StoreError> {
+    if name == super::ANONYMOUS_PROJECT {
+        return Err(StoreError::Invalid(format!(
+            "`{name}` is reserved for calls without a token (its limits are `candela serve --anonymous-rpm` and `--anonymous-embeddings-rpm`)"
+        )));
+    }
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

@@ -47,6 +47,11 @@ impl std::fmt::Debug for TokenSecret {
     }
 }
 
+/// Whether a presented key is meant as a candela token (well-formed or not).
+pub fn looks_like_token(presented: &str) -> bool {
+    presented.starts_with(PREFIX)
+}
+
 /// Splits a presented token into its id and the hash of its secret; `None` when it is not in
 /// candela's format.
 pub fn split(presented: &str) -> Option<(&str, [u8; 32])> {

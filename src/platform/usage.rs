@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use super::ratelimit::{Class, Subject};
+use super::ratelimit::{Class, Subject, Ticket};
 use super::store::{Store, UsageRecord};
 use super::Platform;
 use crate::serving::ModelInfo;
@@ -80,7 +80,15 @@ struct State {
     output_tokens: u64,
     status: u16,
     failed: bool,
+    /// Tokens reserved under the tokens-per-minute limit, settled at the end.
+    ticket: Option<Ticket>,
+    /// Why the call was refused after admission (the wait before its tokens fit).
+    refused_for: Option<std::time::Duration>,
 }
+
+/// The status recorded for a call whose client went away before its response was complete
+/// (nginx's convention). Its tokens so far are charged: they were computed.
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// One call being metered; records itself once, on [`Meter::finish`] or when dropped.
 pub struct Meter {
@@ -88,26 +96,38 @@ pub struct Meter {
     caller: CallerTag,
     endpoint: String,
     class: Class,
+    token_limit: Option<u64>,
     at_ms: i64,
     started: Instant,
     state: Mutex<State>,
     done: AtomicBool,
+    /// The response is a stream, so the handler's return does not end the call.
+    streaming: AtomicBool,
 }
 
 impl Meter {
-    pub fn new(platform: Arc<Platform>, caller: CallerTag, endpoint: &str, class: Class) -> Self {
+    pub fn new(
+        platform: Arc<Platform>,
+        caller: CallerTag,
+        endpoint: &str,
+        class: Class,
+        token_limit: Option<u64>,
+    ) -> Self {
         Self {
             platform,
             caller,
             endpoint: endpoint.to_string(),
             class,
+            token_limit,
             at_ms: chrono::Utc::now().timestamp_millis(),
             started: Instant::now(),
+            // Until the handler returns (the middleware then sets the real status).
             state: Mutex::new(State {
-                status: 200,
+                status: CLIENT_CLOSED,
                 ..State::default()
             }),
             done: AtomicBool::new(false),
+            streaming: AtomicBool::new(false),
         }
     }
 
@@ -127,6 +147,43 @@ impl Meter {
         let mut s = self.state();
         s.input_tokens = input;
         s.output_tokens = output;
+    }
+
+    /// Reserves a call's tokens (prompt + max_tokens) under its tokens-per-minute limit, if it
+    /// has one; `Err` holds how long until they fit (`Duration::MAX`: never).
+    pub fn reserve_tokens(&self, tokens: u64) -> Result<(), std::time::Duration> {
+        let Some(limit) = self.token_limit else {
+            return Ok(());
+        };
+        let reserved =
+            self.platform
+                .limiter
+                .reserve(&self.caller.subject, self.class, tokens, limit);
+        let mut s = self.state();
+        match reserved {
+            Ok(ticket) => {
+                s.ticket = Some(ticket);
+                Ok(())
+            }
+            Err(wait) => {
+                s.refused_for = Some(wait);
+                Err(wait)
+            }
+        }
+    }
+
+    /// The wait that [`Meter::reserve_tokens`] reported, for the `retry-after` header.
+    pub fn refused_for(&self) -> Option<std::time::Duration> {
+        self.state().refused_for
+    }
+
+    pub fn token_limit(&self) -> Option<u64> {
+        self.token_limit
+    }
+
+    /// The response is a stream: a drop before [`Meter::finish`] means the client left.
+    pub fn stream_started(&self) {
+        self.streaming.store(true, Ordering::Release);
     }
 
     /// The response's status (set by the middleware when the handler returns).
@@ -155,20 +212,24 @@ impl Meter {
             return;
         }
         let s = self.state();
-        let ok = !s.failed && s.status < 400;
+        let ok = !s.failed && (s.status < 400 || s.status == CLIENT_CLOSED);
         let model = s.model.clone().unwrap_or_else(|| "-".into());
         let latency = self.started.elapsed();
         let p = &self.platform;
         p.metrics
             .record_request(&model, &self.endpoint, s.status, latency.as_secs_f64());
-        if ok {
+        let used = if ok {
             p.metrics
                 .record_tokens(&model, s.input_tokens, s.output_tokens);
-            p.limiter.add_tokens(
-                &self.caller.subject,
-                self.class,
-                s.input_tokens + s.output_tokens,
-            );
+            s.input_tokens + s.output_tokens
+        } else {
+            0
+        };
+        match s.ticket {
+            Some(ticket) => p
+                .limiter
+                .settle(&self.caller.subject, self.class, ticket, used),
+            None => p.limiter.add_tokens(&self.caller.subject, self.class, used),
         }
         let cost = if ok {
             (s.input_tokens as f64 * s.input_cost + s.output_tokens as f64 * s.output_cost) / 1e6
@@ -193,6 +254,9 @@ impl Meter {
 
 impl Drop for Meter {
     fn drop(&mut self) {
+        if !self.done.load(Ordering::Acquire) && self.streaming.load(Ordering::Acquire) {
+            self.state().status = CLIENT_CLOSED;
+        }
         self.finish();
     }
 }
@@ -207,7 +271,8 @@ impl TokenClock {
     /// A token arrived.
     pub fn tick(&mut self, meter: &Meter) {
         let now = Instant::now();
-        let s = meter.state();
+        let mut s = meter.state();
+        s.output_tokens += 1;
         let model = s.model.as_deref().unwrap_or("-");
         let metrics = &meter.platform.metrics;
         match self.last {

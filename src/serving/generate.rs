@@ -114,10 +114,22 @@ impl ChatModel {
         params: GenParams,
         prompt_param: &str,
     ) -> Result<Generation, ServingError> {
-        let limit = self.engine.max_request_tokens;
+        // The catalog may declare a smaller context and output cap than the engine holds.
+        let limit = self.engine.max_request_tokens.min(self.info.context_size);
+        if let Some(m) = params.max_tokens {
+            if m > self.info.max_tokens {
+                return Err(ServingError::invalid(
+                    "max_tokens",
+                    format!(
+                        "max_tokens is too large: {m}. This model supports at most {} completion tokens.",
+                        self.info.max_tokens
+                    ),
+                ));
+            }
+        }
         let max_tokens = params
             .max_tokens
-            .unwrap_or_else(|| limit.saturating_sub(prompt.len()));
+            .unwrap_or_else(|| limit.saturating_sub(prompt.len()).min(self.info.max_tokens));
         if prompt.len() + max_tokens > limit || max_tokens == 0 {
             let what = if prompt_param == "messages" {
                 "messages"

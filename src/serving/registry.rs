@@ -35,6 +35,8 @@ pub struct ModelInfo {
     /// Measured speed on this machine (decode tokens/s for chat, tokens/s for embeddings), from
     /// the start-up calibration; what `@fastest` ranks by.
     pub tokens_per_second: Option<f64>,
+    /// `completion` when the catalog says so (a chat-capable text model otherwise).
+    pub completion_only: bool,
 }
 
 impl ModelInfo {
@@ -45,10 +47,18 @@ impl ModelInfo {
 
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
+            ModelKind::Chat if self.completion_only => "completion",
             ModelKind::Chat => "chat",
             ModelKind::Embedding => "embedding",
         }
     }
+}
+
+/// A query, what it resolved to, and why each loaded model was kept or dropped.
+pub struct Explained {
+    pub query: query::Query,
+    pub outcome: Result<query::Resolution, query::ResolveError>,
+    pub reasons: Vec<query::Explain>,
 }
 
 /// The kind of model an endpoint needs (`None`: any, for `/v1/models/resolve`).
@@ -74,14 +84,26 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The loaded model with this id (case-insensitively, as OpenAI's API matches ids).
     pub fn get(&self, id: &str) -> Option<&Served> {
-        self.models.iter().find(|m| m.info().id == id)
+        let id = id.trim();
+        self.models.iter().find(|m| m.info().id == id).or_else(|| {
+            self.models
+                .iter()
+                .find(|m| m.info().id.eq_ignore_ascii_case(id))
+        })
     }
 
     /// The model a request's `model` field names: a loaded model's id, or a virtual-model query
     /// (`chat@fastest`, `smollm?context_size>4000`, or a bare tag) resolved against the models
     /// loaded now.
     pub fn resolve(&self, model: &str, want: Want) -> Result<Served, ServingError> {
+        if model.trim().is_empty() {
+            return Err(ServingError::invalid(
+                "model",
+                "You must provide a model: an id from /v1/models or a query such as `chat@fastest`.",
+            ));
+        }
         if let Some(m) = self.get(model) {
             return match want {
                 Some(kind) if m.info().kind != kind => Err(ServingError::WrongModelType(format!(
@@ -95,18 +117,14 @@ impl Registry {
                 _ => Ok(m.clone()),
             };
         }
-        let (_, outcome) = self.explain(model, want)?;
-        outcome
+        self.explain(model, want)?
+            .outcome
             .map(|r| self.models[r.index].clone())
             .map_err(ServingError::from_resolve)
     }
 
     /// Parses `model` as a query and resolves it, keeping the reasons.
-    pub fn explain(
-        &self,
-        model: &str,
-        want: Want,
-    ) -> Result<(query::Query, Result<query::Resolution, query::ResolveError>), ServingError> {
+    pub fn explain(&self, model: &str, want: Want) -> Result<Explained, ServingError> {
         let tag = model.trim();
         let tagged = self
             .models
@@ -137,7 +155,15 @@ impl Registry {
             })
             .collect();
         let outcome = query::resolve(&q, &candidates);
-        Ok((q, outcome))
+        let reasons = match &outcome {
+            Ok(r) => r.explain.clone(),
+            Err(_) => query::explain(&q, &candidates),
+        };
+        Ok(Explained {
+            query: q,
+            outcome,
+            reasons,
+        })
     }
 
     /// Stops every engine (in-flight requests end with an error).
@@ -273,6 +299,7 @@ fn serve_model(
         endpoint_publication_date: entry.endpoint_publication_date.clone(),
         license: entry.license.clone(),
         tokens_per_second: None,
+        completion_only: entry.kind == Some(ModelType::Completion),
     };
     let loaded_type = match &loaded {
         LoadedModel::Embedding { .. } => "an embedding model",

@@ -163,10 +163,11 @@ impl FromStr for Query {
     }
 }
 
-/// Whether `model` should be read as a query rather than an id: it has an `@` or a `?`. A bare
-/// tag is neither; the caller looks for that exact id first and else parses it as a tag query.
+/// Whether `model` should be read as a query rather than an id: it has a character that no id
+/// has (`@ ? & < > =`), so a malformed query gets a parse error rather than "no such model". A
+/// bare tag has none; the caller looks for that id first and else parses it as a tag query.
 pub fn is_query(model: &str) -> bool {
-    model.contains(['@', '?'])
+    model.contains(['@', '?', '&', '<', '>', '='])
 }
 
 /// Parses `TAG[@RANKER][?COND[&COND...]]`, with whitespace allowed around every token. Rankers,
@@ -181,7 +182,7 @@ fn is_word_char(c: char) -> bool {
 }
 
 fn is_tag_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-' | '/')
 }
 
 /// A cursor over the input; `pos` only ever stops on a char boundary.

@@ -257,8 +257,10 @@ fn speed(c: &Candidate) -> Option<f64> {
     known(c.tokens_per_second)
 }
 
+/// Input + output price, rounded to a millionth of a euro so that sums which differ only by
+/// floating-point error (0.1 + 0.5 and 0.2 + 0.4) tie and the documented tie-breaks decide.
 fn cost(c: &Candidate) -> Option<f64> {
-    known(Some(c.input_cost? + c.output_cost?))
+    known(Some(((c.input_cost? + c.output_cost?) * 1e6).round() / 1e6))
 }
 
 fn article(word: &str) -> &'static str {

@@ -110,9 +110,10 @@ fn rejects_invalid_queries_pointing_at_the_bad_part() {
 }
 
 #[test]
-fn is_query_needs_at_or_question_mark() {
+fn is_query_needs_a_character_no_id_has() {
     assert!(is_query("chat@latest") && is_query("chat?params<1b"));
-    assert!(!is_query("smollm2-135m-instruct"));
+    assert!(is_query("chat&context_size>1"));
+    assert!(!is_query("smollm2-135m-instruct") && !is_query("org/model:v1.2"));
 }
 
 /// Any input: no panic; an error's fragment sits at its offset; an accepted query's canonical
@@ -325,6 +326,6 @@ fn explains_every_candidate() {
     let small = outcomes("small@fastest");
     assert_eq!(small[1], "smollm2-135m: rank 1 by fastest (120.0 tokens/s)");
     assert_eq!(small[5], "minilm-l6: is an embedding model; this endpoint needs another type");
-    assert_eq!(outcomes("smollm@cheapest")[0], "smollm2-360m: rank 2 by cheapest (0.30000000000000004 EUR per 1M tokens)");
+    assert_eq!(outcomes("smollm@cheapest")[0], "smollm2-360m: rank 2 by cheapest (0.3 EUR per 1M tokens)");
     assert_eq!(outcomes("smollm")[0], "smollm2-360m: rank 2 by latest (2024-11-01; tied, so larger context_size, then id decide)");
 }

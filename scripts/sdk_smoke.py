@@ -16,6 +16,7 @@ import concurrent.futures
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -438,8 +439,12 @@ def cli(*args):
     return out.stdout
 
 
+RUN = f"{int(time.time())}-{os.getpid()}"  # projects are per run: usage accumulates across runs
+
+
 def new_token(project, ttl="1h"):
-    """`candela token create`: the secret is alone on the last line."""
+    """`candela token create` for this run's `project`: the secret is alone on the last line."""
+    project = f"{project}-{RUN}"
     token = cli("token", "create", "--project", project, "--ttl", ttl).strip().splitlines()[-1]
     tid = next(line.split()[0] for line in cli("token", "list", "--project", project).splitlines()
                if line.split()[0] in token)
@@ -501,7 +506,7 @@ def _():
 
     until(refused)
     print(f"  revocation took effect after {time.monotonic() - t0:.2f}s", flush=True)
-    expect("status=revoked" in cli("token", "list", "--project", "smoke"), "token list")
+    expect("status=revoked" in cli("token", "list", "--project", f"smoke-{RUN}"), "token list")
     # A token in candela's format that the server does not know is refused, never anonymous.
     sdk_error(openai.AuthenticationError, lambda: as_user("cdl_" + "0" * 12 + "_" + "0" * 64)
               .models.list(), 401)
@@ -510,7 +515,7 @@ def _():
 @check("platform: rate limit -> RateLimitError with retry-after and x-ratelimit headers")
 def _():
     _, token = new_token("smoke-limited")
-    cli("project", "set", "smoke-limited", "--rpm", "2")
+    cli("project", "set", f"smoke-limited-{RUN}", "--rpm", "2")
     user = as_user(token)
 
     def limited():
@@ -542,7 +547,7 @@ def _():
     req = urllib.request.Request(BASE + "/v1/usage", headers={"Authorization": f"Bearer {token}"})
     with NO_PROXY_OPENER.open(req, timeout=60) as r:
         usage = json.load(r)
-    eq(usage["project"], "smoke-usage", "project")
+    eq(usage["project"], f"smoke-usage-{RUN}", "project")
     eq(usage["total"]["requests"], 3, "requests")
     eq(usage["total"]["input_tokens"], sum(u.prompt_tokens for u in got), "input_tokens")
     eq(usage["total"]["output_tokens"], sum(getattr(u, "completion_tokens", 0) or 0 for u in got),

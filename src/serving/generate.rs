@@ -116,17 +116,6 @@ impl ChatModel {
     ) -> Result<Generation, ServingError> {
         // The catalog may declare a smaller context and output cap than the engine holds.
         let limit = self.engine.max_request_tokens.min(self.info.context_size);
-        if let Some(m) = params.max_tokens {
-            if m > self.info.max_tokens {
-                return Err(ServingError::invalid(
-                    "max_tokens",
-                    format!(
-                        "max_tokens is too large: {m}. This model supports at most {} completion tokens.",
-                        self.info.max_tokens
-                    ),
-                ));
-            }
-        }
         let max_tokens = params
             .max_tokens
             .unwrap_or_else(|| limit.saturating_sub(prompt.len()).min(self.info.max_tokens));
@@ -144,6 +133,15 @@ impl ChatModel {
                 ),
                 param: Some(if params.max_tokens.is_some() { "max_tokens".into() } else { prompt_param.into() }),
             });
+        }
+        if max_tokens > self.info.max_tokens {
+            return Err(ServingError::invalid(
+                "max_tokens",
+                format!(
+                    "max_tokens is too large: {max_tokens}. This model supports at most {} completion tokens.",
+                    self.info.max_tokens
+                ),
+            ));
         }
         let prompt_tokens = prompt.len();
         let logprobs = params.sampling.logprobs.is_some();

@@ -2,11 +2,11 @@
 # Builds the `--features cuda` binary on a machine without a GPU or a system CUDA, against a
 # CUDA toolkit installed from PyPI wheels, and leaves a stripped copy to carry to a GPU machine.
 #
-#   bash scripts/cuda-build.sh            -> target/cuda/release/candela, target/cuda/candela-gpu
+#   bash scripts/cuda-build.sh   -> target/cuda/candela-gpu (stripped) and candela-gpu.gz
 #
-# On the GPU machine (CUDA driver, no Rust): bash ../shared/scripts/gpu-run.sh \
-#   target/cuda/candela-gpu serve --device cuda:0 ...   (gpu-run.sh puts PyTorch's CUDA
-#   libraries on the loader path).
+# On the GPU machine (CUDA driver, no Rust): gunzip -c target/cuda/candela-gpu.gz >candela-gpu;
+#   chmod +x candela-gpu; bash ../shared/scripts/gpu-run.sh ./candela-gpu serve --device cuda:0
+#   (gpu-run.sh puts PyTorch's CUDA libraries on the loader path).
 #
 # Environment:
 #   CUDA_WHEELS_CACHE   where the toolkit wheels go (default ~/.cache/candela-cuda; reused)
@@ -70,6 +70,9 @@ say "$(nvcc --version | tail -1), sm_$CUDA_COMPUTE_CAP"
 # 4. The build, in its own target directory so it never invalidates the CPU build.
 CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
 strip -o target/cuda/candela-gpu target/cuda/release/candela
-say "built target/cuda/candela-gpu ($(du -h target/cuda/candela-gpu | cut -f1))"
+# Stripped it is still past 64 MiB (candle's PTX and fatbin kernels); gzipped it is about 20 MB,
+# which fits what a session can carry to the GPU machine (gunzip it there).
+gzip -9 -c target/cuda/candela-gpu >target/cuda/candela-gpu.gz
+say "built target/cuda/candela-gpu ($(du -h target/cuda/candela-gpu | cut -f1)), target/cuda/candela-gpu.gz ($(du -h target/cuda/candela-gpu.gz | cut -f1))"
 # It starts here too (CUDA calls fail cleanly on the stub): a smoke check of the binary.
 target/cuda/candela-gpu --version

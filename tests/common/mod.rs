@@ -5,6 +5,9 @@
 
 use std::sync::OnceLock;
 
+#[macro_use]
+pub mod platform;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU measurements of the README's performance section, in one call on the GPU machine
+# (CUDA driver, PyTorch + transformers, no Rust, no internet). It builds nothing: it runs the
+# binary that scripts/cuda-build.sh made here (target/cuda/candela-gpu.gz, carried over).
+#
+#   bash scripts/gpu-bench.sh [OUT_DIR]        (OUT_DIR default: $OUT, else ./gpu-bench-out)
+#
+# 1. PyTorch: HBM read bandwidth, the single-stream ceiling of the model's weights, and
+#    transformers `generate` at batch 1 and BATCH_TORCH (scripts/gpu/torch_baseline.py).
+# 2. candela serve with --load-format dummy at MODEL_CONFIG's shapes, then candela bench on
+#    random INPUT_LEN/OUTPUT_LEN prompts at each of CONCURRENCY, then the swapped lengths.
+# Every result is a JSON file in OUT_DIR; summary.json puts them side by side as ratios.
+#
+# Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 8 32 128 256"),
+# PROMPTS_PER_CONCURRENCY (4; at least 16 prompts), INPUT_LEN (1024), OUTPUT_LEN (128),
+# BATCH_TORCH (128), CANDELA_FLAGS (extra `serve` flags).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+out="${1:-${OUT:-gpu-bench-out}}"
+mkdir -p "$out"
+config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
+concurrency="${CONCURRENCY:-1 8 32 128 256}"
+per="${PROMPTS_PER_CONCURRENCY:-4}"
+in_len="${INPUT_LEN:-1024}"
+out_len="${OUTPUT_LEN:-128}"
+run="bash ../shared/scripts/gpu-run.sh"
+[ -f ../shared/scripts/gpu-run.sh ] || run=""
+say() { echo "gpu-bench: $*" >&2; }
+
+bin=/tmp/candela-gpu
+gunzip -c target/cuda/candela-gpu.gz >"$bin"
+chmod +x "$bin"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+say "PyTorch baseline"
+python3 scripts/gpu/torch_baseline.py --config "$config" --batch 1 "${BATCH_TORCH:-128}" \
+    --input-len "$in_len" --output-len "$out_len" --out "$out/torch.json" >"$out/torch.log" 2>&1 ||
+    say "torch baseline failed (see $out/torch.log)"
+
+say "candela serve $config (dummy weights)"
+port=18123
+# shellcheck disable=SC2086
+CANDELA_HOME="$out/home" $run "$bin" serve --port "$port" --device cuda:0 --model "$config" \
+    --load-format dummy --anonymous-rpm 0 ${CANDELA_FLAGS:-} >"$out/serve.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 "$server" 2>/dev/null || { say "server exited"; tail -20 "$out/serve.log"; exit 1; }
+    sleep 1
+done
+
+bench() { # input_len output_len concurrency
+    local n=$(($3 * per)); [ "$n" -ge 16 ] || n=16
+    "$bin" bench --base-url "http://127.0.0.1:$port" --tokenizer "$config" --ignore-eos \
+        --random-input-len "$1" --random-output-len "$2" --max-concurrency "$3" \
+        --num-prompts "$n" --num-warmups 1 --result-filename "$out/candela-$1-$2-c$3.json" \
+        >"$out/candela-$1-$2-c$3.log" 2>&1 || say "bench $1/$2 c$3 failed"
+}
+for c in $concurrency; do bench "$in_len" "$out_len" "$c"; done
+for c in $concurrency; do bench "$out_len" "$in_len" "$c"; done
+
+python3 - "$out" <<'EOF'
+import glob, json, os, sys
+out = sys.argv[1]
+summary = {"candela": {}}
+torch_path = os.path.join(out, "torch.json")
+torch_res = json.load(open(torch_path)) if os.path.exists(torch_path) else {}
+summary["torch"] = torch_res
+for path in sorted(glob.glob(os.path.join(out, "candela-*.json"))):
+    r = json.load(open(path))
+    summary["candela"][os.path.basename(path)[:-5]] = {
+        k: r.get(k) for k in ("completed", "output_throughput", "mean_ttft_ms", "p99_itl_ms", "mean_tpot_ms")}
+c1 = summary["candela"].get(next((k for k in summary["candela"] if k.endswith("-c1")), ""), {})
+if torch_res and c1.get("mean_tpot_ms"):
+    single = 1000.0 / c1["mean_tpot_ms"]
+    summary["single_stream_tok_s"] = single
+    summary["fraction_of_ceiling"] = single / torch_res["ceiling_tok_s"]
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print(json.dumps(summary, indent=2))
+EOF

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::platform::query::is_tag_char;
+
 /// The catalog compiled into the binary (`models/catalog.toml`).
 pub const DEFAULT_CATALOG: &str = include_str!("../models/catalog.toml");
 
@@ -81,11 +83,7 @@ impl CatalogEntry {
 
 fn id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
-    let ok = !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
-        && !s.contains(['@', '?']);
+    let ok = !s.is_empty() && s.len() <= 128 && s.chars().all(is_tag_char);
     if ok {
         Ok(s)
     } else {
@@ -110,12 +108,10 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> 
 
 fn tags<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     let tags = Vec::<String>::deserialize(d)?;
-    match tags.iter().find(|t| {
-        t.is_empty()
-            || !t
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
-    }) {
+    match tags
+        .iter()
+        .find(|t| t.is_empty() || !t.chars().all(is_tag_char))
+    {
         Some(bad) => Err(serde::de::Error::custom(format!(
             "invalid tag `{bad}`: use letters, digits and - _ . : / (a query names tags by these)"
         ))),

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 
 use super::{ProjectCommand, TokenCommand, UsageArgs};
 use candela::platform::store::{now, ProjectLimits, Store};
-use candela::platform::token;
+use candela::platform::{token, usage};
 
 /// Lets `candela token list | head -1` end quietly, as other command-line tools do, instead of
 /// panicking when the reader goes away.
@@ -112,17 +112,9 @@ pub fn project(command: ProjectCommand, home: &Path) -> anyhow::Result<()> {
 }
 
 pub fn usage(args: UsageArgs, home: &Path) -> anyhow::Result<()> {
-    use candela::api::usage_bound;
     let store = open(home)?;
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let bound = |v: &Option<String>, end: bool, flag: &str, default: i64| match v {
-        None => Ok(default),
-        Some(t) => usage_bound(t, end).with_context(|| {
-            format!("{flag} `{t}`: expected YYYY-MM-DD, an RFC 3339 time or Unix seconds")
-        }),
-    };
-    let from = bound(&args.from, false, "--from", now_ms - 30 * 86_400_000)?;
-    let to = bound(&args.to, true, "--to", now_ms + 1000)?;
+    let (from, to) = usage::period(args.from.as_deref(), args.to.as_deref())
+        .map_err(|e| anyhow::anyhow!("{e} (--{})", e.param))?;
     let rows = store.usage(args.project.as_deref(), from, to)?;
     if args.json {
         let body = serde_json::json!({
@@ -130,7 +122,7 @@ pub fn usage(args: UsageArgs, home: &Path) -> anyhow::Result<()> {
             "project": args.project,
             "currency": "EUR",
             "data": rows,
-            "total": candela::api::usage_totals(&rows),
+            "total": usage::totals(&rows),
         });
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());

@@ -114,6 +114,10 @@ pub async fn gate(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
     req.extensions_mut().insert(meter.clone());
     let mut resp = next.run(req).await;
     meter.set_status(resp.status().as_u16());
+    // Names the model that served the call (what a virtual-model query resolved to).
+    if let Some(v) = meter.model().and_then(|m| HeaderValue::from_str(&m).ok()) {
+        resp.headers_mut().insert("x-candela-resolved-model", v);
+    }
     let mut decision = decision;
     if let Some(wait) = meter.refused_for() {
         // Admitted, then refused once its size was known (tokens per minute).
@@ -141,9 +145,14 @@ pub fn tokens_refused(meter: &Meter, wait: std::time::Duration, requested: u64) 
             format_reset(wait)
         )
     };
+    rate_limited("tokens", message)
+}
+
+/// OpenAI's 429: `type` names the limit ("requests" or "tokens").
+fn rate_limited(limit: &'static str, message: String) -> ApiError {
     ApiError {
         status: StatusCode::TOO_MANY_REQUESTS,
-        kind: "tokens",
+        kind: limit,
         code: Some("rate_limit_exceeded".into()),
         ..ApiError::invalid(None, message)
     }
@@ -160,19 +169,14 @@ fn too_many(d: &Decision, project: &str, limit: &'static str, class: Class) -> A
         (_, Class::Embeddings) => "embeddings requests per minute (RPM)",
         _ => "requests per minute (RPM)",
     };
-    ApiError {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        kind: limit,
-        code: Some("rate_limit_exceeded".into()),
-        ..ApiError::invalid(
-            None,
-            format!(
-                "Rate limit reached for project `{project}` on {what}: limit {}. Please try again in {}.",
-                budget.map_or(0, |b| b.limit),
-                format_reset(d.retry_after)
-            ),
-        )
-    }
+    rate_limited(
+        limit,
+        format!(
+            "Rate limit reached for project `{project}` on {what}: limit {}. Please try again in {}.",
+            budget.map_or(0, |b| b.limit),
+            format_reset(d.retry_after)
+        ),
+    )
 }
 
 fn rate_headers(headers: &mut HeaderMap, d: &Decision) {

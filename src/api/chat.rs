@@ -109,14 +109,6 @@ fn chat_model(
     }
 }
 
-/// Names the model that served a request (useful when `model` was a query).
-pub fn resolved_header(mut resp: Response, model: &str) -> Response {
-    if let Ok(v) = axum::http::HeaderValue::from_str(model) {
-        resp.headers_mut().insert("x-candela-resolved-model", v);
-    }
-    resp
-}
-
 /// Reserves the call's tokens (its prompts, and `max_tokens` for each choice when given) under
 /// the project's tokens-per-minute limit.
 fn reserve(
@@ -198,7 +190,7 @@ pub async fn chat_completions(
     } else {
         full_response(meta, gens, prompt.len()).await?
     };
-    Ok(resolved_header(resp, &model.info.id))
+    Ok(resp)
 }
 
 pub async fn completions(
@@ -263,7 +255,7 @@ pub async fn completions(
     } else {
         full_response(meta, gens, prompt_tokens).await?
     };
-    Ok(resolved_header(resp, &model.info.id))
+    Ok(resp)
 }
 
 /// A generation run to its end.

@@ -119,5 +119,5 @@ pub async fn embeddings(
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }))
     .into_response();
-    Ok(super::chat::resolved_header(resp, &model.info.id))
+    Ok(resp)
 }

@@ -20,7 +20,6 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 pub use error::ApiError;
-pub use usage::{parse_bound as usage_bound, totals as usage_totals};
 
 use crate::platform::Platform;
 use crate::serving::Registry;

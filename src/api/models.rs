@@ -76,13 +76,13 @@ pub async fn resolve(
             ))
         }
     };
-    if let Some(m) = state.registry.get(&query) {
+    if state.registry.get(&query).is_some() {
         let served = state.registry.resolve(&query, want)?;
         return Ok(Json(json!({
             "query": query,
             "model": served.info().id,
             "reason": "the query is the id of a loaded model",
-            "data": [model_json(m.info())],
+            "data": [model_json(served.info())],
         }))
         .into_response());
     }

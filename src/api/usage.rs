@@ -15,7 +15,7 @@ use super::{access, ApiError, AppState};
 use crate::platform::metrics::{
     to_prometheus_text, EngineSample, CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE,
 };
-use crate::platform::store::UsageRow;
+use crate::platform::usage::{self, totals};
 use crate::platform::{Caller, ANONYMOUS_PROJECT};
 use crate::serving::Served;
 
@@ -26,59 +26,13 @@ pub struct UsageQuery {
     to: Option<String>,
 }
 
-/// A bound of a usage period: `YYYY-MM-DD` (a whole UTC day; `to` includes it), RFC 3339, or
-/// Unix seconds. Returns Unix milliseconds.
-pub fn parse_bound(text: &str, end: bool) -> Option<i64> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<i64>() {
-        return Some(secs.saturating_mul(1000));
-    }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Some(t.timestamp_millis());
-    }
-    let day = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
-    let day = if end { day.succ_opt()? } else { day };
-    Some(day.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
-}
-
-/// Sums of a usage table.
-pub fn totals(rows: &[UsageRow]) -> Value {
-    let sum = |f: fn(&UsageRow) -> u64| rows.iter().map(f).sum::<u64>();
-    json!({
-        "requests": sum(|r| r.requests),
-        "failed_requests": sum(|r| r.failed_requests),
-        "input_tokens": sum(|r| r.input_tokens),
-        "output_tokens": sum(|r| r.output_tokens),
-        // `+ 0.0`: an empty sum is -0.0.
-        "cost": rows.iter().map(|r| r.cost).sum::<f64>() + 0.0,
-    })
-}
-
 pub async fn usage(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<UsageQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let bound = |v: &Option<String>, end: bool, param: &str, default: i64| {
-        match v {
-        None => Ok(default),
-        Some(t) => parse_bound(t, end).ok_or_else(|| {
-            ApiError::invalid(
-                Some(param),
-                format!("Invalid value for '{param}': `{t}`; expected YYYY-MM-DD, an RFC 3339 time or Unix seconds."),
-            )
-        }),
-    }
-    };
-    let now = chrono::Utc::now().timestamp_millis();
-    let from = bound(&q.from, false, "from", now - 30 * 86_400_000)?;
-    let to = bound(&q.to, true, "to", now + 1000)?;
-    if from >= to {
-        return Err(ApiError::invalid(
-            Some("from"),
-            "'from' must be before 'to'.",
-        ));
-    }
+    let (from, to) = usage::period(q.from.as_deref(), q.to.as_deref())
+        .map_err(|e| ApiError::invalid(Some(e.param), e.to_string()))?;
     // A token sees its own project; anonymous callers see the anonymous project; the admin all.
     let own = match &caller {
         Caller::Admin => None,

@@ -7,9 +7,66 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use super::ratelimit::{Class, Subject, Ticket};
-use super::store::{Store, UsageRecord};
+use super::store::{Store, UsageRecord, UsageRow};
 use super::Platform;
 use crate::serving::ModelInfo;
+
+/// A `from`/`to` that is not a time, or a period that ends before it starts.
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid value for '{param}': {message}")]
+pub struct PeriodError {
+    /// `from` or `to`.
+    pub param: &'static str,
+    message: String,
+}
+
+/// The usage period `[from, to)` in Unix milliseconds, from optional bounds: `YYYY-MM-DD` (a
+/// whole UTC day; `to` includes it), RFC 3339, or Unix seconds. Defaults: the last 30 days.
+pub fn period(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), PeriodError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let bound = |text: Option<&str>, end: bool, param, default| match text {
+        None => Ok(default),
+        Some(t) => parse_bound(t, end).ok_or_else(|| PeriodError {
+            param,
+            message: format!("`{t}`; expected YYYY-MM-DD, an RFC 3339 time or Unix seconds."),
+        }),
+    };
+    let from = bound(from, false, "from", now - 30 * 86_400_000)?;
+    let to = bound(to, true, "to", now + 1000)?;
+    if from >= to {
+        return Err(PeriodError {
+            param: "from",
+            message: "it must be before 'to'.".into(),
+        });
+    }
+    Ok((from, to))
+}
+
+fn parse_bound(text: &str, end: bool) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<i64>() {
+        return Some(secs.saturating_mul(1000));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.timestamp_millis());
+    }
+    let day = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+    let day = if end { day.succ_opt()? } else { day };
+    Some(day.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
+}
+
+/// Sums of a usage table, as `/v1/usage` and `candela usage --json` report them.
+pub fn totals(rows: &[UsageRow]) -> serde_json::Value {
+    let sum = |f: fn(&UsageRow) -> u64| rows.iter().map(f).sum::<u64>();
+    serde_json::json!({
+        "requests": sum(|r| r.requests),
+        "failed_requests": sum(|r| r.failed_requests),
+        "input_tokens": sum(|r| r.input_tokens),
+        "output_tokens": sum(|r| r.output_tokens),
+        // `+ 0.0`: an empty sum is -0.0.
+        "cost": rows.iter().map(|r| r.cost).sum::<f64>() + 0.0,
+    })
+}
 
 enum Msg {
     Record(UsageRecord),
@@ -196,6 +253,11 @@ impl Meter {
         let mut s = self.state();
         s.status = status;
         s.failed = true;
+    }
+
+    /// The model that served the call, once resolved.
+    pub fn model(&self) -> Option<String> {
+        self.state().model.clone()
     }
 
     pub fn project(&self) -> &str {

@@ -181,7 +181,8 @@ fn is_word_char(c: char) -> bool {
     !c.is_whitespace() && !matches!(c, '@' | '?' | '&' | '<' | '>' | '=' | '!')
 }
 
-fn is_tag_char(c: char) -> bool {
+/// The characters of a tag (and of a model id that a query can name).
+pub fn is_tag_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-' | '/')
 }
 

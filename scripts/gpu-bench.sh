@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of the README's performance section, in one call on the GPU machine
 # (CUDA driver, PyTorch + transformers, no Rust, no internet). It builds nothing: it runs the
-# binary that scripts/cuda-build.sh made here (target/cuda/candela-gpu.gz, carried over).
+# binaries that scripts/cuda-build.sh made here (target/cuda/candela-gpu.gz and
+# kernels-test.gz, carried over).
 #
 #   bash scripts/gpu-bench.sh [OUT_DIR]        (OUT_DIR default: $OUT, else ./gpu-bench-out)
 #
+# 0. candela-kernels' tests on the GPU (the CUDA kernels against plain candle): kernels-test.log.
 # 1. PyTorch: HBM read bandwidth, the single-stream ceiling of the model's weights, and
 #    transformers `generate` at batch 1 and BATCH_TORCH (scripts/gpu/torch_baseline.py).
 # 2. candela serve with --load-format dummy at MODEL_CONFIG's shapes, then candela bench on
@@ -32,6 +34,15 @@ bin=/tmp/candela-gpu
 gunzip -c target/cuda/candela-gpu.gz >"$bin"
 chmod +x "$bin"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+say "kernel tests"
+tests=/tmp/candela-kernels-test
+gunzip -c target/cuda/kernels-test.gz >"$tests"
+chmod +x "$tests"
+# shellcheck disable=SC2086
+$run "$tests" --test-threads=1 >"$out/kernels-test.log" 2>&1 ||
+    say "kernel tests failed (see $out/kernels-test.log)"
+grep "test result" "$out/kernels-test.log" >&2 || true
 
 say "PyTorch baseline"
 python3 scripts/gpu/torch_baseline.py --config "$config" --batch 1 "${BATCH_TORCH:-128}" \
@@ -65,6 +76,10 @@ python3 - "$out" <<'EOF'
 import glob, json, os, sys
 out = sys.argv[1]
 summary = {"candela": {}}
+tests_log = os.path.join(out, "kernels-test.log")
+if os.path.exists(tests_log):
+    results = [l.strip() for l in open(tests_log) if l.startswith("test result")]
+    summary["kernel_tests"] = results[-1] if results else "did not finish"
 torch_path = os.path.join(out, "torch.json")
 torch_res = json.load(open(torch_path)) if os.path.exists(torch_path) else {}
 summary["torch"] = torch_res

@@ -1,13 +1,28 @@
 //! Compute kernels for candela, exposed as functions over candle tensors.
 //!
-//! Each kernel has a fast implementation (a candle custom op) and a plain-candle reference that
-//! runs on any device; the tests check one against the other. Devices without a fast
-//! implementation yet fall back to the reference, so the engine is device-generic.
+//! Each kernel has a fast implementation (a candle custom op: CPU and, with the `cuda` feature,
+//! CUDA kernels compiled from `cuda/*.cu`) and a plain-candle path that runs on any device; the
+//! tests check one against the other. Inputs the fast implementations do not take (another
+//! device, dtype or shape) go the plain way, so the engine is device-generic.
 
+mod activation;
 mod cache;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod math;
+mod norm;
 mod paged_attention;
 mod quant_matmul;
+mod rotary;
+#[cfg(all(test, feature = "cuda"))]
+mod test_util;
 
+pub use activation::{silu_and_mul, silu_mul};
 pub use cache::reshape_and_cache;
-pub use paged_attention::{paged_attention, paged_attention_reference, SeqAttention};
+pub use math::exp_nonpositive;
+pub use norm::{add_rms_norm, rms_norm};
+pub use paged_attention::{
+    paged_attention, paged_attention_reference, AttentionMeta, SeqAttention,
+};
 pub use quant_matmul::{QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK};
+pub use rotary::{rotary_embedding, RopeLayout};

@@ -1,4 +1,4 @@
-use candela_kernels::SeqAttention;
+use candela_kernels::{AttentionMeta, SeqAttention};
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::LmConfig;
@@ -12,8 +12,8 @@ pub struct Batch {
     pub positions: Tensor,
     /// `[tokens]` u32: each token's KV-cache slot (block_id * block_size + offset).
     pub slot_mapping: Tensor,
-    /// Per sequence: its rows in the batch and its block table.
-    pub seqs: Vec<SeqAttention>,
+    /// Per sequence: its rows in the batch and its block table (uploaded once for all layers).
+    pub attention: AttentionMeta,
     /// `[n]` u32: the rows whose logits are wanted (usually each sequence's last token).
     pub logits_rows: Tensor,
     /// Host copy of `logits_rows`.
@@ -38,7 +38,7 @@ impl Batch {
             input_ids: Tensor::new(input_ids, device)?,
             positions: Tensor::new(positions, device)?,
             slot_mapping: Tensor::new(slot_mapping, device)?,
-            seqs,
+            attention: AttentionMeta::new(seqs),
             logits_rows: Tensor::new(logits_rows, device)?,
             logits_rows_host: logits_rows.to_vec(),
             prompt_rows,

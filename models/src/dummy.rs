@@ -142,5 +142,6 @@ mod tests {
         // embed + 2 layers of (q, k, v, o, gate, up, down) + lm_head
         let per_layer = 64 * 64 * 2 + 2 * (32 * 64) + 3 * (128 * 64);
         assert_eq!(cfg.params, (300 * 64 * 2 + 2 * per_layer) as u64);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -315,7 +315,7 @@ impl CausalLm for Llama {
                 c.head_dim,
             ))?;
             reshape_and_cache(&k, &v, k_cache, v_cache, &batch.slot_mapping)?;
-            let attn = paged_attention(&q, k_cache, v_cache, &batch.seqs, scale)?;
+            let attn = paged_attention(&q, k_cache, v_cache, &batch.attention, scale)?;
             let attn = attn.reshape((tokens, c.num_heads * c.head_dim))?;
             x = (x + layer.wo.forward(&attn, &rows)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.rms_eps)?;

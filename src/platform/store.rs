@@ -438,9 +438,25 @@ CREATE INDEX IF NOT EXISTS usage_time ON usage(at_ms);
 mod tests {
     use super::*;
 
-    fn temp_store() -> (Store, PathBuf) {
+    /// A directory removed when dropped (after the store beside it in the tuple).
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_store() -> (Store, TempDir) {
         let dir = std::env::temp_dir().join(format!("candela-store-{}", uuid::Uuid::new_v4()));
-        (Store::open_dir(&dir).unwrap(), dir)
+        (Store::open_dir(&dir).unwrap(), TempDir(dir))
     }
 
     #[test]

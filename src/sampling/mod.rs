@@ -4,6 +4,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use candela_kernels::exp_nonpositive;
+
 use crate::ids::TokenId;
 
 /// Validated sampling settings of one sequence.
@@ -48,10 +50,11 @@ pub struct Sampled {
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
-/// Per-sequence sampling state: the random stream and output-token counts for penalties.
+/// Per-sequence sampling state: the random stream, and a buffer for the vocabulary's weights.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -60,7 +63,11 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            weights: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -128,51 +135,106 @@ impl Sampler {
         }
     }
 
+    /// Draws from the temperature-scaled distribution cut by top-k, min-p and top-p, exactly as
+    /// ranking the whole vocabulary would cut it, without ranking it: only the cuts need an
+    /// order, and only among the few tokens they can keep.
     fn sample_random(&mut self, logits: &[f32]) -> usize {
         let p = &self.params;
-        // Candidates sorted by logit, cut by top-k first so that the sort stays small.
-        let mut idx: Vec<usize> = if p.top_k > 0 && p.top_k < logits.len() {
-            top_k_indices(logits, p.top_k)
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv_t = 1.0 / p.temperature;
+        // Weights relative to the top token's (which weighs 1).
+        let weight = |l: f32| exp_nonpositive((l - max) * inv_t);
+        let (mut ranked, total) = if p.top_k > 0 && p.top_k < logits.len() {
+            let ranked: Vec<(usize, f32)> = top_k_indices(logits, p.top_k)
+                .into_iter()
+                .map(|i| (i, weight(logits[i])))
+                .collect();
+            let total = ranked.iter().map(|c| c.1).sum::<f32>();
+            (ranked, total)
         } else {
-            let mut all: Vec<usize> = (0..logits.len()).collect();
-            all.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-            all
+            let w = &mut self.weights;
+            w.clear();
+            w.extend(logits.iter().map(|&l| weight(l)));
+            let total = sum(w);
+            if p.top_p >= 1.0 {
+                // No ranking needed: min-p is a threshold on the weights.
+                let floor = p.min_p;
+                let kept = if floor > 0.0 {
+                    sum_where(w, |x| x >= floor)
+                } else {
+                    total
+                };
+                let mut r = self.rng.random::<f32>() * kept;
+                let mut last = 0;
+                for (i, &x) in w.iter().enumerate().filter(|(_, &x)| x >= floor && x > 0.0) {
+                    if r < x {
+                        return i;
+                    }
+                    r -= x;
+                    last = i;
+                }
+                return last;
+            }
+            // Top-p keeps the best tokens until their mass reaches top_p: every token at or
+            // above a weight whose tokens already hold that mass is enough to rank.
+            let floor = p.min_p;
+            let target = (p.top_p * total).min(sum_where(w, |x| x >= floor));
+            let mut t = 1.0f32;
+            while t > f32::MIN_POSITIVE && sum_where(w, |x| x >= t.max(floor)) < target {
+                t *= 0.25;
+            }
+            let t = t.max(floor);
+            let mut ranked: Vec<(usize, f32)> = w
+                .iter()
+                .enumerate()
+                .filter(|(_, &x)| x >= t && x > 0.0)
+                .map(|(i, &x)| (i, x))
+                .collect();
+            ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            (ranked, total)
         };
-        let max = logits[idx[0]];
-        let mut probs: Vec<f32> = idx
-            .iter()
-            .map(|&i| ((logits[i] - max) / p.temperature).exp())
-            .collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
         if p.min_p > 0.0 {
-            let cut = p.min_p * probs[0];
-            let keep = probs.iter().take_while(|&&x| x >= cut).count().max(1);
-            idx.truncate(keep);
-            probs.truncate(keep);
+            let keep = ranked.iter().take_while(|c| c.1 >= p.min_p).count().max(1);
+            ranked.truncate(keep);
         }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
-            let keep = probs
+            let keep = ranked
                 .iter()
-                .position(|&x| {
-                    acc += x;
+                .position(|c| {
+                    acc += c.1 / total;
                     acc >= p.top_p
                 })
-                .map_or(probs.len(), |i| i + 1);
-            idx.truncate(keep);
-            probs.truncate(keep);
+                .map_or(ranked.len(), |i| i + 1);
+            ranked.truncate(keep);
         }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, &pr) in idx.iter().zip(&probs) {
-            if r < pr {
-                return *i;
+        let kept: f32 = ranked.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * kept;
+        for &(i, x) in &ranked {
+            if r < x {
+                return i;
             }
-            r -= pr;
+            r -= x;
         }
-        *idx.last().expect("at least one candidate")
+        ranked.last().expect("at least one candidate").0
     }
+}
+
+/// Sum with sixteen running totals, so that it vectorises.
+fn sum(x: &[f32]) -> f32 {
+    sum_where(x, |_| true)
+}
+
+fn sum_where(x: &[f32], keep: impl Fn(f32) -> bool) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().filter(|&&v| keep(v)).sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += if keep(c[i]) { c[i] } else { 0.0 };
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn argmax(x: &[f32]) -> usize {
@@ -275,6 +337,58 @@ mod tests {
             assert!(
                 [1, 2, 4].contains(&t),
                 "min_p keeps tokens within half of the top probability, got {t}"
+            );
+        }
+    }
+
+    /// The cuts over a large vocabulary match ranking it all: every draw lands in the nucleus a
+    /// full sort gives, and the top token comes up as often as its share of the nucleus.
+    #[test]
+    fn cuts_over_a_large_vocabulary_match_a_full_ranking() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let logits: Vec<f32> = (0..5000).map(|_| rng.random::<f32>() * 12.0).collect();
+        for (top_p, min_p) in [(0.8, 0.0), (0.5, 0.1), (1.0, 0.2), (0.95, 0.0)] {
+            let t = 0.7f32;
+            let max = logits.iter().copied().fold(f32::MIN, f32::max);
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            let w: Vec<f64> = order
+                .iter()
+                .map(|&i| (((logits[i] - max) / t) as f64).exp())
+                .collect();
+            let total: f64 = w.iter().sum();
+            let mut nucleus = Vec::new();
+            let mut acc = 0.0;
+            for (&i, &x) in order.iter().zip(&w) {
+                if x < min_p as f64 || (top_p < 1.0 && acc >= top_p as f64) {
+                    break;
+                }
+                acc += x / total;
+                nucleus.push(i);
+            }
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                top_p,
+                min_p,
+                seed: Some(11),
+                ..Default::default()
+            });
+            let draws = 4000;
+            let mut top = 0;
+            for _ in 0..draws {
+                let tok = s.sample(&mut logits.clone(), &[], &[]).token as usize;
+                assert!(
+                    nucleus.contains(&tok),
+                    "top_p {top_p} min_p {min_p}: {tok} outside"
+                );
+                top += (tok == order[0]) as usize;
+            }
+            let kept: f64 = w[..nucleus.len()].iter().sum();
+            let want = w[0] / kept;
+            let got = top as f64 / draws as f64;
+            assert!(
+                (got - want).abs() < 4.0 * (want * (1.0 - want) / draws as f64).sqrt() + 1e-3,
+                "top_p {top_p} min_p {min_p}: top token {got} vs {want}"
             );
         }
     }

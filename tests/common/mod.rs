@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 #[macro_use]
 pub mod platform;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candela::platform::{DefaultLimits, Platform, PlatformConfig};
@@ -62,8 +62,10 @@ pub fn options(kv_cache_bytes: u64) -> ServeOptions {
 }
 
 /// A fresh data directory for one server's database.
+/// A fresh directory under cargo's scratch space for integration tests (`target/tmp`), so that
+/// test runs leave nothing in the system's temporary directory.
 pub fn temp_dir(label: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("candela-test-{label}-{}", uuid_like()))
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("candela-test-{label}-{}", uuid_like()))
 }
 
 /// Platform settings for tests: a fresh database, no rate limits unless a test sets them.
@@ -218,7 +220,7 @@ struct BenchCli {
 /// Runs `candela bench` with these flags and returns its saved JSON.
 pub async fn run_bench(flags: &[&str]) -> Value {
     use clap::Parser;
-    let out = std::env::temp_dir().join(format!("candela-bench-{}.json", uuid_like()));
+    let out = temp_dir("bench").with_extension("json");
     let mut argv = vec!["bench", "--result-filename", out.to_str().unwrap()];
     argv.extend_from_slice(flags);
     let cli = BenchCli::try_parse_from(argv).unwrap();

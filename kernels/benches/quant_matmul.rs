@@ -1,0 +1,44 @@
+//! The CPU quantized matmul at SmolLM2-135M's decode shapes: one sequence and sixteen.
+//!
+//!     cargo bench -p candela-kernels --bench quant_matmul
+
+use candela_kernels::QMatrix;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+fn bench(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    // (name, rows, cols): an FFN up projection in GGUF Q4_1, the tied output head in int8.
+    let shapes = [
+        ("q4_1 1536x576", 1536, 576),
+        ("q4_1 576x1536", 576, 1536),
+        ("q8 49152x576", 49152, 576),
+    ];
+    let mut group = c.benchmark_group("quant_matmul");
+    for (name, rows, cols) in shapes {
+        let w = Tensor::randn(0f32, 1., (rows, cols), &dev).unwrap();
+        let q = if name.starts_with("q4_1") {
+            let qt = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+            QMatrix::from_q4_1(&qt.data().unwrap(), rows, cols).unwrap()
+        } else {
+            QMatrix::from_tensor(&w).unwrap()
+        };
+        for m in [1usize, 16] {
+            let x: Vec<f32> = Tensor::randn(0f32, 1., (m, cols), &dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            group.throughput(Throughput::Elements((m * rows * cols) as u64));
+            group.bench_with_input(BenchmarkId::new(name, m), &m, |b, &m| {
+                b.iter(|| q.matmul(&x, m))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,63 @@
+//! With the `cuda` feature, compiles `cuda/*.cu` to PTX in `OUT_DIR` (embedded by `src/cuda.rs`;
+//! the driver compiles the PTX for the GPU it finds when a module is first loaded). Without the
+//! feature it does nothing, so CPU builds need no CUDA toolkit.
+//!
+//! nvcc is `$NVCC`, else `bin/nvcc` under `$CUDA_ROOT`, `$CUDA_PATH` or `$CUDA_HOME`, else the one
+//! on `PATH`. `CUDA_COMPUTE_CAP` (default 90) picks the PTX's virtual architecture, `compute_XX`:
+//! the oldest GPU generation that can run it.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    println!("cargo:rerun-if-changed=cuda");
+    for var in [
+        "NVCC",
+        "CUDA_ROOT",
+        "CUDA_PATH",
+        "CUDA_HOME",
+        "CUDA_COMPUTE_CAP",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let nvcc = nvcc();
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
+        .expect("kernels/cuda exists")
+        .map(|e| e.expect("readable kernels/cuda").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        let ptx = out_dir
+            .join(src.file_stem().expect("a .cu file has a name"))
+            .with_extension("ptx");
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg("-o")
+            .arg(&ptx)
+            .arg(&src)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+        assert!(status.success(), "nvcc failed on {}", src.display());
+    }
+}
+
+fn nvcc() -> PathBuf {
+    if let Some(nvcc) = env::var_os("NVCC") {
+        return nvcc.into();
+    }
+    ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"]
+        .iter()
+        .filter_map(env::var_os)
+        .map(|root| Path::new(&root).join("bin/nvcc"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "nvcc".into())
+}

@@ -1,0 +1,76 @@
+// Helpers shared by candela's kernels: dtype conversions, 16-byte packs and warp reductions.
+//
+// Every kernel moves global memory in 16-byte packs (8 bf16/f16 or 4 f32 values) and computes
+// in f32; the host checks that rows are whole packs and 16-byte aligned before launching.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace candela {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// Values of T in a 16-byte pack.
+template <typename T> __host__ __device__ constexpr int pack_len() { return 16 / sizeof(T); }
+
+// Widens a pack of T to floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4 &raw, float *dst) {
+    const T *v = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < pack_len<T>(); ++i) dst[i] = to_float(v[i]);
+}
+
+// Narrows floats to a pack of T (round to nearest even).
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float *src) {
+    uint4 raw;
+    T *v = reinterpret_cast<T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < pack_len<T>(); ++i) v[i] = from_float<T>(src[i]);
+    return raw;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_pack(const T *src, float *dst) {
+    unpack<T>(*reinterpret_cast<const uint4 *>(src), dst);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T *dst, const float *src) {
+    *reinterpret_cast<uint4 *>(dst) = pack<T>(src);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+        x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    return x;
+}
+
+} // namespace candela
+
+// Instantiates `KERNEL(NAME_SUFFIX, TYPE)` for the three float types the kernels take.
+#define CANDELA_FOR_FLOAT_TYPES(KERNEL)                                                          \
+    KERNEL(f32, float)                                                                           \
+    KERNEL(f16, __half)                                                                          \
+    KERNEL(bf16, __nv_bfloat16)

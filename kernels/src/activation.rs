@@ -1,0 +1,170 @@
+//! SiLU-and-multiply, the gate of SwiGLU MLPs (Llama, Mistral, SmolLM): `silu(gate) * up`.
+//!
+//! On CUDA one kernel reads both operands and writes the product, with no intermediate `silu`
+//! tensor; elsewhere (or for rows that are not whole 16-byte packs) plain candle ops.
+
+use candle_core::{Result, Tensor, D};
+
+/// `silu(x[.., :n]) * x[.., n:]` for `x` of shape `[.., 2n]`, e.g. a fused gate/up projection.
+/// Returns `[.., n]`.
+pub fn silu_and_mul(x: &Tensor) -> Result<Tensor> {
+    let width = x.dim(D::Minus1)?;
+    if !width.is_multiple_of(2) {
+        candle_core::bail!("silu_and_mul: last dim {width} is odd");
+    }
+    let n = width / 2;
+    #[cfg(feature = "cuda")]
+    if cuda::fits(x, n) {
+        return cuda::silu_and_mul(x, n);
+    }
+    let gate = x.narrow(D::Minus1, 0, n)?;
+    let up = x.narrow(D::Minus1, n, n)?;
+    candle_nn::ops::silu(&gate)? * up
+}
+
+/// `silu(a) * b` for two tensors of the same shape.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "silu_mul: {:?} {:?} and {:?} {:?} differ",
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if cuda::fits(a, a.dim(D::Minus1)?) && b.device().same_device(a.device()) {
+        return cuda::silu_mul(a, b);
+    }
+    candle_nn::ops::silu(a)? * b
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::{CudaDevice, DType, Result, Tensor, D};
+
+    use crate::cuda::{self as cu, dispatch_float};
+
+    /// Rows of `n` values are whole packs, so both halves of a fused row start aligned.
+    pub(super) fn fits(x: &Tensor, n: usize) -> bool {
+        cu::on_cuda(x) && x.elem_count() > 0 && n.is_multiple_of(cu::pack_len(x.dtype()))
+    }
+
+    pub(super) fn silu_and_mul(x: &Tensor, n: usize) -> Result<Tensor> {
+        let x = cu::packed(x)?;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("x has a last dim") = n;
+        dispatch_float!(x.dtype(), fused(&x, n, shape))
+    }
+
+    pub(super) fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (a, b) = (cu::packed(a)?, cu::packed(b)?);
+        dispatch_float!(a.dtype(), pair(&a, &b))
+    }
+
+    fn fused<T: CudaDType + DeviceRepr>(x: &Tensor, n: usize, shape: Vec<usize>) -> Result<Tensor> {
+        let dev = x.device().as_cuda_device()?;
+        let rows = x.elem_count() / (2 * n);
+        let (storage, layout) = x.storage_and_layout();
+        let gate = cu::view::<T>(&storage, layout)?;
+        let up = gate.slice(n..);
+        let out = launch(dev, x.dtype(), &gate, &up, rows, n, 2 * n)?;
+        Ok(cu::tensor(out, dev, shape))
+    }
+
+    fn pair<T: CudaDType + DeviceRepr>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dev = a.device().as_cuda_device()?;
+        let n = a.dim(D::Minus1)?;
+        let (a_storage, a_layout) = a.storage_and_layout();
+        let (b_storage, b_layout) = b.storage_and_layout();
+        let a_view = cu::view::<T>(&a_storage, a_layout)?;
+        let b_view = cu::view::<T>(&b_storage, b_layout)?;
+        let out = launch(dev, a.dtype(), &a_view, &b_view, a.elem_count() / n, n, n)?;
+        Ok(cu::tensor(out, dev, a.shape()))
+    }
+
+    /// Grid-stride over the packs of `[rows, n]`, 256 threads a block.
+    fn launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        dtype: DType,
+        a: &CudaView<T>,
+        b: &CudaView<T>,
+        rows: usize,
+        n: usize,
+        stride: usize,
+    ) -> Result<CudaSlice<T>> {
+        let name = format!(
+            "silu_mul_{}",
+            cu::type_name(dtype).expect("checked by fits")
+        );
+        let func = cu::ACTIVATION.function(dev, &name)?;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(rows * n)? };
+        let packs = rows * n / cu::pack_len(dtype);
+        let cfg = LaunchConfig {
+            grid_dim: (packs.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, n, stride) = (cu::int(rows)?, cu::int(n)?, cu::int(stride)?);
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&func);
+        args.arg(&out).arg(a).arg(b);
+        args.arg(&rows).arg(&n).arg(&stride).arg(&stride);
+        // SAFETY: argument types and order match `silu_mul_*` in cuda/activation.cu.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use candle_core::{DType, Result, Tensor, D};
+
+    use super::{silu_and_mul, silu_mul};
+    use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
+
+    fn reference(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::silu(a)? * b
+    }
+
+    #[test]
+    fn fused_and_pair_match_candle() -> Result<()> {
+        let Some(dev) = cuda_device() else {
+            return Ok(());
+        };
+        for dtype in DTYPES {
+            // 8 and 1376 are whole packs of every dtype; 12 is not for 16-bit types (fallback).
+            for n in [8, 12, 1376] {
+                let (x, x_ref) = randn(&[5, 2 * n], dtype, &dev)?;
+                let gate = x_ref.narrow(D::Minus1, 0, n)?;
+                let up = x_ref.narrow(D::Minus1, n, n)?;
+                let want = reference(&gate, &up)?;
+                assert_close(&silu_and_mul(&x)?, &want, dtype, &format!("fused n {n}"))?;
+                let (a, a_ref) = randn(&[3, 7, n], dtype, &dev)?;
+                let (b, b_ref) = randn(&[3, 7, n], dtype, &dev)?;
+                let got = silu_mul(&a, &b)?;
+                assert_close(
+                    &got,
+                    &reference(&a_ref, &b_ref)?,
+                    dtype,
+                    &format!("pair n {n}"),
+                )?;
+            }
+        }
+        // A non-contiguous operand is copied first.
+        let (x, x_ref) = randn(&[16, 8], DType::F32, &dev)?;
+        let got = silu_mul(&x.t()?, &x.t()?)?;
+        assert_close(
+            &got,
+            &reference(&x_ref.t()?, &x_ref.t()?)?,
+            DType::F32,
+            "transposed",
+        )
+    }
+}

@@ -1,0 +1,350 @@
+//! The CPU kernel (f32): one query token at a time over its sequence's blocks, rows in parallel.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use rayon::prelude::*;
+
+use super::SeqAttention;
+use crate::exp_nonpositive;
+
+/// The f32 CPU kernel: rayon over batch rows, each row all heads over its context.
+pub(super) struct CpuPagedAttention<'a> {
+    pub(super) seqs: &'a [SeqAttention],
+    pub(super) scale: f32,
+}
+
+impl CustomOp3 for CpuPagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tokens, heads, head_dim) = q_l.shape().dims3()?;
+        let (_, block_size, kv_heads, _) = k_l.shape().dims4()?;
+        let (q, k, v) = (
+            contiguous_f32(q, q_l)?,
+            contiguous_f32(k, k_l)?,
+            contiguous_f32(v, v_l)?,
+        );
+        let row = heads * head_dim;
+        // Each batch row -> (its sequence, its position).
+        let mut owner = vec![None; tokens];
+        for (si, s) in self.seqs.iter().enumerate() {
+            let first_pos = s.context_len - s.query_len;
+            for i in 0..s.query_len {
+                owner[s.query_start + i] = Some((si, first_pos + i));
+            }
+        }
+        let mut out = vec![0f32; tokens * row];
+        let dims = Dims {
+            heads,
+            kv_heads,
+            block_size,
+            scale: self.scale,
+        };
+        let attend = kernel(head_dim / LANES);
+        out.par_chunks_mut(row)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (t, out_row)| {
+                if let Some((si, pos)) = owner[t] {
+                    let table = &self.seqs[si].block_table;
+                    // SAFETY: `kernel` picks code for features this CPU has.
+                    unsafe {
+                        attend(
+                            &dims,
+                            &q[t * row..][..row],
+                            k,
+                            v,
+                            table,
+                            pos,
+                            out_row,
+                            scratch,
+                        )
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((tokens, heads, head_dim))))
+    }
+}
+
+struct Dims {
+    heads: usize,
+    kv_heads: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+/// Floats per chunk of a head: the kernels keep a head as `[[f32; LANES]; C]`.
+const LANES: usize = 16;
+
+/// Whether the CPU kernel handles this head size (others take the reference path).
+pub(super) fn supports(head_dim: usize) -> bool {
+    head_dim % LANES == 0 && (1..=16).contains(&(head_dim / LANES))
+}
+
+type AttendFn = unsafe fn(&Dims, &[f32], &[f32], &[f32], &[u32], usize, &mut [f32], &mut Vec<f32>);
+
+/// `attend_token::<C>` compiled for the best instruction set this CPU has.
+fn kernel(chunks: usize) -> AttendFn {
+    macro_rules! pick {
+        ($c:expr, $f:ident) => {
+            match $c {
+                1 => $f::<1>,
+                2 => $f::<2>,
+                3 => $f::<3>,
+                4 => $f::<4>,
+                5 => $f::<5>,
+                6 => $f::<6>,
+                7 => $f::<7>,
+                8 => $f::<8>,
+                9 => $f::<9>,
+                10 => $f::<10>,
+                11 => $f::<11>,
+                12 => $f::<12>,
+                13 => $f::<13>,
+                14 => $f::<14>,
+                15 => $f::<15>,
+                _ => $f::<16>,
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            return pick!(chunks, attend_avx512);
+        }
+        if has!("avx2") && has!("fma") {
+            return pick!(chunks, attend_avx2);
+        }
+    }
+    pick!(chunks, attend_portable)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512<const C: usize>(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    table: &[u32],
+    pos: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    attend_token::<C>(d, q, k, v, table, pos, out, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2<const C: usize>(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    table: &[u32],
+    pos: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    attend_token::<C>(d, q, k, v, table, pos, out, scratch)
+}
+
+unsafe fn attend_portable<const C: usize>(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    table: &[u32],
+    pos: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    attend_token::<C>(d, q, k, v, table, pos, out, scratch)
+}
+
+/// A head's `C * LANES` floats as chunks the compiler keeps in vector registers.
+#[inline(always)]
+fn head<const C: usize>(x: &[f32]) -> &[[f32; LANES]; C] {
+    x[..C * LANES]
+        .as_chunks::<LANES>()
+        .0
+        .try_into()
+        .expect("C chunks")
+}
+
+/// One query token (all heads) over positions `0..=pos` of its sequence, walking the block
+/// table. Each KV head's group of query heads goes together, so every key and value row is read
+/// once per token; scores, softmax and the weighted sum of values each run as straight vector
+/// loops over the head's `C` chunks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_token<const C: usize>(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    table: &[u32],
+    pos: usize,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let (hd, bs) = (C * LANES, d.block_size);
+    let group = d.heads / d.kv_heads;
+    let n = pos + 1;
+    // Offset of position p's row for KV head h.
+    let row = |p: usize, h: usize| ((table[p / bs] as usize * bs + p % bs) * d.kv_heads + h) * hd;
+    scores.clear();
+    scores.resize(group * n, 0.);
+    for h in 0..d.kv_heads {
+        let heads = h * group..(h + 1) * group;
+        for p in 0..n {
+            let key = head::<C>(&k[row(p, h)..]);
+            for (g, qh) in heads.clone().enumerate() {
+                scores[g * n + p] = dot::<C>(head::<C>(&q[qh * hd..]), key) * d.scale;
+            }
+        }
+        for (g, qh) in heads.enumerate() {
+            let s = &mut scores[g * n..][..n];
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for x in s.iter_mut() {
+                *x = exp_nonpositive(*x - max);
+            }
+            let inv = 1.0 / sum(s);
+            let mut acc = [[0f32; LANES]; C];
+            for (p, &w) in s.iter().enumerate() {
+                let value = head::<C>(&v[row(p, h)..]);
+                for (a, x) in acc.iter_mut().zip(value) {
+                    for i in 0..LANES {
+                        a[i] += w * x[i];
+                    }
+                }
+            }
+            for (o, a) in out[qh * hd..][..hd].chunks_exact_mut(LANES).zip(&acc) {
+                for i in 0..LANES {
+                    o[i] = a[i] * inv;
+                }
+            }
+        }
+    }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("paged-attention: non-contiguous input".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// Dot product of two heads: lane-wise products summed over the chunks, then the lanes added
+/// pairwise (a tree, not a chain of dependent additions).
+#[inline(always)]
+fn dot<const C: usize>(a: &[[f32; LANES]; C], b: &[[f32; LANES]; C]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (a, b) in a.iter().zip(b) {
+        for i in 0..LANES {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// Sum with sixteen running totals, so that it vectorises.
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::{paged_attention, paged_attention_reference, reshape_and_cache, AttentionMeta};
+
+    /// Two sequences, one mid-prefill over a cached prefix and one decoding, blocks out of order,
+    /// at several head sizes and GQA ratios.
+    #[test]
+    fn cpu_kernel_matches_reference() -> Result<()> {
+        for (heads, kv_heads, d, bs) in [(4, 2, 16, 4), (9, 3, 64, 16), (8, 2, 128, 16)] {
+            check(heads, kv_heads, d, bs)?;
+        }
+        Ok(())
+    }
+
+    fn check(heads: usize, kv_heads: usize, d: usize, bs: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let tables = [vec![5u32, 1, 3, 8, 0, 9], vec![2u32, 7]];
+        let lens = [5 * bs + 3, bs + 2];
+        let nb = 10;
+        let k_cache = Tensor::zeros((nb, bs, kv_heads, d), DType::F32, &dev)?;
+        let v_cache = Tensor::zeros((nb, bs, kv_heads, d), DType::F32, &dev)?;
+        // Fill the caches with a full history for both sequences.
+        for (table, &len) in tables.iter().zip(&lens) {
+            let slots: Vec<u32> = (0..len)
+                .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+                .collect();
+            let k = Tensor::randn(0f32, 1., (len, kv_heads, d), &dev)?;
+            let v = Tensor::randn(0f32, 1., (len, kv_heads, d), &dev)?;
+            reshape_and_cache(
+                &k,
+                &v,
+                &k_cache,
+                &v_cache,
+                &Tensor::new(slots.as_slice(), &dev)?,
+            )?;
+        }
+        let seqs = vec![
+            SeqAttention {
+                query_start: 0,
+                query_len: 5,
+                context_len: lens[0],
+                block_table: tables[0].clone(),
+            },
+            SeqAttention {
+                query_start: 5,
+                query_len: 1,
+                context_len: lens[1],
+                block_table: tables[1].clone(),
+            },
+        ];
+        let q = (Tensor::randn(0f32, 1., (6, heads, d), &dev)? * 3.)?;
+        let scale = 1. / (d as f32).sqrt();
+        let meta = AttentionMeta::new(seqs.clone());
+        let fast = paged_attention(&q, &k_cache, &v_cache, &meta, scale)?;
+        let reference = paged_attention_reference(&q, &k_cache, &v_cache, &seqs, scale)?;
+        let diff = (fast - reference)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(
+            diff < 1e-5,
+            "{heads}:{kv_heads} heads of {d}: max abs diff {diff}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,297 @@
+//! The CUDA kernels of cuda/attention.cu: launch configuration and the batch layout they read.
+//!
+//! A work item is a tile of up to `max_rows / group` query tokens of one sequence; a CTA takes
+//! one item, one kv head and one partition of the context. When items times kv heads would not
+//! fill the GPU, long contexts are split into partitions, merged by a second kernel.
+
+use std::borrow::Cow;
+
+use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaDType, WrapErr};
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::{AttentionMeta, SeqAttention};
+use crate::cuda::{self as cu, dispatch_float};
+
+const THREADS: u32 = 128;
+/// Keys per tile of the kernel; partitions are whole tiles.
+const KEYS: usize = 32;
+/// Below this many CTAs (about four per SM of an H100) long contexts are split.
+const TARGET_CTAS: usize = 512;
+/// The shortest partition worth a CTA of its own, in keys.
+const MIN_PARTITION: usize = 256;
+
+/// Rows (query tokens times the query heads of one kv head) of a CTA: `max_rows` in
+/// cuda/attention.cu, which shared memory bounds.
+fn max_rows(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        16
+    } else {
+        32
+    }
+}
+
+/// Whether the kernels take these operands: f32/f16/bf16 alike, head_dim 64 or 128, a query
+/// head group that fits a CTA, caches usable in place.
+pub(super) fn fits(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<bool> {
+    let (tokens, heads, head_dim) = q.dims3()?;
+    let (_, block_size, kv_heads, cache_dim) = k_cache.dims4()?;
+    let in_place = |c: &Tensor| {
+        c.dtype() == q.dtype() && c.device().same_device(q.device()) && cu::is_packed(c)
+    };
+    Ok(cu::on_cuda(q)
+        && tokens > 0
+        && block_size > 0
+        && matches!(head_dim, 64 | 128)
+        && cache_dim == head_dim
+        && k_cache.shape() == v_cache.shape()
+        && kv_heads > 0
+        && heads >= kv_heads
+        && heads.is_multiple_of(kv_heads)
+        && heads / kv_heads <= max_rows(q.dtype())
+        && in_place(k_cache)
+        && in_place(v_cache))
+}
+
+pub(super) fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &AttentionMeta,
+    scale: f32,
+) -> Result<Tensor> {
+    let q = cu::packed(q)?;
+    let (tokens, heads, _) = q.dims3()?;
+    let (num_blocks, block_size, kv_heads, _) = k_cache.dims4()?;
+    let key = MetaKey {
+        tile_tokens: max_rows(q.dtype()) / (heads / kv_heads),
+        block_size,
+        num_blocks,
+        tokens,
+    };
+    let device_meta = device_meta(meta, key, q.device())?;
+    dispatch_float!(q.dtype(), launch(&q, k_cache, v_cache, &device_meta, scale))
+}
+
+/// What a [`DeviceMeta`] was built for: rows per work item, cache geometry, batch rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MetaKey {
+    tile_tokens: usize,
+    block_size: usize,
+    num_blocks: usize,
+    tokens: usize,
+}
+
+/// The batch layout as the kernels read it, in one u32 tensor (one host-to-device copy): per
+/// sequence `[query_start, query_len, context_len]`, then the block tables padded to
+/// `[num_seqs, max_blocks]`, then per work item `[sequence, first row, tokens]`, then each
+/// row's position.
+#[derive(Clone, Debug)]
+pub(super) struct DeviceMeta {
+    key: MetaKey,
+    data: Tensor,
+    tables_at: usize,
+    work_at: usize,
+    positions_at: usize,
+    num_work: usize,
+    max_blocks: usize,
+    max_context: usize,
+}
+
+/// `meta`'s device copy for `key`: the cached one, or built (and cached if it is the first).
+fn device_meta<'a>(
+    meta: &'a AttentionMeta,
+    key: MetaKey,
+    device: &Device,
+) -> Result<Cow<'a, DeviceMeta>> {
+    let cache = meta.device_cache();
+    if let Some(cached) = cache.get() {
+        if cached.key == key && cached.data.device().same_device(device) {
+            return Ok(Cow::Borrowed(cached));
+        }
+    }
+    let built = DeviceMeta::new(meta.seqs(), key, device)?;
+    match cache.set(built) {
+        Ok(()) => Ok(Cow::Borrowed(cache.get().expect("just set"))),
+        Err(built) => Ok(Cow::Owned(built)),
+    }
+}
+
+impl DeviceMeta {
+    /// Checks what the kernels index with (they would read out of bounds otherwise) and uploads.
+    fn new(seqs: &[SeqAttention], key: MetaKey, device: &Device) -> Result<Self> {
+        let bs = key.block_size;
+        let mut rows = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            let blocks = s.context_len.div_ceil(bs);
+            if s.query_start != rows || s.query_len > s.context_len || s.block_table.len() < blocks
+            {
+                candle_core::bail!(
+                    "paged_attention: sequence {i} ({s:?}) does not follow row {rows} or does not \
+                     fit its context in blocks of {bs}"
+                );
+            }
+            if let Some(b) = s.block_table[..blocks]
+                .iter()
+                .find(|&&b| b as usize >= key.num_blocks)
+            {
+                candle_core::bail!(
+                    "paged_attention: sequence {i} names block {b} of {}",
+                    key.num_blocks
+                );
+            }
+            rows += s.query_len;
+        }
+        if rows != key.tokens {
+            candle_core::bail!(
+                "paged_attention: sequences cover {rows} rows of {}",
+                key.tokens
+            );
+        }
+        let max_context = seqs.iter().map(|s| s.context_len).max().unwrap_or(0);
+        cu::int(max_context)?;
+        let max_blocks = max_context.div_ceil(bs).max(1);
+
+        // Every value is below 2^31: rows and contexts were checked, block ids are below the
+        // cache's block count.
+        let mut data: Vec<u32> = Vec::new();
+        for s in seqs {
+            data.extend([s.query_start, s.query_len, s.context_len].map(|x| x as u32));
+        }
+        let tables_at = data.len();
+        for s in seqs {
+            let blocks = s.context_len.div_ceil(bs);
+            data.extend_from_slice(&s.block_table[..blocks]);
+            data.extend(std::iter::repeat_n(0, max_blocks - blocks));
+        }
+        let work_at = data.len();
+        for (i, s) in seqs.iter().enumerate() {
+            for first in (0..s.query_len).step_by(key.tile_tokens) {
+                let tokens = key.tile_tokens.min(s.query_len - first);
+                data.extend([i, s.query_start + first, tokens].map(|x| x as u32));
+            }
+        }
+        let positions_at = data.len();
+        let num_work = (positions_at - work_at) / 3;
+        for s in seqs {
+            let first = s.context_len - s.query_len;
+            data.extend((first..s.context_len).map(|p| p as u32));
+        }
+        let len = data.len();
+        Ok(Self {
+            key,
+            data: Tensor::from_vec(data, len, device)?,
+            tables_at,
+            work_at,
+            positions_at,
+            num_work,
+            max_blocks,
+            max_context,
+        })
+    }
+}
+
+/// `(partition length, partitions)` for a launch of `ctas` CTAs per partition.
+fn partitions(ctas: usize, max_context: usize) -> (usize, usize) {
+    let whole = (i32::MAX as usize, 1);
+    if ctas >= TARGET_CTAS || max_context <= MIN_PARTITION {
+        return whole;
+    }
+    let len = max_context
+        .div_ceil(TARGET_CTAS.div_ceil(ctas))
+        .next_multiple_of(KEYS)
+        .max(MIN_PARTITION);
+    match max_context.div_ceil(len) {
+        1 => whole,
+        parts => (len, parts),
+    }
+}
+
+/// Grid (work items, kv heads, partitions) of THREADS; with partitions, then the merge over
+/// (tokens, heads / 4), a warp per head.
+fn launch<T: CudaDType + DeviceRepr>(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &DeviceMeta,
+    scale: f32,
+) -> Result<Tensor> {
+    let dev = q.device().as_cuda_device()?;
+    let (tokens, heads, head_dim) = q.dims3()?;
+    let (_, block_size, kv_heads, _) = k_cache.dims4()?;
+    let ty = cu::type_name(q.dtype()).expect("checked by fits");
+    let (part_len, num_parts) = partitions(meta.num_work * kv_heads, meta.max_context);
+
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k_cache.storage_and_layout();
+    let (v_storage, v_layout) = v_cache.storage_and_layout();
+    let (m_storage, m_layout) = meta.data.storage_and_layout();
+    let q_view = cu::view::<T>(&q_storage, q_layout)?;
+    let k_view = cu::view::<T>(&k_storage, k_layout)?;
+    let v_view = cu::view::<T>(&v_storage, v_layout)?;
+    let m_view = cu::view::<u32>(&m_storage, m_layout)?;
+    let seq_info = m_view.slice(..meta.tables_at);
+    let tables = m_view.slice(meta.tables_at..);
+    let work = m_view.slice(meta.work_at..);
+    let positions = m_view.slice(meta.positions_at..);
+
+    // SAFETY (allocations): every row is written, by its CTA or by the merge; with partitions,
+    // the merge reads only the partials that CTAs wrote.
+    let out = unsafe { dev.alloc::<T>(q.elem_count())? };
+    let partials = match num_parts {
+        1 => None,
+        _ => {
+            let n = tokens * heads * num_parts;
+            unsafe { Some((dev.alloc::<f32>(n * head_dim)?, dev.alloc::<f32>(n * 2)?)) }
+        }
+    };
+    let (heads_i, kv_heads_i, block_size_i) =
+        (cu::int(heads)?, cu::int(kv_heads)?, cu::int(block_size)?);
+    let (max_blocks, part_len, num_parts) = (
+        cu::int(meta.max_blocks)?,
+        cu::int(part_len)?,
+        cu::int(num_parts)?,
+    );
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let no_partials = 0u64; // null pointers: the CTAs write `out` themselves
+
+    let stream = dev.cuda_stream();
+    let func = cu::ATTENTION.function(dev, &format!("paged_attention_{ty}_d{head_dim}"))?;
+    let mut args = stream.launch_builder(&func);
+    args.arg(&out);
+    match &partials {
+        Some((part_out, part_ml)) => args.arg(part_out).arg(part_ml),
+        None => args.arg(&no_partials).arg(&no_partials),
+    };
+    args.arg(&q_view).arg(&k_view).arg(&v_view);
+    args.arg(&seq_info).arg(&tables).arg(&work);
+    args.arg(&heads_i)
+        .arg(&kv_heads_i)
+        .arg(&block_size_i)
+        .arg(&max_blocks);
+    args.arg(&part_len).arg(&num_parts).arg(&scale_log2);
+    let cfg = LaunchConfig {
+        grid_dim: (meta.num_work as u32, kv_heads as u32, num_parts as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument types and order match `paged_attention_*` in cuda/attention.cu, and
+    // DeviceMeta::new checked every index the kernel derives from the metadata.
+    unsafe { args.launch(cfg) }.w()?;
+
+    if let Some((part_out, part_ml)) = &partials {
+        let func =
+            cu::ATTENTION.function(dev, &format!("paged_attention_reduce_{ty}_d{head_dim}"))?;
+        let mut args = stream.launch_builder(&func);
+        args.arg(&out).arg(part_out).arg(part_ml).arg(&positions);
+        args.arg(&heads_i).arg(&part_len).arg(&num_parts);
+        let cfg = LaunchConfig {
+            grid_dim: (tokens as u32, heads.div_ceil(4) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `paged_attention_reduce_*`.
+        unsafe { args.launch(cfg) }.w()?;
+    }
+    Ok(cu::tensor(out, dev, (tokens, heads, head_dim)))
+}

@@ -1,0 +1,37 @@
+//! A batch's attention layout, shared by all layers of one forward pass.
+
+#[cfg(feature = "cuda")]
+use std::sync::OnceLock;
+
+use super::SeqAttention;
+
+/// The sequences of one batch (host side) and, on CUDA, their device copy: built by the first
+/// layer's [`paged_attention`](crate::paged_attention) call in one upload, then reused by the
+/// others. Build one per forward pass.
+#[derive(Debug)]
+pub struct AttentionMeta {
+    seqs: Vec<SeqAttention>,
+    #[cfg(feature = "cuda")]
+    device: OnceLock<super::cuda::DeviceMeta>,
+}
+
+impl AttentionMeta {
+    /// `seqs` in batch order: their query rows must cover the batch's rows back to back.
+    pub fn new(seqs: Vec<SeqAttention>) -> Self {
+        Self {
+            seqs,
+            #[cfg(feature = "cuda")]
+            device: OnceLock::new(),
+        }
+    }
+
+    pub fn seqs(&self) -> &[SeqAttention] {
+        &self.seqs
+    }
+
+    /// The device copy, if one was built.
+    #[cfg(feature = "cuda")]
+    pub(super) fn device_cache(&self) -> &OnceLock<super::cuda::DeviceMeta> {
+        &self.device
+    }
+}

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 mod cli;
@@ -190,10 +190,30 @@ struct ServeArgs {
     /// Skip the start-up speed measurement that `@fastest` ranks by.
     #[arg(long)]
     no_calibrate: bool,
+    /// Dense weights, activations and KV cache: `auto` (bfloat16 on a GPU, float32 on the CPU),
+    /// `bfloat16`, `float16` (or `half`) or `float32` (or `float`). GGUF models keep their
+    /// quantized weights and compute in float32.
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    dtype: DtypeArg,
     /// Guards the admin API (/admin/v1/...) and /metrics; unset, the admin API is off and
     /// /metrics is open.
     #[arg(long, env = "CANDELA_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+}
+
+/// `--dtype`: a dtype, or `None` for the device's default.
+#[derive(Clone, Debug)]
+struct DtypeArg(Option<DType>);
+
+/// vLLM's `--dtype` names.
+fn parse_dtype(spec: &str) -> Result<DtypeArg, String> {
+    match spec {
+        "auto" => Ok(DtypeArg(None)),
+        "bfloat16" | "bf16" => Ok(DtypeArg(Some(DType::BF16))),
+        "float16" | "half" | "f16" => Ok(DtypeArg(Some(DType::F16))),
+        "float32" | "float" | "f32" => Ok(DtypeArg(Some(DType::F32))),
+        _ => Err("expected auto, bfloat16, float16 (half) or float32 (float)".into()),
+    }
 }
 
 fn parse_device(spec: &str) -> anyhow::Result<Device> {
@@ -281,6 +301,7 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
         catalog: args.catalog,
         calibrate: !args.no_calibrate,
         dummy_weights: args.load_format == "dummy",
+        dtype: args.dtype.0,
     };
     if opts.dummy_weights && opts.sources.is_empty() {
         bail!(

@@ -80,8 +80,8 @@ pub fn config_vocab_size(path: &Path) -> Result<usize> {
         })
 }
 
-/// Loads a `config.json` (or a directory holding one) as a dummy model.
-pub fn load_dummy(path: &Path, device: &Device) -> Result<TextModel> {
+/// Loads a `config.json` (or a directory holding one) as a dummy model with `dtype` weights.
+pub fn load_dummy(path: &Path, device: &Device, dtype: DType) -> Result<TextModel> {
     let config_path = if path.is_dir() {
         path.join("config.json")
     } else {
@@ -98,7 +98,7 @@ pub fn load_dummy(path: &Path, device: &Device) -> Result<TextModel> {
             config_path.display()
         )));
     }
-    let model = Llama::dummy(&config_path, &config, device)?;
+    let model = Llama::dummy(&config_path, &config, device, dtype)?;
     let vocab_size = config_vocab_size(&config_path)?;
     Ok(TextModel {
         model: Box::new(model),
@@ -114,7 +114,6 @@ pub fn load_dummy(path: &Path, device: &Device) -> Result<TextModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::CausalLm;
 
     #[test]
     fn the_synthetic_tokenizer_counts_words() {
@@ -136,7 +135,7 @@ mod tests {
                 "vocab_size": 300, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}"#,
         )
         .unwrap();
-        let m = load_dummy(&path, &Device::Cpu).unwrap();
+        let m = load_dummy(&path, &Device::Cpu, DType::F32).unwrap();
         let cfg = m.model.config();
         assert_eq!((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), (2, 2, 16));
         // embed + 2 layers of (q, k, v, o, gate, up, down) + lm_head

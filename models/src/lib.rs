@@ -19,7 +19,7 @@ pub use candela_kernels::SeqAttention;
 pub use error::{ModelError, Result};
 pub use load::{load, LoadedModel, ModelKind, TextModel};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Shape facts about a decoder-only model that the engine needs to size and drive it.
 #[derive(Clone, Debug)]
@@ -34,6 +34,18 @@ pub struct LmConfig {
     pub context_len: usize,
     /// Parameter count, for the catalog.
     pub params: u64,
+    /// Activations and KV cache (quantized weights compute in f32).
+    pub dtype: DType,
+}
+
+/// What dense weights, activations and the KV cache use unless told otherwise: bf16 on a GPU
+/// (what checkpoints ship and tensor cores take), f32 on the CPU (where bf16 has no fast path).
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
 }
 
 /// A decoder-only language model over a paged KV cache.

@@ -5,7 +5,10 @@
 
 use std::path::Path;
 
-use candela_kernels::{paged_attention, reshape_and_cache};
+use candela_kernels::{
+    add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rotary_embedding, silu_mul,
+    RopeLayout,
+};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
@@ -72,6 +75,7 @@ impl Llama {
             vocab_size,
             context_len: gguf.get_u32(&key("context_length"))? as usize,
             params: 0,
+            dtype: DType::F32,
         };
         let rope_base = gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.);
         let rms_eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
@@ -124,11 +128,13 @@ impl Llama {
         })
     }
 
-    /// Loads a Hugging Face `LlamaForCausalLM` directory (config.json + *.safetensors).
+    /// Loads a Hugging Face `LlamaForCausalLM` directory (config.json + *.safetensors), its
+    /// weights converted to `dtype`.
     pub fn from_safetensors(
         dir: &Path,
         config: &serde_json::Value,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self> {
         let files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|source| ModelError::Io {
@@ -138,17 +144,21 @@ impl Llama {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
-        let vb =
-            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
         Self::from_var_builder(&dir.join("config.json"), config, vb, device)
     }
 
     /// Random weights at the shapes of a Hugging Face Llama `config.json` (vLLM's "dummy" load
     /// format): for measuring speed at real sizes without the weights.
-    pub fn dummy(config_path: &Path, config: &serde_json::Value, device: &Device) -> Result<Self> {
+    pub fn dummy(
+        config_path: &Path,
+        config: &serde_json::Value,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let vb = candle_nn::VarBuilder::from_backend(
             Box::new(crate::dummy::RandomWeights),
-            DType::F32,
+            dtype,
             device.clone(),
         );
         Self::from_var_builder(config_path, config, vb, device)
@@ -182,6 +192,7 @@ impl Llama {
             vocab_size: need("vocab_size")? as usize,
             context_len: need("max_position_embeddings")? as usize,
             params: 0,
+            dtype: vb.dtype(),
         };
         let embed_w = vb.get((cfg.vocab_size, hidden_size), "model.embed_tokens.weight")?;
         let mut params = embed_w.elem_count() as u64;
@@ -238,11 +249,11 @@ impl Llama {
         })
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    fn rope_layout(&self) -> RopeLayout {
         if self.rope_interleaved {
-            candle_nn::rotary_emb::rope_i(x, cos, sin)
+            RopeLayout::Interleaved
         } else {
-            candle_nn::rotary_emb::rope(x, cos, sin)
+            RopeLayout::HalfSplit
         }
     }
 }
@@ -276,61 +287,160 @@ impl CausalLm for Llama {
     fn forward(&self, batch: &Batch, kv: &KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let tokens = batch.input_ids.dim(0)?;
-        let half = c.head_dim / 2;
-        // Per-token rotary rows, shaped for rope's (batch=tokens, heads, seq=1, dim) layout.
-        let cos = self
-            .cos
-            .index_select(&batch.positions, 0)?
-            .reshape((tokens, 1, half))?;
-        let sin = self
-            .sin
-            .index_select(&batch.positions, 0)?
-            .reshape((tokens, 1, half))?;
+        // Per-token rotary rows (f32).
+        let cos = self.cos.index_select(&batch.positions, 0)?;
+        let sin = self.sin.index_select(&batch.positions, 0)?;
         let scale = 1. / (c.head_dim as f32).sqrt();
         let rows = RowSplit::new(&batch.prompt_rows, &self.device)?;
+        // The residual stream `x`; each block's output is added to it by the next norm, fused.
         let mut x = self.embed.forward(&batch.input_ids)?;
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(&kv.layers) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.rms_eps)?;
-            let q = layer
-                .wq
-                .forward(&h, &rows)?
-                .reshape((tokens, c.num_heads, 1, c.head_dim))?;
-            let k =
-                layer
-                    .wk
-                    .forward(&h, &rows)?
-                    .reshape((tokens, c.num_kv_heads, 1, c.head_dim))?;
-            let v = layer
-                .wv
-                .forward(&h, &rows)?
-                .reshape((tokens, c.num_kv_heads, c.head_dim))?;
-            let q = self.rope(&q.contiguous()?, &cos, &sin)?.reshape((
-                tokens,
-                c.num_heads,
-                c.head_dim,
-            ))?;
-            let k = self.rope(&k.contiguous()?, &cos, &sin)?.reshape((
-                tokens,
-                c.num_kv_heads,
-                c.head_dim,
-            ))?;
+        let mut h = rms_norm(&x, &self.layers[0].attn_norm, self.rms_eps)?;
+        for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
+            let q = layer.wq.forward(&h, &rows)?;
+            let k = layer.wk.forward(&h, &rows)?;
+            let v = layer.wv.forward(&h, &rows)?;
+            let (q, k) = rotary_embedding(
+                &q.reshape((tokens, c.num_heads, c.head_dim))?,
+                &k.reshape((tokens, c.num_kv_heads, c.head_dim))?,
+                &cos,
+                &sin,
+                self.rope_layout(),
+            )?;
+            let v = v.reshape((tokens, c.num_kv_heads, c.head_dim))?;
             reshape_and_cache(&k, &v, k_cache, v_cache, &batch.slot_mapping)?;
             let attn = paged_attention(&q, k_cache, v_cache, &batch.attention, scale)?;
-            let attn = attn.reshape((tokens, c.num_heads * c.head_dim))?;
-            x = (x + layer.wo.forward(&attn, &rows)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.rms_eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h, &rows)?)?;
-            x = (x + layer
+            let attn = layer
+                .wo
+                .forward(&attn.reshape((tokens, c.num_heads * c.head_dim))?, &rows)?;
+            (x, h) = add_rms_norm(&attn, &x, &layer.ffn_norm, self.rms_eps)?;
+            let gate = layer.w_gate.forward(&h, &rows)?;
+            let mlp = layer
                 .w_down
-                .forward(&(gate * layer.w_up.forward(&h, &rows)?)?, &rows)?)?;
+                .forward(&silu_mul(&gate, &layer.w_up.forward(&h, &rows)?)?, &rows)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = add_rms_norm(&mlp, &x, &next.attn_norm, self.rms_eps)?,
+                None => x = (x + mlp)?,
+            }
         }
-        // Only the rows that will be sampled go through the (large) output projection.
+        // Only the rows that will be sampled go through the final norm and the (large) output
+        // projection.
         let x = x.index_select(&batch.logits_rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.rms_eps)?;
+        let x = rms_norm(&x, &self.norm, self.rms_eps)?;
         let logits_split = RowSplit::new(&batch.logits_prompt_rows(), &self.device)?;
         Ok(self
             .lm_head
             .forward(&x, &logits_split)?
             .to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::SeqAttention;
+
+    /// A tiny checkpoint on disk: random weights saved as safetensors beside a config.json.
+    fn tiny_checkpoint(dir: &Path) -> serde_json::Value {
+        let config = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        });
+        let dev = Device::Cpu;
+        let mut weights = HashMap::new();
+        let mut put = |name: String, shape: &[usize]| {
+            let t = match shape {
+                [n] => Tensor::rand(0.5f32, 1.5, *n, &dev).unwrap(),
+                _ => Tensor::randn(0f32, 0.15, shape, &dev).unwrap(),
+            };
+            weights.insert(name, t);
+        };
+        put("model.embed_tokens.weight".into(), &[100, 64]);
+        put("model.norm.weight".into(), &[64]);
+        put("lm_head.weight".into(), &[100, 64]);
+        for i in 0..2 {
+            let p = |n: &str| format!("model.layers.{i}.{n}.weight");
+            put(p("input_layernorm"), &[64]);
+            put(p("post_attention_layernorm"), &[64]);
+            put(p("self_attn.q_proj"), &[64, 64]);
+            put(p("self_attn.k_proj"), &[32, 64]);
+            put(p("self_attn.v_proj"), &[32, 64]);
+            put(p("self_attn.o_proj"), &[64, 64]);
+            put(p("mlp.gate_proj"), &[128, 64]);
+            put(p("mlp.up_proj"), &[128, 64]);
+            put(p("mlp.down_proj"), &[64, 128]);
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+        config
+    }
+
+    /// Logits of a 5-token prompt and then one decoded token, through the paged KV cache.
+    fn run(model: &Llama) -> Vec<Vec<f32>> {
+        let dev = Device::Cpu;
+        let cfg = model.config();
+        let kv = KvCache::new(cfg, 4, 4, cfg.dtype, &dev).unwrap();
+        let table = vec![2u32, 0];
+        let slot = |p: u32| table[p as usize / 4] * 4 + p % 4;
+        let prompt = [3u32, 14, 15, 92, 65];
+        let seq = |start, len, ctx| SeqAttention {
+            query_start: start,
+            query_len: len,
+            context_len: ctx,
+            block_table: table.clone(),
+        };
+        let positions: Vec<u32> = (0..5).collect();
+        let slots: Vec<u32> = positions.iter().map(|&p| slot(p)).collect();
+        let prefill = Batch::new(
+            &prompt,
+            &positions,
+            &slots,
+            vec![seq(0, 5, 5)],
+            &[4],
+            vec![true; 5],
+            &dev,
+        )
+        .unwrap();
+        let first = model.forward(&prefill, &kv).unwrap();
+        let decode = Batch::new(
+            &[7],
+            &[5],
+            &[slot(5)],
+            vec![seq(0, 1, 6)],
+            &[0],
+            vec![false],
+            &dev,
+        )
+        .unwrap();
+        let second = model.forward(&decode, &kv).unwrap();
+        vec![
+            first.squeeze(0).unwrap().to_vec1().unwrap(),
+            second.squeeze(0).unwrap().to_vec1().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn bf16_follows_f32() {
+        let dir = std::env::temp_dir().join(format!("candela-llama-{}", std::process::id()));
+        let config = tiny_checkpoint(&dir);
+        let load = |dtype| Llama::from_safetensors(&dir, &config, &Device::Cpu, dtype).unwrap();
+        let (f32_model, bf16_model) = (load(DType::F32), load(DType::BF16));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(bf16_model.config().dtype, DType::BF16);
+        for (want, got) in run(&f32_model).iter().zip(run(&bf16_model)) {
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = want
+                .iter()
+                .zip(&got)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err < 0.05 * scale,
+                "bf16 off by {err} (logits up to {scale})"
+            );
+            let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+            assert_eq!(argmax(want), argmax(&got));
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
 use crate::bert::BertEmbedder;
@@ -46,10 +46,12 @@ impl LoadedModel {
 }
 
 /// Loads a GGUF file (Llama architecture) or a Hugging Face directory (BERT encoders or Llama
-/// safetensors) onto `device`.
-pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+/// safetensors) onto `device`. `dtype` is what a Llama checkpoint's dense weights, activations
+/// and KV cache use (see [`crate::default_dtype`]); GGUF files keep their quantized weights and
+/// compute in f32, and embedding models run in f32.
+pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     if path.is_dir() {
-        return load_hf_dir(path, device);
+        return load_hf_dir(path, device, dtype);
     }
     if path
         .extension()
@@ -117,7 +119,7 @@ fn load_tokenizer_json(dir: &Path) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+fn load_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let config = read_json(&dir.join("config.json"))?;
     let model_type = config
         .get("model_type")
@@ -152,7 +154,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
                 }
             }
             Ok(LoadedModel::Text(TextModel {
-                model: Box::new(Llama::from_safetensors(dir, &config, device)?),
+                model: Box::new(Llama::from_safetensors(dir, &config, device, dtype)?),
                 chat_template: token_str("chat_template"),
                 bos_token: token_str("bos_token"),
                 eos_token: token_str("eos_token"),

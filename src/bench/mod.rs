@@ -228,6 +228,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             catalog: None,
             calibrate: false,
             dummy_weights: args.load_format == "dummy",
+            dtype: None,
         };
         let registry = tokio::task::spawn_blocking(move || crate::serving::load_registry(&opts))
             .await

@@ -2,7 +2,7 @@
 //! ragged batch (token ids, positions, slot mapping, block tables) and runs it.
 
 use candela_models::{Batch, CausalLm, KvCache, LmConfig, SeqAttention};
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
@@ -49,19 +49,14 @@ impl ModelRunner {
         num_blocks: usize,
         block_size: usize,
     ) -> candela_models::Result<Self> {
-        let kv = KvCache::new(
-            model.config(),
-            num_blocks,
-            block_size,
-            DType::F32,
-            model.device(),
-        )?;
+        let cfg = model.config();
+        let kv = KvCache::new(cfg, num_blocks, block_size, cfg.dtype, model.device())?;
         Ok(Self { model, kv })
     }
 
     /// Blocks that fit in `budget_bytes`.
     pub fn blocks_for_budget(cfg: &LmConfig, block_size: usize, budget_bytes: u64) -> usize {
-        (budget_bytes / KvCache::bytes_per_block(cfg, block_size, DType::F32) as u64) as usize
+        (budget_bytes / KvCache::bytes_per_block(cfg, block_size, cfg.dtype) as u64) as usize
     }
 
     pub fn config(&self) -> &LmConfig {

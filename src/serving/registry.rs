@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candela_models::{LoadedModel, ModelKind};
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use super::calibrate;
 use super::template::ChatTemplate;
@@ -194,6 +194,8 @@ pub struct ServeOptions {
     pub calibrate: bool,
     /// `--load-format dummy`: each source is a Llama `config.json`, loaded with random weights.
     pub dummy_weights: bool,
+    /// Dense weights, activations and KV cache; `None`: bf16 on a GPU, f32 on the CPU.
+    pub dtype: Option<DType>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,10 +248,13 @@ fn load_one(entry: &CatalogEntry, opts: &ServeOptions) -> Result<Served, LoadErr
     let path = fetch::fetch(entry, &opts.home)
         .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
     let started = std::time::Instant::now();
+    let dtype = opts
+        .dtype
+        .unwrap_or_else(|| candela_models::default_dtype(&opts.device));
     let loaded = if opts.dummy_weights {
-        candela_models::dummy::load_dummy(&path, &opts.device).map(LoadedModel::Text)
+        candela_models::dummy::load_dummy(&path, &opts.device, dtype).map(LoadedModel::Text)
     } else {
-        candela_models::load(&path, &opts.device)
+        candela_models::load(&path, &opts.device, dtype)
     }
     .map_err(|e| LoadError(format!("model `{}`: {e}", entry.id)))?;
     let served = serve_model(entry, loaded, opts)?;

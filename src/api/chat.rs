@@ -216,7 +216,7 @@ pub async fn completions(
     }
     let max_tokens = Some((req.max_tokens.unwrap_or(16), "max_tokens"));
     let (params, n) = req.sampling().to_params(max_tokens, logprobs)?;
-    let vocab = model.tokenizer().get_vocab_size(true) as u32;
+    let vocab = model.vocab_size();
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         Prompt::Text(t) => vec![model.completion_prompt(t)?],
         Prompt::Texts(ts) => ts

@@ -21,6 +21,8 @@ struct Job {
 pub struct EmbeddingModel {
     pub info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
+    /// Token ids below this are valid (the tokenizer's own count copies its whole vocabulary).
+    vocab_size: u32,
     tx: mpsc::Sender<Job>,
     max_tokens: usize,
     pub dim: usize,
@@ -71,6 +73,7 @@ impl EmbeddingModel {
             })?;
         Ok(Self {
             info,
+            vocab_size: tokenizer.get_vocab_size(true) as u32,
             tokenizer: Arc::new(tokenizer),
             tx,
             max_tokens,
@@ -97,7 +100,7 @@ impl EmbeddingModel {
 
     /// Checks that every input is in the vocabulary and fits the model.
     pub fn check_ids(&self, inputs: &[Vec<u32>]) -> Result<(), ServingError> {
-        let vocab = self.tokenizer.get_vocab_size(true) as u32;
+        let vocab = self.vocab_size;
         for (i, ids) in inputs.iter().enumerate() {
             if ids.iter().any(|&t| t >= vocab) {
                 return Err(ServingError::invalid(

@@ -29,6 +29,8 @@ pub struct ChatModel {
     pub info: ModelInfo,
     pub engine: EngineHandle,
     tokenizer: Arc<Tokenizer>,
+    /// Token ids below this are valid (the tokenizer's own count copies its whole vocabulary).
+    vocab_size: u32,
     template: ChatTemplate,
     eos_token_ids: Vec<TokenId>,
 }
@@ -61,6 +63,7 @@ impl ChatModel {
         Self {
             info,
             engine,
+            vocab_size: tokenizer.get_vocab_size(true) as u32,
             tokenizer: Arc::new(tokenizer),
             template,
             eos_token_ids,
@@ -170,6 +173,10 @@ impl ChatModel {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        self.vocab_size
     }
 }
 

@@ -128,48 +128,30 @@ fn kernel(chunks: usize) -> AttendFn {
     pick!(chunks, attend_portable)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_avx512<const C: usize>(
-    d: &Dims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    table: &[u32],
-    pos: usize,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    attend_token::<C>(d, q, k, v, table, pos, out, scratch)
+/// `attend_token::<C>` compiled for an instruction set.
+macro_rules! attend_with {
+    ($name:ident $(, $features:literal)?) => {
+        $(#[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)])?
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const C: usize>(
+            d: &Dims,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            table: &[u32],
+            pos: usize,
+            out: &mut [f32],
+            scratch: &mut Vec<f32>,
+        ) {
+            attend_token::<C>(d, q, k, v, table, pos, out, scratch)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<const C: usize>(
-    d: &Dims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    table: &[u32],
-    pos: usize,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    attend_token::<C>(d, q, k, v, table, pos, out, scratch)
-}
-
-unsafe fn attend_portable<const C: usize>(
-    d: &Dims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    table: &[u32],
-    pos: usize,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    attend_token::<C>(d, q, k, v, table, pos, out, scratch)
-}
+attend_with!(attend_avx512, "avx512f,avx2,fma");
+attend_with!(attend_avx2, "avx2,fma");
+attend_with!(attend_portable);
 
 /// A head's `C * LANES` floats as chunks the compiler keeps in vector registers.
 #[inline(always)]

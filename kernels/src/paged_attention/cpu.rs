@@ -54,20 +54,15 @@ impl CustomOp3 for CpuPagedAttention<'_> {
             .enumerate()
             .for_each_init(Vec::new, |scratch, (t, out_row)| {
                 if let Some((si, pos)) = owner[t] {
-                    let table = &self.seqs[si].block_table;
+                    let query = Query {
+                        q: &q[t * row..][..row],
+                        k,
+                        v,
+                        table: &self.seqs[si].block_table,
+                        pos,
+                    };
                     // SAFETY: `kernel` picks code for features this CPU has.
-                    unsafe {
-                        attend(
-                            &dims,
-                            &q[t * row..][..row],
-                            k,
-                            v,
-                            table,
-                            pos,
-                            out_row,
-                            scratch,
-                        )
-                    }
+                    unsafe { attend(&dims, &query, out_row, scratch) }
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((tokens, heads, head_dim))))
@@ -89,7 +84,17 @@ pub(super) fn supports(head_dim: usize) -> bool {
     head_dim % LANES == 0 && (1..=16).contains(&(head_dim / LANES))
 }
 
-type AttendFn = unsafe fn(&Dims, &[f32], &[f32], &[f32], &[u32], usize, &mut [f32], &mut Vec<f32>);
+/// One query token: its heads, the caches, its sequence's block table and its position.
+struct Query<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    table: &'a [u32],
+    pos: usize,
+}
+
+/// `(dims, query, output heads, scratch)`.
+type AttendFn = unsafe fn(&Dims, &Query, &mut [f32], &mut Vec<f32>);
 
 /// `attend_token::<C>` compiled for the best instruction set this CPU has.
 fn kernel(chunks: usize) -> AttendFn {
@@ -133,18 +138,13 @@ macro_rules! attend_with {
     ($name:ident $(, $features:literal)?) => {
         $(#[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)])?
-        #[allow(clippy::too_many_arguments)]
         unsafe fn $name<const C: usize>(
             d: &Dims,
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            table: &[u32],
-            pos: usize,
+            query: &Query,
             out: &mut [f32],
             scratch: &mut Vec<f32>,
         ) {
-            attend_token::<C>(d, q, k, v, table, pos, out, scratch)
+            attend_token::<C>(d, query, out, scratch)
         }
     };
 }
@@ -168,17 +168,14 @@ fn head<const C: usize>(x: &[f32]) -> &[[f32; LANES]; C] {
 /// once per token; scores, softmax and the weighted sum of values each run as straight vector
 /// loops over the head's `C` chunks.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_token<const C: usize>(
-    d: &Dims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    table: &[u32],
-    pos: usize,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
+fn attend_token<const C: usize>(d: &Dims, query: &Query, out: &mut [f32], scores: &mut Vec<f32>) {
+    let Query {
+        q,
+        k,
+        v,
+        table,
+        pos,
+    } = *query;
     let (hd, bs) = (C * LANES, d.block_size);
     let group = d.heads / d.kv_heads;
     let n = pos + 1;

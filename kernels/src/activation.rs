@@ -72,18 +72,20 @@ impl CustomOp2 for CpuSiluMul {
         b: &CpuStorage,
         b_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let slice = |s: &'_ CpuStorage, l: &Layout| -> Result<Vec<f32>> {
+        fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
             let (start, end) = l
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("silu-mul: non-contiguous input".into()))?;
-            Ok(s.as_slice::<f32>()?[start..end].to_vec())
-        };
-        let (mut out, b) = (slice(a, a_l)?, slice(b, b_l)?);
-        out.par_chunks_mut(4096)
-            .zip(b.par_chunks(4096))
-            .for_each(|(o, b)| {
-                for (o, b) in o.iter_mut().zip(b) {
-                    *o = silu(*o) * b;
+            Ok(&s.as_slice::<f32>()?[start..end])
+        }
+        let (a, b) = (slice(a, a_l)?, slice(b, b_l)?);
+        let mut out = vec![0f32; a.len()];
+        const CHUNK: usize = 4096;
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    *o = silu(*a) * b;
                 }
             });
         Ok((CpuStorage::F32(out), a_l.shape().clone()))

@@ -439,8 +439,17 @@ mod tests {
                 err < 0.05 * scale,
                 "bf16 off by {err} (logits up to {scale})"
             );
-            let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-            assert_eq!(argmax(want), argmax(&got));
+            // The token bf16 ranks first is about as good as f32's best (the weights are random,
+            // so the two best logits may be closer than bf16 can tell apart).
+            let best = (0..got.len())
+                .max_by(|&a, &b| got[a].total_cmp(&got[b]))
+                .unwrap();
+            let top = want.iter().fold(f32::MIN, |m, &x| m.max(x));
+            assert!(
+                want[best] >= top - 2. * err,
+                "bf16's first choice trails by {}",
+                top - want[best]
+            );
         }
     }
 }

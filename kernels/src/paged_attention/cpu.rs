@@ -81,7 +81,7 @@ const LANES: usize = 16;
 
 /// Whether the CPU kernel handles this head size (others take the reference path).
 pub(super) fn supports(head_dim: usize) -> bool {
-    head_dim % LANES == 0 && (1..=16).contains(&(head_dim / LANES))
+    head_dim.is_multiple_of(LANES) && (1..=16).contains(&(head_dim / LANES))
 }
 
 /// One query token: its heads, the caches, its sequence's block table and its position.

@@ -24,7 +24,20 @@ fn bench(c: &mut Criterion) {
         } else {
             QMatrix::from_tensor(&w).unwrap()
         };
-        for m in [1usize, 16] {
+        let dense = if name.starts_with("q4_1") {
+            QTensor::quantize(&w, GgmlDType::Q4_1)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap()
+        } else {
+            w.clone()
+        };
+        let xt = Tensor::randn(0f32, 1., (256, cols), &dev).unwrap();
+        group.throughput(Throughput::Elements((256 * rows * cols) as u64));
+        group.bench_function(BenchmarkId::new(format!("{name} f32 gemm"), 256), |b| {
+            b.iter(|| xt.matmul(&dense.t().unwrap()).unwrap())
+        });
+        for m in [1usize, 16, 256] {
             let x: Vec<f32> = Tensor::randn(0f32, 1., (m, cols), &dev)
                 .unwrap()
                 .flatten_all()

@@ -1,94 +1,186 @@
-//! AVX2 + FMA kernels: one block per instruction, four activation rows per pass.
+//! AVX2 + FMA: one panel (16 weight rows, two 256-bit halves) × one output row (its two
+//! activation rows).
+//! `maddubs` multiplies unsigned by signed bytes into 16-bit pairs, `madd` sums those pairs into
+//! each row's 32-bit lane.
 
 use std::arch::x86_64::*;
 
-use super::{dot, XGroup, BLOCK, GROUP};
+use super::{Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_PANEL_BLOCK, Q8_PANEL_BLOCK};
 
-#[inline(always)]
-pub(super) unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-}
-
-/// A block's 16 bytes of nibbles as 32 bytes: low nibbles (values 0..16), then high ones.
-#[inline(always)]
-pub(super) unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-    let raw = _mm_loadu_si128(p as *const __m128i);
-    let low4 = _mm_set1_epi8(0x0f);
-    _mm256_set_m128i(
-        _mm_and_si128(_mm_srli_epi16(raw, 4), low4),
-        _mm_and_si128(raw, low4),
-    )
-}
-
-/// Int8 weights: the sign-transfer trick (|w| unsigned times x with w's sign) lets `maddubs`
-/// multiply two signed blocks.
+/// [`super::quantize_row`], a block in four vectors, its rounding error kept in registers.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn q8(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
-    for (g, outs) in outs.chunks_mut(GROUP).enumerate() {
-        q8_rows(wq, ws, &x.rows(g * GROUP, outs.len(), wq.len()), outs);
+pub unsafe fn quantize(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+    for (b, x) in x.chunks_exact(BLOCK).enumerate() {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+        let (d, codes) = quantize_block(v, first, b);
+        let d = _mm256_set1_ps(d);
+        let error: [__m256; 4] =
+            std::array::from_fn(|k| _mm256_fnmadd_ps(d, _mm256_cvtepi32_ps(codes[k]), v[k]));
+        quantize_block(error, rest, b);
     }
 }
 
+/// Quantizes block `b` (as four vectors) into `out`; returns its scale and codes.
 #[inline(always)]
-unsafe fn q8_rows(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
-    let n = outs.len().min(GROUP);
-    let (cols, blocks) = (wq.len(), ws.len());
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); GROUP];
-    for b in 0..blocks {
-        let vw = _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK) as *const __m256i);
-        let abs_w = _mm256_sign_epi8(vw, vw);
-        let d = _mm256_set1_ps(*ws.get_unchecked(b));
-        for k in 0..n {
-            let vx =
-                _mm256_loadu_si256(x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i);
-            let sums =
-                _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(vx, vw)), ones);
-            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(k * blocks + b)));
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[k]);
+unsafe fn quantize_block(v: [__m256; 4], out: &mut RowOut, b: usize) -> (f32, [__m256i; 4]) {
+    let sign = _mm256_set1_epi32(i32::MIN);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let half = _mm256_set1_epi32(0.5f32.to_bits() as i32);
+    let mut m = _mm256_setzero_ps();
+    for v in v {
+        m = _mm256_max_ps(m, _mm256_and_ps(v, abs));
+    }
+    let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+    let mut codes = [_mm256_setzero_si256(); 4];
+    for (c, v) in codes.iter_mut().zip(v) {
+        // Round half away from zero: add 0.5 with the value's sign, truncate.
+        let r = _mm256_mul_ps(v, inv);
+        let bits = _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(r), sign), half);
+        *c = _mm256_cvttps_epi32(_mm256_add_ps(r, _mm256_castsi256_ps(bits)));
+    }
+    // The packs interleave 128-bit lanes; the permute puts the bytes back in order.
+    let packed = _mm256_packs_epi16(
+        _mm256_packs_epi32(codes[0], codes[1]),
+        _mm256_packs_epi32(codes[2], codes[3]),
+    );
+    let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(out.quants.as_mut_ptr().add(b * BLOCK) as *mut _, packed);
+    let t = _mm256_add_epi32(
+        _mm256_add_epi32(codes[0], codes[1]),
+        _mm256_add_epi32(codes[2], codes[3]),
+    );
+    let t = _mm_add_epi32(_mm256_extracti128_si256(t, 1), _mm256_castsi256_si128(t));
+    let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+    let total = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+    out.set(b, d, total);
+    (d, codes)
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
+    for p in 0..panels {
+        for i in (0..x.m).step_by(2) {
+            match *w {
+                Panels::Q8 { codes, scales } => q8(codes, scales, p, x, i, out),
+                Panels::Q4 {
+                    nibbles,
+                    scales,
+                    mins,
+                } => q4(nibbles, scales, mins, p, x, i, out),
+            }
         }
     }
-    for k in 0..n {
-        outs[k] = hsum(acc[k]);
-    }
-}
-
-/// 4-bit weights are unsigned, so `maddubs` takes them directly; the minimum contributes
-/// min * (scale * sum of the activation block), one dot product per row at the end.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn q4(nib: &[u8], ws: &[f32], mins: &[f32], x: &XGroup, outs: &mut [f32]) {
-    for (g, outs) in outs.chunks_mut(GROUP).enumerate() {
-        q4_rows(
-            nib,
-            ws,
-            mins,
-            &x.rows(g * GROUP, outs.len(), nib.len() * 2),
-            outs,
-        );
-    }
 }
 
 #[inline(always)]
-unsafe fn q4_rows(nib: &[u8], ws: &[f32], mins: &[f32], x: &XGroup, outs: &mut [f32]) {
-    let n = outs.len().min(GROUP);
-    let blocks = ws.len();
-    let cols = blocks * BLOCK;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); GROUP];
+unsafe fn broadcast4(p: *const i8) -> __m256i {
+    _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+}
+
+/// The panel's 16 f32 scales (or minimums) of one block as two halves.
+#[inline(always)]
+unsafe fn halves(v: &[f32], at: usize) -> [__m256; 2] {
+    let p = v.as_ptr().add(at);
+    [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+}
+
+/// The pair of rows' sums, added.
+#[inline(always)]
+unsafe fn store(acc: &[[__m256; 2]; 2], p: usize, i0: usize, out: Out) {
+    let o = out.at(i0 / 2, p);
+    _mm256_storeu_ps(o, _mm256_add_ps(acc[0][0], acc[1][0]));
+    _mm256_storeu_ps(o.add(8), _mm256_add_ps(acc[0][1], acc[1][1]));
+}
+
+/// Int8 weights: `maddubs` needs one unsigned operand, so it takes |w| and x with w's sign
+/// (|w|, |x| <= 127, so a pair of products cannot saturate 16 bits).
+#[inline(always)]
+unsafe fn q8(codes: &[u8], scales: &[f32], p: usize, x: &Activations, i0: usize, out: Out) {
+    let blocks = x.blocks();
+    let xq = x.quants.as_ptr().add(i0 * x.cols);
+    let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+    let mut acc = [[_mm256_setzero_ps(); 2]; 2];
     for b in 0..blocks {
-        let q = unpack_nibbles(nib.as_ptr().add(b * BLOCK / 2));
-        let d = _mm256_set1_ps(*ws.get_unchecked(b));
-        for k in 0..n {
-            let vx =
-                _mm256_loadu_si256(x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i);
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, vx), ones);
-            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(k * blocks + b)));
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[k]);
+        let mut dots = [[_mm256_setzero_si256(); 2]; 2];
+        for j in 0..BLOCK / 4 {
+            let at = codes
+                .as_ptr()
+                .add((p * blocks + b) * Q8_PANEL_BLOCK + j * 4 * PANEL);
+            let w: [__m256i; 2] = std::array::from_fn(|h| {
+                _mm256_xor_si256(_mm256_loadu_si256(at.add(32 * h) as *const _), flip)
+            });
+            let abs = w.map(|w| _mm256_sign_epi8(w, w));
+            for (r, dots) in dots.iter_mut().enumerate() {
+                let v = broadcast4(xq.add(r * x.cols + b * BLOCK + 4 * j));
+                for h in 0..2 {
+                    let pairs = _mm256_maddubs_epi16(abs[h], _mm256_sign_epi8(v, w[h]));
+                    dots[h] = _mm256_add_epi32(dots[h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        let d = halves(scales, (p * blocks + b) * PANEL);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let dx = _mm256_set1_ps(*x.scales.get_unchecked((i0 + r) * blocks + b));
+            for h in 0..2 {
+                let s = _mm256_mul_ps(d[h], dx);
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][h]), s, acc[h]);
+            }
         }
     }
-    for k in 0..n {
-        outs[k] = hsum(acc[k]) + dot(mins, &x.sums[k * blocks..][..blocks]);
+    store(&acc, p, i0, out);
+}
+
+/// 4-bit weights are unsigned, so `maddubs` takes them directly; a block's eight 16-bit pair
+/// sums stay within 16 bits (8 * 2 * 15 * 127 < 32768), so they are added before widening.
+#[inline(always)]
+unsafe fn q4(
+    nibbles: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    p: usize,
+    x: &Activations,
+    i0: usize,
+    out: Out,
+) {
+    let blocks = x.blocks();
+    let xq = x.quants.as_ptr().add(i0 * x.cols);
+    let (ones, low4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
+    let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+    for b in 0..blocks {
+        let mut pairs = [[_mm256_setzero_si256(); 2]; 2];
+        for j in 0..4 {
+            let at = nibbles
+                .as_ptr()
+                .add((p * blocks + b) * Q4_PANEL_BLOCK + j * 4 * PANEL);
+            let raw: [__m256i; 2] =
+                std::array::from_fn(|h| _mm256_loadu_si256(at.add(32 * h) as *const _));
+            let lo = raw.map(|v| _mm256_and_si256(v, low4));
+            let hi = raw.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+            for (r, pairs) in pairs.iter_mut().enumerate() {
+                let xb = xq.add(r * x.cols + b * BLOCK + 4 * j);
+                let (vl, vh) = (broadcast4(xb), broadcast4(xb.add(BLOCK / 2)));
+                for h in 0..2 {
+                    pairs[h] = _mm256_add_epi16(pairs[h], _mm256_maddubs_epi16(lo[h], vl));
+                    pairs[h] = _mm256_add_epi16(pairs[h], _mm256_maddubs_epi16(hi[h], vh));
+                }
+            }
+        }
+        let at = (p * blocks + b) * PANEL;
+        let (d, mn) = (halves(scales, at), halves(mins, at));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let k = (i0 + r) * blocks + b;
+            let dx = _mm256_set1_ps(*x.scales.get_unchecked(k));
+            let sx = _mm256_set1_ps(*x.sums.get_unchecked(k));
+            for h in 0..2 {
+                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r][h], ones));
+                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d[h], dx), acc[h]);
+                acc[h] = _mm256_fmadd_ps(mn[h], sx, acc[h]);
+            }
+        }
     }
+    store(&acc, p, i0, out);
 }

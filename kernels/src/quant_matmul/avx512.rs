@@ -1,249 +1,257 @@
-//! AVX-512 VNNI: two blocks per instruction, unsigned-by-signed byte dot products accumulated
-//! straight into 32-bit lanes (no 16-bit intermediate to saturate), and up to 16 activation rows
-//! per pass over a weight row, each in its own register.
+//! AVX-512 VNNI: tiles of two panels (32 weight rows) × up to four activation rows. Each VNNI
+//! instruction multiplies four values of 16 weight rows by four values of one activation row
+//! (broadcast) and adds the sums into 16 integer lanes; a block's integer sums become f32 once.
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum, unpack_nibbles};
-use super::{XGroup, BLOCK, GROUP_AVX512};
+use super::{
+    blocks_per_pass, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_PANEL_BLOCK,
+    Q8_PANEL_BLOCK,
+};
 
-/// Calls `$f::<N>` with N = `$n` (1..=16), so that each group size gets its own unrolled code.
-macro_rules! with_rows {
-    ($n:expr, $f:ident($($arg:expr),*)) => {
-        match $n {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*),
-            6 => $f::<6>($($arg),*),
-            7 => $f::<7>($($arg),*),
-            8 => $f::<8>($($arg),*),
-            9 => $f::<9>($($arg),*),
-            10 => $f::<10>($($arg),*),
-            11 => $f::<11>($($arg),*),
-            12 => $f::<12>($($arg),*),
-            13 => $f::<13>($($arg),*),
-            14 => $f::<14>($($arg),*),
-            15 => $f::<15>($($arg),*),
-            _ => $f::<16>($($arg),*),
+/// Activation rows per tile.
+const ROWS: usize = 6;
+
+/// [`super::quantize_row`], a block in two vectors, its rounding error kept in registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+pub unsafe fn quantize(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+    for (b, x) in x.chunks_exact(BLOCK).enumerate() {
+        let v = [
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        ];
+        let (d, codes) = quantize_block(v, first, b);
+        let error =
+            [0, 1].map(|h| _mm512_fnmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(codes[h]), v[h]));
+        quantize_block(error, rest, b);
+    }
+}
+
+/// Quantizes block `b` (as two vectors) into `out`; returns its scale and codes.
+#[inline(always)]
+unsafe fn quantize_block(v: [__m512; 2], out: &mut RowOut, b: usize) -> (f32, [__m512i; 2]) {
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_set1_epi32(0.5f32.to_bits() as i32);
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    let d = amax / 127.0;
+    let inv = _mm512_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+    let mut codes = [_mm512_setzero_si512(); 2];
+    for (h, (c, v)) in codes.iter_mut().zip(v).enumerate() {
+        // Round half away from zero: add 0.5 with the value's sign, truncate.
+        let r = _mm512_mul_ps(v, inv);
+        let bits = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(r), sign), half);
+        *c = _mm512_cvttps_epi32(_mm512_add_ps(r, _mm512_castsi512_ps(bits)));
+        let at = out.quants.as_mut_ptr().add(b * BLOCK + 16 * h);
+        _mm_storeu_si128(at as *mut _, _mm512_cvtepi32_epi8(*c));
+    }
+    let total = _mm512_reduce_add_epi32(_mm512_add_epi32(codes[0], codes[1]));
+    out.set(b, d, total);
+    (d, codes)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
+    let blocks = x.blocks();
+    let per_pass = match w {
+        Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
+        Panels::Q4 { .. } => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
+    };
+    for p in (0..panels).step_by(2) {
+        let pair = panels - p >= 2;
+        for k in (0..blocks).step_by(per_pass) {
+            let kb = k..(k + per_pass).min(blocks);
+            for i in (0..x.m).step_by(ROWS) {
+                let n = (x.m - i).min(ROWS);
+                let at = Tile {
+                    p0: p,
+                    i0: i,
+                    blocks: kb.clone(),
+                };
+                match (*w, pair) {
+                    (Panels::Q8 { codes, scales }, true) => {
+                        with_rows!(n, 6, q8[2](codes, scales, x, &at, out))
+                    }
+                    (Panels::Q8 { codes, scales }, false) => {
+                        with_rows!(n, 6, q8[1](codes, scales, x, &at, out))
+                    }
+                    (
+                        Panels::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        },
+                        true,
+                    ) => {
+                        with_rows!(n, 6, q4[2](nibbles, scales, mins, x, &at, out))
+                    }
+                    (
+                        Panels::Q4 {
+                            nibbles,
+                            scales,
+                            mins,
+                        },
+                        false,
+                    ) => {
+                        with_rows!(n, 6, q4[1](nibbles, scales, mins, x, &at, out))
+                    }
+                }
+            }
         }
-    };
+    }
 }
 
-/// Two consecutive f32s (or i32s), repeated: the scales of blocks b and b + 1 in the even and
-/// odd lanes, as the pair-interleaved layout leaves their dot products.
+/// Four activation bytes, as every 32-bit lane.
 #[inline(always)]
-unsafe fn two<T>(p: *const T) -> __m512 {
-    _mm512_castpd_ps(_mm512_set1_pd(std::ptr::read_unaligned(p as *const f64)))
+unsafe fn broadcast4(p: *const i8) -> __m512i {
+    _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
 }
 
-/// Lane j of the result: the sum of `acc[j]`'s lanes. Every lane's sum is taken in the same
-/// order, so a row's result does not depend on its place among the 16.
-#[inline(always)]
-unsafe fn sum_lanes(acc: &[__m512; 16]) -> __m512 {
-    // Within 128-bit lanes: pairs of rows, then quads.
-    let pairs: [__m512; 8] = std::array::from_fn(|i| {
-        let (a, b) = (acc[2 * i], acc[2 * i + 1]);
-        _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
-    });
-    let quads: [__m512; 4] = std::array::from_fn(|i| {
-        let (a, b) = (
-            _mm512_castps_pd(pairs[2 * i]),
-            _mm512_castps_pd(pairs[2 * i + 1]),
-        );
-        _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
-        )
-    });
-    // quads[i] holds rows 4i..4i+4 in each 128-bit lane; add the four lanes.
-    let halves = |a: __m512, b: __m512| {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4(a, b, 0b10_00_10_00),
-            _mm512_shuffle_f32x4(a, b, 0b11_01_11_01),
-        )
-    };
-    halves(halves(quads[0], quads[1]), halves(quads[2], quads[3]))
+/// Integer sums of a tile's blocks: with few accumulators, two sets (summed at the end of the
+/// block) keep enough independent chains of VNNI instructions in flight. Integer additions are
+/// exact, so the split does not change a result.
+struct Dots<const P: usize, const R: usize> {
+    sets: [[[__m512i; R]; P]; 2],
 }
 
-/// One row's sum with exactly the additions [`sum_lanes`] makes for it.
-#[inline(always)]
-unsafe fn sum_one(a: __m512) -> f32 {
-    // Within 128-bit lanes: (x0 + x2) + (x1 + x3); then (l0 + l1) + (l2 + l3).
-    let t = _mm512_add_ps(a, _mm512_permute_ps(a, 0b01_00_11_10));
-    let t = _mm512_add_ps(t, _mm512_permute_ps(t, 0b10_11_00_01));
-    let t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0b10_11_00_01));
-    let t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0b01_00_11_10));
-    _mm512_cvtss_f32(t)
+impl<const P: usize, const R: usize> Dots<P, R> {
+    const SPLIT: bool = P * R < 6;
+
+    #[inline(always)]
+    unsafe fn new(init: impl Fn(usize) -> __m512i) -> Self {
+        Self {
+            sets: [
+                [std::array::from_fn(&init); P],
+                [[_mm512_setzero_si512(); R]; P],
+            ],
+        }
+    }
+
+    /// Adds `w · x` into row `r` of panel `p`, in set `set`.
+    #[inline(always)]
+    unsafe fn add(&mut self, set: usize, p: usize, r: usize, w: __m512i, x: __m512i) {
+        let s = if Self::SPLIT { set } else { 0 };
+        self.sets[s][p][r] = _mm512_dpbusd_epi32(self.sets[s][p][r], w, x);
+    }
+
+    #[inline(always)]
+    unsafe fn get(&self, p: usize, r: usize) -> __m512 {
+        let d = if Self::SPLIT {
+            _mm512_add_epi32(self.sets[0][p][r], self.sets[1][p][r])
+        } else {
+            self.sets[0][p][r]
+        };
+        _mm512_cvtepi32_ps(d)
+    }
 }
 
-/// The shared loop over `N` activation rows: `codes(b)` gives blocks `b, b + 1` as 64
-/// unsigned bytes in the pair-interleaved layout (and, for an odd last block, `tail(b)` gives
-/// it as 32 in order); `offsets`, for int8 weights, start each block's dot product (see
-/// [`super::Activations`]); `mins`, for 4-bit weights, add min * sum(x) per block. Every row
-/// runs the same instructions whatever `N` is.
+/// The tile's sums so far: zero on its first blocks, else what the last pass stored (in the
+/// first of each pair of rows).
 #[inline(always)]
-unsafe fn body<const N: usize>(
-    ws: &[f32],
-    mins: Option<&[f32]>,
-    offsets: Option<&[i32]>,
-    x: &XGroup,
-    outs: &mut [f32],
-    codes: impl Fn(usize) -> __m512i,
-    tail: impl Fn(usize) -> __m256i,
+unsafe fn resume<const P: usize, const R: usize>(at: &Tile, out: Out) -> [[__m512; R]; P] {
+    std::array::from_fn(|p| {
+        std::array::from_fn(|r| {
+            if at.blocks.start == 0 || r % 2 == 1 {
+                _mm512_setzero_ps()
+            } else {
+                _mm512_loadu_ps(out.at((at.i0 + r) / 2, at.p0 + p))
+            }
+        })
+    })
+}
+
+/// Each pair of rows' sums, added.
+#[inline(always)]
+unsafe fn store<const P: usize, const R: usize>(acc: &[[__m512; R]; P], at: &Tile, out: Out) {
+    for (p, acc) in acc.iter().enumerate() {
+        for r in (0..R).step_by(2) {
+            let sum = _mm512_add_ps(acc[r], acc[r + 1]);
+            _mm512_storeu_ps(out.at((at.i0 + r) / 2, at.p0 + p), sum);
+        }
+    }
+}
+
+/// Int8 weights (stored `w + 128`), 8 steps of 4 values per block; each block's sums start
+/// from the activations' `-128 * sum(x)`.
+#[inline(always)]
+unsafe fn q8<const P: usize, const R: usize>(
+    codes: &[u8],
+    scales: &[f32],
+    x: &Activations,
+    at: &Tile,
+    out: Out,
 ) {
-    let blocks = ws.len();
-    let cols = blocks * BLOCK;
-    let paired = blocks / 2 * 2 * BLOCK;
-    let mut acc = [_mm512_setzero_ps(); 16];
-    for b in (0..blocks - blocks % 2).step_by(2) {
-        let q = codes(b);
-        let d = two(ws.as_ptr().add(b));
-        for (k, acc) in acc.iter_mut().enumerate().take(N) {
-            let vx =
-                _mm512_loadu_si512(x.pair_quants.as_ptr().add(k * paired + b * BLOCK) as *const _);
-            let s = _mm512_mul_ps(d, two(x.scales.as_ptr().add(k * blocks + b)));
-            let init = match offsets {
-                // Block b's in lane 0, b + 1's in lane 1.
-                Some(o) => _mm512_zextsi128_si512(_mm_loadl_epi64(
-                    o.as_ptr().add(k * blocks + b) as *const _
-                )),
-                None => _mm512_setzero_si512(),
-            };
-            let sums = _mm512_dpbusd_epi32(init, q, vx);
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *acc);
-        }
-    }
-    if N == 1 {
-        // The same additions as below for one row, without the other fifteen.
-        let mut total = sum_one(acc[0]);
-        if let Some(mins) = mins {
-            let (mut even, mut odd) = (0f32, 0f32);
-            let (ms, xs) = (mins.chunks_exact(2), x.sums[..mins.len()].chunks_exact(2));
-            let last = ms.remainder().first().zip(xs.remainder().first());
-            for (m, s) in ms.zip(xs) {
-                even = m[0].mul_add(s[0], even);
-                odd = m[1].mul_add(s[1], odd);
+    let (p0, i0, blocks) = (at.p0, at.i0, x.blocks());
+    let xq = x.quants.as_ptr().add(i0 * x.cols);
+    let mut acc = resume::<P, R>(at, out);
+    for b in at.blocks.clone() {
+        let mut dots = Dots::<P, R>::new(|r| _mm512_set1_epi32(x.offsets[(i0 + r) * blocks + b]));
+        for j in 0..BLOCK / 4 {
+            let w: [__m512i; P] = std::array::from_fn(|p| {
+                let at = ((p0 + p) * blocks + b) * Q8_PANEL_BLOCK + j * 4 * PANEL;
+                _mm512_loadu_si512(codes.as_ptr().add(at) as *const _)
+            });
+            for r in 0..R {
+                let v = broadcast4(xq.add(r * x.cols + b * BLOCK + 4 * j));
+                for (p, &w) in w.iter().enumerate() {
+                    dots.add(j % 2, p, r, w, v);
+                }
             }
-            if let Some((m, s)) = last {
-                even = m.mul_add(*s, even);
+        }
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let d = _mm512_loadu_ps(scales.as_ptr().add(((p0 + p) * blocks + b) * PANEL));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let dx = _mm512_set1_ps(*x.scales.get_unchecked((i0 + r) * blocks + b));
+                *acc = _mm512_fmadd_ps(dots.get(p, r), _mm512_mul_ps(d, dx), *acc);
             }
-            total += even + odd;
-        }
-        outs[0] = total;
-    } else {
-        let mut totals = sum_lanes(&acc);
-        if let Some(mins) = mins {
-            let mut extra = [_mm512_setzero_ps(); 2];
-            for (b, &m) in mins.iter().enumerate() {
-                let sums = _mm512_loadu_ps(x.sums_by_16.as_ptr().add(b * 16));
-                extra[b % 2] = _mm512_fmadd_ps(_mm512_set1_ps(m), sums, extra[b % 2]);
-            }
-            totals = _mm512_add_ps(totals, _mm512_add_ps(extra[0], extra[1]));
-        }
-        _mm512_mask_storeu_ps(
-            outs.as_mut_ptr(),
-            (1u32 << N).wrapping_sub(1) as u16,
-            totals,
-        );
-    }
-    if blocks % 2 == 1 {
-        let b = blocks - 1;
-        let q = tail(b);
-        let d = _mm256_set1_ps(*ws.get_unchecked(b));
-        for (k, o) in outs.iter_mut().enumerate().take(N) {
-            let vx =
-                _mm256_loadu_si256(x.quants.as_ptr().add(k * cols + b * BLOCK) as *const __m256i);
-            let s = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(k * blocks + b)));
-            let init = match offsets {
-                Some(o) => _mm256_zextsi128_si256(_mm_cvtsi32_si128(o[k * blocks + b])),
-                None => _mm256_setzero_si256(),
-            };
-            let sums = _mm256_dpbusd_epi32(init, q, vx);
-            *o += hsum(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), s));
         }
     }
+    store(&acc, at, out);
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub unsafe fn q8(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
-    if outs.len() <= GROUP_AVX512 {
-        return with_rows!(outs.len(), q8_rows(wq, ws, x, outs));
-    }
-    for (g, outs) in outs.chunks_mut(GROUP_AVX512).enumerate() {
-        let x = x.rows(g * GROUP_AVX512, outs.len(), wq.len());
-        with_rows!(outs.len(), q8_rows(wq, ws, &x, outs));
-    }
-}
-
-/// Int8 weights go in as `w + 128` (unsigned); the activations' precomputed offsets take the
-/// 128 * sum(x) back out, so the integer sums equal the signed ones exactly.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn q8_rows<const N: usize>(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
-    let flip = _mm512_set1_epi8(-128);
-    // 4-byte groups of the two blocks interleaved.
-    let interleave = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
-    body::<N>(
-        ws,
-        None,
-        Some(x.offsets),
-        x,
-        outs,
-        |b| {
-            let w = _mm512_loadu_si512(wq.as_ptr().add(b * BLOCK) as *const _);
-            _mm512_xor_si512(_mm512_permutexvar_epi32(interleave, w), flip)
-        },
-        |b| {
-            _mm256_xor_si256(
-                _mm256_loadu_si256(wq.as_ptr().add(b * BLOCK) as *const __m256i),
-                _mm512_castsi512_si256(flip),
-            )
-        },
-    );
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub unsafe fn q4(nib: &[u8], ws: &[f32], mins: &[f32], x: &XGroup, outs: &mut [f32]) {
-    if outs.len() <= GROUP_AVX512 {
-        return with_rows!(outs.len(), q4_rows(nib, ws, mins, x, outs));
-    }
-    for (g, outs) in outs.chunks_mut(GROUP_AVX512).enumerate() {
-        let x = x.rows(g * GROUP_AVX512, outs.len(), nib.len() * 2);
-        with_rows!(outs.len(), q4_rows(nib, ws, mins, &x, outs));
-    }
-}
-
-/// 4-bit weights: 32 bytes of nibbles (two blocks) spread to 64 bytes of values with one
-/// permute, one shift and one mask.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn q4_rows<const N: usize>(
-    nib: &[u8],
-    ws: &[f32],
+/// 4-bit weights, 4 steps per block: each 64-byte load gives values `4j..4j + 4` (low
+/// nibbles) and `16 + 4j..` (high nibbles) of 16 rows; the minimum adds `min * scale * sum(x)`.
+#[inline(always)]
+unsafe fn q4<const P: usize, const R: usize>(
+    nibbles: &[u8],
+    scales: &[f32],
     mins: &[f32],
-    x: &XGroup,
-    outs: &mut [f32],
+    x: &Activations,
+    at: &Tile,
+    out: Out,
 ) {
-    // From [B0 | B1] (16 bytes of nibbles each), their 4-byte groups interleaved twice over:
-    // the low nibbles (values 0..16) in the first half, the high ones (16..32) in the second.
-    let spread = _mm512_set_epi32(7, 3, 6, 2, 5, 1, 4, 0, 7, 3, 6, 2, 5, 1, 4, 0);
-    let shifts = _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
+    let (p0, i0, blocks) = (at.p0, at.i0, x.blocks());
+    let xq = x.quants.as_ptr().add(i0 * x.cols);
     let low4 = _mm512_set1_epi8(0x0f);
-    body::<N>(
-        ws,
-        Some(mins),
-        None,
-        x,
-        outs,
-        |b| {
-            let raw = _mm512_castsi256_si512(_mm256_loadu_si256(
-                nib.as_ptr().add(b * BLOCK / 2) as *const __m256i
-            ));
-            _mm512_and_si512(
-                _mm512_srlv_epi32(_mm512_permutexvar_epi32(spread, raw), shifts),
-                low4,
-            )
-        },
-        |b| unpack_nibbles(nib.as_ptr().add(b * BLOCK / 2)),
-    );
+    let mut acc = resume::<P, R>(at, out);
+    for b in at.blocks.clone() {
+        let mut dots = Dots::<P, R>::new(|_| _mm512_setzero_si512());
+        for j in 0..4 {
+            let raw: [__m512i; P] = std::array::from_fn(|p| {
+                let at = ((p0 + p) * blocks + b) * Q4_PANEL_BLOCK + j * 4 * PANEL;
+                _mm512_loadu_si512(nibbles.as_ptr().add(at) as *const _)
+            });
+            let lo = raw.map(|v| _mm512_and_si512(v, low4));
+            let hi = raw.map(|v| _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+            for r in 0..R {
+                let xb = xq.add(r * x.cols + b * BLOCK + 4 * j);
+                let (vl, vh) = (broadcast4(xb), broadcast4(xb.add(BLOCK / 2)));
+                for p in 0..P {
+                    dots.add(0, p, r, lo[p], vl);
+                    dots.add(1, p, r, hi[p], vh);
+                }
+            }
+        }
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let pb = ((p0 + p) * blocks + b) * PANEL;
+            let d = _mm512_loadu_ps(scales.as_ptr().add(pb));
+            let mn = _mm512_loadu_ps(mins.as_ptr().add(pb));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let k = (i0 + r) * blocks + b;
+                let dx = _mm512_set1_ps(*x.scales.get_unchecked(k));
+                *acc = _mm512_fmadd_ps(dots.get(p, r), _mm512_mul_ps(d, dx), *acc);
+                *acc = _mm512_fmadd_ps(mn, _mm512_set1_ps(*x.sums.get_unchecked(k)), *acc);
+            }
+        }
+    }
+    store(&acc, at, out);
 }

@@ -1,15 +1,21 @@
-//! A CPU matrix multiply over block-quantized weights for the few-row steps of decoding:
-//! int8 blocks (Q8_0: 32 values, one scale) or 4-bit blocks (GGUF's Q4_1: 32 values, a scale and a
-//! minimum), against activations quantized to int8 per block of 32.
+//! A CPU matrix multiply over block-quantized weights, for every batch shape from one decoding
+//! sequence to a prompt chunk of hundreds of tokens: int8 blocks (32 values, one scale) or 4-bit
+//! blocks (GGUF's Q4_1: 32 values, a scale and a minimum), against activations quantized to int8
+//! per block of 32.
 //!
-//! Weights are repacked at load into the layout the kernels want: codes back to back, and the
-//! blocks' scales and minimums as f32 arrays beside them, so the inner loop does no format
-//! conversion. Each weight block is loaded once per step and multiplied against up to four
-//! activation rows while it sits in registers, so a step of many sequences costs little more
-//! memory traffic than a step of one. With AVX-512 VNNI one instruction multiplies two blocks.
+//! Weights are repacked at load into panels of 16 rows: for each block, the rows' first four
+//! values side by side, then their next four, and so on ([`Codes`]). One 64-byte vector then
+//! holds four values of each of 16 rows, and a single VNNI instruction multiplies it by four
+//! values of one activation row broadcast to every lane: 16 rows × 4 products summed into 16
+//! integer lanes, which accumulate over the block before the one conversion to f32 that the
+//! block's scales need. A tile of panels × activation rows keeps its accumulators in registers,
+//! so each weight vector loaded serves several rows and each activation word several panels.
 //!
-//! A row's result depends only on that row (activations are quantized per row, blocks are summed
-//! in a fixed order, every row runs the same instructions), never on how many rows share the step.
+//! A row's result depends only on that row: activations are quantized per row, and every
+//! output lane goes through the same additions in the same order whichever tile computes it.
+//! A request therefore produces the same text alone or among many.
+
+use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
@@ -17,116 +23,215 @@ use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
-/// Activation rows that share one pass over a weight row (AVX2 has 16 registers, AVX-512 32).
-const GROUP: usize = 4;
-const GROUP_AVX512: usize = 16;
+/// Weight rows per panel: one 512-bit vector of 32-bit lanes.
+const PANEL: usize = 16;
 /// Bytes of a GGUF Q4_1 block: f16 scale, f16 min, 16 bytes of nibbles.
 const Q4_1_BYTES: usize = 20;
+/// Bytes of one panel's codes for one block.
+const Q8_PANEL_BLOCK: usize = PANEL * BLOCK;
+const Q4_PANEL_BLOCK: usize = PANEL * BLOCK / 2;
 
+/// Codes in panel order, `[panel][block][step][16 rows][4 bytes]`.
 enum Codes {
-    /// Signed values, 32 per block: w = scale * q.
-    Q8(Vec<i8>),
-    /// Values 0..16, 16 bytes per block (low nibbles hold values 0..16, high nibbles values
-    /// 16..32, as in GGUF): w = scale * q + min.
+    /// `w + 128` as unsigned bytes, 8 steps per block: step `j` holds values `4j..4j + 4` of
+    /// each row. (VNNI multiplies unsigned by signed bytes; the offset comes back out exactly,
+    /// see [`Activations::offsets`].)
+    Q8(Vec<u8>),
+    /// Values 0..16, 4 steps per block: step `j`'s low nibbles hold values `4j..4j + 4` of each
+    /// row and its high nibbles values `16 + 4j..16 + 4j + 4` (GGUF keeps values `i` and
+    /// `16 + i` in one byte too): `w = scale * q + min`. `mins` as `scales`.
     Q4 { nibbles: Vec<u8>, mins: Vec<f32> },
 }
 
-/// Weights `[rows, cols]` in quantized blocks along each row.
+/// Weights `[rows, cols]` in quantized blocks along each row, repacked in panels of 16 rows
+/// (the last panel padded with zero rows).
 pub struct QMatrix {
     rows: usize,
     cols: usize,
-    /// One per block, row by row.
+    /// `[panel][block][16]`.
     scales: Vec<f32>,
     codes: Codes,
 }
 
-/// Quantizes one block to int8 with a shared scale (`amax / 127`).
-fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// Quantizes one block to int8 with a shared scale (`amax / 127`); returns the scale and the
+/// sum of the codes. Written so that it vectorises (see [`Kernels::quantize`]).
+#[inline(always)]
+fn quantize_block(x: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> (f32, i32) {
+    let mut lanes = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
     let d = amax / 127.0;
     let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    let mut total = 0;
     for (q, v) in q.iter_mut().zip(x) {
         // Round half away from zero, as f32::round does, without the libm call (|r| <= 127, so
         // adding 0.5 is exact).
         let r = v * inv;
-        *q = (r + 0.5f32.copysign(r)) as i8;
+        let r = (r + 0.5f32.copysign(r)) as i32;
+        *q = r as i8;
+        total += r;
     }
-    d
+    (d, total)
+}
+
+/// One int8 activation row being written (see [`Activations`]).
+struct RowOut<'a> {
+    quants: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [f32],
+    offsets: &'a mut [i32],
+}
+
+impl RowOut<'_> {
+    /// Block `b`'s scale and the sum of its codes.
+    #[inline(always)]
+    fn set(&mut self, b: usize, d: f32, total: i32) {
+        self.scales[b] = d;
+        self.sums[b] = d * total as f32;
+        self.offsets[b] = -128 * total;
+    }
+}
+
+/// Quantizes one row of activations as two int8 rows: its codes, and its rounding error's.
+#[inline(always)]
+fn quantize_row(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+    for (b, x) in x.chunks_exact(BLOCK).enumerate() {
+        let x: &[f32; BLOCK] = x.try_into().unwrap();
+        let mut q = [0i8; BLOCK];
+        let (d, total) = quantize_block(x, &mut q);
+        first.quants[b * BLOCK..][..BLOCK].copy_from_slice(&q);
+        first.set(b, d, total);
+        // Fused, as the SIMD quantizers compute it (the same codes on every CPU).
+        let error: [f32; BLOCK] = std::array::from_fn(|i| (-d).mul_add(q[i] as f32, x[i]));
+        let (d, total) = quantize_block(&error, &mut q);
+        rest.quants[b * BLOCK..][..BLOCK].copy_from_slice(&q);
+        rest.set(b, d, total);
+    }
+}
+
+/// Quantizes weights: the same rounding as the activations'.
+fn quantize_weights(w: &[f32], quants: &mut [i8]) -> Vec<f32> {
+    let blocks = w.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK));
+    blocks
+        .map(|(x, q)| quantize_block(x.try_into().unwrap(), q.try_into().unwrap()).0)
+        .collect()
 }
 
 /// Activation rows `[m, cols]` quantized per block, with what the kernels precompute from them.
+///
+/// Each row goes in as two int8 rows: its codes, then the codes of what they leave out
+/// (`x - scale * q`, quantized the same way), so a product carries about 15 bits of the
+/// activations instead of 7: close to f32's results for twice the integer work, which the kernels
+/// have to spare. (With one int8 row the model's greedy choices drift from f32's wherever two
+/// tokens are nearly tied.) The kernels add the two rows' results as they store them.
 struct Activations {
+    /// Int8 rows: twice the input's.
+    m: usize,
+    cols: usize,
     quants: Vec<i8>,
     /// `[m, blocks]`.
     scales: Vec<f32>,
     /// `[m, blocks]`: scale * sum of the block's values (for Q4's minimum).
     sums: Vec<f32>,
-    /// `[m, blocks / 2, 64]`: each pair of blocks with their 4-byte groups interleaved (b's
-    /// first, b + 1's first, b's second, ...), so that a 512-bit dot product leaves block b's
-    /// partial sums in the even lanes and b + 1's in the odd ones, and one 8-byte broadcast of
-    /// two consecutive scales lines up with them. An odd last block is left out.
-    pair_quants: Vec<i8>,
-    /// `[m, blocks]`: -128 * the sum of the block's values. VNNI multiplies unsigned by signed
-    /// bytes, so int8 weights go in offset by +128; starting the dot product from this takes the
-    /// offset back out, exactly.
+    /// `[m, blocks]`: -128 * the sum of the block's values. Int8 weights go in offset by +128;
+    /// starting each block's dot product from this takes the offset back out, exactly.
     offsets: Vec<i32>,
-    /// `[m / 16 rounded up, blocks, 16]`: `sums` of 16 rows side by side (zero past the last
-    /// row), so that one vector instruction per block applies a weight row's minimums to all.
-    sums_by_16: Vec<f32>,
 }
 
 impl Activations {
-    fn new(x: &[f32], cols: usize) -> Self {
-        let blocks = cols / BLOCK;
-        let m = x.len() / cols;
-        let mut quants = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(m * blocks);
-        let mut sums = Vec::with_capacity(m * blocks);
-        let mut offsets = Vec::with_capacity(m * blocks);
-        let mut sums_by_16 = vec![0f32; m.div_ceil(16) * blocks * 16];
-        for (i, (x, q)) in x
-            .chunks_exact(BLOCK)
-            .zip(quants.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            let d = quantize_block(x, q);
-            let total: i32 = q.iter().map(|&v| v as i32).sum();
-            scales.push(d);
-            sums.push(d * total as f32);
-            offsets.push(-128 * total);
-            let (row, b) = (i / blocks, i % blocks);
-            sums_by_16[((row / 16) * blocks + b) * 16 + row % 16] = d * total as f32;
-        }
-        let pairs = blocks / 2;
-        let mut pair_quants = vec![0i8; m * pairs * 2 * BLOCK];
-        for (i, out) in pair_quants.chunks_exact_mut(2 * BLOCK).enumerate() {
-            let (row, p) = (i / pairs, i % pairs);
-            let first = &quants[row * cols + 2 * p * BLOCK..][..2 * BLOCK];
-            for (j, out) in out.chunks_exact_mut(8).enumerate() {
-                out[..4].copy_from_slice(&first[4 * j..][..4]);
-                out[4..].copy_from_slice(&first[BLOCK + 4 * j..][..4]);
-            }
-        }
+    fn new(x: &[f32], cols: usize, quantize: QuantizeKernel) -> Self {
+        let (m, blocks) = (2 * x.len() / cols, cols / BLOCK);
+        let mut quants = vec![0i8; m * cols];
+        let (mut scales, mut sums) = (vec![0f32; m * blocks], vec![0f32; m * blocks]);
+        let mut offsets = vec![0i32; m * blocks];
+        // Rows in parallel once there are enough of them to pay for it.
+        let per_task = if x.len() < 1 << 16 {
+            (m / 2).max(1)
+        } else {
+            ((1 << 14) / cols).max(1)
+        };
+        x.par_chunks(per_task * cols)
+            .zip(quants.par_chunks_mut(2 * per_task * cols))
+            .zip(scales.par_chunks_mut(2 * per_task * blocks))
+            .zip(sums.par_chunks_mut(2 * per_task * blocks))
+            .zip(offsets.par_chunks_mut(2 * per_task * blocks))
+            .for_each(|((((x, q), s), u), o)| {
+                let rows = x.chunks_exact(cols).zip(q.chunks_exact_mut(2 * cols));
+                let per_row = s
+                    .chunks_exact_mut(2 * blocks)
+                    .zip(u.chunks_exact_mut(2 * blocks))
+                    .zip(o.chunks_exact_mut(2 * blocks));
+                for ((x, q), ((s, u), o)) in rows.zip(per_row) {
+                    let (q, s, u, o) = (
+                        q.split_at_mut(cols),
+                        s.split_at_mut(blocks),
+                        u.split_at_mut(blocks),
+                        o.split_at_mut(blocks),
+                    );
+                    let mut first = RowOut {
+                        quants: q.0,
+                        scales: s.0,
+                        sums: u.0,
+                        offsets: o.0,
+                    };
+                    let mut rest = RowOut {
+                        quants: q.1,
+                        scales: s.1,
+                        sums: u.1,
+                        offsets: o.1,
+                    };
+                    // SAFETY: `quantize` comes from `Kernels`, which only holds what this CPU
+                    // runs.
+                    unsafe { quantize(x, &mut first, &mut rest) };
+                }
+            });
         Self {
+            m,
+            cols,
             quants,
             scales,
             sums,
-            pair_quants,
             offsets,
-            sums_by_16,
         }
     }
 
-    fn view(&self) -> XGroup<'_> {
-        XGroup {
-            quants: &self.quants,
-            scales: &self.scales,
-            sums: &self.sums,
-            pair_quants: &self.pair_quants,
-            offsets: &self.offsets,
-            sums_by_16: &self.sums_by_16,
+    fn blocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+}
+
+/// Row-major codes (`block_bytes` per block, `blocks` per row) in panel order: 4 bytes of each of
+/// 16 rows per step, panels padded with `pad`.
+fn to_panels(codes: &[u8], rows: usize, blocks: usize, block_bytes: usize, pad: u8) -> Vec<u8> {
+    let panels = rows.div_ceil(PANEL);
+    let steps = block_bytes / 4;
+    let mut out = vec![pad; panels * blocks * PANEL * block_bytes];
+    for r in 0..rows {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        for b in 0..blocks {
+            let src = &codes[(r * blocks + b) * block_bytes..][..block_bytes];
+            let dst = (p * blocks + b) * PANEL * block_bytes;
+            for j in 0..steps {
+                out[dst + (j * PANEL + lane) * 4..][..4].copy_from_slice(&src[4 * j..][..4]);
+            }
         }
     }
+    out
+}
+
+/// Per-block values `[rows, blocks]` as `[panel][block][16]`, zero past the last row.
+fn f32_panels(v: &[f32], rows: usize, blocks: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows.div_ceil(PANEL) * blocks * PANEL];
+    for r in 0..rows {
+        for b in 0..blocks {
+            out[((r / PANEL) * blocks + b) * PANEL + r % PANEL] = v[r * blocks + b];
+        }
+    }
+    out
 }
 
 impl QMatrix {
@@ -139,16 +244,15 @@ impl QMatrix {
             );
         }
         let mut quants = vec![0i8; rows * cols];
-        let scales = w
-            .chunks_exact(BLOCK)
-            .zip(quants.chunks_exact_mut(BLOCK))
-            .map(|(x, q)| quantize_block(x, q))
-            .collect();
+        let scales = quantize_weights(w, &mut quants);
+        let unsigned: Vec<u8> = quants.iter().map(|&q| (q as u8) ^ 0x80).collect();
+        let blocks = cols / BLOCK;
         Ok(Self {
             rows,
             cols,
-            scales,
-            codes: Codes::Q8(quants),
+            scales: f32_panels(&scales, rows, blocks),
+            // Padding rows hold w = 0, that is 128.
+            codes: Codes::Q8(to_panels(&unsigned, rows, blocks, BLOCK, 0x80)),
         })
     }
 
@@ -177,11 +281,15 @@ impl QMatrix {
             mins.push(f16::from_le_bytes([block[2], block[3]]).to_f32());
             nibbles.extend_from_slice(&block[4..]);
         }
+        let blocks = cols / BLOCK;
         Ok(Self {
             rows,
             cols,
-            scales,
-            codes: Codes::Q4 { nibbles, mins },
+            scales: f32_panels(&scales, rows, blocks),
+            codes: Codes::Q4 {
+                nibbles: to_panels(&nibbles, rows, blocks, BLOCK / 2, 0),
+                mins: f32_panels(&mins, rows, blocks),
+            },
         })
     }
 
@@ -189,96 +297,137 @@ impl QMatrix {
         self.rows
     }
 
-    /// Weight row `r` against a group of activation rows.
-    unsafe fn row(&self, r: usize, kernels: &Kernels, x: &XGroup, outs: &mut [f32]) {
-        let (cols, blocks) = (self.cols, self.cols / BLOCK);
-        let scales = &self.scales[r * blocks..][..blocks];
+    fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
+    fn blocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// Panels `first..` as the kernels see them.
+    fn view(&self, first: usize) -> Panels<'_> {
+        let blocks = self.blocks();
+        let scales = &self.scales[first * blocks * PANEL..];
         match &self.codes {
-            Codes::Q8(quants) => (kernels.q8)(&quants[r * cols..][..cols], scales, x, outs),
-            Codes::Q4 { nibbles, mins } => (kernels.q4)(
-                &nibbles[r * cols / 2..][..cols / 2],
+            Codes::Q8(codes) => Panels::Q8 {
+                codes: &codes[first * blocks * Q8_PANEL_BLOCK..],
                 scales,
-                &mins[r * blocks..][..blocks],
-                x,
-                outs,
-            ),
+            },
+            Codes::Q4 { nibbles, mins } => Panels::Q4 {
+                nibbles: &nibbles[first * blocks * Q4_PANEL_BLOCK..],
+                scales,
+                mins: &mins[first * blocks * PANEL..],
+            },
         }
+    }
+
+    /// Panels `panels` against every activation row, with the given kernels.
+    ///
+    /// # Safety
+    /// `kernels` must be runnable on this CPU and `out` must have room for every row.
+    unsafe fn run(&self, kernels: &Kernels, panels: Range<usize>, x: &Activations, out: Out) {
+        let out = Out {
+            ptr: out.ptr.add(panels.start * PANEL),
+            ..out
+        };
+        (kernels.tile)(&self.view(panels.start), panels.len(), x, out)
     }
 
     /// `x`: `[m, cols]` row-major -> `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let act = Activations::new(x, self.cols);
         let kernels = kernels();
-        // Computed transposed ([rows, m]) so that each weight row writes one contiguous run.
-        let mut out_t = vec![0f32; self.rows * m];
-        const ROWS_PER_TASK: usize = 16;
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, out)| {
-                // Activations 16 rows at a time, each group against all of the task's weight
-                // rows, so that both stay in the L1 cache however many rows the step has.
-                for first in (0..m).step_by(GROUP_AVX512) {
-                    let n = GROUP_AVX512.min(m - first);
-                    let x = act.view().rows(first, n, self.cols);
-                    for j in 0..out.len() / m {
-                        let out = &mut out[j * m + first..][..n];
-                        // SAFETY: `kernels` only holds kernels whose CPU features are present.
-                        unsafe { self.row(task * ROWS_PER_TASK + j, kernels, &x, out) }
-                    }
-                }
+        let act = Activations::new(x, self.cols, kernels.quantize);
+        let (panels, padded) = (self.panels(), self.panels() * PANEL);
+        let mut out = vec![0f32; m * padded];
+        let ptr = Out {
+            ptr: out.as_mut_ptr(),
+            stride: padded,
+        };
+        // Even numbers of panels per task (the AVX-512 kernel takes them in pairs), a few tasks
+        // per thread so that they balance.
+        let per_task = panels
+            .div_ceil(4 * rayon::current_num_threads())
+            .next_multiple_of(2);
+        (0..panels.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|t| {
+                let range = t * per_task..((t + 1) * per_task).min(panels);
+                // SAFETY: `kernels` only holds kernels whose CPU features are present; `out` has
+                // `m` rows of every panel, and tasks write disjoint panels.
+                unsafe { self.run(kernels, range, &act, ptr) }
             });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
-            for i in 0..m {
-                out[i * self.rows + r] = out_t[r * m + i];
-            }
+        if padded != self.rows {
+            out = out
+                .chunks_exact(padded)
+                .flat_map(|row| &row[..self.rows])
+                .copied()
+                .collect();
         }
         out
     }
 }
 
-/// Activation rows, back to back (see [`Activations`]).
+/// Consecutive panels of a [`QMatrix`], from the first one a kernel is given.
 #[derive(Clone, Copy)]
-struct XGroup<'a> {
-    quants: &'a [i8],
-    scales: &'a [f32],
-    sums: &'a [f32],
-    pair_quants: &'a [i8],
-    offsets: &'a [i32],
-    sums_by_16: &'a [f32],
+enum Panels<'a> {
+    Q8 {
+        codes: &'a [u8],
+        scales: &'a [f32],
+    },
+    Q4 {
+        nibbles: &'a [u8],
+        scales: &'a [f32],
+        mins: &'a [f32],
+    },
 }
 
-impl XGroup<'_> {
-    /// Rows `first..first + n` of rows `cols` wide (`sums_by_16` stays aligned only where
-    /// `first` is a multiple of 16).
-    #[inline]
-    fn rows(&self, first: usize, n: usize, cols: usize) -> Self {
-        let blocks = cols / BLOCK;
-        let paired = blocks / 2 * 2 * BLOCK;
-        XGroup {
-            quants: &self.quants[first * cols..][..n * cols],
-            scales: &self.scales[first * blocks..][..n * blocks],
-            sums: &self.sums[first * blocks..][..n * blocks],
-            pair_quants: &self.pair_quants[first * paired..][..n * paired],
-            offsets: &self.offsets[first * blocks..][..n * blocks],
-            sums_by_16: &self.sums_by_16[first / 16 * blocks * 16..],
-        }
+/// A tile's place: panels from `p0`, activation rows from `i0` (even), and the blocks of this
+/// pass.
+struct Tile {
+    p0: usize,
+    i0: usize,
+    blocks: Range<usize>,
+}
+
+/// Where a kernel writes: output row `i`'s (activation rows `2i` and `2i + 1`'s) 16 outputs of
+/// the kernel's panel `p` start at `ptr + i * stride + p * 16`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: tasks given the same `Out` write disjoint panels of it.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Row `i`'s 16 outputs of panel `p`.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> *mut f32 {
+        self.ptr.add(i * self.stride + p * PANEL)
     }
 }
 
-/// Kernels take one weight row and all activation rows, one output per activation row.
-/// `(codes, scales, activations, outputs)`.
-type Q8Kernel = unsafe fn(&[i8], &[f32], &XGroup, &mut [f32]);
-/// `(nibbles, scales, mins, activations, outputs)`.
-type Q4Kernel = unsafe fn(&[u8], &[f32], &[f32], &XGroup, &mut [f32]);
+/// How many blocks a tile takes per pass over the activations, so that its `bytes_per_block` of
+/// weights stay in the L1 cache while every row goes past: the blocks split evenly into passes.
+/// A tile resumes its sums from the output between passes (the same additions in the same order).
+fn blocks_per_pass(blocks: usize, bytes_per_block: usize) -> usize {
+    const BUDGET: usize = 12 << 10;
+    blocks.div_ceil((blocks * bytes_per_block).div_ceil(BUDGET).max(1))
+}
+
+/// `(panels from the first, how many, activations, out)`: every activation row against that
+/// many panels.
+type TileKernel = unsafe fn(&Panels, usize, &Activations, Out);
+
+/// [`quantize_row`] compiled for an instruction set.
+type QuantizeKernel = unsafe fn(&[f32], &mut RowOut, &mut RowOut);
 
 struct Kernels {
-    q8: Q8Kernel,
-    q4: Q4Kernel,
+    tile: TileKernel,
+    quantize: QuantizeKernel,
 }
 
 /// The kernels this CPU runs, fastest first (the scalar ones run anywhere).
@@ -287,30 +436,24 @@ fn candidates() -> Vec<(&'static str, Kernels)> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f")
-            && has!("avx512bw")
-            && has!("avx512vl")
-            && has!("avx512vnni")
-            && has!("avx2")
-            && has!("fma")
-        {
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("fma") {
             let k = Kernels {
-                q8: avx512::q8,
-                q4: avx512::q4,
+                tile: avx512::tile,
+                quantize: avx512::quantize,
             };
             found.push(("avx512-vnni", k));
         }
         if has!("avx2") && has!("fma") {
             let k = Kernels {
-                q8: avx2::q8,
-                q4: avx2::q4,
+                tile: avx2::tile,
+                quantize: avx2::quantize,
             };
             found.push(("avx2", k));
         }
     }
     let k = Kernels {
-        q8: scalar::q8,
-        q4: scalar::q4,
+        tile: scalar::tile,
+        quantize: scalar::quantize,
     };
     found.push(("scalar", k));
     found
@@ -322,24 +465,33 @@ fn kernels() -> &'static Kernels {
     BEST.get_or_init(|| candidates().swap_remove(0).1)
 }
 
-/// Dot product with eight independent accumulators, so that it vectorises (with the features of
-/// the kernel it is inlined into).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// `with_rows!(n, MAX, f[P](args))` calls `f::<P, N>(args)` (or `f::<N>` for `f(args)`) with N = n in
+/// 1..=MAX (2, 4 or 6), so that each tile height gets its own unrolled code.
+macro_rules! with_rows {
+    ($n:expr, 2, $f:ident $([$p:literal])? ($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<$($p,)? 1>($($arg),*),
+            _ => $f::<$($p,)? 2>($($arg),*),
         }
-    }
-    acc.iter().sum::<f32>() + tail
+    };
+    ($n:expr, 4, $f:ident $([$p:literal])? ($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<$($p,)? 1>($($arg),*),
+            2 => $f::<$($p,)? 2>($($arg),*),
+            3 => $f::<$($p,)? 3>($($arg),*),
+            _ => $f::<$($p,)? 4>($($arg),*),
+        }
+    };
+    ($n:expr, 6, $f:ident $([$p:literal])? ($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<$($p,)? 1>($($arg),*),
+            2 => $f::<$($p,)? 2>($($arg),*),
+            3 => $f::<$($p,)? 3>($($arg),*),
+            4 => $f::<$($p,)? 4>($($arg),*),
+            5 => $f::<$($p,)? 5>($($arg),*),
+            _ => $f::<$($p,)? 6>($($arg),*),
+        }
+    };
 }
 
 mod scalar;
@@ -383,7 +535,28 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
-    fn check(q: &QMatrix, w: &Tensor, x: &Tensor) -> Result<()> {
+    /// All of `x` through one kernel family, `[m, padded rows]`.
+    fn with_kernels(q: &QMatrix, k: &Kernels, act: &Activations) -> Vec<f32> {
+        let padded = q.panels() * PANEL;
+        let mut out = vec![0f32; act.m / 2 * padded];
+        let ptr = Out {
+            ptr: out.as_mut_ptr(),
+            stride: padded,
+        };
+        // Odd first panels too, so that the pairing of panels is exercised.
+        let panels = q.panels();
+        for range in [0..1.min(panels), 1.min(panels)..panels] {
+            unsafe { q.run(k, range, act, ptr) };
+        }
+        out
+    }
+
+    fn first_diff<T: PartialEq>(a: &[T], b: &[T]) -> Option<usize> {
+        a.iter().zip(b).position(|(a, b)| a != b)
+    }
+
+    /// `tolerance`: of the largest output, for the error against `x @ w.T` in f32.
+    fn check(q: &QMatrix, w: &Tensor, x: &Tensor, tolerance: f32) -> Result<()> {
         let got = x.apply_op1_no_bwd(&QMatMul(q))?;
         let want = x.matmul(&w.t()?)?;
         let err = (&got - &want)?
@@ -392,44 +565,52 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(err < 0.02 * scale, "max error {err} vs magnitude {scale}");
-        // Row 2 computed alone equals row 2 computed among all, bit for bit.
-        let alone = x
-            .narrow(0, 2, 1)?
-            .contiguous()?
-            .apply_op1_no_bwd(&QMatMul(q))?;
-        assert_eq!(alone.to_vec2::<f32>()?[0], got.to_vec2::<f32>()?[2]);
-        // Every kernel this CPU runs agrees with the scalar one on every weight row.
-        let cols = x.dim(1)?;
-        let act = Activations::new(&x.flatten_all()?.to_vec1::<f32>()?, cols);
-        let xg = act.view();
-        let all = candidates();
-        let (_, reference) = all.last().expect("the scalar kernels");
-        for r in 0..q.rows {
-            let mut want = vec![0f32; x.dim(0)?];
-            unsafe { q.row(r, reference, &xg, &mut want) };
-            for (name, k) in &all {
-                let mut got = vec![0f32; x.dim(0)?];
-                unsafe { q.row(r, k, &xg, &mut got) };
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() < 1e-4 * b.abs().max(1.0),
-                        "{name}: row {r}: {a} vs scalar {b}"
-                    );
-                }
+        assert!(
+            err < tolerance * scale,
+            "max error {err} vs magnitude {scale}"
+        );
+        // Each row computed alone equals that row computed among all, bit for bit.
+        let all = got.to_vec2::<f32>()?;
+        for i in [0, 2, x.dim(0)? - 1] {
+            let alone = x
+                .narrow(0, i, 1)?
+                .contiguous()?
+                .apply_op1_no_bwd(&QMatMul(q))?;
+            assert_eq!(alone.to_vec2::<f32>()?[0], all[i], "row {i}");
+        }
+        // Every kernel this CPU runs agrees with the scalar one on every output.
+        let x = x.flatten_all()?.to_vec1::<f32>()?;
+        let kernels = candidates();
+        let (_, reference) = kernels.last().expect("the scalar kernels");
+        let act = Activations::new(&x, q.cols, reference.quantize);
+        let want = with_kernels(q, reference, &act);
+        for (name, k) in &kernels {
+            // Each family's quantizer gives the scalar one's codes, bit for bit.
+            let own = Activations::new(&x, q.cols, k.quantize);
+            assert_eq!(first_diff(&own.quants, &act.quants), None, "{name}: codes");
+            assert_eq!(first_diff(&own.scales, &act.scales), None, "{name}: scales");
+            let got = with_kernels(q, k, &act);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4 * b.abs().max(1.0),
+                    "{name}: output {i}: {a} vs scalar {b}"
+                );
             }
         }
         Ok(())
     }
 
+    // 70 weight rows: four full panels and a padded one. 19 activation rows: every tile height
+    // and a remainder. 96 and 128 columns: odd and even block counts.
+
     #[test]
     fn int8_weights_match_f32_matmul_and_are_row_independent() -> Result<()> {
         let dev = Device::Cpu;
-        // 96 columns: one pair of blocks and an odd one; 128: pairs only.
-        for cols in [96, 128] {
+        for cols in [96, 128, 1600] {
             let w = Tensor::randn(0f32, 1., (70, cols), &dev)?;
-            let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
-            check(&QMatrix::from_tensor(&w)?, &w, &x)?;
+            let x = Tensor::randn(0f32, 1., (if cols > 1000 { 100 } else { 19 }, cols), &dev)?;
+            // Against the unquantized weights: their int8 rounding dominates.
+            check(&QMatrix::from_tensor(&w)?, &w, &x, 0.02)?;
         }
         Ok(())
     }
@@ -437,17 +618,32 @@ mod tests {
     #[test]
     fn gguf_q4_1_blocks_match_their_dequantized_weights() -> Result<()> {
         let dev = Device::Cpu;
-        for cols in [96, 128] {
+        for cols in [96, 128, 1600] {
             let w = Tensor::randn(0f32, 1., (70, cols), &dev)?;
             let qt = QTensor::quantize(&w, GgmlDType::Q4_1)?;
             let q = QMatrix::from_q4_1(&qt.data()?, 70, cols)?;
-            // Compare against the weights the blocks actually hold.
+            // Against the weights the blocks actually hold: only the activations' rounding
+            // (two int8 terms) is left.
             check(
                 &q,
                 &qt.dequantize(&dev)?,
-                &Tensor::randn(0f32, 1., (19, cols), &dev)?,
+                &Tensor::randn(0f32, 1., (if cols > 1000 { 100 } else { 19 }, cols), &dev)?,
+                2e-4,
             )?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn extreme_int8_values_do_not_overflow() -> Result<()> {
+        // Every weight and activation at +-127 (the largest products the kernels see).
+        let dev = Device::Cpu;
+        let cols = 256;
+        let w: Vec<f32> = (0..32 * cols)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let w = Tensor::from_vec(w, (32, cols), &dev)?;
+        let x = w.narrow(0, 0, 5)?.contiguous()?;
+        check(&QMatrix::from_tensor(&w)?, &w, &x, 1e-5)
     }
 }

@@ -1,39 +1,60 @@
 //! Portable kernels: the reference the SIMD ones are tested against, and the fallback.
 
-use super::{dot, XGroup, BLOCK};
+use super::{Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_PANEL_BLOCK, Q8_PANEL_BLOCK};
 
-pub unsafe fn q8(wq: &[i8], ws: &[f32], x: &XGroup, outs: &mut [f32]) {
-    let (cols, blocks) = (wq.len(), ws.len());
-    for (k, o) in outs.iter_mut().enumerate() {
-        let xq = &x.quants[k * cols..][..cols];
-        *o = (0..blocks)
-            .map(|b| {
-                let s: i32 = (0..BLOCK)
-                    .map(|i| wq[b * BLOCK + i] as i32 * xq[b * BLOCK + i] as i32)
-                    .sum();
-                s as f32 * (ws[b] * x.scales[k * blocks + b])
-            })
-            .sum();
+pub unsafe fn quantize(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+    super::quantize_row(x, first, rest)
+}
+
+pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
+    let blocks = x.blocks();
+    for p in 0..panels {
+        for i in (0..x.m).step_by(2) {
+            let row = out.at(i / 2, p);
+            for lane in 0..PANEL {
+                // The two activation rows' sums, added at the end as the SIMD kernels do.
+                let [a, b] = [i, i + 1].map(|i| {
+                    (0..blocks)
+                        .map(|b| term(w, p * blocks + b, lane, x, i, b))
+                        .sum::<f32>()
+                });
+                *row.add(lane) = a + b;
+            }
+        }
     }
 }
 
-pub unsafe fn q4(nib: &[u8], ws: &[f32], mins: &[f32], x: &XGroup, outs: &mut [f32]) {
-    let blocks = ws.len();
-    let cols = blocks * BLOCK;
-    for (k, o) in outs.iter_mut().enumerate() {
-        let xq = &x.quants[k * cols..][..cols];
-        let main: f32 = (0..blocks)
-            .map(|b| {
-                let s: i32 = (0..BLOCK / 2)
-                    .map(|i| {
-                        let byte = nib[b * BLOCK / 2 + i];
-                        (byte & 15) as i32 * xq[b * BLOCK + i] as i32
-                            + (byte >> 4) as i32 * xq[b * BLOCK + BLOCK / 2 + i] as i32
-                    })
-                    .sum();
-                s as f32 * (ws[b] * x.scales[k * blocks + b])
-            })
-            .sum();
-        *o = main + dot(mins, &x.sums[k * blocks..][..blocks]);
+/// Block `b` of activation row `i` against panel-block `pb`'s row `lane`.
+fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize) -> f32 {
+    let blocks = x.blocks();
+    let xb = &x.quants[i * x.cols + b * BLOCK..][..BLOCK];
+    let dx = x.scales[i * blocks + b];
+    match *w {
+        Panels::Q8 { codes, scales } => {
+            let c = &codes[pb * Q8_PANEL_BLOCK..][..Q8_PANEL_BLOCK];
+            let dot: i32 = (0..BLOCK)
+                .map(|v| {
+                    let q = (c[(v / 4 * PANEL + lane) * 4 + v % 4] ^ 0x80) as i8;
+                    q as i32 * xb[v] as i32
+                })
+                .sum();
+            dot as f32 * (scales[pb * PANEL + lane] * dx)
+        }
+        Panels::Q4 {
+            nibbles,
+            scales,
+            mins,
+        } => {
+            let c = &nibbles[pb * Q4_PANEL_BLOCK..][..Q4_PANEL_BLOCK];
+            let dot: i32 = (0..BLOCK / 2)
+                .map(|v| {
+                    let byte = c[(v / 4 * PANEL + lane) * 4 + v % 4];
+                    (byte & 15) as i32 * xb[v] as i32
+                        + (byte >> 4) as i32 * xb[BLOCK / 2 + v] as i32
+                })
+                .sum();
+            dot as f32 * (scales[pb * PANEL + lane] * dx)
+                + mins[pb * PANEL + lane] * x.sums[i * blocks + b]
+        }
     }
 }

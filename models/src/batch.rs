@@ -18,6 +18,9 @@ pub struct Batch {
     pub logits_rows: Tensor,
     /// Host copy of `logits_rows`.
     pub logits_rows_host: Vec<u32>,
+    /// Per row: whether its token is part of the prompt (as opposed to a generated token).
+    /// Models may compute the two kinds differently, but never depending on the batch.
+    pub prompt_rows: Vec<bool>,
 }
 
 impl Batch {
@@ -28,6 +31,7 @@ impl Batch {
         slot_mapping: &[u32],
         seqs: Vec<SeqAttention>,
         logits_rows: &[u32],
+        prompt_rows: Vec<bool>,
         device: &Device,
     ) -> Result<Self> {
         Ok(Self {
@@ -37,7 +41,16 @@ impl Batch {
             attention: AttentionMeta::new(seqs),
             logits_rows: Tensor::new(logits_rows, device)?,
             logits_rows_host: logits_rows.to_vec(),
+            prompt_rows,
         })
+    }
+
+    /// `prompt_rows` of the rows whose logits are wanted.
+    pub fn logits_prompt_rows(&self) -> Vec<bool> {
+        self.logits_rows_host
+            .iter()
+            .map(|&r| self.prompt_rows[r as usize])
+            .collect()
     }
 }
 

@@ -5,10 +5,14 @@
 //! activations by 4-bit or 8-bit weights with VNNI or AVX2 integer dot products, several
 //! sequences per weight load, and beats an f32 GEMM over dequantized weights even for prompt
 //! chunks. (candle's own CPU kernels for Q4_0/Q4_1 are scalar, and its Q8_0 kernel re-reads
-//! every weight for each row.) A row's result does not depend on the rows batched with it, so a
-//! request produces the same text alone or among many, and after a preemption recomputes its
-//! tokens exactly as they were first computed. On a GPU candle's quantized matmul serves every
-//! shape.
+//! every weight for each row.) Prompt tokens' activations go in as two int8 terms (about 15
+//! bits, close to f32), generated tokens' as one, as llama.cpp computes every token: the prompt
+//! fills the KV cache that every later token reads, while a generated token costs half as much.
+//!
+//! A row's result depends on its kind (prompt or generated), never on the rows batched with it,
+//! so a request produces the same text alone or among many, and after a preemption recomputes
+//! its generated tokens exactly as they were first computed. On a GPU candle's quantized matmul
+//! serves every shape.
 
 use candela_kernels::{CpuQMatMul, QMatrix};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -43,11 +47,15 @@ impl Linear {
         }))
     }
 
-    /// `x`: `[rows, in]` -> `[rows, out]`.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x`: `[rows, in]` -> `[rows, out]`; `prompt_rows[i]`: whether row `i` holds a prompt
+    /// token (see the module's notes).
+    pub fn forward(&self, x: &Tensor, prompt_rows: &[bool]) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Blocks(m) => x.contiguous()?.apply_op1_no_bwd(&CpuQMatMul(m)),
+            Self::Blocks(m) => x.contiguous()?.apply_op1_no_bwd(&CpuQMatMul {
+                weights: m,
+                precise_rows: prompt_rows,
+            }),
             Self::Quantized(q) => q.forward(x),
         }
     }

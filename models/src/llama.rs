@@ -292,12 +292,13 @@ impl CausalLm for Llama {
         let sin = self.sin.index_select(&batch.positions, 0)?;
         let scale = 1. / (c.head_dim as f32).sqrt();
         // The residual stream `x`; each block's output is added to it by the next norm, fused.
+        let rows = &batch.prompt_rows;
         let mut x = self.embed.forward(&batch.input_ids)?;
         let mut h = rms_norm(&x, &self.layers[0].attn_norm, self.rms_eps)?;
         for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
+            let q = layer.wq.forward(&h, rows)?;
+            let k = layer.wk.forward(&h, rows)?;
+            let v = layer.wv.forward(&h, rows)?;
             let (q, k) = rotary_embedding(
                 &q.reshape((tokens, c.num_heads, c.head_dim))?,
                 &k.reshape((tokens, c.num_kv_heads, c.head_dim))?,
@@ -310,12 +311,12 @@ impl CausalLm for Llama {
             let attn = paged_attention(&q, k_cache, v_cache, &batch.attention, scale)?;
             let attn = layer
                 .wo
-                .forward(&attn.reshape((tokens, c.num_heads * c.head_dim))?)?;
+                .forward(&attn.reshape((tokens, c.num_heads * c.head_dim))?, rows)?;
             (x, h) = add_rms_norm(&attn, &x, &layer.ffn_norm, self.rms_eps)?;
-            let gate = layer.w_gate.forward(&h)?;
+            let gate = layer.w_gate.forward(&h, rows)?;
             let mlp = layer
                 .w_down
-                .forward(&silu_mul(&gate, &layer.w_up.forward(&h)?)?)?;
+                .forward(&silu_mul(&gate, &layer.w_up.forward(&h, rows)?)?, rows)?;
             match self.layers.get(i + 1) {
                 Some(next) => (x, h) = add_rms_norm(&mlp, &x, &next.attn_norm, self.rms_eps)?,
                 None => x = (x + mlp)?,
@@ -325,7 +326,8 @@ impl CausalLm for Llama {
         // projection.
         let x = x.index_select(&batch.logits_rows, 0)?;
         let x = rms_norm(&x, &self.norm, self.rms_eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let logits = self.lm_head.forward(&x, &batch.logits_prompt_rows())?;
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 
@@ -388,10 +390,27 @@ mod tests {
         };
         let positions: Vec<u32> = (0..5).collect();
         let slots: Vec<u32> = positions.iter().map(|&p| slot(p)).collect();
-        let prefill =
-            Batch::new(&prompt, &positions, &slots, vec![seq(0, 5, 5)], &[4], &dev).unwrap();
+        let prefill = Batch::new(
+            &prompt,
+            &positions,
+            &slots,
+            vec![seq(0, 5, 5)],
+            &[4],
+            vec![true; 5],
+            &dev,
+        )
+        .unwrap();
         let first = model.forward(&prefill, &kv).unwrap();
-        let decode = Batch::new(&[7], &[5], &[slot(5)], vec![seq(0, 1, 6)], &[0], &dev).unwrap();
+        let decode = Batch::new(
+            &[7],
+            &[5],
+            &[slot(5)],
+            vec![seq(0, 1, 6)],
+            &[0],
+            vec![false],
+            &dev,
+        )
+        .unwrap();
         let second = model.forward(&decode, &kv).unwrap();
         vec![
             first.squeeze(0).unwrap().to_vec1().unwrap(),

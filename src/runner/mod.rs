@@ -78,6 +78,7 @@ impl ModelRunner {
         );
         let mut seqs = Vec::with_capacity(out.seqs.len());
         let mut logits_rows = Vec::new();
+        let mut prompt_rows = Vec::with_capacity(n);
         for s in &out.seqs {
             let req = sched.request(s.id).expect("scheduled request exists");
             let table: Vec<u32> = sched.kv().block_table(s.id).iter().map(|b| b.0).collect();
@@ -85,6 +86,7 @@ impl ModelRunner {
             for p in s.num_computed..s.num_computed + s.num_new {
                 ids.push(req.tokens[p]);
                 positions.push(p as u32);
+                prompt_rows.push(p < req.num_prompt);
                 slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
             }
             if s.samples {
@@ -103,6 +105,7 @@ impl ModelRunner {
             &slots,
             seqs,
             &logits_rows,
+            prompt_rows,
             self.model.device(),
         )?;
         let logits = self.model.forward(&batch, &self.kv)?;

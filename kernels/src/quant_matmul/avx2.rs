@@ -1,5 +1,4 @@
-//! AVX2 + FMA: one panel (16 weight rows, two 256-bit halves) × one output row (its two
-//! activation rows).
+//! AVX2 + FMA: one panel (16 weight rows, two 256-bit halves) × two int8 activation rows.
 //! `maddubs` multiplies unsigned by signed bytes into 16-bit pairs, `madd` sums those pairs into
 //! each row's 32-bit lane.
 
@@ -9,10 +8,11 @@ use super::{Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_PANEL_BLOCK, Q8_P
 
 /// [`super::quantize_row`], a block in four vectors, its rounding error kept in registers.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn quantize(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+pub unsafe fn quantize(x: &[f32], mut first: RowOut, mut rest: Option<RowOut>) {
     for (b, x) in x.chunks_exact(BLOCK).enumerate() {
         let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
-        let (d, codes) = quantize_block(v, first, b);
+        let (d, codes) = quantize_block(v, &mut first, b);
+        let Some(rest) = &mut rest else { continue };
         let d = _mm256_set1_ps(d);
         let error: [__m256; 4] =
             std::array::from_fn(|k| _mm256_fnmadd_ps(d, _mm256_cvtepi32_ps(codes[k]), v[k]));
@@ -62,15 +62,27 @@ unsafe fn quantize_block(v: [__m256; 4], out: &mut RowOut, b: usize) -> (f32, [_
 
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
+    match x.terms {
+        1 => tiles::<1>(w, panels, x, out),
+        _ => tiles::<2>(w, panels, x, out),
+    }
+}
+
+/// The tiles, for `T` int8 rows per input row: two int8 rows at a time.
+#[inline(always)]
+unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out: Out) {
     for p in 0..panels {
         for i in (0..x.m).step_by(2) {
+            let n = (x.m - i).min(2);
             match *w {
-                Panels::Q8 { codes, scales } => q8(codes, scales, p, x, i, out),
+                Panels::Q8 { codes, scales } => {
+                    with_rows!(n, 2, q8[T](codes, scales, p, x, i, out))
+                }
                 Panels::Q4 {
                     nibbles,
                     scales,
                     mins,
-                } => q4(nibbles, scales, mins, p, x, i, out),
+                } => with_rows!(n, 2, q4[T](nibbles, scales, mins, p, x, i, out)),
             }
         }
     }
@@ -88,24 +100,45 @@ unsafe fn halves(v: &[f32], at: usize) -> [__m256; 2] {
     [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
 }
 
-/// The pair of rows' sums, added.
+/// Each input row's terms, added.
 #[inline(always)]
-unsafe fn store(acc: &[[__m256; 2]; 2], p: usize, i0: usize, out: Out) {
-    let o = out.at(i0 / 2, p);
-    _mm256_storeu_ps(o, _mm256_add_ps(acc[0][0], acc[1][0]));
-    _mm256_storeu_ps(o.add(8), _mm256_add_ps(acc[0][1], acc[1][1]));
+unsafe fn store<const T: usize, const R: usize>(
+    acc: &[[__m256; 2]; R],
+    p: usize,
+    i0: usize,
+    x: &Activations,
+    out: Out,
+) {
+    for r in (0..R).step_by(T) {
+        let o = out.at(x.out_row(i0 + r), p);
+        for (h, &a) in acc[r].iter().enumerate() {
+            let sum = if T == 2 {
+                _mm256_add_ps(a, acc[r + 1][h])
+            } else {
+                a
+            };
+            _mm256_storeu_ps(o.add(8 * h), sum);
+        }
+    }
 }
 
 /// Int8 weights: `maddubs` needs one unsigned operand, so it takes |w| and x with w's sign
 /// (|w|, |x| <= 127, so a pair of products cannot saturate 16 bits).
 #[inline(always)]
-unsafe fn q8(codes: &[u8], scales: &[f32], p: usize, x: &Activations, i0: usize, out: Out) {
+unsafe fn q8<const T: usize, const R: usize>(
+    codes: &[u8],
+    scales: &[f32],
+    p: usize,
+    x: &Activations,
+    i0: usize,
+    out: Out,
+) {
     let blocks = x.blocks();
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
-    let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for b in 0..blocks {
-        let mut dots = [[_mm256_setzero_si256(); 2]; 2];
+        let mut dots = [[_mm256_setzero_si256(); 2]; R];
         for j in 0..BLOCK / 4 {
             let at = codes
                 .as_ptr()
@@ -131,13 +164,13 @@ unsafe fn q8(codes: &[u8], scales: &[f32], p: usize, x: &Activations, i0: usize,
             }
         }
     }
-    store(&acc, p, i0, out);
+    store::<T, R>(&acc, p, i0, x, out);
 }
 
 /// 4-bit weights are unsigned, so `maddubs` takes them directly; a block's eight 16-bit pair
 /// sums stay within 16 bits (8 * 2 * 15 * 127 < 32768), so they are added before widening.
 #[inline(always)]
-unsafe fn q4(
+unsafe fn q4<const T: usize, const R: usize>(
     nibbles: &[u8],
     scales: &[f32],
     mins: &[f32],
@@ -149,9 +182,9 @@ unsafe fn q4(
     let blocks = x.blocks();
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let (ones, low4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
-    let mut acc = [[_mm256_setzero_ps(); 2]; 2];
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for b in 0..blocks {
-        let mut pairs = [[_mm256_setzero_si256(); 2]; 2];
+        let mut pairs = [[_mm256_setzero_si256(); 2]; R];
         for j in 0..4 {
             let at = nibbles
                 .as_ptr()
@@ -182,5 +215,5 @@ unsafe fn q4(
             }
         }
     }
-    store(&acc, p, i0, out);
+    store::<T, R>(&acc, p, i0, x, out);
 }

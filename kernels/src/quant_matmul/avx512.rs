@@ -14,13 +14,14 @@ const ROWS: usize = 6;
 
 /// [`super::quantize_row`], a block in two vectors, its rounding error kept in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
-pub unsafe fn quantize(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+pub unsafe fn quantize(x: &[f32], mut first: RowOut, mut rest: Option<RowOut>) {
     for (b, x) in x.chunks_exact(BLOCK).enumerate() {
         let v = [
             _mm512_loadu_ps(x.as_ptr()),
             _mm512_loadu_ps(x.as_ptr().add(16)),
         ];
-        let (d, codes) = quantize_block(v, first, b);
+        let (d, codes) = quantize_block(v, &mut first, b);
+        let Some(rest) = &mut rest else { continue };
         let error =
             [0, 1].map(|h| _mm512_fnmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(codes[h]), v[h]));
         quantize_block(error, rest, b);
@@ -51,6 +52,15 @@ unsafe fn quantize_block(v: [__m512; 2], out: &mut RowOut, b: usize) -> (f32, [_
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
+    match x.terms {
+        1 => tiles::<1>(w, panels, x, out),
+        _ => tiles::<2>(w, panels, x, out),
+    }
+}
+
+/// The tiles, for `T` int8 rows per input row (a tile's rows hold whole input rows).
+#[inline(always)]
+unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out: Out) {
     let blocks = x.blocks();
     let per_pass = match w {
         Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
@@ -69,10 +79,10 @@ pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
                 };
                 match (*w, pair) {
                     (Panels::Q8 { codes, scales }, true) => {
-                        with_rows!(n, 6, q8[2](codes, scales, x, &at, out))
+                        with_rows!(n, 6, q8[2, T](codes, scales, x, &at, out))
                     }
                     (Panels::Q8 { codes, scales }, false) => {
-                        with_rows!(n, 6, q8[1](codes, scales, x, &at, out))
+                        with_rows!(n, 6, q8[1, T](codes, scales, x, &at, out))
                     }
                     (
                         Panels::Q4 {
@@ -81,9 +91,7 @@ pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
                             mins,
                         },
                         true,
-                    ) => {
-                        with_rows!(n, 6, q4[2](nibbles, scales, mins, x, &at, out))
-                    }
+                    ) => with_rows!(n, 6, q4[2, T](nibbles, scales, mins, x, &at, out)),
                     (
                         Panels::Q4 {
                             nibbles,
@@ -91,9 +99,7 @@ pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
                             mins,
                         },
                         false,
-                    ) => {
-                        with_rows!(n, 6, q4[1](nibbles, scales, mins, x, &at, out))
-                    }
+                    ) => with_rows!(n, 6, q4[1, T](nibbles, scales, mins, x, &at, out)),
                 }
             }
         }
@@ -145,27 +151,40 @@ impl<const P: usize, const R: usize> Dots<P, R> {
 }
 
 /// The tile's sums so far: zero on its first blocks, else what the last pass stored (in the
-/// first of each pair of rows).
+/// first term of each input row).
 #[inline(always)]
-unsafe fn resume<const P: usize, const R: usize>(at: &Tile, out: Out) -> [[__m512; R]; P] {
+unsafe fn resume<const P: usize, const T: usize, const R: usize>(
+    at: &Tile,
+    x: &Activations,
+    out: Out,
+) -> [[__m512; R]; P] {
     std::array::from_fn(|p| {
         std::array::from_fn(|r| {
-            if at.blocks.start == 0 || r % 2 == 1 {
+            if at.blocks.start == 0 || r % T != 0 {
                 _mm512_setzero_ps()
             } else {
-                _mm512_loadu_ps(out.at((at.i0 + r) / 2, at.p0 + p))
+                _mm512_loadu_ps(out.at(x.out_row(at.i0 + r), at.p0 + p))
             }
         })
     })
 }
 
-/// Each pair of rows' sums, added.
+/// Each input row's terms, added.
 #[inline(always)]
-unsafe fn store<const P: usize, const R: usize>(acc: &[[__m512; R]; P], at: &Tile, out: Out) {
+unsafe fn store<const P: usize, const T: usize, const R: usize>(
+    acc: &[[__m512; R]; P],
+    at: &Tile,
+    x: &Activations,
+    out: Out,
+) {
     for (p, acc) in acc.iter().enumerate() {
-        for r in (0..R).step_by(2) {
-            let sum = _mm512_add_ps(acc[r], acc[r + 1]);
-            _mm512_storeu_ps(out.at((at.i0 + r) / 2, at.p0 + p), sum);
+        for r in (0..R).step_by(T) {
+            let sum = if T == 2 {
+                _mm512_add_ps(acc[r], acc[r + 1])
+            } else {
+                acc[r]
+            };
+            _mm512_storeu_ps(out.at(x.out_row(at.i0 + r), at.p0 + p), sum);
         }
     }
 }
@@ -173,7 +192,7 @@ unsafe fn store<const P: usize, const R: usize>(acc: &[[__m512; R]; P], at: &Til
 /// Int8 weights (stored `w + 128`), 8 steps of 4 values per block; each block's sums start
 /// from the activations' `-128 * sum(x)`.
 #[inline(always)]
-unsafe fn q8<const P: usize, const R: usize>(
+unsafe fn q8<const P: usize, const T: usize, const R: usize>(
     codes: &[u8],
     scales: &[f32],
     x: &Activations,
@@ -182,7 +201,7 @@ unsafe fn q8<const P: usize, const R: usize>(
 ) {
     let (p0, i0, blocks) = (at.p0, at.i0, x.blocks());
     let xq = x.quants.as_ptr().add(i0 * x.cols);
-    let mut acc = resume::<P, R>(at, out);
+    let mut acc = resume::<P, T, R>(at, x, out);
     for b in at.blocks.clone() {
         let mut dots = Dots::<P, R>::new(|r| _mm512_set1_epi32(x.offsets[(i0 + r) * blocks + b]));
         for j in 0..BLOCK / 4 {
@@ -205,13 +224,13 @@ unsafe fn q8<const P: usize, const R: usize>(
             }
         }
     }
-    store(&acc, at, out);
+    store::<P, T, R>(&acc, at, x, out);
 }
 
 /// 4-bit weights, 4 steps per block: each 64-byte load gives values `4j..4j + 4` (low
 /// nibbles) and `16 + 4j..` (high nibbles) of 16 rows; the minimum adds `min * scale * sum(x)`.
 #[inline(always)]
-unsafe fn q4<const P: usize, const R: usize>(
+unsafe fn q4<const P: usize, const T: usize, const R: usize>(
     nibbles: &[u8],
     scales: &[f32],
     mins: &[f32],
@@ -222,7 +241,7 @@ unsafe fn q4<const P: usize, const R: usize>(
     let (p0, i0, blocks) = (at.p0, at.i0, x.blocks());
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let low4 = _mm512_set1_epi8(0x0f);
-    let mut acc = resume::<P, R>(at, out);
+    let mut acc = resume::<P, T, R>(at, x, out);
     for b in at.blocks.clone() {
         let mut dots = Dots::<P, R>::new(|_| _mm512_setzero_si512());
         for j in 0..4 {
@@ -253,5 +272,5 @@ unsafe fn q4<const P: usize, const R: usize>(
             }
         }
     }
-    store(&acc, at, out);
+    store::<P, T, R>(&acc, at, x, out);
 }

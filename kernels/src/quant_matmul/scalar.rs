@@ -2,23 +2,23 @@
 
 use super::{Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_PANEL_BLOCK, Q8_PANEL_BLOCK};
 
-pub unsafe fn quantize(x: &[f32], first: &mut RowOut, rest: &mut RowOut) {
+pub unsafe fn quantize(x: &[f32], first: RowOut, rest: Option<RowOut>) {
     super::quantize_row(x, first, rest)
 }
 
 pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
     let blocks = x.blocks();
     for p in 0..panels {
-        for i in (0..x.m).step_by(2) {
-            let row = out.at(i / 2, p);
+        for i in (0..x.m).step_by(x.terms) {
+            let row = out.at(x.out_row(i), p);
             for lane in 0..PANEL {
-                // The two activation rows' sums, added at the end as the SIMD kernels do.
-                let [a, b] = [i, i + 1].map(|i| {
+                // Each term's sum, the terms added at the end as the SIMD kernels do.
+                let terms = (i..i + x.terms).map(|i| {
                     (0..blocks)
                         .map(|b| term(w, p * blocks + b, lane, x, i, b))
                         .sum::<f32>()
                 });
-                *row.add(lane) = a + b;
+                *row.add(lane) = terms.sum();
             }
         }
     }

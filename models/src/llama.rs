@@ -231,7 +231,6 @@ impl Llama {
         } else {
             Linear::dense(embed_w.clone())
         };
-        drop(linear);
         cfg.params = params;
         let rope_base = get("rope_theta").unwrap_or(10_000.) as f32;
         let (cos, sin) = rope_tables(cfg.head_dim, rope_base, cfg.context_len, device)?;

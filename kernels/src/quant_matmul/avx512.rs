@@ -1,4 +1,4 @@
-//! AVX-512 VNNI: tiles of two panels (32 weight rows) × up to four activation rows. Each VNNI
+//! AVX-512 VNNI: tiles of two panels (32 weight rows) × up to six int8 activation rows. Each VNNI
 //! instruction multiplies four values of 16 weight rows by four values of one activation row
 //! (broadcast) and adds the sums into 16 integer lanes; a block's integer sums become f32 once.
 

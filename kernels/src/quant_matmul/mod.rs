@@ -11,9 +11,11 @@
 //! block's scales need. A tile of panels × activation rows keeps its accumulators in registers,
 //! so each weight vector loaded serves several rows and each activation word several panels.
 //!
-//! A row's result depends only on that row: activations are quantized per row, and every
-//! output lane goes through the same additions in the same order whichever tile computes it.
-//! A request therefore produces the same text alone or among many.
+//! A row's result depends only on that row (and its number of terms): activations are quantized
+//! per row, and every output lane goes through the same additions in the same order whichever
+//! tile computes it. A request therefore produces the same text alone or among many. (Across
+//! instruction sets the last bits differ: the scalar kernel does not fuse multiply-adds, and only
+//! the AVX-512 one splits long rows into passes.)
 
 use std::ops::Range;
 
@@ -92,7 +94,8 @@ impl RowOut<'_> {
     fn set(&mut self, b: usize, d: f32, total: i32) {
         self.scales[b] = d;
         self.sums[b] = d * total as f32;
-        self.offsets[b] = -128 * total;
+        // Wrapping: a NaN activation makes the total meaningless, not a panic.
+        self.offsets[b] = total.wrapping_mul(-128);
     }
 }
 
@@ -250,7 +253,7 @@ fn f32_panels(v: &[f32], rows: usize, blocks: usize) -> Vec<f32> {
 impl QMatrix {
     /// Quantizes row-major f32 weights `[rows, cols]` to int8 blocks; `cols` must be a multiple of 32.
     pub fn quantize_q8(w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
             candle_core::bail!(
                 "q8 matrix: {rows}x{cols} (from {} values) needs columns in multiples of {BLOCK}",
                 w.len()
@@ -280,7 +283,11 @@ impl QMatrix {
 
     /// Takes GGUF Q4_1 blocks (`rows * cols / 32` blocks of 20 bytes) without changing a value.
     pub fn from_q4_1(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * Q4_1_BYTES {
+        if rows == 0
+            || cols == 0
+            || !cols.is_multiple_of(BLOCK)
+            || bytes.len() != rows * cols / BLOCK * Q4_1_BYTES
+        {
             candle_core::bail!(
                 "q4_1 matrix: {rows}x{cols} does not match {} bytes of blocks",
                 bytes.len()
@@ -351,6 +358,12 @@ impl QMatrix {
     /// `precise_rows` take two int8 terms (see [`Activations`]), the others one.
     pub fn matmul(&self, x: &[f32], precise_rows: &[bool]) -> Vec<f32> {
         let m = precise_rows.len();
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "qmatmul: {m} rows of {} columns",
+            self.cols
+        );
         let kernels = kernels();
         let (panels, padded) = (self.panels(), self.panels() * PANEL);
         let mut out = vec![0f32; m * padded];

@@ -412,7 +412,7 @@ async fn stop_strings_are_never_emitted_even_across_chunks() {
     let finish = events
         .iter()
         .filter_map(|e| e["choices"][0]["finish_reason"].as_str())
-        .last();
+        .next_back();
     assert_eq!(finish, Some("stop"));
     let mut body = body;
     body["stream"] = json!(false);

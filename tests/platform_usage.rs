@@ -68,7 +68,7 @@ async fn usage_totals_match_what_clients_received_and_projects_are_isolated() {
         .filter_map(|l| l.strip_prefix("data: "))
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str::<Value>(d).unwrap())
-        .last()
+        .next_back()
         .unwrap();
     add(&last["usage"]);
     // A failed call is recorded as failed and not charged.

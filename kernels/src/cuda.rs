@@ -28,6 +28,7 @@ pub(crate) const ATTENTION: Module = module!("attention");
 pub(crate) const CACHE: Module = module!("cache");
 pub(crate) const NORM: Module = module!("norm");
 pub(crate) const ROTARY: Module = module!("rotary");
+pub(crate) const SAMPLING: Module = module!("sampling");
 
 impl Module {
     /// The kernel `name`, loading the module on first use on this device.

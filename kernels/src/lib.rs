@@ -14,6 +14,7 @@ mod norm;
 mod paged_attention;
 mod quant_matmul;
 mod rotary;
+mod sampling;
 #[cfg(all(test, feature = "cuda"))]
 mod test_util;
 
@@ -26,3 +27,4 @@ pub use paged_attention::{
 };
 pub use quant_matmul::{QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK};
 pub use rotary::{rotary_embedding, RopeLayout};
+pub use sampling::{sample, sample_row, RowSampling};

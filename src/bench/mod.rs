@@ -188,7 +188,9 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             .collect::<Result<_, _>>()?,
         goodput: parse_goodput(&args.goodput)?,
     };
-    if !(args.request_rate > 0.0) || !(args.burstiness > 0.0) {
+    // Written so that NaN fails too.
+    let positive = |x: f64| x > 0.0;
+    if !positive(args.request_rate) || !positive(args.burstiness) {
         return Err(err("--request-rate and --burstiness must be positive"));
     }
     let base = args

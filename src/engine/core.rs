@@ -3,6 +3,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use candela_kernels::RowSampling;
+use candle_core::Tensor;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use super::{
@@ -10,7 +12,7 @@ use super::{
 };
 use crate::ids::RequestId;
 use crate::runner::ModelRunner;
-use crate::sampling::Sampler;
+use crate::sampling::{Sampled, Sampler};
 use crate::scheduler::{SchedRequest, Scheduler, SchedulerConfig, SchedulerOutput};
 
 /// Engine sizing, fixed at start.
@@ -185,20 +187,13 @@ impl EngineCore {
         self.stats
             .computed_tokens
             .fetch_add(out.num_tokens() as u64, Ordering::Relaxed);
-        let mut rows = logits.into_iter();
+        let sampled = self.sample(&out, &logits)?;
         let mut done = Vec::new();
-        for s in &out.seqs {
-            if !s.samples {
-                continue;
-            }
-            let Some(mut row) = rows.next() else { break };
-            let (Some(req), Some(active)) =
-                (self.scheduler.request(s.id), self.active.get_mut(&s.id))
+        for (id, sampled) in sampled {
+            let (Some(req), Some(active)) = (self.scheduler.request(id), self.active.get_mut(&id))
             else {
                 continue;
             };
-            let (prompt, output) = req.tokens.split_at(req.num_prompt);
-            let sampled = active.sampler.sample(&mut row, prompt, output);
             let generated = req.num_generated() + 1;
             let total = req.tokens.len() + 1;
             let finish = if active.req.stop_token_ids.contains(&sampled.token) {
@@ -221,10 +216,10 @@ impl EngineCore {
                 finish,
                 cached_prompt_tokens: cached,
             }));
-            self.scheduler.append(s.id, token);
+            self.scheduler.append(id, token);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             if finish.is_some() || sent.is_err() {
-                done.push(s.id);
+                done.push(id);
             }
         }
         for id in done {
@@ -236,6 +231,74 @@ impl EngineCore {
             .store(self.scheduler.num_preemptions, Ordering::Relaxed);
         tracing::trace!(engine = %self.name, seqs = out.seqs.len(), tokens = out.num_tokens(), ms = started.elapsed().as_secs_f64() * 1e3, "step");
         Ok(())
+    }
+
+    /// The next token of each sampling sequence of `out` still active, from its row of `logits`.
+    /// On the CPU every row is sampled here. Elsewhere a kernel samples the rows where the
+    /// logits are and only token ids come back; rows that need the host (penalties,
+    /// log-probabilities) are copied over one by one.
+    fn sample(
+        &mut self,
+        out: &SchedulerOutput,
+        logits: &Tensor,
+    ) -> candela_models::Result<Vec<(RequestId, Sampled)>> {
+        let ids: Vec<RequestId> = out
+            .seqs
+            .iter()
+            .filter(|s| s.samples)
+            .map(|s| s.id)
+            .collect();
+        let on_host = logits.device().is_cpu();
+        let device = if on_host {
+            Vec::new()
+        } else {
+            let settings: Vec<Option<RowSampling>> = ids
+                .iter()
+                .map(|id| self.active.get_mut(id)?.sampler.device_settings())
+                .collect();
+            let rows: Vec<RowSampling> = settings
+                .iter()
+                .map(|s| s.unwrap_or(RowSampling::GREEDY))
+                .collect();
+            let tokens = if settings.iter().any(Option::is_some) {
+                candela_kernels::sample(logits, &rows)?
+            } else {
+                vec![0; rows.len()]
+            };
+            settings
+                .iter()
+                .zip(tokens)
+                .map(|(s, token)| s.map(|_| token))
+                .collect()
+        };
+        let mut host_rows = if on_host {
+            logits.to_vec2::<f32>()?
+        } else {
+            Vec::new()
+        };
+        let mut sampled = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            let (Some(req), Some(active)) = (self.scheduler.request(id), self.active.get_mut(&id))
+            else {
+                continue;
+            };
+            if let Some(Some(token)) = device.get(i) {
+                let sampled_token = Sampled {
+                    token: *token,
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                };
+                sampled.push((id, sampled_token));
+                continue;
+            }
+            let mut row = match host_rows.get_mut(i) {
+                Some(row) => std::mem::take(row),
+                None => logits.get(i)?.to_vec1::<f32>()?,
+            };
+            let (prompt, output) = req.tokens.split_at(req.num_prompt);
+            sampled.push((id, active.sampler.sample(&mut row, prompt, output)));
+        }
+        Ok(sampled)
     }
 
     fn publish_stats(&self) {

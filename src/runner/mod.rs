@@ -2,7 +2,7 @@
 //! ragged batch (token ids, positions, slot mapping, block tables) and runs it.
 
 use candela_models::{Batch, CausalLm, KvCache, LmConfig, SeqAttention};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
@@ -63,12 +63,13 @@ impl ModelRunner {
         self.model.config()
     }
 
-    /// Runs one step; returns the logits of each sampling sequence, in schedule order.
+    /// Runs one step; returns the logits of each sampling sequence, in schedule order
+    /// (`[sampling sequences, vocab]` f32, on the model's device).
     pub fn execute(
         &self,
         out: &SchedulerOutput,
         sched: &Scheduler,
-    ) -> candela_models::Result<Vec<Vec<f32>>> {
+    ) -> candela_models::Result<Tensor> {
         let bs = self.kv.block_size;
         let n = out.num_tokens();
         let (mut ids, mut positions, mut slots) = (
@@ -108,7 +109,6 @@ impl ModelRunner {
             prompt_rows,
             self.model.device(),
         )?;
-        let logits = self.model.forward(&batch, &self.kv)?;
-        Ok(logits.to_vec2::<f32>()?)
+        self.model.forward(&batch, &self.kv)
     }
 }

@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use candela_kernels::exp_nonpositive;
+use candela_kernels::{exp_nonpositive, RowSampling};
 
 use crate::ids::TokenId;
 
@@ -72,6 +72,31 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// This step's settings for sampling where the logits are (see `candela_kernels::sample`),
+    /// with its draw taken from this sequence's random stream as [`Self::sample`] takes it; `None`
+    /// when the sequence needs its row on the host: for penalties, which read its tokens, or for
+    /// log-probabilities.
+    pub fn device_settings(&mut self) -> Option<RowSampling> {
+        let p = &self.params;
+        let host_only = p.logprobs.is_some()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0;
+        if host_only {
+            return None;
+        }
+        if p.temperature <= 1e-5 {
+            return Some(RowSampling::GREEDY);
+        }
+        Some(RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform: self.rng.random::<f32>(),
+        })
     }
 
     /// Samples from `logits` (modified in place) given the prompt and the output so far.
@@ -390,6 +415,66 @@ mod tests {
                 (got - want).abs() < 4.0 * (want * (1.0 - want) / draws as f64).sqrt() + 1e-3,
                 "top_p {top_p} min_p {min_p}: top token {got} vs {want}"
             );
+        }
+    }
+
+    /// The device path draws from the same stream: with no cuts both walk the vocabulary in
+    /// index order, so a seed gives the same tokens (up to a draw on a rounding boundary).
+    /// Sequences that need the host get `None` and their stream is left alone.
+    #[test]
+    fn device_settings_draw_from_the_sequence_stream() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let logits: Vec<f32> = (0..4000).map(|_| rng.random::<f32>() * 10.0).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            seed: Some(21),
+            ..Default::default()
+        };
+        let (mut host, mut device) = (Sampler::new(params.clone()), Sampler::new(params));
+        let differ = (0..300)
+            .filter(|_| {
+                let h = host.sample(&mut logits.clone(), &[], &[]).token;
+                let d = candela_kernels::sample_row(&logits, &device.device_settings().unwrap());
+                h != d
+            })
+            .count();
+        assert!(differ <= 2, "{differ} of 300 draws differ");
+
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(greedy);
+        assert_eq!(s.device_settings(), Some(RowSampling::GREEDY));
+        for host_only in [
+            SamplingParams {
+                logprobs: Some(0),
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..Default::default()
+            },
+        ] {
+            let seeded = SamplingParams {
+                seed: Some(4),
+                ..host_only
+            };
+            let mut s = Sampler::new(seeded.clone());
+            assert_eq!(s.device_settings(), None);
+            let plain = SamplingParams {
+                logprobs: None,
+                repetition_penalty: 1.0,
+                presence_penalty: 0.0,
+                ..seeded
+            };
+            let mut fresh = Sampler::new(plain);
+            let (a, b) = (s.rng.random::<f32>(), fresh.rng.random::<f32>());
+            assert_eq!(a, b, "the stream was not touched");
         }
     }
 

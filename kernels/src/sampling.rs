@@ -1,0 +1,415 @@
+//! Turning rows of logits into token ids where the logits are, so that on a GPU only the ids
+//! cross to the host.
+//!
+//! Each row has its temperature, top-k, top-p and min-p, and a uniform draw that the caller makes
+//! from the sequence's own random stream (so a seeded request is reproducible). The
+//! cuts follow the usual definitions: weights `exp((logit - max) / temperature)` are relative to
+//! the top token's, min-p keeps weights of at least `min_p`, top-k the `k` heaviest tokens, and
+//! top-p the heaviest tokens until they hold `top_p` of the mass top-k left. Each cut keeps the
+//! tokens at or above some weight; rather than rank the vocabulary, [`sample_row`] finds that
+//! weight by bisecting its float bits (one counting or summing pass per bit), which is how the
+//! CUDA kernel (`cuda/sampling.cu`, a CTA per row) does it too. The draw then walks the kept
+//! tokens in index order. Tokens tied at a threshold are all kept.
+
+use candle_core::{DType, Result, Tensor};
+
+/// One row's sampling settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling {
+    /// At most 1e-5: greedy (the first index of the largest logit).
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// A draw from `[0, 1)`; unused when greedy.
+    pub uniform: f32,
+}
+
+impl RowSampling {
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        uniform: 0.0,
+    };
+
+    fn is_greedy(&self) -> bool {
+        self.temperature <= 1e-5
+    }
+}
+
+/// A token id for each row of `logits` (`[rows, vocab]`, any float dtype): on CUDA by a kernel,
+/// elsewhere by [`sample_row`].
+pub fn sample(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+    let (n, vocab) = logits.dims2()?;
+    if n != rows.len() {
+        candle_core::bail!("sample: {n} rows of logits for {} settings", rows.len());
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if vocab == 0 {
+        candle_core::bail!("sample: empty rows");
+    }
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return cuda::sample(logits, rows);
+    }
+    let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(logits
+        .iter()
+        .zip(rows)
+        .map(|(l, r)| sample_row(l, r))
+        .collect())
+}
+
+/// One row on the CPU, step for step as the CUDA kernel does it.
+pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
+    // NaN never compares greater, so it never wins; neither does -inf unless all are.
+    let (argmax, max) = logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 {
+                (i, l)
+            } else {
+                best
+            }
+        });
+    if row.is_greedy() || max.is_infinite() {
+        return argmax as u32;
+    }
+    let scale_log2 = std::f32::consts::LOG2_E / row.temperature;
+    let weight = |l: f32| {
+        let w = ((l - max) * scale_log2).exp2();
+        if w.is_nan() {
+            0.0
+        } else {
+            w
+        }
+    };
+    let count_at = |t: f32| logits.iter().filter(|&&l| weight(l) >= t).count() as f32;
+    let mass_at = |t: f32| {
+        logits
+            .iter()
+            .map(|&l| weight(l))
+            .filter(|&w| w >= t)
+            .sum::<f32>()
+    };
+    let (mut t, total) = if row.top_k > 0 && row.top_k < logits.len() {
+        let t = largest_threshold(0.0, |t| count_at(t) >= row.top_k as f32);
+        (t, mass_at(t))
+    } else {
+        (0.0, mass_at(0.0))
+    };
+    t = t.max(row.min_p);
+    if row.top_p < 1.0 {
+        let need = row.top_p * total;
+        if mass_at(t) >= need {
+            t = largest_threshold(t, |t| mass_at(t) >= need);
+        }
+    }
+    let kept = logits.iter().enumerate().filter_map(|(i, &l)| {
+        let w = weight(l);
+        (w >= t && w > 0.0).then_some((i, w))
+    });
+    let target = row.uniform * kept.clone().map(|(_, w)| w).sum::<f32>();
+    let mut acc = 0.0;
+    let mut last = argmax;
+    for (i, w) in kept {
+        acc += w;
+        last = i;
+        if target < acc {
+            return i as u32;
+        }
+    }
+    last as u32
+}
+
+/// The largest weight threshold in `[lo, 1]` that `holds`, given that `lo` does: a bisection
+/// over the bits of positive floats, which order as the floats do.
+fn largest_threshold(lo: f32, holds: impl Fn(f32) -> bool) -> f32 {
+    let (mut lo, mut hi) = (lo.to_bits(), 1f32.to_bits() + 1);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if holds(f32::from_bits(mid)) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    f32::from_bits(lo)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda::WrapErr;
+    use candle_core::{DType, Device, Result, Tensor};
+
+    use super::RowSampling;
+    use crate::cuda as cu;
+
+    /// Threads of a CTA: `THREADS` in cuda/sampling.cu.
+    const THREADS: u32 = 1024;
+
+    pub(super) fn sample(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        let (n, vocab) = logits.dims2()?;
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        let dev = logits.device().as_cuda_device()?;
+        // Five floats a row, as `Row` in the kernel; top_k below 2^24 is exact in an f32.
+        let settings: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| {
+                let top_k = r.top_k.min(vocab) as f32;
+                [r.temperature, top_k, r.top_p, r.min_p, r.uniform]
+            })
+            .collect();
+        let settings =
+            Tensor::from_vec(settings, n * 5, &Device::Cpu)?.to_device(logits.device())?;
+        let (l_storage, l_layout) = logits.storage_and_layout();
+        let (s_storage, s_layout) = settings.storage_and_layout();
+        let l_view = cu::view::<f32>(&l_storage, l_layout)?;
+        let s_view = cu::view::<f32>(&s_storage, s_layout)?;
+        let func = cu::SAMPLING.function(dev, "sample_rows")?;
+        // SAFETY: the kernel writes one id per row.
+        let out = unsafe { dev.alloc::<u32>(n)? };
+        let vocab = cu::int(vocab)?;
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&func);
+        args.arg(&out).arg(&l_view).arg(&s_view).arg(&vocab);
+        let cfg = LaunchConfig {
+            grid_dim: (cu::int(n)? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match `sample_rows` in cuda/sampling.cu.
+        unsafe { args.launch(cfg) }.w()?;
+        drop((l_storage, s_storage));
+        cu::tensor(out, dev, n).to_vec1::<u32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
+    fn settings(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> RowSampling {
+        RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            uniform: 0.0,
+        }
+    }
+
+    /// The nucleus a full ranking gives (the definition the bisection must reproduce).
+    fn nucleus(logits: &[f32], s: &RowSampling) -> Vec<usize> {
+        let max = logits.iter().copied().fold(f32::MIN, f32::max);
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let w: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] - max) as f64 / s.temperature as f64).exp())
+            .collect();
+        let k = if s.top_k == 0 { w.len() } else { s.top_k };
+        let total: f64 = w[..k].iter().sum();
+        let mut kept = Vec::new();
+        let mut acc = 0.0;
+        for (&i, &x) in order.iter().zip(&w).take(k) {
+            if x < s.min_p as f64 || acc >= s.top_p as f64 * total {
+                break;
+            }
+            acc += x;
+            kept.push(i);
+        }
+        kept
+    }
+
+    #[test]
+    fn greedy_takes_the_first_largest_and_skips_nan() {
+        let l = [1.0, f32::NAN, 3.0, 3.0, -1.0];
+        assert_eq!(sample_row(&l, &RowSampling::GREEDY), 2);
+        assert_eq!(sample_row(&[f32::NEG_INFINITY; 3], &RowSampling::GREEDY), 0);
+        // top_k 1 is greedy whatever the draw (a tie at the top keeps both).
+        let s = RowSampling {
+            uniform: 0.99,
+            ..settings(1.0, 1, 1.0, 0.0)
+        };
+        assert_eq!(sample_row(&[1.0, f32::NAN, 3.0, 2.9, -1.0], &s), 2);
+        assert_eq!(sample_row(&l, &s), 3);
+    }
+
+    #[test]
+    fn the_draw_walks_the_kept_tokens_in_index_order() {
+        // Weights 1/4, 1/2, 1/4 at temperature 1 (ln 2 apart).
+        let l2 = std::f32::consts::LN_2;
+        let l = [0.0, l2, 0.0];
+        for (u, want) in [(0.1, 0), (0.3, 1), (0.7, 1), (0.8, 2), (0.999, 2)] {
+            let s = RowSampling {
+                uniform: u,
+                ..settings(1.0, 0, 1.0, 0.0)
+            };
+            assert_eq!(sample_row(&l, &s), want, "u {u}");
+        }
+        // min_p 0.6 keeps only the top token.
+        let s = RowSampling {
+            uniform: 0.1,
+            ..settings(1.0, 0, 1.0, 0.6)
+        };
+        assert_eq!(sample_row(&l, &s), 1);
+    }
+
+    /// Over a large vocabulary, every cut keeps exactly the nucleus that ranking gives, and
+    /// the draws land in it in proportion to the weights.
+    #[test]
+    fn cuts_match_a_full_ranking() {
+        let mut next = rng(5);
+        let logits: Vec<f32> = (0..3000).map(|_| next() * 12.0).collect();
+        for (t, k, p, m) in [
+            (0.7, 0, 0.8, 0.0),
+            (0.7, 0, 0.5, 0.1),
+            (0.7, 0, 1.0, 0.2),
+            (1.3, 50, 1.0, 0.0),
+            (1.0, 50, 0.6, 0.0),
+            (0.5, 200, 0.9, 0.05),
+        ] {
+            let s = settings(t, k, p, m);
+            let want = nucleus(&logits, &s);
+            let mut hits = vec![0usize; logits.len()];
+            let draws = 1500;
+            for _ in 0..draws {
+                let tok = sample_row(
+                    &logits,
+                    &RowSampling {
+                        uniform: next(),
+                        ..s
+                    },
+                );
+                hits[tok as usize] += 1;
+            }
+            let drawn: Vec<usize> = (0..logits.len()).filter(|&i| hits[i] > 0).collect();
+            assert!(
+                drawn.iter().all(|i| want.contains(i)),
+                "{s:?}: a draw outside the nucleus"
+            );
+            let top = want[0];
+            let max = logits[top];
+            let w = |i: usize| (((logits[i] - max) / t) as f64).exp();
+            let share = 1.0 / want.iter().map(|&i| w(i)).sum::<f64>();
+            let got = hits[top] as f64 / draws as f64;
+            let sd = (share * (1.0 - share) / draws as f64).sqrt();
+            assert!(
+                (got - share).abs() < 4.0 * sd + 1e-3,
+                "{s:?}: top {got} vs {share}"
+            );
+        }
+    }
+
+    #[test]
+    fn sample_checks_its_rows() -> Result<()> {
+        let logits = Tensor::new(
+            &[[0f32, 5.0, 1.0], [3.0, 0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )?;
+        let rows = [RowSampling::GREEDY; 2];
+        assert_eq!(sample(&logits, &rows)?, vec![1, 0]);
+        assert!(sample(&logits, &rows[..1]).is_err());
+        Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use candle_core::{Device, Result, Tensor};
+
+    use super::{sample, sample_row, RowSampling};
+    use crate::test_util::cuda_device;
+
+    /// The kernel picks the reference's token for the same draw, over rows of a Llama-3 sized
+    /// vocabulary with every kind of cut. The logits are well spread, so rounding differences
+    /// between the two sums only matter for a draw right at a boundary; a few such are allowed.
+    #[test]
+    fn kernel_matches_the_reference() -> Result<()> {
+        let Some(dev) = cuda_device() else {
+            return Ok(());
+        };
+        let vocab = 128_256;
+        let rows: Vec<RowSampling> = (0..48)
+            .map(|i| RowSampling {
+                temperature: [0.0, 0.6, 1.0, 1.5][i % 4],
+                top_k: [0, 1, 40, 1000][i / 4 % 4],
+                top_p: [1.0, 0.9, 0.5][i / 16 % 3],
+                min_p: if i % 5 == 0 { 0.05 } else { 0.0 },
+                uniform: (i as f32 * 0.618_034).fract(),
+            })
+            .collect();
+        let logits = (Tensor::randn(0f32, 1., (rows.len(), vocab), &Device::Cpu)? * 3.0)?;
+        let want: Vec<u32> = logits
+            .to_vec2::<f32>()?
+            .iter()
+            .zip(&rows)
+            .map(|(l, r)| sample_row(l, r))
+            .collect();
+        let got = sample(&logits.to_device(&dev)?, &rows)?;
+        let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+        assert!(
+            differ <= 2,
+            "{differ} of {} rows differ: {got:?} vs {want:?}",
+            rows.len()
+        );
+        // Greedy rows match exactly.
+        for (i, r) in rows.iter().enumerate() {
+            if r.temperature == 0.0 || r.top_k == 1 {
+                assert_eq!(got[i], want[i], "row {i}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn edge_rows() -> Result<()> {
+        let Some(dev) = cuda_device() else {
+            return Ok(());
+        };
+        let nan = f32::NAN;
+        let inf = f32::NEG_INFINITY;
+        let rows = [
+            vec![nan, 1.0, 2.0, nan, 2.0],
+            vec![inf, inf, inf, inf, inf],
+            vec![inf, inf, 0.5, inf, inf],
+        ];
+        for settings in [
+            RowSampling::GREEDY,
+            RowSampling {
+                temperature: 1.0,
+                top_k: 3,
+                top_p: 0.9,
+                min_p: 0.1,
+                uniform: 0.5,
+            },
+        ] {
+            for row in &rows {
+                let want = sample_row(row, &settings);
+                let t = Tensor::new(row.as_slice(), &dev)?.unsqueeze(0)?;
+                assert_eq!(sample(&t, &[settings])?, vec![want], "{row:?} {settings:?}");
+            }
+        }
+        Ok(())
+    }
+}

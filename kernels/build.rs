@@ -1,3 +1,5 @@
+//! With the `cuda-emu` feature, builds the same kernels for the CPU (see `emulator`).
+//!
 //! With the `cuda` feature, compiles `cuda/*.cu` to PTX in `OUT_DIR` (embedded by `src/cuda.rs`;
 //! the driver compiles the PTX for the GPU it finds when a module is first loaded). Without the
 //! feature it does nothing, so CPU builds need no CUDA toolkit.
@@ -12,6 +14,8 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "cuda-emu")]
+    emulator();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -48,6 +52,40 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", src.display());
     }
+}
+
+/// With the `cuda-emu` feature: the kernels of `cuda/*.cu` compiled for the CPU against the
+/// stand-in runtime of `emu/`, as a static library the tests launch them from.
+#[cfg(feature = "cuda-emu")]
+fn emulator() {
+    println!("cargo:rerun-if-changed=emu");
+    println!("cargo:rerun-if-changed=cuda");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .include("emu/include")
+        .include("cuda")
+        .flag("-include")
+        .flag("emu.h")
+        // The kernels reinterpret memory as CUDA code may (16-byte packs of any type).
+        .flag("-fno-strict-aliasing")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-sign-compare");
+    for file in [
+        "runtime",
+        "kernels",
+        "activation",
+        "attention",
+        "cache",
+        "norm",
+        "rotary",
+        "sampling",
+    ] {
+        build.file(format!("emu/{file}.cpp"));
+    }
+    build.compile("candela_cuda_emu");
 }
 
 fn nvcc() -> PathBuf {

@@ -136,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     // The draw, over the kept tokens in index order: each thread takes a contiguous chunk, a
     // scan gives the mass before it, and the thread whose chunk holds the draw walks it.
     const int chunk = (vocab + THREADS - 1) / THREADS;
-    const int begin = min(vocab, threadIdx.x * chunk), end = min(vocab, begin + chunk);
+    const int begin = min(vocab, (int)threadIdx.x * chunk), end = min(vocab, begin + chunk);
     float mass = 0.f;
     int last = -1;
     for (int i = begin; i < end; ++i) {

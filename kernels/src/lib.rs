@@ -9,6 +9,8 @@ mod activation;
 mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(all(test, feature = "cuda-emu"))]
+mod emu;
 mod math;
 mod norm;
 mod paged_attention;

@@ -130,6 +130,22 @@ pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
     last as u32
 }
 
+/// Threads of the kernel's CTA: `THREADS` in cuda/sampling.cu.
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emu")))]
+const THREADS: u32 = 1024;
+
+/// The rows' settings as the kernel reads them: five floats a row (`Row` in the kernel);
+/// top_k, capped at the vocabulary, is exact in an f32 below 2^24.
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emu")))]
+fn kernel_settings(rows: &[RowSampling], vocab: usize) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|r| {
+            let top_k = r.top_k.min(vocab) as f32;
+            [r.temperature, top_k, r.top_p, r.min_p, r.uniform]
+        })
+        .collect()
+}
+
 /// The largest weight threshold in `[lo, 1]` that `holds`, given that `lo` does: a bisection
 /// over the bits of positive floats, which order as the floats do.
 fn largest_threshold(lo: f32, holds: impl Fn(f32) -> bool) -> f32 {
@@ -151,24 +167,14 @@ mod cuda {
     use candle_core::cuda::WrapErr;
     use candle_core::{DType, Device, Result, Tensor};
 
-    use super::RowSampling;
+    use super::{kernel_settings, RowSampling, THREADS};
     use crate::cuda as cu;
-
-    /// Threads of a CTA: `THREADS` in cuda/sampling.cu.
-    const THREADS: u32 = 1024;
 
     pub(super) fn sample(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
         let (n, vocab) = logits.dims2()?;
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
         let dev = logits.device().as_cuda_device()?;
-        // Five floats a row, as `Row` in the kernel; top_k below 2^24 is exact in an f32.
-        let settings: Vec<f32> = rows
-            .iter()
-            .flat_map(|r| {
-                let top_k = r.top_k.min(vocab) as f32;
-                [r.temperature, top_k, r.top_p, r.min_p, r.uniform]
-            })
-            .collect();
+        let settings = kernel_settings(rows, vocab);
         let settings =
             Tensor::from_vec(settings, n * 5, &Device::Cpu)?.to_device(logits.device())?;
         let (l_storage, l_layout) = logits.storage_and_layout();
@@ -411,5 +417,96 @@ mod cuda_tests {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "cuda-emu"))]
+mod emu_tests {
+    use super::{kernel_settings, sample_row, RowSampling, THREADS};
+    use crate::emu::{launch, ptr, ptr_mut, Arg};
+
+    fn kernel(logits: &[f32], rows: &[RowSampling]) -> Vec<u32> {
+        let vocab = logits.len() / rows.len();
+        let settings = kernel_settings(rows, vocab);
+        let mut out = vec![u32::MAX; rows.len()];
+        let args = [
+            ptr_mut(&mut out),
+            ptr(logits),
+            ptr(&settings),
+            Arg::I32(vocab as i32),
+        ];
+        launch(
+            "sample_rows",
+            [rows.len() as u32, 1, 1],
+            [THREADS, 1, 1],
+            &args,
+        );
+        out
+    }
+
+    /// The kernel, run on the CPU emulator, picks the reference's token for the same draw with
+    /// every kind of cut (up to a draw on a rounding boundary).
+    #[test]
+    fn kernel_matches_the_reference() {
+        let vocab = 3000;
+        let rows: Vec<RowSampling> = (0..48)
+            .map(|i| RowSampling {
+                temperature: [0.0, 0.6, 1.0, 1.5][i % 4],
+                top_k: [0, 1, 40, 1000][i / 4 % 4],
+                top_p: [1.0, 0.9, 0.5][i / 16 % 3],
+                min_p: if i % 5 == 0 { 0.05 } else { 0.0 },
+                uniform: (i as f32 * 0.618_034).fract(),
+            })
+            .collect();
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let logits: Vec<f32> = (0..rows.len() * vocab)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 12.0 - 6.0
+            })
+            .collect();
+        let got = kernel(&logits, &rows);
+        let want: Vec<u32> = logits
+            .chunks(vocab)
+            .zip(&rows)
+            .map(|(l, r)| sample_row(l, r))
+            .collect();
+        let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+        assert!(differ <= 1, "{differ} rows differ: {got:?} vs {want:?}");
+    }
+
+    #[test]
+    fn edge_rows() {
+        let (nan, inf) = (f32::NAN, f32::NEG_INFINITY);
+        let rows = [
+            vec![nan, 1.0, 2.0, nan, 2.0],
+            vec![inf, inf, inf, inf, inf],
+            vec![inf, inf, 0.5, inf, inf],
+            vec![0.0, 0.0, 0.0, 0.0, 0.0],
+        ];
+        for settings in [
+            RowSampling::GREEDY,
+            RowSampling {
+                temperature: 1.0,
+                top_k: 3,
+                top_p: 0.9,
+                min_p: 0.1,
+                uniform: 0.5,
+            },
+            RowSampling {
+                temperature: 0.7,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                uniform: 0.999_999,
+            },
+        ] {
+            for row in &rows {
+                let want = sample_row(row, &settings);
+                assert_eq!(kernel(row, &[settings]), vec![want], "{row:?} {settings:?}");
+            }
+        }
     }
 }

@@ -3,7 +3,8 @@
 #
 #   1. Python venv at .venv with openai + numpy (installed only when missing)
 #   2. cargo build --release, then `candela fetch` (default models into $CANDELA_HOME)
-#   3. cargo test --release --workspace
+#   3. cargo test --release --workspace, then the CUDA kernels' tests on the CPU emulator
+#      (candela-kernels --features cuda-emu; needs a C++ compiler)
 #   4. candela serve on a free local port, wait for /health, run scripts/sdk_smoke.py
 #
 # Environment:
@@ -55,6 +56,12 @@ HF_DIR="${CANDELA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/candela}/test-models/smo
 if [ "${SMOKE_ONLY:-0}" != 1 ]; then
     step "cargo test --release --workspace"
     cargo test --release --workspace
+    step "the CUDA kernels on the CPU emulator (cargo test -p candela-kernels --features cuda-emu)"
+    if command -v c++ >/dev/null || command -v g++ >/dev/null; then
+        cargo test --release -p candela-kernels --features cuda-emu emu
+    else
+        echo "SKIPPED: no C++ compiler (install g++ to run them)"
+    fi
 fi
 
 # ---- 4. server + SDK smoke test ---------------------------------------------

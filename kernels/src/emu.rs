@@ -76,3 +76,256 @@ pub(crate) fn launch(name: &str, grid: [u32; 3], block: [u32; 3], args: &[Arg]) 
         panic!("{name}: {}", msg.to_string_lossy());
     }
 }
+
+/// The elementwise kernels (RMSNorm, SiLU-and-mul, rotary embedding, cache writes) on the
+/// emulator, launched as their `cuda` modules launch them, against the crate's CPU paths.
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor, WithDType, D};
+
+    use super::{launch, ptr, ptr_mut, Arg};
+    use crate::test_util::{assert_close, randn};
+    use crate::RopeLayout;
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    fn type_name(dtype: DType) -> &'static str {
+        match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            _ => "bf16",
+        }
+    }
+
+    fn pack_len(dtype: DType) -> usize {
+        16 / dtype.size_in_bytes()
+    }
+
+    fn host<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+        t.flatten_all()?.to_vec1::<T>()
+    }
+
+    /// Runs `$f::<T>(args)` with T the Rust type of `$dtype`.
+    macro_rules! dispatch {
+        ($dtype:expr, $f:ident($($arg:expr),*)) => {
+            match $dtype {
+                DType::F32 => $f::<f32>($($arg),*),
+                DType::F16 => $f::<half::f16>($($arg),*),
+                _ => $f::<half::bf16>($($arg),*),
+            }
+        };
+    }
+
+    fn rms_norm<T: WithDType>(
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        w: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let hidden = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / hidden;
+        let (xs, ws) = (host::<T>(x)?, host::<T>(w)?);
+        let mut out = vec![T::zero(); xs.len()];
+        let mut sum = vec![T::zero(); xs.len()];
+        let threads = (hidden / pack_len(x.dtype()))
+            .next_multiple_of(32)
+            .min(1024) as u32;
+        let ty = type_name(x.dtype());
+        match residual {
+            None => launch(
+                &format!("rms_norm_{ty}"),
+                [rows as u32, 1, 1],
+                [threads, 1, 1],
+                &[
+                    ptr_mut(&mut out),
+                    ptr(&xs),
+                    ptr(&ws),
+                    Arg::I32(hidden as i32),
+                    Arg::F32(eps),
+                ],
+            ),
+            Some(r) => {
+                let rs = host::<T>(r)?;
+                launch(
+                    &format!("add_rms_norm_{ty}"),
+                    [rows as u32, 1, 1],
+                    [threads, 1, 1],
+                    &[
+                        ptr_mut(&mut out),
+                        ptr_mut(&mut sum),
+                        ptr(&xs),
+                        ptr(&rs),
+                        ptr(&ws),
+                        Arg::I32(hidden as i32),
+                        Arg::F32(eps),
+                    ],
+                )
+            }
+        }
+        Ok((
+            Tensor::from_vec(out, x.shape(), &Device::Cpu)?,
+            Tensor::from_vec(sum, x.shape(), &Device::Cpu)?,
+        ))
+    }
+
+    #[test]
+    fn rms_norm_plain_and_fused() -> Result<()> {
+        let dev = Device::Cpu;
+        let eps = 1e-5;
+        for dtype in DTYPES {
+            // 576: SmolLM's hidden size; 8192: several packs a thread.
+            for hidden in [64, 576, 8192] {
+                let what = format!("hidden {hidden}");
+                let (x, x_ref) = randn(&[3, hidden], dtype, &dev)?;
+                let (r, r_ref) = randn(&[3, hidden], dtype, &dev)?;
+                let (w, w_ref) = randn(&[hidden], dtype, &dev)?;
+                let want = candle_nn::ops::rms_norm(&x_ref, &w_ref, eps)?;
+                let (got, _) = dispatch!(dtype, rms_norm(&x, None, &w, eps))?;
+                assert_close(&got, &want, dtype, &what)?;
+                let sum_ref = (x_ref + r_ref)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
+                let want = candle_nn::ops::rms_norm(&sum_ref, &w_ref, eps)?;
+                let (normed, sum) = dispatch!(dtype, rms_norm(&x, Some(&r), &w, eps))?;
+                assert_close(&sum, &sum_ref, dtype, &what)?;
+                assert_close(&normed, &want, dtype, &what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused form: gate and up are the halves of one `[rows, 2n]` tensor.
+    fn silu_and_mul<T: WithDType>(x: &Tensor) -> Result<Tensor> {
+        let (rows, width) = x.dims2()?;
+        let n = width / 2;
+        let xs = host::<T>(x)?;
+        let mut out = vec![T::zero(); rows * n];
+        let packs = rows * n / pack_len(x.dtype());
+        let grid = packs.div_ceil(256).clamp(1, 1 << 16) as u32;
+        let args = [
+            ptr_mut(&mut out),
+            ptr(&xs),
+            ptr(&xs[n..]),
+            Arg::I32(rows as i32),
+            Arg::I32(n as i32),
+            Arg::I32(width as i32),
+            Arg::I32(width as i32),
+        ];
+        let ty = type_name(x.dtype());
+        launch(&format!("silu_mul_{ty}"), [grid, 1, 1], [256, 1, 1], &args);
+        Tensor::from_vec(out, (rows, n), &Device::Cpu)
+    }
+
+    #[test]
+    fn silu_and_mul_matches_candle() -> Result<()> {
+        for dtype in DTYPES {
+            for (rows, n) in [(1, 64), (5, 1536), (3, 8)] {
+                let (x, x_ref) = randn(&[rows, 2 * n], dtype, &Device::Cpu)?;
+                let want = crate::silu_and_mul(&x_ref)?;
+                let got = dispatch!(dtype, silu_and_mul(&x))?;
+                assert_close(&got, &want, dtype, &format!("{rows}x{n}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rotary<T: WithDType>(
+        q: &Tensor,
+        k: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: RopeLayout,
+    ) -> Result<(Tensor, Tensor)> {
+        let (tokens, heads, head_dim) = q.dims3()?;
+        let kv_heads = k.dim(1)?;
+        let (qs, ks) = (host::<T>(q)?, host::<T>(k)?);
+        let (cs, ss) = (host::<f32>(cos)?, host::<f32>(sin)?);
+        let (mut q_out, mut k_out) = (vec![T::zero(); qs.len()], vec![T::zero(); ks.len()]);
+        let units = (heads + kv_heads) * head_dim / pack_len(q.dtype());
+        let units = match layout {
+            RopeLayout::HalfSplit => units / 2,
+            RopeLayout::Interleaved => units,
+        };
+        let ty = type_name(q.dtype());
+        let name = match layout {
+            RopeLayout::HalfSplit => format!("rotary_{ty}"),
+            RopeLayout::Interleaved => format!("rotary_interleaved_{ty}"),
+        };
+        let args = [
+            ptr_mut(&mut q_out),
+            ptr_mut(&mut k_out),
+            ptr(&qs),
+            ptr(&ks),
+            ptr(&cs),
+            ptr(&ss),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(head_dim as i32),
+        ];
+        let threads = units.next_multiple_of(32).min(256) as u32;
+        launch(&name, [tokens as u32, 1, 1], [threads, 1, 1], &args);
+        Ok((
+            Tensor::from_vec(q_out, q.shape(), &Device::Cpu)?,
+            Tensor::from_vec(k_out, k.shape(), &Device::Cpu)?,
+        ))
+    }
+
+    #[test]
+    fn rotary_both_layouts_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let positions = [0f32, 1., 17., 4095.];
+        let tokens = positions.len();
+        for dtype in DTYPES {
+            for head_dim in [64, 128] {
+                let inv: Vec<f32> = (0..head_dim / 2)
+                    .map(|i| 1. / 10_000f32.powf(2. * i as f32 / head_dim as f32))
+                    .collect();
+                let inv = Tensor::from_vec(inv, (1, head_dim / 2), &dev)?;
+                let pos = Tensor::new(&positions, &dev)?.reshape((tokens, 1))?;
+                let freqs = pos.broadcast_mul(&inv)?;
+                let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+                let (q, q_ref) = randn(&[tokens, 8, head_dim], dtype, &dev)?;
+                let (k, k_ref) = randn(&[tokens, 2, head_dim], dtype, &dev)?;
+                for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+                    let (q_want, k_want) =
+                        crate::rotary_embedding(&q_ref, &k_ref, &cos, &sin, layout)?;
+                    let (q_got, k_got) = dispatch!(dtype, rotary(&q, &k, &cos, &sin, layout))?;
+                    let what = format!("{layout:?} head_dim {head_dim}");
+                    assert_close(&q_got, &q_want, dtype, &what)?;
+                    assert_close(&k_got, &k_want, dtype, &what)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows land in their slots; a slot past the cache is skipped; nothing else is touched.
+    #[test]
+    fn cache_writes_land_in_their_slots() {
+        let (num_slots, row_len) = (12usize, 16usize); // [3 blocks, 4 slots, 2 heads, 8 dims]
+        let mut cache = vec![half::bf16::from_f32(-1.0); num_slots * row_len];
+        let rows: Vec<half::bf16> = (0..3 * row_len)
+            .map(|i| half::bf16::from_f32(i as f32))
+            .collect();
+        let slots = [7u32, 0, 99];
+        let args = [
+            ptr_mut(&mut cache),
+            ptr(&rows),
+            ptr(&slots),
+            Arg::I32(row_len as i32),
+            Arg::U32(num_slots as u32),
+        ];
+        let threads = (row_len / 8).next_multiple_of(32).min(256) as u32;
+        launch("write_cache_bf16", [3, 1, 1], [threads, 1, 1], &args);
+        for slot in 0..num_slots {
+            let got: Vec<f32> = cache[slot * row_len..(slot + 1) * row_len]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            let want: Vec<f32> = match slot {
+                7 => (0..row_len).map(|i| i as f32).collect(),
+                0 => (row_len..2 * row_len).map(|i| i as f32).collect(),
+                _ => vec![-1.0; row_len],
+            };
+            assert_eq!(got, want, "slot {slot}");
+        }
+    }
+}

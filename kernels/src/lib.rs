@@ -17,7 +17,7 @@ mod paged_attention;
 mod quant_matmul;
 mod rotary;
 mod sampling;
-#[cfg(all(test, feature = "cuda"))]
+#[cfg(all(test, any(feature = "cuda", feature = "cuda-emu")))]
 mod test_util;
 
 pub use activation::{silu_and_mul, silu_mul};

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 /// The first CUDA device, or `None` (with a note) on machines without one: the test then passes
 /// without checking anything.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(dev) => Some(dev),
@@ -17,6 +18,7 @@ pub(crate) fn cuda_device() -> Option<Device> {
     }
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Standard-normal values of `shape` in `dtype` on `dev`, and the same values (after rounding to

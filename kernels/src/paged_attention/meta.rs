@@ -12,7 +12,7 @@ use super::SeqAttention;
 pub struct AttentionMeta {
     seqs: Vec<SeqAttention>,
     #[cfg(feature = "cuda")]
-    device: OnceLock<super::cuda::DeviceMeta>,
+    device: OnceLock<super::plan::DeviceMeta>,
 }
 
 impl AttentionMeta {
@@ -31,7 +31,7 @@ impl AttentionMeta {
 
     /// The device copy, if one was built.
     #[cfg(feature = "cuda")]
-    pub(super) fn device_cache(&self) -> &OnceLock<super::cuda::DeviceMeta> {
+    pub(super) fn device_cache(&self) -> &OnceLock<super::plan::DeviceMeta> {
         &self.device
     }
 }

@@ -16,7 +16,13 @@ mod cpu;
 mod cuda;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;
+#[cfg(all(test, feature = "cuda-emu"))]
+mod emu_tests;
 mod meta;
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emu")))]
+mod plan;
+#[cfg(all(test, any(feature = "cuda", feature = "cuda-emu")))]
+mod test_batches;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 

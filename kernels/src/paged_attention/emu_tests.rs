@@ -1,0 +1,175 @@
+//! The CUDA kernels of cuda/attention.cu on the CPU emulator (see `crate::emu`), launched as
+//! `cuda.rs` launches them (same plan: metadata, work items, partitions), against the
+//! plain-candle reference.
+
+use candle_core::{DType, Device, Result, Tensor, WithDType};
+
+use super::paged_attention_reference;
+use super::plan::{max_rows, partitions, DeviceMeta, MetaKey, THREADS};
+use super::test_batches::{batch, BATCHES};
+use crate::emu::{launch, ptr, ptr_mut, Arg};
+use crate::test_util::{assert_close, randn};
+
+struct Case<'a> {
+    dtype: DType,
+    head_dim: usize,
+    group: usize,
+    block_size: usize,
+    shape: &'a [(usize, usize)],
+}
+
+fn host<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+/// Runs the kernels over `q` and the caches (all in `T`), returning `[tokens, heads, head_dim]`.
+fn run<T: WithDType>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &[super::SeqAttention],
+    scale: f32,
+) -> Result<Tensor> {
+    let (tokens, heads, head_dim) = q.dims3()?;
+    let (num_blocks, block_size, kv_heads, _) = k.dims4()?;
+    let ty = match q.dtype() {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        _ => "bf16",
+    };
+    let key = MetaKey {
+        tile_tokens: max_rows(q.dtype()) / (heads / kv_heads),
+        block_size,
+        num_blocks,
+        tokens,
+    };
+    let meta = DeviceMeta::new(seqs, key, &Device::Cpu)?;
+    let data = host::<u32>(&meta.data)?;
+    let (part_len, num_parts) = partitions(meta.num_work * kv_heads, meta.max_context);
+    let (q, k, v) = (host::<T>(q)?, host::<T>(k)?, host::<T>(v)?);
+    let mut out = vec![T::from_f64(f64::NAN); tokens * heads * head_dim];
+    let n = tokens * heads * num_parts;
+    let (mut part_out, mut part_ml) = (vec![f32::NAN; n * head_dim], vec![f32::NAN; n * 2]);
+    let split = num_parts > 1;
+    let none = Arg::Ptr(std::ptr::null());
+    let args = [
+        ptr_mut(&mut out),
+        if split {
+            ptr_mut(&mut part_out)
+        } else {
+            Arg::Ptr(std::ptr::null())
+        },
+        if split { ptr_mut(&mut part_ml) } else { none },
+        ptr(&q),
+        ptr(&k),
+        ptr(&v),
+        ptr(&data[..meta.tables_at]),
+        ptr(&data[meta.tables_at..]),
+        ptr(&data[meta.work_at..]),
+        Arg::I32(heads as i32),
+        Arg::I32(kv_heads as i32),
+        Arg::I32(block_size as i32),
+        Arg::I32(meta.max_blocks as i32),
+        Arg::I32(part_len.min(i32::MAX as usize) as i32),
+        Arg::I32(num_parts as i32),
+        Arg::F32(scale * std::f32::consts::LOG2_E),
+    ];
+    let grid = [meta.num_work as u32, kv_heads as u32, num_parts as u32];
+    launch(
+        &format!("paged_attention_{ty}_d{head_dim}"),
+        grid,
+        [THREADS, 1, 1],
+        &args,
+    );
+    if split {
+        let args = [
+            ptr_mut(&mut out),
+            ptr(&part_out),
+            ptr(&part_ml),
+            ptr(&data[meta.positions_at..]),
+            Arg::I32(heads as i32),
+            Arg::I32(part_len as i32),
+            Arg::I32(num_parts as i32),
+        ];
+        let grid = [tokens as u32, heads.div_ceil(4) as u32, 1];
+        launch(
+            &format!("paged_attention_reduce_{ty}_d{head_dim}"),
+            grid,
+            [THREADS, 1, 1],
+            &args,
+        );
+    }
+    Tensor::from_vec(out, (tokens, heads, head_dim), &Device::Cpu)
+}
+
+fn check(c: &Case) -> Result<()> {
+    let dev = Device::Cpu;
+    let kv_heads = 2;
+    let heads = kv_heads * c.group;
+    let (seqs, num_blocks) = batch(c.shape, c.block_size);
+    let tokens = seqs.iter().map(|s| s.query_len).sum();
+    let cache = [num_blocks, c.block_size, kv_heads, c.head_dim];
+    let (q, q_ref) = randn(&[tokens, heads, c.head_dim], c.dtype, &dev)?;
+    let (k, k_ref) = randn(&cache, c.dtype, &dev)?;
+    let (v, v_ref) = randn(&cache, c.dtype, &dev)?;
+    let scale = (c.head_dim as f32).powf(-0.5);
+    let want = paged_attention_reference(&q_ref, &k_ref, &v_ref, &seqs, scale)?;
+    let got = match c.dtype {
+        DType::F32 => run::<f32>(&q, &k, &v, &seqs, scale)?,
+        DType::F16 => run::<half::f16>(&q, &k, &v, &seqs, scale)?,
+        _ => run::<half::bf16>(&q, &k, &v, &seqs, scale)?,
+    };
+    let what = format!(
+        "head_dim {} group {} block {} batch {:?}",
+        c.head_dim, c.group, c.block_size, c.shape
+    );
+    assert_close(&got, &want, c.dtype, &what)
+}
+
+/// Decode steps, prefill chunks over cached prefixes and both mixed, for every dtype, head_dim
+/// and query-head group the kernel takes.
+#[test]
+fn matches_reference_across_shapes() -> Result<()> {
+    for (i, dtype) in [DType::F32, DType::F16, DType::BF16]
+        .into_iter()
+        .enumerate()
+    {
+        for head_dim in [64, 128] {
+            for group in [1, 4, 8] {
+                let block_size = [16, 32][(i + group) % 2];
+                for shape in BATCHES {
+                    let case = Case {
+                        dtype,
+                        head_dim,
+                        group,
+                        block_size,
+                        shape,
+                    };
+                    check(&case)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Few sequences over long contexts: split into partitions and merged, decode and prefill.
+#[test]
+fn long_contexts_split_and_merge() -> Result<()> {
+    let shapes: [&[(usize, usize)]; 2] = [&[(1, 1500)], &[(1, 900), (24, 700), (1, 257)]];
+    for dtype in [DType::F32, DType::BF16] {
+        for shape in shapes {
+            for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32)] {
+                let case = Case {
+                    dtype,
+                    head_dim,
+                    group,
+                    block_size,
+                    shape,
+                };
+                check(&case)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The host side of the attention kernels' launch, shared by the CUDA launch and the kernels'
+//! tests on the CPU emulator: the CTA shape, the batch layout as the kernels read it, and how
+//! long contexts are split into partitions.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::SeqAttention;
+
+/// Threads of a CTA of both kernels.
+pub(super) const THREADS: u32 = 128;
+/// Keys per tile of the kernel; partitions are whole tiles.
+const KEYS: usize = 32;
+/// Below this many CTAs (about four per SM of an H100) long contexts are split.
+const TARGET_CTAS: usize = 512;
+/// The shortest partition worth a CTA of its own, in keys.
+const MIN_PARTITION: usize = 256;
+
+/// Rows (query tokens times the query heads of one kv head) of a CTA: `max_rows` in
+/// cuda/attention.cu, which shared memory bounds.
+pub(super) fn max_rows(dtype: DType) -> usize {
+    if dtype == DType::F32 {
+        16
+    } else {
+        32
+    }
+}
+
+/// What a [`DeviceMeta`] was built for: rows per work item, cache geometry, batch rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct MetaKey {
+    pub(super) tile_tokens: usize,
+    pub(super) block_size: usize,
+    pub(super) num_blocks: usize,
+    pub(super) tokens: usize,
+}
+
+/// The batch layout as the kernels read it, in one u32 tensor (one host-to-device copy): per
+/// sequence `[query_start, query_len, context_len]`, then the block tables padded to
+/// `[num_seqs, max_blocks]`, then per work item `[sequence, first row, tokens]`, then each
+/// row's position.
+#[derive(Clone, Debug)]
+pub(super) struct DeviceMeta {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) key: MetaKey,
+    pub(super) data: Tensor,
+    pub(super) tables_at: usize,
+    pub(super) work_at: usize,
+    pub(super) positions_at: usize,
+    pub(super) num_work: usize,
+    pub(super) max_blocks: usize,
+    pub(super) max_context: usize,
+}
+
+impl DeviceMeta {
+    /// Checks what the kernels index with (they would read out of bounds otherwise) and uploads.
+    pub(super) fn new(seqs: &[SeqAttention], key: MetaKey, device: &Device) -> Result<Self> {
+        let bs = key.block_size;
+        let mut rows = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            let blocks = s.context_len.div_ceil(bs);
+            if s.query_start != rows || s.query_len > s.context_len || s.block_table.len() < blocks
+            {
+                candle_core::bail!(
+                    "paged_attention: sequence {i} ({s:?}) does not follow row {rows} or does not \
+                     fit its context in blocks of {bs}"
+                );
+            }
+            if let Some(b) = s.block_table[..blocks]
+                .iter()
+                .find(|&&b| b as usize >= key.num_blocks)
+            {
+                candle_core::bail!(
+                    "paged_attention: sequence {i} names block {b} of {}",
+                    key.num_blocks
+                );
+            }
+            rows += s.query_len;
+        }
+        if rows != key.tokens {
+            candle_core::bail!(
+                "paged_attention: sequences cover {rows} rows of {}",
+                key.tokens
+            );
+        }
+        let max_context = seqs.iter().map(|s| s.context_len).max().unwrap_or(0);
+        if i32::try_from(max_context).is_err() {
+            candle_core::bail!(
+                "paged_attention: a context of {max_context} is past the kernels' i32 range"
+            );
+        }
+        let max_blocks = max_context.div_ceil(bs).max(1);
+
+        // Every value is below 2^31: rows and contexts were checked, block ids are below the
+        // cache's block count.
+        let mut data: Vec<u32> = Vec::new();
+        for s in seqs {
+            data.extend([s.query_start, s.query_len, s.context_len].map(|x| x as u32));
+        }
+        let tables_at = data.len();
+        for s in seqs {
+            let blocks = s.context_len.div_ceil(bs);
+            data.extend_from_slice(&s.block_table[..blocks]);
+            data.extend(std::iter::repeat_n(0, max_blocks - blocks));
+        }
+        let work_at = data.len();
+        for (i, s) in seqs.iter().enumerate() {
+            for first in (0..s.query_len).step_by(key.tile_tokens) {
+                let tokens = key.tile_tokens.min(s.query_len - first);
+                data.extend([i, s.query_start + first, tokens].map(|x| x as u32));
+            }
+        }
+        let positions_at = data.len();
+        let num_work = (positions_at - work_at) / 3;
+        for s in seqs {
+            let first = s.context_len - s.query_len;
+            data.extend((first..s.context_len).map(|p| p as u32));
+        }
+        let len = data.len();
+        Ok(Self {
+            key,
+            data: Tensor::from_vec(data, len, device)?,
+            tables_at,
+            work_at,
+            positions_at,
+            num_work,
+            max_blocks,
+            max_context,
+        })
+    }
+}
+
+/// `(partition length, partitions)` for a launch of `ctas` CTAs per partition.
+pub(super) fn partitions(ctas: usize, max_context: usize) -> (usize, usize) {
+    let whole = (i32::MAX as usize, 1);
+    if ctas >= TARGET_CTAS || max_context <= MIN_PARTITION {
+        return whole;
+    }
+    let len = max_context
+        .div_ceil(TARGET_CTAS.div_ceil(ctas))
+        .next_multiple_of(KEYS)
+        .max(MIN_PARTITION);
+    match max_context.div_ceil(len) {
+        1 => whole,
+        parts => (len, parts),
+    }
+}

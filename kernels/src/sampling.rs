@@ -214,6 +214,21 @@ mod tests {
         }
     }
 
+    /// Rows with every combination of temperature (greedy included), top-k, top-p and min-p,
+    /// each with its own draw: what the kernel's tests run.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub(super) fn every_cut() -> Vec<RowSampling> {
+        (0..48)
+            .map(|i| RowSampling {
+                temperature: [0.0, 0.6, 1.0, 1.5][i % 4],
+                top_k: [0, 1, 40, 1000][i / 4 % 4],
+                top_p: [1.0, 0.9, 0.5][i / 16 % 3],
+                min_p: if i % 5 == 0 { 0.05 } else { 0.0 },
+                uniform: (i as f32 * 0.618_034).fract(),
+            })
+            .collect()
+    }
+
     fn settings(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> RowSampling {
         RowSampling {
             temperature,
@@ -356,15 +371,7 @@ mod cuda_tests {
             return Ok(());
         };
         let vocab = 128_256;
-        let rows: Vec<RowSampling> = (0..48)
-            .map(|i| RowSampling {
-                temperature: [0.0, 0.6, 1.0, 1.5][i % 4],
-                top_k: [0, 1, 40, 1000][i / 4 % 4],
-                top_p: [1.0, 0.9, 0.5][i / 16 % 3],
-                min_p: if i % 5 == 0 { 0.05 } else { 0.0 },
-                uniform: (i as f32 * 0.618_034).fract(),
-            })
-            .collect();
+        let rows = super::tests::every_cut();
         let logits = (Tensor::randn(0f32, 1., (rows.len(), vocab), &Device::Cpu)? * 3.0)?;
         let want: Vec<u32> = logits
             .to_vec2::<f32>()?
@@ -449,15 +456,7 @@ mod emu_tests {
     #[test]
     fn kernel_matches_the_reference() {
         let vocab = 3000;
-        let rows: Vec<RowSampling> = (0..48)
-            .map(|i| RowSampling {
-                temperature: [0.0, 0.6, 1.0, 1.5][i % 4],
-                top_k: [0, 1, 40, 1000][i / 4 % 4],
-                top_p: [1.0, 0.9, 0.5][i / 16 % 3],
-                min_p: if i % 5 == 0 { 0.05 } else { 0.0 },
-                uniform: (i as f32 * 0.618_034).fract(),
-            })
-            .collect();
+        let rows = super::tests::every_cut();
         let mut s = 0x1234_5678_9abc_def1u64;
         let logits: Vec<f32> = (0..rows.len() * vocab)
             .map(|_| {

@@ -26,9 +26,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // Values of T in a 16-byte pack.
 template <typename T> __host__ __device__ constexpr int pack_len() { return 16 / sizeof(T); }
 
-// Widens a pack of T to floats.
+// Widens a pack of T to floats. `raw` is taken by value, a register copy, so that a load into
+// it stays one 16-byte load (read through a reference, each value would be loaded on its own).
 template <typename T>
-__device__ __forceinline__ void unpack(const uint4 &raw, float *dst) {
+__device__ __forceinline__ void unpack(const uint4 raw, float *dst) {
     const T *v = reinterpret_cast<const T *>(&raw);
 #pragma unroll
     for (int i = 0; i < pack_len<T>(); ++i) dst[i] = to_float(v[i]);
@@ -46,7 +47,8 @@ __device__ __forceinline__ uint4 pack(const float *src) {
 
 template <typename T>
 __device__ __forceinline__ void load_pack(const T *src, float *dst) {
-    unpack<T>(*reinterpret_cast<const uint4 *>(src), dst);
+    const uint4 raw = *reinterpret_cast<const uint4 *>(src);
+    unpack<T>(raw, dst);
 }
 
 template <typename T>

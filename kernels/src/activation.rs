@@ -156,7 +156,7 @@ mod cuda {
         );
         let func = cu::ACTIVATION.function(dev, &name)?;
         // SAFETY: the kernel writes every element.
-        let out = unsafe { dev.alloc::<T>(rows * n)? };
+        let mut out = unsafe { dev.alloc::<T>(rows * n)? };
         let packs = rows * n / cu::pack_len(dtype);
         let cfg = LaunchConfig {
             grid_dim: (packs.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
@@ -166,7 +166,7 @@ mod cuda {
         let (rows, n, stride) = (cu::int(rows)?, cu::int(n)?, cu::int(stride)?);
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&func);
-        args.arg(&out).arg(a).arg(b);
+        args.arg(&mut out).arg(a).arg(b);
         args.arg(&rows).arg(&n).arg(&stride).arg(&stride);
         // SAFETY: argument types and order match `silu_mul_*` in cuda/activation.cu.
         unsafe { args.launch(cfg) }.w()?;

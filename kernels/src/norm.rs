@@ -104,12 +104,12 @@ mod cuda {
         let hidden = cu::int(hidden)?;
         let stream = dev.cuda_stream();
         // SAFETY (allocations): the kernel writes every element.
-        let out = unsafe { dev.alloc::<T>(x.elem_count())? };
+        let mut out = unsafe { dev.alloc::<T>(x.elem_count())? };
         let sum = match residual {
             None => {
                 let func = cu::NORM.function(dev, &format!("rms_norm_{ty}"))?;
                 let mut args = stream.launch_builder(&func);
-                args.arg(&out)
+                args.arg(&mut out)
                     .arg(&x_view)
                     .arg(&w_view)
                     .arg(&hidden)
@@ -121,10 +121,10 @@ mod cuda {
             Some(residual) => {
                 let (r_storage, r_layout) = residual.storage_and_layout();
                 let r_view = cu::view::<T>(&r_storage, r_layout)?;
-                let sum = unsafe { dev.alloc::<T>(x.elem_count())? };
+                let mut sum = unsafe { dev.alloc::<T>(x.elem_count())? };
                 let func = cu::NORM.function(dev, &format!("add_rms_norm_{ty}"))?;
                 let mut args = stream.launch_builder(&func);
-                args.arg(&out).arg(&sum).arg(&x_view).arg(&r_view);
+                args.arg(&mut out).arg(&mut sum).arg(&x_view).arg(&r_view);
                 args.arg(&w_view).arg(&hidden).arg(&eps);
                 // SAFETY: argument types and order match `add_rms_norm_*` in cuda/norm.cu.
                 unsafe { args.launch(cfg) }.w()?;

@@ -140,7 +140,7 @@ mod cuda {
         let cos_view = cu::view::<f32>(&c_storage, c_layout)?;
         let sin_view = cu::view::<f32>(&s_storage, s_layout)?;
         // SAFETY: the kernel writes every element of both.
-        let (q_out, k_out) = unsafe {
+        let (mut q_out, mut k_out) = unsafe {
             (
                 dev.alloc::<T>(q.elem_count())?,
                 dev.alloc::<T>(k.elem_count())?,
@@ -161,7 +161,10 @@ mod cuda {
             (cu::int(heads)?, cu::int(kv_heads)?, cu::int(head_dim)?);
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&func);
-        args.arg(&q_out).arg(&k_out).arg(&q_view).arg(&k_view);
+        args.arg(&mut q_out)
+            .arg(&mut k_out)
+            .arg(&q_view)
+            .arg(&k_view);
         args.arg(&cos_view).arg(&sin_view);
         args.arg(&heads_i).arg(&kv_heads_i).arg(&head_dim_i);
         // SAFETY: argument types and order match `rotary_*` in cuda/rotary.cu.

@@ -183,11 +183,11 @@ mod cuda {
         let s_view = cu::view::<f32>(&s_storage, s_layout)?;
         let func = cu::SAMPLING.function(dev, "sample_rows")?;
         // SAFETY: the kernel writes one id per row.
-        let out = unsafe { dev.alloc::<u32>(n)? };
+        let mut out = unsafe { dev.alloc::<u32>(n)? };
         let vocab = cu::int(vocab)?;
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&func);
-        args.arg(&out).arg(&l_view).arg(&s_view).arg(&vocab);
+        args.arg(&mut out).arg(&l_view).arg(&s_view).arg(&vocab);
         let cfg = LaunchConfig {
             grid_dim: (cu::int(n)? as u32, 1, 1),
             block_dim: (THREADS, 1, 1),

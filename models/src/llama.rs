@@ -113,7 +113,15 @@ impl Llama {
             Linear::from_qtensor(embed_q, device)?
         };
         cfg.params = params;
-        let (cos, sin) = rope_tables(head_dim, rope_base, cfg.context_len, device)?;
+        // Llama 3.1 and later GGUF files carry their RoPE scaling as per-frequency divisors.
+        let scaling = if gguf.has_tensor("rope_freqs.weight") {
+            let factors = vector(gguf, "rope_freqs.weight")?.to_dtype(DType::F32)?;
+            RopeScaling::Divisors(factors.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            RopeScaling::None
+        };
+        let inv = inv_frequencies(head_dim, rope_base, &scaling)?;
+        let (cos, sin) = rope_tables(inv, cfg.context_len, device)?;
         Ok(Self {
             cfg,
             device: device.clone(),
@@ -233,7 +241,14 @@ impl Llama {
         };
         cfg.params = params;
         let rope_base = get("rope_theta").unwrap_or(10_000.) as f32;
-        let (cos, sin) = rope_tables(cfg.head_dim, rope_base, cfg.context_len, device)?;
+        let scaling = RopeScaling::from_config(config.get("rope_scaling")).map_err(|message| {
+            ModelError::Format {
+                path: config_path.into(),
+                message,
+            }
+        })?;
+        let inv = inv_frequencies(cfg.head_dim, rope_base, &scaling)?;
+        let (cos, sin) = rope_tables(inv, cfg.context_len, device)?;
         Ok(Self {
             embed: Embedding::new(embed_w, h),
             norm: vb.get(h, "model.norm.weight")?,
@@ -257,16 +272,98 @@ impl Llama {
     }
 }
 
-fn rope_tables(
-    head_dim: usize,
-    base: f32,
-    max_pos: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..head_dim / 2)
-        .map(|i| 1. / base.powf(2. * i as f32 / head_dim as f32))
-        .collect();
-    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+/// How a checkpoint stretches its rotary frequencies past the context it was trained on.
+#[derive(Clone, Debug, PartialEq)]
+enum RopeScaling {
+    None,
+    /// Every frequency divided by the factor (`"type": "linear"`).
+    Linear(f64),
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth blend between
+    /// (`"rope_type": "llama3"`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: f64,
+    },
+    /// One divisor per frequency, as GGUF files store the above (`rope_freqs.weight`).
+    Divisors(Vec<f32>),
+}
+
+impl RopeScaling {
+    /// From a Hugging Face config's `rope_scaling` (absent, null or "default": none).
+    fn from_config(v: Option<&serde_json::Value>) -> std::result::Result<Self, String> {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(Self::None);
+        };
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_f64())
+                .ok_or_else(|| format!("rope_scaling: missing or non-numeric `{k}`"))
+        };
+        match kind {
+            "default" => Ok(Self::None),
+            "linear" => Ok(Self::Linear(num("factor")?)),
+            "llama3" => Ok(Self::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_context: num("original_max_position_embeddings")?,
+            }),
+            other => Err(format!(
+                "rope_scaling type `{other}` is not supported (default, linear and llama3 are)"
+            )),
+        }
+    }
+}
+
+/// The rotary frequencies of a head: `base^(-2i / head_dim)`, then `scaling`.
+fn inv_frequencies(head_dim: usize, base: f32, scaling: &RopeScaling) -> Result<Vec<f32>> {
+    let half = head_dim / 2;
+    let plain = (0..half).map(|i| 1. / (base as f64).powf(2. * i as f64 / head_dim as f64));
+    let inv: Vec<f64> = match scaling {
+        RopeScaling::None => plain.collect(),
+        RopeScaling::Linear(factor) => plain.map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_context: old,
+        } => plain
+            .map(|f| {
+                let wavelen = 2. * std::f64::consts::PI / f;
+                if wavelen < old / high {
+                    f
+                } else if wavelen > old / low {
+                    f / factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    (1. - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect(),
+        RopeScaling::Divisors(d) => {
+            if d.len() != half {
+                return Err(ModelError::Unsupported(format!(
+                    "rope_freqs has {} values for {half} frequencies",
+                    d.len()
+                )));
+            }
+            plain.zip(d).map(|(f, &d)| f / d as f64).collect()
+        }
+    };
+    Ok(inv.into_iter().map(|f| f as f32).collect())
+}
+
+/// cos and sin of every position's angles, `[max_pos, head_dim / 2]` each.
+fn rope_tables(inv: Vec<f32>, max_pos: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv.len();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
     let pos = Tensor::arange(0u32, max_pos as u32, device)?
         .to_dtype(DType::F32)?
         .reshape((max_pos, 1))?;
@@ -336,6 +433,52 @@ mod tests {
 
     use super::*;
     use crate::SeqAttention;
+
+    /// Llama 3.1's scaling, against values computed with Hugging Face's formula
+    /// (`_compute_llama3_parameters`, in f64): high frequencies kept, low ones divided by the
+    /// factor, the band between blended. Linear and per-frequency divisors divide; unknown kinds
+    /// are refused by name.
+    #[test]
+    fn rope_scaling_follows_hugging_face() {
+        let config = serde_json::json!({
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"
+        });
+        let scaling = RopeScaling::from_config(Some(&config)).unwrap();
+        let inv = inv_frequencies(128, 500_000., &scaling).unwrap();
+        let want = [
+            (0, 1.0),
+            (20, 0.016_560_44),
+            (27, 0.003_942_276),
+            (30, 0.001_371_893_6),
+            (33, 0.000_312_693_75),
+            (36, 7.784_655e-5),
+            (48, 6.647_87e-6),
+            (63, 3.068_926e-7),
+        ];
+        for (i, w) in want {
+            assert!(((inv[i] - w) / w).abs() < 1e-5, "{i}: {} vs {w}", inv[i]);
+        }
+        let plain = inv_frequencies(128, 500_000., &RopeScaling::None).unwrap();
+        let linear =
+            RopeScaling::from_config(Some(&serde_json::json!({"type": "linear", "factor": 2.0})));
+        let halved = inv_frequencies(128, 500_000., &linear.unwrap()).unwrap();
+        assert!(plain
+            .iter()
+            .zip(&halved)
+            .all(|(p, h)| (p / 2. - h).abs() <= p * 1e-6));
+        let divisors = RopeScaling::Divisors(vec![4.0; 64]);
+        let quartered = inv_frequencies(128, 500_000., &divisors).unwrap();
+        assert!(plain
+            .iter()
+            .zip(&quartered)
+            .all(|(p, q)| (p / 4. - q).abs() <= p * 1e-6));
+        assert!(inv_frequencies(128, 1e4, &RopeScaling::Divisors(vec![1.0; 3])).is_err());
+        assert_eq!(RopeScaling::from_config(None), Ok(RopeScaling::None));
+        let yarn = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+        let err = RopeScaling::from_config(Some(&yarn)).unwrap_err();
+        assert!(err.contains("yarn"), "{err}");
+    }
 
     /// A tiny checkpoint on disk: random weights saved as safetensors beside a config.json.
     fn tiny_checkpoint(dir: &Path) -> serde_json::Value {

@@ -51,6 +51,10 @@ impl ModelRunner {
     ) -> candela_models::Result<Self> {
         let cfg = model.config();
         let kv = KvCache::new(cfg, num_blocks, block_size, cfg.dtype, model.device())?;
+        // On a GPU the weights and the cache were allocated and filled on this (loading)
+        // thread's stream, while the engine thread launches on its own: wait for the loads to
+        // land before anything reads them.
+        model.device().synchronize()?;
         Ok(Self { model, kv })
     }
 

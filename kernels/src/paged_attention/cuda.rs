@@ -105,8 +105,8 @@ fn launch<T: CudaDType + DeviceRepr>(
 
     // SAFETY (allocations): every row is written, by its CTA or by the merge; with partitions,
     // the merge reads only the partials that CTAs wrote.
-    let out = unsafe { dev.alloc::<T>(q.elem_count())? };
-    let partials = match num_parts {
+    let mut out = unsafe { dev.alloc::<T>(q.elem_count())? };
+    let mut partials = match num_parts {
         1 => None,
         _ => {
             let n = tokens * heads * num_parts;
@@ -126,8 +126,8 @@ fn launch<T: CudaDType + DeviceRepr>(
     let stream = dev.cuda_stream();
     let func = cu::ATTENTION.function(dev, &format!("paged_attention_{ty}_d{head_dim}"))?;
     let mut args = stream.launch_builder(&func);
-    args.arg(&out);
-    match &partials {
+    args.arg(&mut out);
+    match &mut partials {
         Some((part_out, part_ml)) => args.arg(part_out).arg(part_ml),
         None => args.arg(&no_partials).arg(&no_partials),
     };
@@ -151,7 +151,10 @@ fn launch<T: CudaDType + DeviceRepr>(
         let func =
             cu::ATTENTION.function(dev, &format!("paged_attention_reduce_{ty}_d{head_dim}"))?;
         let mut args = stream.launch_builder(&func);
-        args.arg(&out).arg(part_out).arg(part_ml).arg(&positions);
+        args.arg(&mut out)
+            .arg(part_out)
+            .arg(part_ml)
+            .arg(&positions);
         args.arg(&heads_i).arg(&part_len).arg(&num_parts);
         let cfg = LaunchConfig {
             grid_dim: (tokens as u32, heads.div_ceil(4) as u32, 1),

@@ -30,6 +30,8 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // The host launches kernels that need a newer architecture only where the PTX has them.
+    println!("cargo:rustc-env=CANDELA_CUDA_ARCH={cap}");
     let nvcc = nvcc();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")

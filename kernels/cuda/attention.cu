@@ -11,7 +11,11 @@
 // Short batches over long contexts would leave most SMs idle, so the host may split the context
 // into partitions: each CTA then writes its rows' partial output with their max and sum, and
 // `paged_attention_reduce` merges them. With one partition the CTA writes the output itself.
+//
+// Prompt chunks in f16/bf16 take `paged_prefill_mma` instead: the same causal attention over the
+// same cache, its two products on tensor cores (see the kernel).
 #include "common.cuh"
+#include "mma.cuh"
 
 using namespace candela;
 
@@ -285,6 +289,211 @@ __device__ __forceinline__ void paged_attention_reduce(
     for (int e = 0; e < PER_LANE; ++e) dst[e] = from_float<T>(acc[e] / total);
 }
 
+
+// Rows (query tokens times the group's heads) of a tensor-core CTA: a warp takes 16. The host
+// mirrors this in `MMA_ROWS`.
+constexpr int MMA_ROWS = WARPS * 16;
+// Keys per tile of the tensor-core kernel.
+constexpr int MMA_KEYS = 64;
+
+// Prefill attention on tensor cores (f16/bf16, sm_80 and later), flash-attention style. Grid:
+// (work items, kv heads); block: THREADS. A work item is a tile of up to MMA_ROWS / group query
+// tokens of one sequence; its rows are ordered as in `paged_attention` (row r: token r / group,
+// head r % group of the kv head's group), and warp w owns rows [16w, 16w + 16).
+//
+// Each tile of MMA_KEYS keys and values is copied from the cache blocks into shared memory with
+// cp.async, the next tile's keys in flight while this tile's values are used and the other way
+// round. A warp computes its scores S = Q K^T (16 x 64) with mma.sync, masks, scales and keeps a
+// running max and sum per row in registers (a row's values sit on the 4 lanes of a quad), then
+// feeds its probabilities P, rounded to T, straight from the score fragments into O += P V.
+// Arguments as `paged_attention`'s, without partitions; `work` lists this kernel's items.
+template <typename T, int D>
+__device__ __forceinline__ void paged_prefill_mma(
+    T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache,
+    const T *__restrict__ v_cache, const uint32_t *__restrict__ seq_info,
+    const uint32_t *__restrict__ block_tables, const uint32_t *__restrict__ work, int heads,
+    int kv_heads, int block_size, int max_blocks, float scale_log2) {
+    constexpr int VEC = pack_len<T>();
+    constexpr int PACKS = D / VEC;                     // packs per key row
+    constexpr int STRIDE = D + VEC;                    // shared rows padded: no bank conflicts
+    constexpr int LOADS = MMA_KEYS * PACKS / THREADS;  // packs of K (and of V) per thread a tile
+    constexpr int KSTEPS = D / 16;                     // k-steps of Q K^T
+    constexpr int STILES = MMA_KEYS / 8;               // n-tiles of S
+    constexpr int OTILES = D / 8;                      // n-tiles of O
+    static_assert(MMA_ROWS == MMA_KEYS, "Q is staged in the key buffer");
+    static_assert((MMA_KEYS * PACKS) % THREADS == 0 && D % 16 == 0, "head_dim");
+
+    __shared__ __align__(16) T k_sh[MMA_KEYS * STRIDE];
+    __shared__ __align__(16) T v_sh[MMA_KEYS * STRIDE];
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    const uint32_t *item = work + 3 * blockIdx.x;
+    const int seq = item[0], row0 = item[1], tokens = item[2];
+    const int kvh = blockIdx.y;
+    const int q_start = seq_info[3 * seq], q_len = seq_info[3 * seq + 1];
+    const int ctx = seq_info[3 * seq + 2];
+    const int group = heads / kv_heads;
+    const int rows = tokens * group;
+    const int first_pos = ctx - q_len + (row0 - q_start);
+    const int kv_len = first_pos + tokens; // the tile's last token sees keys [0, kv_len)
+    const uint32_t *table = block_tables + (size_t)seq * max_blocks;
+
+    // Copies keys [key0, key0 + MMA_KEYS) of `cache` into `dst` as one group; keys past the
+    // context read as zeros (their weight is 0, and 0 * garbage could be NaN).
+    auto issue = [&](T *dst, const T *cache, int key0) {
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) {
+            const int idx = tid + i * THREADS, key = idx / PACKS, c = idx % PACKS;
+            const int pos = key0 + key;
+            T *d = dst + key * STRIDE + c * VEC;
+            if (pos < kv_len) {
+                const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
+                cp_async16(d, cache + (slot * kv_heads + kvh) * D + c * VEC);
+            } else {
+                *reinterpret_cast<uint4 *>(d) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        cp_async_commit();
+    };
+    auto lds32 = [](const T *p) { return *reinterpret_cast<const uint32_t *>(p); };
+
+    // Q through shared memory (the key buffer) into A fragments, held for the whole kernel.
+    for (int i = tid; i < MMA_ROWS * PACKS; i += THREADS) {
+        const int r = i / PACKS, c = i % PACKS;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < rows) {
+            const size_t row = (size_t)(row0 + r / group) * heads + kvh * group + r % group;
+            v = *reinterpret_cast<const uint4 *>(q + row * D + c * VEC);
+        }
+        *reinterpret_cast<uint4 *>(&k_sh[r * STRIDE + c * VEC]) = v;
+    }
+    __syncthreads();
+    const int r0 = warp * 16 + g, r1 = r0 + 8; // this lane's two rows
+    uint32_t qa[KSTEPS][4];
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        qa[kk][0] = lds32(&k_sh[r0 * STRIDE + 16 * kk + 2 * t4]);
+        qa[kk][1] = lds32(&k_sh[r1 * STRIDE + 16 * kk + 2 * t4]);
+        qa[kk][2] = lds32(&k_sh[r0 * STRIDE + 16 * kk + 8 + 2 * t4]);
+        qa[kk][3] = lds32(&k_sh[r1 * STRIDE + 16 * kk + 8 + 2 * t4]);
+    }
+    __syncthreads();
+    issue(k_sh, k_cache, 0);
+    issue(v_sh, v_cache, 0);
+
+    // Positions of the lane's rows (-1: past the item, sees nothing), and the last key any row
+    // of the warp sees.
+    const int pos0 = r0 < rows ? first_pos + r0 / group : -1;
+    const int pos1 = r1 < rows ? first_pos + r1 / group : -1;
+    const int warp_last = warp * 16 < rows ? first_pos + (min(rows, warp * 16 + 16) - 1) / group : -1;
+
+    float o[OTILES][4];
+#pragma unroll
+    for (int d = 0; d < OTILES; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f; // l: this lane's share of the sum
+    float s[STILES][4];
+
+    for (int key0 = 0; key0 < kv_len; key0 += MMA_KEYS) {
+        const bool more = key0 + MMA_KEYS < kv_len;
+        const bool active = key0 <= warp_last; // warp-uniform
+        cp_async_wait<1>(); // this tile's keys have landed; its values may be in flight
+        __syncthreads();
+        if (active) {
+#pragma unroll
+            for (int j = 0; j < STILES; ++j) {
+                s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+                const T *krow = &k_sh[(8 * j + g) * STRIDE + 2 * t4];
+#pragma unroll
+                for (int kk = 0; kk < KSTEPS; ++kk)
+                    mma_m16n8k16<T>(s[j], qa[kk], lds32(krow + 16 * kk), lds32(krow + 16 * kk + 8));
+            }
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int j = 0; j < STILES; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = key0 + 8 * j + 2 * t4 + e;
+                    s[j][e] = key <= pos0 ? s[j][e] * scale_log2 : -INFINITY;
+                    s[j][2 + e] = key <= pos1 ? s[j][2 + e] * scale_log2 : -INFINITY;
+                    mx0 = fmaxf(mx0, s[j][e]);
+                    mx1 = fmaxf(mx1, s[j][2 + e]);
+                }
+            }
+#pragma unroll
+            for (int x = 1; x < 4; x <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+            }
+            // A row with no visible key yet keeps max -inf: subtract 0 instead of -inf.
+            const float base0 = mx0 == -INFINITY ? 0.f : mx0;
+            const float base1 = mx1 == -INFINITY ? 0.f : mx1;
+            const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+            m0 = mx0, m1 = mx1;
+            float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < STILES; ++j) {
+                s[j][0] = exp2f(s[j][0] - base0), s[j][1] = exp2f(s[j][1] - base0);
+                s[j][2] = exp2f(s[j][2] - base1), s[j][3] = exp2f(s[j][3] - base1);
+                sum0 += s[j][0] + s[j][1];
+                sum1 += s[j][2] + s[j][3];
+            }
+            l0 = l0 * alpha0 + sum0;
+            l1 = l1 * alpha1 + sum1;
+#pragma unroll
+            for (int d = 0; d < OTILES; ++d) {
+                o[d][0] *= alpha0, o[d][1] *= alpha0;
+                o[d][2] *= alpha1, o[d][3] *= alpha1;
+            }
+        }
+        __syncthreads(); // every warp is done with this tile's keys
+        if (more) issue(k_sh, k_cache, key0 + MMA_KEYS);
+        else cp_async_commit();
+        cp_async_wait<1>(); // this tile's values have landed
+        __syncthreads();
+        if (active) {
+            const uint16_t *vs = reinterpret_cast<const uint16_t *>(v_sh);
+#pragma unroll
+            for (int t = 0; t < MMA_KEYS / 16; ++t) {
+                // S's accumulator fragments are P's A fragments for keys [16t, 16t + 16).
+                const uint32_t a[4] = {pack2<T>(s[2 * t][0], s[2 * t][1]),
+                                       pack2<T>(s[2 * t][2], s[2 * t][3]),
+                                       pack2<T>(s[2 * t + 1][0], s[2 * t + 1][1]),
+                                       pack2<T>(s[2 * t + 1][2], s[2 * t + 1][3])};
+                const uint16_t *vrow = vs + (16 * t + 2 * t4) * STRIDE + g;
+#pragma unroll
+                for (int d = 0; d < OTILES; ++d) {
+                    const uint16_t *v = vrow + 8 * d;
+                    const uint32_t b0 = (uint32_t)v[0] | (uint32_t)v[STRIDE] << 16;
+                    const uint32_t b1 = (uint32_t)v[8 * STRIDE] | (uint32_t)v[9 * STRIDE] << 16;
+                    mma_m16n8k16<T>(o[d], a, b0, b1);
+                }
+            }
+        }
+        __syncthreads(); // every warp is done with this tile's values
+        if (more) issue(v_sh, v_cache, key0 + MMA_KEYS);
+        else cp_async_commit();
+    }
+
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    // Every row of the item sees key 0, so its sum is positive.
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    auto store = [&](int r, float inv, int half) {
+        const size_t row = (size_t)(row0 + r / group) * heads + kvh * group + r % group;
+        T *dst = out + row * D + 2 * t4;
+#pragma unroll
+        for (int d = 0; d < OTILES; ++d)
+            *reinterpret_cast<uint32_t *>(dst + 8 * d) =
+                pack2<T>(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+    };
+    if (r0 < rows) store(r0, inv0, 0);
+    if (r1 < rows) store(r1, inv1, 1);
+}
+
 } // namespace
 
 #define ATTENTION_KERNELS(NAME, TYPE, D)                                                          \
@@ -310,3 +519,20 @@ __device__ __forceinline__ void paged_attention_reduce(
     ATTENTION_KERNELS(NAME, TYPE, 128)
 
 CANDELA_FOR_FLOAT_TYPES(ATTENTION_HEAD_DIMS)
+
+// The tensor-core kernel exists for sm_80 and later; the host launches it only there.
+#if defined(CANDELA_EMU) || __CUDA_ARCH__ >= 800
+#define PREFILL_MMA_KERNEL(NAME, TYPE, D)                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) paged_prefill_mma_##NAME##_d##D(     \
+        TYPE *out, const TYPE *q, const TYPE *k_cache, const TYPE *v_cache,                      \
+        const uint32_t *seq_info, const uint32_t *block_tables, const uint32_t *work, int heads, \
+        int kv_heads, int block_size, int max_blocks, float scale_log2) {                        \
+        paged_prefill_mma<TYPE, D>(out, q, k_cache, v_cache, seq_info, block_tables, work,       \
+                                   heads, kv_heads, block_size, max_blocks, scale_log2);         \
+    }
+#define PREFILL_MMA_HEAD_DIMS(NAME, TYPE)                                                         \
+    PREFILL_MMA_KERNEL(NAME, TYPE, 64)                                                            \
+    PREFILL_MMA_KERNEL(NAME, TYPE, 128)
+PREFILL_MMA_HEAD_DIMS(f16, __half)
+PREFILL_MMA_HEAD_DIMS(bf16, __nv_bfloat16)
+#endif

@@ -31,6 +31,7 @@ struct Fiber {
     dim3 idx;
     State state = State::Runnable;
     uint64_t value = 0; // this lane's value in a warp exchange
+    unsigned char deposit[64]; // this lane's bytes in a warp gather
 };
 
 // A barrier over a set of fibers: releases when every fiber of the set that is still running
@@ -114,18 +115,38 @@ void sync_block() {
 
 int lane() { return block->current % 32; }
 
-uint64_t warp_exchange(unsigned mask, uint64_t value, int src) {
-    const int me = block->current, w = warp_of(me), first = w * 32;
-    const int size = std::min<int>(32, (int)block->fibers.size() - first);
-    if (mask != 0xffffffffu) fail("shuffles with partial masks are not emulated");
+namespace {
+
+// Checks that the whole warp of the running fiber can take part in a warp-wide operation.
+void check_full_warp(int w) {
+    const int size = std::min<int>(32, (int)block->fibers.size() - w * 32);
     if (size != 32) fail("a full-mask shuffle in a partial warp (blockDim.x not a multiple of 32)");
     if (block->warp_running[w] != 32) fail("a full-mask shuffle after a lane of the warp exited");
+}
+
+} // namespace
+
+uint64_t warp_exchange(unsigned mask, uint64_t value, int src) {
+    const int me = block->current, w = warp_of(me), first = w * 32;
+    if (mask != 0xffffffffu) fail("shuffles with partial masks are not emulated");
+    check_full_warp(w);
     block->fibers[me].value = value;
     wait_at(block->warps[w], 32, first, 32);
     const uint64_t got = block->fibers[first + (src & 31)].value;
     // Nobody may overwrite its value before every lane has read.
     wait_at(block->warps[w], 32, first, 32);
     return got;
+}
+
+void warp_gather(const void *mine, size_t bytes, void *all) {
+    const int me = block->current, w = warp_of(me), first = w * 32;
+    if (bytes > sizeof(Fiber::deposit)) fail("a warp gather of more than 64 bytes a lane");
+    check_full_warp(w);
+    std::memcpy(block->fibers[me].deposit, mine, bytes);
+    wait_at(block->warps[w], 32, first, 32);
+    for (int l = 0; l < 32; ++l)
+        std::memcpy(static_cast<char *>(all) + l * bytes, block->fibers[first + l].deposit, bytes);
+    wait_at(block->warps[w], 32, first, 32);
 }
 
 namespace {

@@ -9,6 +9,9 @@
 // never reach) aborts the launch with a message instead of hanging.
 #pragma once
 
+// Kernels that use inline PTX take their emulated definitions under this macro.
+#define CANDELA_EMU 1
+
 #include <climits>
 #include <cmath>
 #include <cstddef>
@@ -53,6 +56,9 @@ void sync_block();
 // outside the warp). Every lane of the warp must take part.
 uint64_t warp_exchange(unsigned mask, uint64_t value, int src);
 int lane();
+// Every lane of the warp deposits `bytes` (at most 64) from `mine`; each gets all 32 deposits,
+// lane by lane, in `all`. Every lane of the warp must take part.
+void warp_gather(const void *mine, size_t bytes, void *all);
 template <typename T> uint64_t bits(T v) {
     static_assert(sizeof(T) <= 8, "shuffled values fit 64 bits");
     uint64_t u = 0;

@@ -2,7 +2,9 @@
 //!
 //! A work item is a tile of up to `max_rows / group` query tokens of one sequence; a CTA takes
 //! one item, one kv head and one partition of the context. When items times kv heads would not
-//! fill the GPU, long contexts are split into partitions, merged by a second kernel.
+//! fill the GPU, long contexts are split into partitions, merged by a second kernel. In f16 and
+//! bf16, prompt chunks go to the tensor-core kernel instead (`MMA_ROWS / group` tokens an item),
+//! unless `CANDELA_ATTENTION_MMA=0` (to compare the two).
 
 use std::borrow::Cow;
 
@@ -10,7 +12,7 @@ use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg}
 use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::{Device, Result, Tensor};
 
-use super::plan::{max_rows, partitions, DeviceMeta, MetaKey, THREADS};
+use super::plan::{max_rows, mma_tile_tokens, DeviceMeta, Launches, MetaKey, THREADS};
 use super::AttentionMeta;
 use crate::cuda::{self as cu, dispatch_float};
 
@@ -46,14 +48,30 @@ pub(super) fn paged_attention(
     let q = cu::packed(q)?;
     let (tokens, heads, _) = q.dims3()?;
     let (num_blocks, block_size, kv_heads, _) = k_cache.dims4()?;
+    let group = heads / kv_heads;
     let key = MetaKey {
-        tile_tokens: max_rows(q.dtype()) / (heads / kv_heads),
+        tile_tokens: max_rows(q.dtype()) / group,
+        mma_tile_tokens: mma_tile_tokens(q.dtype(), group, mma_enabled()),
         block_size,
         num_blocks,
         tokens,
     };
     let device_meta = device_meta(meta, key, q.device())?;
     dispatch_float!(q.dtype(), launch(&q, k_cache, v_cache, &device_meta, scale))
+}
+
+/// Whether the tensor-core prefill kernel may run: the PTX was built for sm_80 or later (the
+/// kernel needs mma.sync and cp.async) and `CANDELA_ATTENTION_MMA` is not `0`.
+fn mma_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let arch: String = env!("CANDELA_CUDA_ARCH")
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        arch.parse::<u32>().is_ok_and(|a| a >= 80)
+            && std::env::var("CANDELA_ATTENTION_MMA").map_or(true, |v| v != "0")
+    })
 }
 
 /// `meta`'s device copy for `key`: the cached one, or built (and cached if it is the first).
@@ -75,8 +93,9 @@ fn device_meta<'a>(
     }
 }
 
-/// Grid (work items, kv heads, partitions) of THREADS; with partitions, then the merge over
-/// (tokens, heads / 4), a warp per head.
+/// The CUDA-core kernel over grid (work items, kv heads, partitions) and, with partitions, the
+/// merge over (tokens, heads / 4), a warp per head; the tensor-core kernel over (its work
+/// items, kv heads). All of THREADS.
 fn launch<T: CudaDType + DeviceRepr>(
     q: &Tensor,
     k_cache: &Tensor,
@@ -88,7 +107,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let (tokens, heads, head_dim) = q.dims3()?;
     let (_, block_size, kv_heads, _) = k_cache.dims4()?;
     let ty = cu::type_name(q.dtype()).expect("checked by fits");
-    let (part_len, num_parts) = partitions(meta.num_work * kv_heads, meta.max_context);
+    let plan = Launches::new(meta, heads, kv_heads);
 
     let (q_storage, q_layout) = q.storage_and_layout();
     let (k_storage, k_layout) = k_cache.storage_and_layout();
@@ -101,15 +120,16 @@ fn launch<T: CudaDType + DeviceRepr>(
     let seq_info = m_view.slice(..meta.tables_at);
     let tables = m_view.slice(meta.tables_at..);
     let work = m_view.slice(meta.work_at..);
+    let mma_work = m_view.slice(meta.mma_work_at..);
     let positions = m_view.slice(meta.positions_at..);
 
-    // SAFETY (allocations): every row is written, by its CTA or by the merge; with partitions,
-    // the merge reads only the partials that CTAs wrote.
+    // SAFETY (allocations): every row is written, by its CTA (of either kernel) or by the
+    // merge; with partitions, the merge reads only the partials that CTAs wrote.
     let mut out = unsafe { dev.alloc::<T>(q.elem_count())? };
-    let mut partials = match num_parts {
+    let mut partials = match plan.num_parts {
         1 => None,
         _ => {
-            let n = tokens * heads * num_parts;
+            let n = tokens * heads * plan.num_parts;
             unsafe { Some((dev.alloc::<f32>(n * head_dim)?, dev.alloc::<f32>(n * 2)?)) }
         }
     };
@@ -117,37 +137,38 @@ fn launch<T: CudaDType + DeviceRepr>(
         (cu::int(heads)?, cu::int(kv_heads)?, cu::int(block_size)?);
     let (max_blocks, part_len, num_parts) = (
         cu::int(meta.max_blocks)?,
-        cu::int(part_len)?,
-        cu::int(num_parts)?,
+        cu::int(plan.part_len)?,
+        cu::int(plan.num_parts)?,
     );
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let no_partials = 0u64; // null pointers: the CTAs write `out` themselves
-
-    let stream = dev.cuda_stream();
-    let func = cu::ATTENTION.function(dev, &format!("paged_attention_{ty}_d{head_dim}"))?;
-    let mut args = stream.launch_builder(&func);
-    args.arg(&mut out);
-    match &mut partials {
-        Some((part_out, part_ml)) => args.arg(part_out).arg(part_ml),
-        None => args.arg(&no_partials).arg(&no_partials),
-    };
-    args.arg(&q_view).arg(&k_view).arg(&v_view);
-    args.arg(&seq_info).arg(&tables).arg(&work);
-    args.arg(&heads_i)
-        .arg(&kv_heads_i)
-        .arg(&block_size_i)
-        .arg(&max_blocks);
-    args.arg(&part_len).arg(&num_parts).arg(&scale_log2);
-    let cfg = LaunchConfig {
-        grid_dim: (meta.num_work as u32, kv_heads as u32, num_parts as u32),
+    let config = |grid: [u32; 3]| LaunchConfig {
+        grid_dim: (grid[0], grid[1], grid[2]),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument types and order match `paged_attention_*` in cuda/attention.cu, and
-    // DeviceMeta::new checked every index the kernel derives from the metadata.
-    unsafe { args.launch(cfg) }.w()?;
+    let stream = dev.cuda_stream();
 
-    if let Some((part_out, part_ml)) = &partials {
+    if let Some(grid) = plan.core {
+        let func = cu::ATTENTION.function(dev, &format!("paged_attention_{ty}_d{head_dim}"))?;
+        let mut args = stream.launch_builder(&func);
+        args.arg(&mut out);
+        match &mut partials {
+            Some((part_out, part_ml)) => args.arg(part_out).arg(part_ml),
+            None => args.arg(&no_partials).arg(&no_partials),
+        };
+        args.arg(&q_view).arg(&k_view).arg(&v_view);
+        args.arg(&seq_info).arg(&tables).arg(&work);
+        args.arg(&heads_i)
+            .arg(&kv_heads_i)
+            .arg(&block_size_i)
+            .arg(&max_blocks);
+        args.arg(&part_len).arg(&num_parts).arg(&scale_log2);
+        // SAFETY: argument types and order match `paged_attention_*` in cuda/attention.cu, and
+        // DeviceMeta::new checked every index the kernel derives from the metadata.
+        unsafe { args.launch(config(grid)) }.w()?;
+    }
+    if let (Some(grid), Some((part_out, part_ml))) = (plan.reduce, &partials) {
         let func =
             cu::ATTENTION.function(dev, &format!("paged_attention_reduce_{ty}_d{head_dim}"))?;
         let mut args = stream.launch_builder(&func);
@@ -156,13 +177,22 @@ fn launch<T: CudaDType + DeviceRepr>(
             .arg(part_ml)
             .arg(&positions);
         args.arg(&heads_i).arg(&part_len).arg(&num_parts);
-        let cfg = LaunchConfig {
-            grid_dim: (tokens as u32, heads.div_ceil(4) as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: argument types and order match `paged_attention_reduce_*`.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(config(grid)) }.w()?;
+    }
+    if let Some(grid) = plan.mma {
+        let func = cu::ATTENTION.function(dev, &format!("paged_prefill_mma_{ty}_d{head_dim}"))?;
+        let mut args = stream.launch_builder(&func);
+        args.arg(&mut out).arg(&q_view).arg(&k_view).arg(&v_view);
+        args.arg(&seq_info).arg(&tables).arg(&mma_work);
+        args.arg(&heads_i)
+            .arg(&kv_heads_i)
+            .arg(&block_size_i)
+            .arg(&max_blocks)
+            .arg(&scale_log2);
+        // SAFETY: argument types and order match `paged_prefill_mma_*` (built for f16 and bf16,
+        // which `mma_tile_tokens` requires, on sm_80 and later, which `mma_enabled` requires).
+        unsafe { args.launch(config(grid)) }.w()?;
     }
     Ok(cu::tensor(out, dev, (tokens, heads, head_dim)))
 }

@@ -67,7 +67,7 @@ fn matches_reference_across_shapes() -> Result<()> {
 }
 
 /// Few sequences over long contexts: the context is split into partitions and merged, for a
-/// decode step and for a prefill chunk alike.
+/// decode step and (in f32; f16/bf16 prompt chunks take the tensor-core kernel) a prefill chunk.
 #[test]
 fn long_contexts_split_and_merge() -> Result<()> {
     let Some(dev) = cuda_device() else {
@@ -81,6 +81,33 @@ fn long_contexts_split_and_merge() -> Result<()> {
     for dtype in DTYPES {
         for shape in shapes {
             for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32), (128, 1, 32)] {
+                let case = Case {
+                    dtype,
+                    head_dim,
+                    group,
+                    block_size,
+                    shape,
+                };
+                check(&dev, &case)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prompts of many query and key tiles on the tensor-core kernel (f16/bf16; f32 on the other),
+/// beside decode steps, for every group size that fills its rows differently.
+#[test]
+fn long_prompts() -> Result<()> {
+    let Some(dev) = cuda_device() else {
+        return Ok(());
+    };
+    let shapes: [&[(usize, usize)]; 2] = [&[(1000, 1000)], &[(64, 300), (1, 50), (500, 1164)]];
+    for dtype in DTYPES {
+        for shape in shapes {
+            for (head_dim, group, block_size) in
+                [(128, 4, 16), (64, 1, 32), (128, 2, 16), (64, 8, 32)]
+            {
                 let case = Case {
                     dtype,
                     head_dim,

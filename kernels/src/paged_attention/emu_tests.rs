@@ -1,11 +1,11 @@
 //! The CUDA kernels of cuda/attention.cu on the CPU emulator (see `crate::emu`), launched as
-//! `cuda.rs` launches them (same plan: metadata, work items, partitions), against the
-//! plain-candle reference.
+//! `cuda.rs` launches them (same plan: metadata, work items, partitions, the tensor-core
+//! kernel's items), against the plain-candle reference.
 
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 
 use super::paged_attention_reference;
-use super::plan::{max_rows, partitions, DeviceMeta, MetaKey, THREADS};
+use super::plan::{max_rows, mma_tile_tokens, DeviceMeta, Launches, MetaKey, THREADS};
 use super::test_batches::{batch, BATCHES};
 use crate::emu::{launch, ptr, ptr_mut, Arg};
 use crate::test_util::{assert_close, randn};
@@ -22,13 +22,15 @@ fn host<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
-/// Runs the kernels over `q` and the caches (all in `T`), returning `[tokens, heads, head_dim]`.
+/// Runs the kernels over `q` and the caches (all in `T`), returning `[tokens, heads, head_dim]`;
+/// prompt chunks in f16/bf16 take the tensor-core kernel if `mma`.
 fn run<T: WithDType>(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     seqs: &[super::SeqAttention],
     scale: f32,
+    mma: bool,
 ) -> Result<Tensor> {
     let (tokens, heads, head_dim) = q.dims3()?;
     let (num_blocks, block_size, kv_heads, _) = k.dims4()?;
@@ -37,15 +39,18 @@ fn run<T: WithDType>(
         DType::F16 => "f16",
         _ => "bf16",
     };
+    let group = heads / kv_heads;
     let key = MetaKey {
-        tile_tokens: max_rows(q.dtype()) / (heads / kv_heads),
+        tile_tokens: max_rows(q.dtype()) / group,
+        mma_tile_tokens: mma_tile_tokens(q.dtype(), group, mma),
         block_size,
         num_blocks,
         tokens,
     };
     let meta = DeviceMeta::new(seqs, key, &Device::Cpu)?;
     let data = host::<u32>(&meta.data)?;
-    let (part_len, num_parts) = partitions(meta.num_work * kv_heads, meta.max_context);
+    let plan = Launches::new(&meta, heads, kv_heads);
+    let (part_len, num_parts) = (plan.part_len, plan.num_parts);
     let (q, k, v) = (host::<T>(q)?, host::<T>(k)?, host::<T>(v)?);
     let mut out = vec![T::from_f64(f64::NAN); tokens * heads * head_dim];
     let n = tokens * heads * num_parts;
@@ -74,14 +79,15 @@ fn run<T: WithDType>(
         Arg::I32(num_parts as i32),
         Arg::F32(scale * std::f32::consts::LOG2_E),
     ];
-    let grid = [meta.num_work as u32, kv_heads as u32, num_parts as u32];
-    launch(
-        &format!("paged_attention_{ty}_d{head_dim}"),
-        grid,
-        [THREADS, 1, 1],
-        &args,
-    );
-    if split {
+    if let Some(grid) = plan.core {
+        launch(
+            &format!("paged_attention_{ty}_d{head_dim}"),
+            grid,
+            [THREADS, 1, 1],
+            &args,
+        );
+    }
+    if let Some(grid) = plan.reduce {
         let args = [
             ptr_mut(&mut out),
             ptr(&part_out),
@@ -91,9 +97,30 @@ fn run<T: WithDType>(
             Arg::I32(part_len as i32),
             Arg::I32(num_parts as i32),
         ];
-        let grid = [tokens as u32, heads.div_ceil(4) as u32, 1];
         launch(
             &format!("paged_attention_reduce_{ty}_d{head_dim}"),
+            grid,
+            [THREADS, 1, 1],
+            &args,
+        );
+    }
+    if let Some(grid) = plan.mma {
+        let args = [
+            ptr_mut(&mut out),
+            ptr(&q),
+            ptr(&k),
+            ptr(&v),
+            ptr(&data[..meta.tables_at]),
+            ptr(&data[meta.tables_at..]),
+            ptr(&data[meta.mma_work_at..]),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(block_size as i32),
+            Arg::I32(meta.max_blocks as i32),
+            Arg::F32(scale * std::f32::consts::LOG2_E),
+        ];
+        launch(
+            &format!("paged_prefill_mma_{ty}_d{head_dim}"),
             grid,
             [THREADS, 1, 1],
             &args,
@@ -114,16 +141,23 @@ fn check(c: &Case) -> Result<()> {
     let (v, v_ref) = randn(&cache, c.dtype, &dev)?;
     let scale = (c.head_dim as f32).powf(-0.5);
     let want = paged_attention_reference(&q_ref, &k_ref, &v_ref, &seqs, scale)?;
-    let got = match c.dtype {
-        DType::F32 => run::<f32>(&q, &k, &v, &seqs, scale)?,
-        DType::F16 => run::<half::f16>(&q, &k, &v, &seqs, scale)?,
-        _ => run::<half::bf16>(&q, &k, &v, &seqs, scale)?,
-    };
-    let what = format!(
-        "head_dim {} group {} block {} batch {:?}",
-        c.head_dim, c.group, c.block_size, c.shape
-    );
-    assert_close(&got, &want, c.dtype, &what)
+    // f16/bf16 prompt chunks both ways: on the tensor-core kernel and on the CUDA-core one.
+    for mma in [true, false] {
+        if !mma && c.dtype == DType::F32 {
+            continue;
+        }
+        let got = match c.dtype {
+            DType::F32 => run::<f32>(&q, &k, &v, &seqs, scale, mma)?,
+            DType::F16 => run::<half::f16>(&q, &k, &v, &seqs, scale, mma)?,
+            _ => run::<half::bf16>(&q, &k, &v, &seqs, scale, mma)?,
+        };
+        let what = format!(
+            "head_dim {} group {} block {} batch {:?} mma {mma}",
+            c.head_dim, c.group, c.block_size, c.shape
+        );
+        assert_close(&got, &want, c.dtype, &what)?;
+    }
+    Ok(())
 }
 
 /// Decode steps, prefill chunks over cached prefixes and both mixed, for every dtype, head_dim
@@ -165,6 +199,28 @@ fn long_contexts_split_and_merge() -> Result<()> {
                     head_dim,
                     group,
                     block_size,
+                    shape,
+                };
+                check(&case)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prompts longer than one tile of queries and of keys, beside decode steps, with every group
+/// size whose rows fill the tensor-core kernel's CTA differently.
+#[test]
+fn long_prompts_on_tensor_cores() -> Result<()> {
+    let shapes: [&[(usize, usize)]; 2] = [&[(130, 130)], &[(64, 300), (1, 50), (100, 164)]];
+    for (i, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+        for (head_dim, group) in [(128, 4), (64, 1), (128, 2), (64, 8)] {
+            for shape in shapes {
+                let case = Case {
+                    dtype,
+                    head_dim,
+                    group,
+                    block_size: [16, 32][(i + group) % 2],
                     shape,
                 };
                 check(&case)?;

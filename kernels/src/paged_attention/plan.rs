@@ -1,6 +1,6 @@
 //! The host side of the attention kernels' launch, shared by the CUDA launch and the kernels'
-//! tests on the CPU emulator: the CTA shape, the batch layout as the kernels read it, and how
-//! long contexts are split into partitions.
+//! tests on the CPU emulator: the CTA shape, the batch layout as the kernels read it, which
+//! sequences go to the tensor-core kernel, and how long contexts are split into partitions.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -25,10 +25,31 @@ pub(super) fn max_rows(dtype: DType) -> usize {
     }
 }
 
-/// What a [`DeviceMeta`] was built for: rows per work item, cache geometry, batch rows.
+/// Rows of a CTA of the tensor-core prefill kernel (`MMA_ROWS` in cuda/attention.cu).
+pub(super) const MMA_ROWS: usize = 64;
+
+/// Tokens per work item of the tensor-core prefill kernel, or 0 where it does not run: f32, or
+/// a query-head group that does not divide its rows.
+pub(super) fn mma_tile_tokens(dtype: DType, group: usize, enabled: bool) -> usize {
+    if enabled && dtype != DType::F32 && group > 0 && MMA_ROWS.is_multiple_of(group) {
+        MMA_ROWS / group
+    } else {
+        0
+    }
+}
+
+/// Whether a sequence with `query_len` new tokens goes to the tensor-core kernel: when it would
+/// fill at least half of a CTA's rows (decode steps and short chunks stay on the other kernel).
+pub(super) fn takes_mma(query_len: usize, mma_tile_tokens: usize) -> bool {
+    mma_tile_tokens > 0 && 2 * query_len >= mma_tile_tokens
+}
+
+/// What a [`DeviceMeta`] was built for: rows per work item of each kernel (`mma_tile_tokens` 0:
+/// no tensor-core items), cache geometry, batch rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct MetaKey {
     pub(super) tile_tokens: usize,
+    pub(super) mma_tile_tokens: usize,
     pub(super) block_size: usize,
     pub(super) num_blocks: usize,
     pub(super) tokens: usize,
@@ -36,17 +57,18 @@ pub(super) struct MetaKey {
 
 /// The batch layout as the kernels read it, in one u32 tensor (one host-to-device copy): per
 /// sequence `[query_start, query_len, context_len]`, then the block tables padded to
-/// `[num_seqs, max_blocks]`, then per work item `[sequence, first row, tokens]`, then each
-/// row's position.
+/// `[num_seqs, max_blocks]`, then per work item `[sequence, first row, tokens]` (the
+/// CUDA-core kernel's items, then the tensor-core kernel's), then each row's position.
 #[derive(Clone, Debug)]
 pub(super) struct DeviceMeta {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) key: MetaKey,
     pub(super) data: Tensor,
     pub(super) tables_at: usize,
     pub(super) work_at: usize,
+    pub(super) mma_work_at: usize,
     pub(super) positions_at: usize,
     pub(super) num_work: usize,
+    pub(super) num_mma_work: usize,
     pub(super) max_blocks: usize,
     pub(super) max_context: usize,
 }
@@ -102,15 +124,29 @@ impl DeviceMeta {
             data.extend_from_slice(&s.block_table[..blocks]);
             data.extend(std::iter::repeat_n(0, max_blocks - blocks));
         }
-        let work_at = data.len();
-        for (i, s) in seqs.iter().enumerate() {
-            for first in (0..s.query_len).step_by(key.tile_tokens) {
-                let tokens = key.tile_tokens.min(s.query_len - first);
-                data.extend([i, s.query_start + first, tokens].map(|x| x as u32));
+        let work_items = |data: &mut Vec<u32>, mma: bool| {
+            let tile = if mma {
+                key.mma_tile_tokens
+            } else {
+                key.tile_tokens
+            };
+            for (i, s) in seqs.iter().enumerate() {
+                if takes_mma(s.query_len, key.mma_tile_tokens) != mma {
+                    continue;
+                }
+                for first in (0..s.query_len).step_by(tile) {
+                    let tokens = tile.min(s.query_len - first);
+                    data.extend([i, s.query_start + first, tokens].map(|x| x as u32));
+                }
             }
-        }
+        };
+        let work_at = data.len();
+        work_items(&mut data, false);
+        let mma_work_at = data.len();
+        work_items(&mut data, true);
         let positions_at = data.len();
-        let num_work = (positions_at - work_at) / 3;
+        let num_work = (mma_work_at - work_at) / 3;
+        let num_mma_work = (positions_at - mma_work_at) / 3;
         for s in seqs {
             let first = s.context_len - s.query_len;
             data.extend((first..s.context_len).map(|p| p as u32));
@@ -121,16 +157,55 @@ impl DeviceMeta {
             data: Tensor::from_vec(data, len, device)?,
             tables_at,
             work_at,
+            mma_work_at,
             positions_at,
             num_work,
+            num_mma_work,
             max_blocks,
             max_context,
         })
     }
 }
 
+/// The launches of one attention call: grids of the CUDA-core kernel, of the merge of its
+/// partitions and of the tensor-core kernel (`None`: not launched), and the partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Launches {
+    pub(super) core: Option<[u32; 3]>,
+    pub(super) reduce: Option<[u32; 3]>,
+    pub(super) mma: Option<[u32; 3]>,
+    pub(super) part_len: usize,
+    pub(super) num_parts: usize,
+}
+
+impl Launches {
+    pub(super) fn new(meta: &DeviceMeta, heads: usize, kv_heads: usize) -> Self {
+        // The merge rewrites every row of the batch, so with tensor-core items (whose rows it
+        // would overwrite) contexts are not split; prompts keep the GPU busy then anyway.
+        let (part_len, num_parts) = if meta.num_mma_work > 0 {
+            (i32::MAX as usize, 1)
+        } else {
+            partitions(meta.num_work * kv_heads, meta.max_context)
+        };
+        let grid = |items: usize, z: usize| {
+            (items > 0).then_some([items as u32, kv_heads as u32, z as u32])
+        };
+        Self {
+            core: grid(meta.num_work, num_parts),
+            reduce: (num_parts > 1).then_some([
+                meta.key.tokens as u32,
+                heads.div_ceil(4) as u32,
+                1,
+            ]),
+            mma: grid(meta.num_mma_work, 1),
+            part_len,
+            num_parts,
+        }
+    }
+}
+
 /// `(partition length, partitions)` for a launch of `ctas` CTAs per partition.
-pub(super) fn partitions(ctas: usize, max_context: usize) -> (usize, usize) {
+fn partitions(ctas: usize, max_context: usize) -> (usize, usize) {
     let whole = (i32::MAX as usize, 1);
     if ctas >= TARGET_CTAS || max_context <= MIN_PARTITION {
         return whole;

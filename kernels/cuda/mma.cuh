@@ -1,0 +1,110 @@
+// Tensor-core helpers (sm_80 and later): the warp-wide mma.sync m16n8k16 with f32 accumulators,
+// and cp.async copies from global into shared memory.
+//
+// Fragment layout of m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
+// g = lane / 4 and t = lane % 4, each register holding two 16-bit values (low half first):
+//   A (16 x 16, row major): a0 = A[g][2t..2t+1],   a1 = A[g+8][2t..2t+1],
+//                           a2 = A[g][2t+8..2t+9], a3 = A[g+8][2t+8..2t+9]
+//   B (16 x 8, by column):  b0 = B[2t..2t+1][g],   b1 = B[2t+8..2t+9][g]
+//   C, D (16 x 8, f32):     c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1]
+// Under the CPU emulator (CANDELA_EMU) the instruction is computed from that definition.
+#pragma once
+
+#include "common.cuh"
+
+namespace candela {
+
+// Two values of T (f16 or bf16) in one register: `lo` in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const T a = from_float<T>(lo), b = from_float<T>(hi);
+    return (uint32_t)*reinterpret_cast<const uint16_t *>(&a) |
+           (uint32_t)*reinterpret_cast<const uint16_t *>(&b) << 16;
+}
+
+#ifdef CANDELA_EMU
+
+template <typename T> inline float half_bits_to_float(uint32_t bits) {
+    uint16_t h = (uint16_t)bits;
+    T v;
+    std::memcpy(&v, &h, 2);
+    return to_float(v);
+}
+
+// D = A * B + C for the warp, from every lane's fragments.
+template <typename T>
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    struct Frag {
+        uint32_t a[4], b[2];
+    } mine = {{a[0], a[1], a[2], a[3]}, {b0, b1}}, all[32];
+    candela_emu::warp_gather(&mine, sizeof(Frag), all);
+    // A[row][k] and B[k][n] from the lanes that hold them.
+    auto a_at = [&](int row, int k) {
+        const Frag &f = all[(row % 8) * 4 + (k % 8) / 2];
+        const uint32_t reg = f.a[(row >= 8) + 2 * (k >= 8)];
+        return half_bits_to_float<T>(k % 2 ? reg >> 16 : reg);
+    };
+    auto b_at = [&](int k, int n) {
+        const uint32_t reg = all[n * 4 + (k % 8) / 2].b[k >= 8];
+        return half_bits_to_float<T>(k % 2 ? reg >> 16 : reg);
+    };
+    const int g = candela_emu::lane() / 4, t = candela_emu::lane() % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, col);
+        c[i] = acc;
+    }
+}
+
+// The copy lands at once; the waits have nothing left to wait for.
+inline void cp_async16(void *smem, const void *gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+
+#else
+
+// The instructions need sm_80; the host launches the kernels that use them only there.
+#if __CUDA_ARCH__ >= 800
+#define CANDELA_SM80(...) __VA_ARGS__
+#else
+#define CANDELA_SM80(...)
+#endif
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                            uint32_t b0, uint32_t b1) {
+    CANDELA_SM80(asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                              "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                              : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));)
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                     uint32_t b0, uint32_t b1) {
+    CANDELA_SM80(asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                              "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                              : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));)
+}
+
+// 16 bytes from global to shared memory, asynchronously (cached in L2 only).
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    CANDELA_SM80(const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem)
+                              : "memory");)
+}
+// Closes the group of copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+    CANDELA_SM80(asm volatile("cp.async.commit_group;\n" ::: "memory");)
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    CANDELA_SM80(asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");)
+}
+
+#endif
+
+} // namespace candela

@@ -15,7 +15,12 @@
 #
 # Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 8 32 128 256"),
 # PROMPTS_PER_CONCURRENCY (4; at least 16 prompts), INPUT_LEN (1024), OUTPUT_LEN (128),
-# BATCH_TORCH (128), CANDELA_FLAGS (extra `serve` flags).
+# BATCH_TORCH (128), CANDELA_FLAGS (extra `serve` flags), TORCH_FLAGS (extra torch_baseline.py
+# flags). To try the script out without a GPU: CANDELA_BIN (a built candela instead of the
+# carried one), DEVICE (cuda:0; `cpu`), KERNEL_TESTS=0 (skip them), PYTHON (python3), e.g.
+#   CANDELA_BIN=target/release/candela DEVICE=cpu KERNEL_TESTS=0 MODEL_CONFIG=tiny.json \
+#   CONCURRENCY="1 4" INPUT_LEN=64 OUTPUT_LEN=16 BATCH_TORCH=4 TORCH_FLAGS="--bandwidth-gib 0.25" \
+#   bash scripts/gpu-bench.sh /tmp/gpu-bench-try
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,33 +31,42 @@ concurrency="${CONCURRENCY:-1 8 32 128 256}"
 per="${PROMPTS_PER_CONCURRENCY:-4}"
 in_len="${INPUT_LEN:-1024}"
 out_len="${OUTPUT_LEN:-128}"
+device="${DEVICE:-cuda:0}"
+python="${PYTHON:-python3}"
 run="bash ../shared/scripts/gpu-run.sh"
 [ -f ../shared/scripts/gpu-run.sh ] || run=""
 say() { echo "gpu-bench: $*" >&2; }
 
-bin=/tmp/candela-gpu
-gunzip -c target/cuda/candela-gpu.gz >"$bin"
-chmod +x "$bin"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+bin="${CANDELA_BIN:-}"
+if [ -z "$bin" ]; then
+    bin=/tmp/candela-gpu
+    gunzip -c target/cuda/candela-gpu.gz >"$bin"
+    chmod +x "$bin"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
 
-say "kernel tests"
-tests=/tmp/candela-kernels-test
-gunzip -c target/cuda/kernels-test.gz >"$tests"
-chmod +x "$tests"
-# shellcheck disable=SC2086
-$run "$tests" --test-threads=1 >"$out/kernels-test.log" 2>&1 ||
-    say "kernel tests failed (see $out/kernels-test.log)"
-grep "test result" "$out/kernels-test.log" >&2 || true
+if [ "${KERNEL_TESTS:-1}" != 0 ]; then
+    say "kernel tests"
+    tests=/tmp/candela-kernels-test
+    gunzip -c target/cuda/kernels-test.gz >"$tests"
+    chmod +x "$tests"
+    # shellcheck disable=SC2086
+    $run "$tests" --test-threads=1 >"$out/kernels-test.log" 2>&1 ||
+        say "kernel tests failed (see $out/kernels-test.log)"
+    grep "test result" "$out/kernels-test.log" >&2 || true
+fi
 
 say "PyTorch baseline"
-python3 scripts/gpu/torch_baseline.py --config "$config" --batch 1 "${BATCH_TORCH:-128}" \
-    --input-len "$in_len" --output-len "$out_len" --out "$out/torch.json" >"$out/torch.log" 2>&1 ||
+# shellcheck disable=SC2086
+"$python" scripts/gpu/torch_baseline.py --config "$config" --batch 1 "${BATCH_TORCH:-128}" \
+    --input-len "$in_len" --output-len "$out_len" --device "${device%%:*}" ${TORCH_FLAGS:-} \
+    --out "$out/torch.json" >"$out/torch.log" 2>&1 ||
     say "torch baseline failed (see $out/torch.log)"
 
 say "candela serve $config (dummy weights)"
 port=18123
 # shellcheck disable=SC2086
-CANDELA_HOME="$out/home" $run "$bin" serve --port "$port" --device cuda:0 --model "$config" \
+CANDELA_HOME="$out/home" $run "$bin" serve --port "$port" --device "$device" --model "$config" \
     --load-format dummy --anonymous-rpm 0 ${CANDELA_FLAGS:-} >"$out/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
@@ -72,7 +86,7 @@ bench() { # input_len output_len concurrency
 for c in $concurrency; do bench "$in_len" "$out_len" "$c"; done
 for c in $concurrency; do bench "$out_len" "$in_len" "$c"; done
 
-python3 - "$out" <<'EOF'
+"$python" - "$out" "$in_len" "$out_len" <<'EOF'
 import glob, json, os, sys
 out = sys.argv[1]
 summary = {"candela": {}}
@@ -87,11 +101,26 @@ for path in sorted(glob.glob(os.path.join(out, "candela-*.json"))):
     r = json.load(open(path))
     summary["candela"][os.path.basename(path)[:-5]] = {
         k: r.get(k) for k in ("completed", "output_throughput", "mean_ttft_ms", "p99_itl_ms", "mean_tpot_ms")}
-c1 = summary["candela"].get(next((k for k in summary["candela"] if k.endswith("-c1")), ""), {})
-if torch_res and c1.get("mean_tpot_ms"):
-    single = 1000.0 / c1["mean_tpot_ms"]
+runs = summary["candela"]
+in_len, out_len = int(sys.argv[2]), int(sys.argv[3])
+# Single-stream decode from the run with the longer output (more steps, less prompt in it);
+# prefill from the one-stream run with the longer prompt (its TTFT is that prompt's prefill).
+long_out = runs.get(f"candela-{min(in_len, out_len)}-{max(in_len, out_len)}-c1", {})
+long_in = runs.get(f"candela-{max(in_len, out_len)}-{min(in_len, out_len)}-c1", {})
+if long_out.get("mean_tpot_ms"):
+    single = 1000.0 / long_out["mean_tpot_ms"]
     summary["single_stream_tok_s"] = single
-    summary["fraction_of_ceiling"] = single / torch_res["ceiling_tok_s"]
+    if torch_res.get("ceiling_tok_s"):
+        summary["fraction_of_ceiling"] = single / torch_res["ceiling_tok_s"]
+if long_in.get("mean_ttft_ms"):
+    summary["prefill_tok_s"] = max(in_len, out_len) / (long_in["mean_ttft_ms"] / 1000.0)
+# candela at concurrency B against transformers' generate at batch B, same lengths.
+ratios = {}
+for g in torch_res.get("generate", []):
+    run = runs.get(f"candela-{in_len}-{out_len}-c{g['batch']}", {})
+    if g.get("output_tok_s") and run.get("output_throughput"):
+        ratios[f"batch_{g['batch']}"] = run["output_throughput"] / g["output_tok_s"]
+summary["output_throughput_vs_transformers"] = ratios
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print(json.dumps(summary, indent=2))
 EOF

@@ -47,6 +47,33 @@ impl Linear {
         }))
     }
 
+    /// `parts` (weights of the same input width) stacked along their outputs into one matrix,
+    /// so that one pass computes them all, their outputs side by side; `None` where they do not
+    /// stack: candle's quantized weights, mixed kinds, or blocks that do not (see
+    /// [`QMatrix::concat_rows`]).
+    pub fn stack(parts: &[&Linear]) -> Result<Option<Linear>> {
+        if let Some(ws) = parts
+            .iter()
+            .map(|p| match p {
+                Self::Dense(w) => Some(w),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            return Ok(Some(Self::Dense(Tensor::cat(&ws, 0)?)));
+        }
+        let blocks = parts
+            .iter()
+            .map(|p| match p {
+                Self::Blocks(m) => Some(m),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>();
+        Ok(blocks
+            .and_then(|ms| QMatrix::concat_rows(&ms))
+            .map(Self::Blocks))
+    }
+
     /// `x`: `[rows, in]` -> `[rows, out]`; `prompt_rows[i]`: whether row `i` holds a prompt
     /// token (see the module's notes).
     pub fn forward(&self, x: &Tensor, prompt_rows: &[bool]) -> candle_core::Result<Tensor> {

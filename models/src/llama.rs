@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use candela_kernels::{
-    add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rotary_embedding, silu_mul,
-    RopeLayout,
+    add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rotary_embedding, silu_and_mul,
+    silu_mul, RopeLayout,
 };
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
@@ -23,9 +23,32 @@ struct Layer {
     wv: Linear,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    gate_up: GateUp,
     w_down: Linear,
+}
+
+/// The MLP's gate and up projections: stacked into one matrix where the weights allow (one
+/// pass over the activations, one launch on a GPU), else two.
+enum GateUp {
+    Stacked(Linear),
+    Split { gate: Linear, up: Linear },
+}
+
+impl GateUp {
+    fn new(gate: Linear, up: Linear) -> Result<Self> {
+        Ok(match Linear::stack(&[&gate, &up])? {
+            Some(both) => Self::Stacked(both),
+            None => Self::Split { gate, up },
+        })
+    }
+
+    /// `silu(gate(h)) * up(h)`.
+    fn forward(&self, h: &Tensor, rows: &[bool]) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Stacked(both) => silu_and_mul(&both.forward(h, rows)?),
+            Self::Split { gate, up } => silu_mul(&gate.forward(h, rows)?, &up.forward(h, rows)?),
+        }
+    }
 }
 
 pub struct Llama {
@@ -99,8 +122,7 @@ impl Llama {
                 wv: matmul(gguf, &p("attn_v"))?,
                 wo: matmul(gguf, &p("attn_output"))?,
                 ffn_norm: vector(gguf, &p("ffn_norm"))?,
-                w_gate: matmul(gguf, &p("ffn_gate"))?,
-                w_up: matmul(gguf, &p("ffn_up"))?,
+                gate_up: GateUp::new(matmul(gguf, &p("ffn_gate"))?, matmul(gguf, &p("ffn_up"))?)?,
                 w_down: matmul(gguf, &p("ffn_down"))?,
             });
         }
@@ -225,8 +247,10 @@ impl Llama {
                 wv: linear(&p("self_attn.v_proj"), (kv * hd, h))?,
                 wo: linear(&p("self_attn.o_proj"), (h, num_heads * hd))?,
                 ffn_norm: vb.get(h, &p("post_attention_layernorm"))?,
-                w_gate: linear(&p("mlp.gate_proj"), (ffn, h))?,
-                w_up: linear(&p("mlp.up_proj"), (ffn, h))?,
+                gate_up: GateUp::new(
+                    linear(&p("mlp.gate_proj"), (ffn, h))?,
+                    linear(&p("mlp.up_proj"), (ffn, h))?,
+                )?,
                 w_down: linear(&p("mlp.down_proj"), (h, ffn))?,
             });
         }
@@ -409,10 +433,9 @@ impl CausalLm for Llama {
                 .wo
                 .forward(&attn.reshape((tokens, c.num_heads * c.head_dim))?, rows)?;
             (x, h) = add_rms_norm(&attn, &x, &layer.ffn_norm, self.rms_eps)?;
-            let gate = layer.w_gate.forward(&h, rows)?;
             let mlp = layer
                 .w_down
-                .forward(&silu_mul(&gate, &layer.w_up.forward(&h, rows)?)?, rows)?;
+                .forward(&layer.gate_up.forward(&h, rows)?, rows)?;
             match self.layers.get(i + 1) {
                 Some(next) => (x, h) = add_rms_norm(&mlp, &x, &next.attn_norm, self.rms_eps)?,
                 None => x = (x + mlp)?,

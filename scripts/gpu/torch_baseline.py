@@ -19,25 +19,34 @@ import time
 
 import torch
 
+# torch.OutOfMemoryError is recent; older releases only have the CUDA one.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def bandwidth(device, gib=4, repeats=5):
-    n = gib * (1 << 30) // 2
+    n = int(gib * (1 << 30)) // 2
     x = torch.ones(n, dtype=torch.bfloat16, device=device)
     y = torch.empty_like(x)
-    torch.cuda.synchronize()
+    sync(device)
     best_read = best_copy = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum(dtype=torch.float32)
-        torch.cuda.synchronize()
+        sync(device)
         best_read = min(best_read, time.perf_counter() - t0)
         t0 = time.perf_counter()
         y.copy_(x)
-        torch.cuda.synchronize()
+        sync(device)
         best_copy = min(best_copy, time.perf_counter() - t0)
     nbytes = x.numel() * x.element_size()
     del x, y
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return nbytes / best_read / 1e9, 2 * nbytes / best_copy / 1e9
 
 
@@ -47,10 +56,10 @@ def generate_throughput(model, vocab, batch, input_len, output_len, device):
     kwargs = dict(attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
                   do_sample=False, pad_token_id=0)
     model.generate(ids[:, :16], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, **kwargs)
-    torch.cuda.synchronize()
+    sync(device)
     dt = time.perf_counter() - t0
     generated = (out.shape[1] - input_len) * batch
     return {"batch": batch, "seconds": dt, "output_tokens": generated,
@@ -65,22 +74,24 @@ def main():
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--out", default="")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu to try the script out")
+    ap.add_argument("--bandwidth-gib", type=float, default=4, help="size of the bandwidth test")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    read_gbps, copy_gbps = bandwidth(device)
+    read_gbps, copy_gbps = bandwidth(device, args.bandwidth_gib)
     with open(args.config) as f:
         config = AutoConfig.for_model(**json.load(f))
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {
-        "device": torch.cuda.get_device_name(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "config": args.config,
         "dtype": args.dtype,
@@ -97,7 +108,7 @@ def main():
             try:
                 r = generate_throughput(model, config.vocab_size, b, args.input_len,
                                         args.output_len, device)
-            except torch.cuda.OutOfMemoryError as e:
+            except OUT_OF_MEMORY as e:
                 r = {"batch": b, "error": f"out of memory: {e}"[:200]}
                 torch.cuda.empty_cache()
             result["generate"].append(r)

@@ -317,6 +317,49 @@ impl QMatrix {
         self.rows
     }
 
+    /// The rows of `parts` one after another (e.g. a gate and an up projection, multiplied in
+    /// one pass), or `None` if they cannot be stacked as they are: different widths or block
+    /// types, or a part other than the last ending inside a panel.
+    pub fn concat_rows(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let (first, rest) = parts.split_first()?;
+        let (last, _) = parts.split_last()?;
+        let whole = |m: &&QMatrix| std::ptr::eq(*m, *last) || m.rows.is_multiple_of(PANEL);
+        if !parts.iter().all(|m| m.cols == first.cols && whole(m)) {
+            return None;
+        }
+        let mut scales = first.scales.clone();
+        let mut codes = match &first.codes {
+            Codes::Q8(c) => Codes::Q8(c.clone()),
+            Codes::Q4 { nibbles, mins } => Codes::Q4 {
+                nibbles: nibbles.clone(),
+                mins: mins.clone(),
+            },
+        };
+        for m in rest {
+            scales.extend_from_slice(&m.scales);
+            match (&mut codes, &m.codes) {
+                (Codes::Q8(all), Codes::Q8(c)) => all.extend_from_slice(c),
+                (
+                    Codes::Q4 { nibbles, mins },
+                    Codes::Q4 {
+                        nibbles: n,
+                        mins: m,
+                    },
+                ) => {
+                    nibbles.extend_from_slice(n);
+                    mins.extend_from_slice(m);
+                }
+                _ => return None,
+            }
+        }
+        Some(QMatrix {
+            rows: parts.iter().map(|m| m.rows).sum(),
+            cols: first.cols,
+            scales,
+            codes,
+        })
+    }
+
     fn panels(&self) -> usize {
         self.rows.div_ceil(PANEL)
     }
@@ -686,6 +729,46 @@ mod tests {
                 [0.02, 2e-4],
             )?;
         }
+        Ok(())
+    }
+
+    /// Stacked matrices multiply as their parts do, row for row and bit for bit; parts that
+    /// cannot be stacked (a panel cut short before the last, other widths or block types) are
+    /// refused.
+    #[test]
+    fn stacked_rows_match_their_parts() -> Result<()> {
+        let dev = Device::Cpu;
+        let cols = 128;
+        let x = Tensor::randn(0f32, 1., (5, cols), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let precise = [true, false, true, false, false];
+        let q4 = |rows| -> Result<QMatrix> {
+            let w = Tensor::randn(0f32, 1., (rows, cols), &dev)?;
+            QMatrix::from_q4_1(&QTensor::quantize(&w, GgmlDType::Q4_1)?.data()?, rows, cols)
+        };
+        let q8 = |rows| QMatrix::from_tensor(&Tensor::randn(0f32, 1., (rows, cols), &dev)?);
+        for parts in [vec![q4(32)?, q4(48)?, q4(21)?], vec![q8(16)?, q8(37)?]] {
+            let refs: Vec<&QMatrix> = parts.iter().collect();
+            let stacked = QMatrix::concat_rows(&refs).expect("whole panels");
+            let rows = stacked.rows();
+            let got = stacked.matmul(&x, &precise);
+            let mut first = 0;
+            for part in &parts {
+                let want = part.matmul(&x, &precise);
+                for r in 0..5 {
+                    assert_eq!(
+                        &got[r * rows + first..][..part.rows()],
+                        &want[r * part.rows()..][..part.rows()]
+                    );
+                }
+                first += part.rows();
+            }
+        }
+        assert!(QMatrix::concat_rows(&[&q4(21)?, &q4(32)?]).is_none());
+        assert!(QMatrix::concat_rows(&[&q4(32)?, &q8(32)?]).is_none());
+        let narrow = QMatrix::from_tensor(&Tensor::randn(0f32, 1., (16, 64), &dev)?)?;
+        assert!(QMatrix::concat_rows(&[&q8(16)?, &narrow]).is_none());
         Ok(())
     }
 

@@ -10,22 +10,26 @@ using namespace candela;
 
 // Grid: tokens; block: any. A thread takes a pack of one head at a time: in the half-split
 // layout a pack of the first half and the matching pack of the second, interleaved a pack of
-// pairs. q, k: [tokens, heads or kv_heads, head_dim]; outputs alike.
+// pairs. q, k: [tokens, heads or kv_heads, head_dim], a token's row `q_stride` / `k_stride`
+// values after the previous one (views into a fused QKV projection); outputs contiguous.
 template <typename T, bool INTERLEAVED>
 __device__ __forceinline__ void rotary(T *__restrict__ q_out, T *__restrict__ k_out,
                                        const T *__restrict__ q, const T *__restrict__ k,
                                        const float *__restrict__ cos, const float *__restrict__ sin,
-                                       int heads, int kv_heads, int head_dim) {
+                                       int heads, int kv_heads, int head_dim, int q_stride,
+                                       int k_stride) {
     constexpr int VEC = pack_len<T>();
     const int tok = blockIdx.x, half = head_dim / 2;
     const int per_head = (INTERLEAVED ? head_dim : half) / VEC;
     const float *c = cos + (size_t)tok * half, *s = sin + (size_t)tok * half;
     for (int u = threadIdx.x; u < (heads + kv_heads) * per_head; u += blockDim.x) {
         const int head = u / per_head, i = (u % per_head) * VEC;
-        const size_t off = head < heads ? ((size_t)tok * heads + head) * head_dim
-                                        : ((size_t)tok * kv_heads + head - heads) * head_dim;
-        const T *src = (head < heads ? q : k) + off;
-        T *dst = (head < heads ? q_out : k_out) + off;
+        const bool is_q = head < heads;
+        const int h = is_q ? head : head - heads;
+        const T *src = is_q ? q + (size_t)tok * q_stride + (size_t)h * head_dim
+                            : k + (size_t)tok * k_stride + (size_t)h * head_dim;
+        T *dst = is_q ? q_out + ((size_t)tok * heads + h) * head_dim
+                      : k_out + ((size_t)tok * kv_heads + h) * head_dim;
         if (INTERLEAVED) {
             float x[VEC];
             load_pack(src + i, x);
@@ -53,15 +57,17 @@ __device__ __forceinline__ void rotary(T *__restrict__ q_out, T *__restrict__ k_
 }
 
 #define ROTARY(NAME, TYPE)                                                                         \
-    extern "C" __global__ void rotary_##NAME(TYPE *q_out, TYPE *k_out, const TYPE *q,             \
-                                             const TYPE *k, const float *cos, const float *sin,   \
-                                             int heads, int kv_heads, int head_dim) {             \
-        rotary<TYPE, false>(q_out, k_out, q, k, cos, sin, heads, kv_heads, head_dim);             \
+    extern "C" __global__ void rotary_##NAME(                                                     \
+        TYPE *q_out, TYPE *k_out, const TYPE *q, const TYPE *k, const float *cos,                 \
+        const float *sin, int heads, int kv_heads, int head_dim, int q_stride, int k_stride) {    \
+        rotary<TYPE, false>(q_out, k_out, q, k, cos, sin, heads, kv_heads, head_dim, q_stride,    \
+                            k_stride);                                                             \
     }                                                                                              \
     extern "C" __global__ void rotary_interleaved_##NAME(                                         \
         TYPE *q_out, TYPE *k_out, const TYPE *q, const TYPE *k, const float *cos,                 \
-        const float *sin, int heads, int kv_heads, int head_dim) {                                \
-        rotary<TYPE, true>(q_out, k_out, q, k, cos, sin, heads, kv_heads, head_dim);              \
+        const float *sin, int heads, int kv_heads, int head_dim, int q_stride, int k_stride) {    \
+        rotary<TYPE, true>(q_out, k_out, q, k, cos, sin, heads, kv_heads, head_dim, q_stride,     \
+                           k_stride);                                                              \
     }
 
 CANDELA_FOR_FLOAT_TYPES(ROTARY)

@@ -81,7 +81,12 @@ mod cuda {
                 cache.shape()
             );
         }
-        let rows = cu::packed(&rows.to_dtype(cache.dtype())?)?;
+        // Views of a fused projection are read in place; anything else is copied first.
+        let rows = rows.to_dtype(cache.dtype())?;
+        let rows = match cu::row_stride(&rows) {
+            Some(_) => rows,
+            None => rows.force_contiguous()?,
+        };
         cache.inplace_op3(&rows, &slots.contiguous()?, &WriteCache)
     }
 
@@ -132,6 +137,7 @@ mod cuda {
         let dev = cache.device.clone();
         let tokens = rows_l.dims()[0];
         let row_len = rows_l.shape().elem_count() / tokens;
+        let row_stride = cu::int(rows_l.stride()[0])?;
         let num_slots = cache_l.shape().elem_count() / row_len;
         let name = format!(
             "write_cache_{}",
@@ -157,14 +163,16 @@ mod cuda {
             .arg(&rows)
             .arg(&slots)
             .arg(&row_len)
+            .arg(&row_stride)
             .arg(&num_slots);
         let cfg = LaunchConfig {
             grid_dim: (cu::int(tokens)? as u32, 1, 1),
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument types and order match `write_cache_*` in cuda/cache.cu; the kernel
-        // skips slots past the cache.
+        // SAFETY: argument types and order match `write_cache_*` in cuda/cache.cu; `write`
+        // passed rows whose heads are contiguous, `row_stride` apart; the kernel skips slots
+        // past the cache.
         unsafe { args.launch(cfg) }.w()?;
         Ok(())
     }
@@ -229,6 +237,9 @@ mod cuda_tests {
                 let (k_cache, v_cache) = caches(&dev)?;
                 let (k_want, v_want) = caches(&Device::Cpu)?;
                 let slot_t = Tensor::new(&slots[..], &dev)?;
+                // In the cache's dtype, k and v are read in place as views of one fused row.
+                let fused = Tensor::cat(&[&k, &v], 1)?.to_dtype(dtype)?;
+                let (k, v) = (fused.narrow(1, 0, 2)?, fused.narrow(1, 2, 2)?);
                 reshape_and_cache(&k, &v, &k_cache, &v_cache, &slot_t)?;
                 let slot_cpu = Tensor::new(&slots[..], &Device::Cpu)?;
                 reshape_and_cache(&k_ref, &v_ref, &k_want, &v_want, &slot_cpu)?;

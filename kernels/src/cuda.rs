@@ -73,6 +73,21 @@ pub(crate) fn packed(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// For `t` of shape `[tokens, heads, head_dim]`: the distance in values between consecutive
+/// tokens' rows, if each row's heads are contiguous and every row starts 16-byte aligned (`t`
+/// itself, or a view of some heads of a wider row, like q, k or v of a fused QKV projection).
+pub(crate) fn row_stride(t: &Tensor) -> Option<usize> {
+    let (dims, strides) = (t.dims(), t.stride());
+    let size = t.dtype().size_in_bytes();
+    let aligned = |n: usize| (n * size).is_multiple_of(16);
+    (dims.len() == 3
+        && strides[2] == 1
+        && (strides[1] == dims[2] || dims[1] == 1)
+        && aligned(strides[0])
+        && aligned(t.layout().start_offset()))
+    .then_some(strides[0])
+}
+
 /// A size as the kernels' `int` parameters take it.
 pub(crate) fn int(n: usize) -> Result<i32> {
     i32::try_from(n)

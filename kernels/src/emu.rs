@@ -227,16 +227,32 @@ mod tests {
         Ok(())
     }
 
+    /// The rotary kernel over `q` and `k` read from one fused row per token (`[q | k | pad]`,
+    /// as q and k of a fused QKV projection are) when `fused`, else from their own tensors.
     fn rotary<T: WithDType>(
         q: &Tensor,
         k: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         layout: RopeLayout,
+        fused: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (tokens, heads, head_dim) = q.dims3()?;
         let kv_heads = k.dim(1)?;
         let (qs, ks) = (host::<T>(q)?, host::<T>(k)?);
+        let (q_len, k_len) = (heads * head_dim, kv_heads * head_dim);
+        let width = q_len + 2 * k_len;
+        let qkv: Vec<T> = (0..tokens)
+            .flat_map(|t| {
+                let q_row = &qs[t * q_len..][..q_len];
+                let k_row = &ks[t * k_len..][..k_len];
+                q_row.iter().chain(k_row).chain(k_row).copied()
+            })
+            .collect();
+        let (q_in, k_in, q_stride, k_stride) = match fused {
+            true => (ptr(&qkv), ptr(&qkv[q_len..]), width, width),
+            false => (ptr(&qs), ptr(&ks), q_len, k_len),
+        };
         let (cs, ss) = (host::<f32>(cos)?, host::<f32>(sin)?);
         let (mut q_out, mut k_out) = (vec![T::zero(); qs.len()], vec![T::zero(); ks.len()]);
         let units = (heads + kv_heads) * head_dim / pack_len(q.dtype());
@@ -252,13 +268,15 @@ mod tests {
         let args = [
             ptr_mut(&mut q_out),
             ptr_mut(&mut k_out),
-            ptr(&qs),
-            ptr(&ks),
+            q_in,
+            k_in,
             ptr(&cs),
             ptr(&ss),
             Arg::I32(heads as i32),
             Arg::I32(kv_heads as i32),
             Arg::I32(head_dim as i32),
+            Arg::I32(q_stride as i32),
+            Arg::I32(k_stride as i32),
         ];
         let threads = units.next_multiple_of(32).min(256) as u32;
         launch(&name, [tokens as u32, 1, 1], [threads, 1, 1], &args);
@@ -287,10 +305,13 @@ mod tests {
                 for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
                     let (q_want, k_want) =
                         crate::rotary_embedding(&q_ref, &k_ref, &cos, &sin, layout)?;
-                    let (q_got, k_got) = dispatch!(dtype, rotary(&q, &k, &cos, &sin, layout))?;
-                    let what = format!("{layout:?} head_dim {head_dim}");
-                    assert_close(&q_got, &q_want, dtype, &what)?;
-                    assert_close(&k_got, &k_want, dtype, &what)?;
+                    for fused in [false, true] {
+                        let (q_got, k_got) =
+                            dispatch!(dtype, rotary(&q, &k, &cos, &sin, layout, fused))?;
+                        let what = format!("{layout:?} head_dim {head_dim} fused {fused}");
+                        assert_close(&q_got, &q_want, dtype, &what)?;
+                        assert_close(&k_got, &k_want, dtype, &what)?;
+                    }
                 }
             }
         }
@@ -298,19 +319,28 @@ mod tests {
     }
 
     /// Rows land in their slots; a slot past the cache is skipped; nothing else is touched.
+    /// The rows are read as v of a fused QKV projection: each in the middle of a wider row.
     #[test]
     fn cache_writes_land_in_their_slots() {
         let (num_slots, row_len) = (12usize, 16usize); // [3 blocks, 4 slots, 2 heads, 8 dims]
         let mut cache = vec![half::bf16::from_f32(-1.0); num_slots * row_len];
-        let rows: Vec<half::bf16> = (0..3 * row_len)
-            .map(|i| half::bf16::from_f32(i as f32))
+        let row_stride = 3 * row_len;
+        let fused: Vec<half::bf16> = (0..3 * row_stride)
+            .map(|i| {
+                let (token, at) = (i / row_stride, i % row_stride);
+                match at.checked_sub(row_len) {
+                    Some(j) if j < row_len => half::bf16::from_f32((token * row_len + j) as f32),
+                    _ => half::bf16::from_f32(f32::NAN),
+                }
+            })
             .collect();
         let slots = [7u32, 0, 99];
         let args = [
             ptr_mut(&mut cache),
-            ptr(&rows),
+            ptr(&fused[row_len..]),
             ptr(&slots),
             Arg::I32(row_len as i32),
+            Arg::I32(row_stride as i32),
             Arg::U32(num_slots as u32),
         ];
         let threads = (row_len / 8).next_multiple_of(32).min(256) as u32;

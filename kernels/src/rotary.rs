@@ -109,7 +109,12 @@ mod cuda {
         sin: &Tensor,
         layout: RopeLayout,
     ) -> Result<(Tensor, Tensor)> {
-        let (q, k) = (cu::packed(q)?, cu::packed(k)?);
+        // Views of a fused projection are read in place; anything else is copied first.
+        let rows = |t: &Tensor| match cu::row_stride(t) {
+            Some(_) => Ok(t.clone()),
+            None => t.force_contiguous(),
+        };
+        let (q, k) = (rows(q)?, rows(k)?);
         let (cos, sin) = (cu::packed(cos)?, cu::packed(sin)?);
         dispatch_float!(q.dtype(), launch(&q, &k, &cos, &sin, layout))
     }
@@ -159,6 +164,8 @@ mod cuda {
         };
         let (heads_i, kv_heads_i, head_dim_i) =
             (cu::int(heads)?, cu::int(kv_heads)?, cu::int(head_dim)?);
+        let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("checked by rows()"));
+        let (q_stride, k_stride) = (stride(q)?, stride(k)?);
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&func);
         args.arg(&mut q_out)
@@ -167,7 +174,9 @@ mod cuda {
             .arg(&k_view);
         args.arg(&cos_view).arg(&sin_view);
         args.arg(&heads_i).arg(&kv_heads_i).arg(&head_dim_i);
-        // SAFETY: argument types and order match `rotary_*` in cuda/rotary.cu.
+        args.arg(&q_stride).arg(&k_stride);
+        // SAFETY: argument types and order match `rotary_*` in cuda/rotary.cu; the strides come
+        // from q's and k's layouts.
         unsafe { args.launch(cfg) }.w()?;
         Ok((
             cu::tensor(q_out, dev, (tokens, heads, head_dim)),
@@ -208,13 +217,18 @@ mod cuda_tests {
                 let (cos, sin) = tables(&positions, head_dim)?;
                 let (q, q_ref) = randn(&[tokens, 8, head_dim], dtype, &dev)?;
                 let (k, k_ref) = randn(&[tokens, 2, head_dim], dtype, &dev)?;
+                // q and k also as views of one fused row per token, read in place.
+                let fused = Tensor::cat(&[&q, &k, &k], 1)?;
+                let (q_view, k_view) = (fused.narrow(1, 0, 8)?, fused.narrow(1, 8, 2)?);
                 for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
                     let (q_want, k_want) = rotary_embedding(&q_ref, &k_ref, &cos, &sin, layout)?;
                     let (cos, sin) = (cos.to_device(&dev)?, sin.to_device(&dev)?);
-                    let (q_got, k_got) = rotary_embedding(&q, &k, &cos, &sin, layout)?;
-                    let what = format!("{layout:?} head_dim {head_dim}");
-                    assert_close(&q_got, &q_want, dtype, &what)?;
-                    assert_close(&k_got, &k_want, dtype, &what)?;
+                    for (q, k) in [(&q, &k), (&q_view, &k_view)] {
+                        let (q_got, k_got) = rotary_embedding(q, k, &cos, &sin, layout)?;
+                        let what = format!("{layout:?} head_dim {head_dim} {:?}", q.stride());
+                        assert_close(&q_got, &q_want, dtype, &what)?;
+                        assert_close(&k_got, &k_want, dtype, &what)?;
+                    }
                 }
             }
         }

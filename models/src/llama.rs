@@ -18,13 +18,56 @@ use crate::{Batch, CausalLm, KvCache, LmConfig, ModelError, Result};
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    qkv: Qkv,
     wo: Linear,
     ffn_norm: Tensor,
     gate_up: GateUp,
     w_down: Linear,
+}
+
+/// The query, key and value projections: stacked into one matrix where the weights allow (one
+/// pass over the activations, one launch on a GPU; q, k and v are then views of its output,
+/// which the rotary and cache-write kernels read in place), else three.
+enum Qkv {
+    Stacked(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+impl Qkv {
+    fn new(q: Linear, k: Linear, v: Linear) -> Result<Self> {
+        Ok(match Linear::stack(&[&q, &k, &v])? {
+            Some(all) => Self::Stacked(all),
+            None => Self::Split { q, k, v },
+        })
+    }
+
+    /// `(q, k, v)` of `h`: `[tokens, heads, head_dim]`, then `[tokens, kv_heads, head_dim]` twice.
+    fn forward(
+        &self,
+        h: &Tensor,
+        rows: &[bool],
+        c: &LmConfig,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let tokens = h.dim(0)?;
+        let (heads, kv) = (c.num_heads, c.num_kv_heads);
+        match self {
+            Self::Stacked(all) => {
+                let qkv = all
+                    .forward(h, rows)?
+                    .reshape((tokens, heads + 2 * kv, c.head_dim))?;
+                Ok((
+                    qkv.narrow(1, 0, heads)?,
+                    qkv.narrow(1, heads, kv)?,
+                    qkv.narrow(1, heads + kv, kv)?,
+                ))
+            }
+            Self::Split { q, k, v } => {
+                let shaped =
+                    |w: &Linear, n: usize| w.forward(h, rows)?.reshape((tokens, n, c.head_dim));
+                Ok((shaped(q, heads)?, shaped(k, kv)?, shaped(v, kv)?))
+            }
+        }
+    }
 }
 
 /// The MLP's gate and up projections: stacked into one matrix where the weights allow (one
@@ -117,9 +160,11 @@ impl Llama {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             layers.push(Layer {
                 attn_norm: vector(gguf, &p("attn_norm"))?,
-                wq: matmul(gguf, &p("attn_q"))?,
-                wk: matmul(gguf, &p("attn_k"))?,
-                wv: matmul(gguf, &p("attn_v"))?,
+                qkv: Qkv::new(
+                    matmul(gguf, &p("attn_q"))?,
+                    matmul(gguf, &p("attn_k"))?,
+                    matmul(gguf, &p("attn_v"))?,
+                )?,
                 wo: matmul(gguf, &p("attn_output"))?,
                 ffn_norm: vector(gguf, &p("ffn_norm"))?,
                 gate_up: GateUp::new(matmul(gguf, &p("ffn_gate"))?, matmul(gguf, &p("ffn_up"))?)?,
@@ -242,9 +287,11 @@ impl Llama {
             let p = |n: &str| format!("model.layers.{i}.{n}.weight");
             layers.push(Layer {
                 attn_norm: vb.get(h, &p("input_layernorm"))?,
-                wq: linear(&p("self_attn.q_proj"), (num_heads * hd, h))?,
-                wk: linear(&p("self_attn.k_proj"), (kv * hd, h))?,
-                wv: linear(&p("self_attn.v_proj"), (kv * hd, h))?,
+                qkv: Qkv::new(
+                    linear(&p("self_attn.q_proj"), (num_heads * hd, h))?,
+                    linear(&p("self_attn.k_proj"), (kv * hd, h))?,
+                    linear(&p("self_attn.v_proj"), (kv * hd, h))?,
+                )?,
                 wo: linear(&p("self_attn.o_proj"), (h, num_heads * hd))?,
                 ffn_norm: vb.get(h, &p("post_attention_layernorm"))?,
                 gate_up: GateUp::new(
@@ -416,17 +463,8 @@ impl CausalLm for Llama {
         let mut x = self.embed.forward(&batch.input_ids)?;
         let mut h = rms_norm(&x, &self.layers[0].attn_norm, self.rms_eps)?;
         for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
-            let q = layer.wq.forward(&h, rows)?;
-            let k = layer.wk.forward(&h, rows)?;
-            let v = layer.wv.forward(&h, rows)?;
-            let (q, k) = rotary_embedding(
-                &q.reshape((tokens, c.num_heads, c.head_dim))?,
-                &k.reshape((tokens, c.num_kv_heads, c.head_dim))?,
-                &cos,
-                &sin,
-                self.rope_layout(),
-            )?;
-            let v = v.reshape((tokens, c.num_kv_heads, c.head_dim))?;
+            let (q, k, v) = layer.qkv.forward(&h, rows, c)?;
+            let (q, k) = rotary_embedding(&q, &k, &cos, &sin, self.rope_layout())?;
             reshape_and_cache(&k, &v, k_cache, v_cache, &batch.slot_mapping)?;
             let attn = paged_attention(&q, k_cache, v_cache, &batch.attention, scale)?;
             let attn = layer

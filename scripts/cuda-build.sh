@@ -3,7 +3,8 @@
 # CUDA toolkit installed from PyPI wheels, and leaves a stripped copy to carry to a GPU machine.
 #
 #   bash scripts/cuda-build.sh   -> target/cuda/candela-gpu (stripped) and candela-gpu.gz,
-#                                   target/cuda/kernels-test.gz (candela-kernels' CUDA tests)
+#                                   target/cuda/kernels-test.gz and models-test.gz (the CUDA
+#                                   tests of candela-kernels and candela-models)
 #
 # On the GPU machine (CUDA driver, no Rust): gunzip -c target/cuda/candela-gpu.gz >candela-gpu;
 #   chmod +x candela-gpu; bash ../shared/scripts/gpu-run.sh ./candela-gpu serve --device cuda:0
@@ -78,15 +79,19 @@ say "built target/cuda/candela-gpu ($(du -h target/cuda/candela-gpu | cut -f1)),
 # It starts here too (CUDA calls fail cleanly on the stub): a smoke check of the binary.
 target/cuda/candela-gpu --version
 
-# 5. The kernels' unit tests, CUDA ones included, for scripts/gpu-bench.sh to run on the GPU
-#    (here they skip: no device). Cargo names the test executable in its JSON messages.
-kernel_tests=$(CARGO_TARGET_DIR=target/cuda cargo test --release -p candela-kernels --features cuda \
-    --lib --no-run --message-format=json | python3 -c '
+# 5. The unit tests of candela-kernels (each CUDA kernel against plain candle) and of
+#    candela-models (the whole forward pass on the GPU against the CPU), for scripts/gpu-bench.sh
+#    to run on the GPU (here they skip: no device). Cargo names the test executables in its JSON
+#    messages.
+for crate in kernels models; do
+    test_bin=$(CARGO_TARGET_DIR=target/cuda cargo test --release -p "candela-$crate" --features cuda \
+        --lib --no-run --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
     msg = json.loads(line)
     if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
         print(msg["executable"])')
-strip -o target/cuda/kernels-test "$kernel_tests"
-gzip -9 -c target/cuda/kernels-test >target/cuda/kernels-test.gz
-say "built target/cuda/kernels-test.gz ($(du -h target/cuda/kernels-test.gz | cut -f1))"
+    strip -o "target/cuda/$crate-test" "$test_bin"
+    gzip -9 -c "target/cuda/$crate-test" >"target/cuda/$crate-test.gz"
+    say "built target/cuda/$crate-test.gz ($(du -h "target/cuda/$crate-test.gz" | cut -f1))"
+done

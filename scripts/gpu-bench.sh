@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of the README's performance section, in one call on the GPU machine
 # (CUDA driver, PyTorch + transformers, no Rust, no internet). It builds nothing: it runs the
-# binaries that scripts/cuda-build.sh made here (target/cuda/candela-gpu.gz and
-# kernels-test.gz, carried over).
+# binaries that scripts/cuda-build.sh made here (target/cuda/candela-gpu.gz, kernels-test.gz and
+# models-test.gz, carried over).
 #
 #   bash scripts/gpu-bench.sh [OUT_DIR]        (OUT_DIR default: $OUT, else ./gpu-bench-out)
 #
-# 0. candela-kernels' tests on the GPU (the CUDA kernels against plain candle): kernels-test.log.
+# 0. The tests of candela-kernels (each CUDA kernel against plain candle) and candela-models (the
+#    forward pass on the GPU against the CPU) on the GPU: kernels-test.log, models-test.log.
 # 1. PyTorch: HBM read bandwidth, the single-stream ceiling of the model's weights, and
 #    transformers `generate` at batch 1 and BATCH_TORCH (scripts/gpu/torch_baseline.py).
 # 2. candela serve with --load-format dummy at MODEL_CONFIG's shapes, then candela bench on
@@ -46,14 +47,16 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt" || true
 
 if [ "${KERNEL_TESTS:-1}" != 0 ]; then
-    say "kernel tests"
-    tests=/tmp/candela-kernels-test
-    gunzip -c target/cuda/kernels-test.gz >"$tests"
-    chmod +x "$tests"
-    # shellcheck disable=SC2086
-    $run "$tests" --test-threads=1 >"$out/kernels-test.log" 2>&1 ||
-        say "kernel tests failed (see $out/kernels-test.log)"
-    grep "test result" "$out/kernels-test.log" >&2 || true
+    for crate in kernels models; do
+        say "$crate tests"
+        tests=/tmp/candela-$crate-test
+        gunzip -c "target/cuda/$crate-test.gz" >"$tests"
+        chmod +x "$tests"
+        # shellcheck disable=SC2086
+        $run "$tests" --test-threads=1 >"$out/$crate-test.log" 2>&1 ||
+            say "$crate tests failed (see $out/$crate-test.log)"
+        grep "test result" "$out/$crate-test.log" >&2 || true
+    done
 fi
 
 say "PyTorch baseline"
@@ -90,10 +93,11 @@ for c in $concurrency; do bench "$out_len" "$in_len" "$c"; done
 import glob, json, os, sys
 out = sys.argv[1]
 summary = {"candela": {}}
-tests_log = os.path.join(out, "kernels-test.log")
-if os.path.exists(tests_log):
-    results = [l.strip() for l in open(tests_log) if l.startswith("test result")]
-    summary["kernel_tests"] = results[-1] if results else "did not finish"
+for crate in ("kernels", "models"):
+    tests_log = os.path.join(out, f"{crate}-test.log")
+    if os.path.exists(tests_log):
+        results = [l.strip() for l in open(tests_log) if l.startswith("test result")]
+        summary[f"{crate}_tests"] = results[-1] if results else "did not finish"
 torch_path = os.path.join(out, "torch.json")
 torch_res = json.load(open(torch_path)) if os.path.exists(torch_path) else {}
 summary["torch"] = torch_res

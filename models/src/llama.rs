@@ -541,115 +541,169 @@ mod tests {
         assert!(err.contains("yarn"), "{err}");
     }
 
-    /// A tiny checkpoint on disk: random weights saved as safetensors beside a config.json.
-    fn tiny_checkpoint(dir: &Path) -> serde_json::Value {
+    /// A tiny checkpoint on disk: random weights saved as safetensors beside a config.json, of
+    /// `heads` heads (`kv_heads` kv heads) of `head_dim`.
+    fn tiny_checkpoint(
+        dir: &Path,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> serde_json::Value {
+        let (hidden, kv, ffn, vocab) = (heads * head_dim, kv_heads * head_dim, 128, 100);
         let config = serde_json::json!({
-            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 100, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+            "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn,
+            "num_hidden_layers": 2, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
         });
         let dev = Device::Cpu;
         let mut weights = HashMap::new();
         let mut put = |name: String, shape: &[usize]| {
             let t = match shape {
                 [n] => Tensor::rand(0.5f32, 1.5, *n, &dev).unwrap(),
-                _ => Tensor::randn(0f32, 0.15, shape, &dev).unwrap(),
+                [_, fan_in] => {
+                    Tensor::randn(0f32, 1.2 / (*fan_in as f32).sqrt(), shape, &dev).unwrap()
+                }
+                _ => unreachable!("vectors and matrices"),
             };
             weights.insert(name, t);
         };
-        put("model.embed_tokens.weight".into(), &[100, 64]);
-        put("model.norm.weight".into(), &[64]);
-        put("lm_head.weight".into(), &[100, 64]);
+        put("model.embed_tokens.weight".into(), &[vocab, hidden]);
+        put("model.norm.weight".into(), &[hidden]);
+        put("lm_head.weight".into(), &[vocab, hidden]);
         for i in 0..2 {
             let p = |n: &str| format!("model.layers.{i}.{n}.weight");
-            put(p("input_layernorm"), &[64]);
-            put(p("post_attention_layernorm"), &[64]);
-            put(p("self_attn.q_proj"), &[64, 64]);
-            put(p("self_attn.k_proj"), &[32, 64]);
-            put(p("self_attn.v_proj"), &[32, 64]);
-            put(p("self_attn.o_proj"), &[64, 64]);
-            put(p("mlp.gate_proj"), &[128, 64]);
-            put(p("mlp.up_proj"), &[128, 64]);
-            put(p("mlp.down_proj"), &[64, 128]);
+            put(p("input_layernorm"), &[hidden]);
+            put(p("post_attention_layernorm"), &[hidden]);
+            put(p("self_attn.q_proj"), &[hidden, hidden]);
+            put(p("self_attn.k_proj"), &[kv, hidden]);
+            put(p("self_attn.v_proj"), &[kv, hidden]);
+            put(p("self_attn.o_proj"), &[hidden, hidden]);
+            put(p("mlp.gate_proj"), &[ffn, hidden]);
+            put(p("mlp.up_proj"), &[ffn, hidden]);
+            put(p("mlp.down_proj"), &[hidden, ffn]);
         }
         std::fs::create_dir_all(dir).unwrap();
         candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
         config
     }
 
-    /// Logits of a 5-token prompt and then one decoded token, through the paged KV cache.
-    fn run(model: &Llama) -> Vec<Vec<f32>> {
-        let dev = Device::Cpu;
+    /// Logits (on the host) of the last token of a `prompt_len`-token prompt and then of one
+    /// decoded token, through the paged KV cache on the model's device.
+    fn run(model: &Llama, prompt_len: usize) -> Vec<Vec<f32>> {
+        let dev = model.device().clone();
         let cfg = model.config();
-        let kv = KvCache::new(cfg, 4, 4, cfg.dtype, &dev).unwrap();
-        let table = vec![2u32, 0];
-        let slot = |p: u32| table[p as usize / 4] * 4 + p % 4;
-        let prompt = [3u32, 14, 15, 92, 65];
+        let block_size = 16;
+        let kv = KvCache::new(cfg, 8, block_size, cfg.dtype, &dev).unwrap();
+        let table = vec![5u32, 0, 3, 6];
+        let slot = |p: u32| table[p as usize / block_size] * block_size as u32 + p % 16;
+        let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 37 + 3) % 100).collect();
         let seq = |start, len, ctx| SeqAttention {
             query_start: start,
             query_len: len,
             context_len: ctx,
             block_table: table.clone(),
         };
-        let positions: Vec<u32> = (0..5).collect();
+        let n = prompt_len as u32;
+        let positions: Vec<u32> = (0..n).collect();
         let slots: Vec<u32> = positions.iter().map(|&p| slot(p)).collect();
         let prefill = Batch::new(
             &prompt,
             &positions,
             &slots,
-            vec![seq(0, 5, 5)],
-            &[4],
-            vec![true; 5],
+            vec![seq(0, prompt_len, prompt_len)],
+            &[n - 1],
+            vec![true; prompt_len],
             &dev,
         )
         .unwrap();
         let first = model.forward(&prefill, &kv).unwrap();
         let decode = Batch::new(
             &[7],
-            &[5],
-            &[slot(5)],
-            vec![seq(0, 1, 6)],
+            &[n],
+            &[slot(n)],
+            vec![seq(0, 1, prompt_len + 1)],
             &[0],
             vec![false],
             &dev,
         )
         .unwrap();
         let second = model.forward(&decode, &kv).unwrap();
-        vec![
-            first.squeeze(0).unwrap().to_vec1().unwrap(),
-            second.squeeze(0).unwrap().to_vec1().unwrap(),
-        ]
+        [first, second]
+            .iter()
+            .map(|l| {
+                l.squeeze(0)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
     }
 
-    #[test]
-    fn bf16_follows_f32() {
-        let dir = std::env::temp_dir().join(format!("candela-llama-{}", std::process::id()));
-        let config = tiny_checkpoint(&dir);
-        let load = |dtype| Llama::from_safetensors(&dir, &config, &Device::Cpu, dtype).unwrap();
-        let (f32_model, bf16_model) = (load(DType::F32), load(DType::BF16));
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(bf16_model.config().dtype, DType::BF16);
-        for (want, got) in run(&f32_model).iter().zip(run(&bf16_model)) {
+    /// `got` (bf16) within 5 % of `want` (f32), and its first choice about as good as f32's.
+    fn assert_follows(want: &[Vec<f32>], got: &[Vec<f32>], what: &str) {
+        for (want, got) in want.iter().zip(got) {
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
             let err = want
                 .iter()
-                .zip(&got)
+                .zip(got)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 err < 0.05 * scale,
-                "bf16 off by {err} (logits up to {scale})"
+                "{what}: bf16 off by {err} (logits up to {scale})"
             );
-            // The token bf16 ranks first is about as good as f32's best (the weights are random,
-            // so the two best logits may be closer than bf16 can tell apart).
+            // The weights are random, so the two best logits may be closer than bf16 can tell
+            // apart.
             let best = (0..got.len())
                 .max_by(|&a, &b| got[a].total_cmp(&got[b]))
                 .unwrap();
             let top = want.iter().fold(f32::MIN, |m, &x| m.max(x));
             assert!(
                 want[best] >= top - 2. * err,
-                "bf16's first choice trails by {}",
+                "{what}: bf16's first choice trails by {}",
                 top - want[best]
             );
         }
+    }
+
+    fn checkpoint_dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("candela-llama-{name}-{}", std::process::id()))
+    }
+
+    /// bf16 against f32 on the CPU: a small model, and the one the GPU test runs.
+    #[test]
+    fn bf16_follows_f32() {
+        for (heads, kv_heads, head_dim, prompt_len) in [(4, 2, 16, 5), (4, 2, 64, 40)] {
+            let dir = checkpoint_dir(&format!("cpu-{head_dim}"));
+            let config = tiny_checkpoint(&dir, heads, kv_heads, head_dim);
+            let load = |dtype| Llama::from_safetensors(&dir, &config, &Device::Cpu, dtype).unwrap();
+            let (f32_model, bf16_model) = (load(DType::F32), load(DType::BF16));
+            std::fs::remove_dir_all(&dir).unwrap();
+            assert_eq!(bf16_model.config().dtype, DType::BF16);
+            let what = format!("head_dim {head_dim}");
+            assert_follows(
+                &run(&f32_model, prompt_len),
+                &run(&bf16_model, prompt_len),
+                &what,
+            );
+        }
+    }
+
+    /// The whole forward pass on a GPU (stacked projections read as views, the tensor-core
+    /// prefill kernel, the decode kernel, fused norms and activations) in bf16, against f32 on
+    /// the CPU. Skips without a GPU.
+    #[test]
+    fn gpu_bf16_follows_cpu_f32() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            return;
+        };
+        let dir = checkpoint_dir("gpu");
+        let config = tiny_checkpoint(&dir, 4, 2, 64);
+        let cpu = Llama::from_safetensors(&dir, &config, &Device::Cpu, DType::F32).unwrap();
+        let on_gpu = Llama::from_safetensors(&dir, &config, &gpu, DType::BF16).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_follows(&run(&cpu, 40), &run(&on_gpu, 40), "gpu");
     }
 }

@@ -73,22 +73,20 @@ template <int N> inline void cp_async_wait() {}
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                            uint32_t b0, uint32_t b1) {
-    CANDELA_SM80(asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                              "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                              : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));)
-}
-template <>
-__device__ __forceinline__ void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                     uint32_t b0, uint32_t b1) {
-    CANDELA_SM80(asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                              "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                              : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));)
-}
+// The instruction for inputs of TYPE, named PTX_TYPE in PTX.
+#define CANDELA_MMA_M16N8K16(TYPE, PTX_TYPE)                                                     \
+    template <>                                                                                  \
+    __device__ __forceinline__ void mma_m16n8k16<TYPE>(float(&c)[4], const uint32_t(&a)[4],     \
+                                                       uint32_t b0, uint32_t b1) {               \
+        CANDELA_SM80(asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE \
+                                  ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "          \
+                                  "{%0, %1, %2, %3};\n"                                          \
+                                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])               \
+                                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0),         \
+                                    "r"(b1));)                                                    \
+    }
+CANDELA_MMA_M16N8K16(__nv_bfloat16, "bf16")
+CANDELA_MMA_M16N8K16(__half, "f16")
 
 // 16 bytes from global to shared memory, asynchronously (cached in L2 only).
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {

@@ -3,39 +3,17 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::test_batches::{batch, BATCHES};
-use super::{paged_attention, paged_attention_reference, AttentionMeta};
-use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
+use super::test_batches::{batch, Case, BATCHES, PROMPT_GEOMETRIES};
+use super::{paged_attention, AttentionMeta};
+use crate::test_util::{assert_close, cuda_device, DTYPES};
 
-struct Case<'a> {
-    dtype: DType,
-    head_dim: usize,
-    group: usize,
-    block_size: usize,
-    shape: &'a [(usize, usize)],
-}
-
-/// Random queries and caches (unused slots included: the kernel must not read them).
 fn check(dev: &Device, c: &Case) -> Result<()> {
-    let kv_heads = 2;
-    let heads = kv_heads * c.group;
-    let (seqs, num_blocks) = batch(c.shape, c.block_size);
-    let tokens = seqs.iter().map(|s| s.query_len).sum();
-    let cache = [num_blocks, c.block_size, kv_heads, c.head_dim];
-    let (q, q_ref) = randn(&[tokens, heads, c.head_dim], c.dtype, dev)?;
-    let (k, k_ref) = randn(&cache, c.dtype, dev)?;
-    let (v, v_ref) = randn(&cache, c.dtype, dev)?;
-    let scale = (c.head_dim as f32).powf(-0.5);
-    let meta = AttentionMeta::new(seqs.clone());
-    let want = paged_attention_reference(&q_ref, &k_ref, &v_ref, &seqs, scale)?;
-    let what = format!(
-        "head_dim {} group {} block {} batch {:?}",
-        c.head_dim, c.group, c.block_size, c.shape
-    );
+    let x = c.inputs(dev)?;
+    let meta = AttentionMeta::new(x.seqs.clone());
     // Twice: the second call reuses the uploaded metadata, as later layers do.
     for _ in 0..2 {
-        let got = paged_attention(&q, &k, &v, &meta, scale)?;
-        assert_close(&got, &want, c.dtype, &what)?;
+        let got = paged_attention(&x.q, &x.k, &x.v, &meta, x.scale)?;
+        assert_close(&got, &x.want, c.dtype, &c.describe())?;
     }
     Ok(())
 }
@@ -50,14 +28,10 @@ fn matches_reference_across_shapes() -> Result<()> {
             for group in [1, 4, 8] {
                 for block_size in [16, 32] {
                     for shape in BATCHES {
-                        let case = Case {
-                            dtype,
-                            head_dim,
-                            group,
-                            block_size,
-                            shape,
-                        };
-                        check(&dev, &case)?;
+                        check(
+                            &dev,
+                            &Case::new(dtype, (head_dim, group, block_size), shape),
+                        )?;
                     }
                 }
             }
@@ -81,14 +55,10 @@ fn long_contexts_split_and_merge() -> Result<()> {
     for dtype in DTYPES {
         for shape in shapes {
             for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32), (128, 1, 32)] {
-                let case = Case {
-                    dtype,
-                    head_dim,
-                    group,
-                    block_size,
-                    shape,
-                };
-                check(&dev, &case)?;
+                check(
+                    &dev,
+                    &Case::new(dtype, (head_dim, group, block_size), shape),
+                )?;
             }
         }
     }
@@ -105,17 +75,8 @@ fn long_prompts() -> Result<()> {
     let shapes: [&[(usize, usize)]; 2] = [&[(1000, 1000)], &[(64, 300), (1, 50), (500, 1164)]];
     for dtype in DTYPES {
         for shape in shapes {
-            for (head_dim, group, block_size) in
-                [(128, 4, 16), (64, 1, 32), (128, 2, 16), (64, 8, 32)]
-            {
-                let case = Case {
-                    dtype,
-                    head_dim,
-                    group,
-                    block_size,
-                    shape,
-                };
-                check(&dev, &case)?;
+            for geometry in PROMPT_GEOMETRIES {
+                check(&dev, &Case::new(dtype, geometry, shape))?;
             }
         }
     }

@@ -4,19 +4,10 @@
 
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 
-use super::paged_attention_reference;
 use super::plan::{max_rows, mma_tile_tokens, DeviceMeta, Launches, MetaKey, THREADS};
-use super::test_batches::{batch, BATCHES};
+use super::test_batches::{Case, BATCHES, PROMPT_GEOMETRIES};
 use crate::emu::{launch, ptr, ptr_mut, Arg};
-use crate::test_util::{assert_close, randn};
-
-struct Case<'a> {
-    dtype: DType,
-    head_dim: usize,
-    group: usize,
-    block_size: usize,
-    shape: &'a [(usize, usize)],
-}
+use crate::test_util::assert_close;
 
 fn host<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
@@ -130,32 +121,20 @@ fn run<T: WithDType>(
 }
 
 fn check(c: &Case) -> Result<()> {
-    let dev = Device::Cpu;
-    let kv_heads = 2;
-    let heads = kv_heads * c.group;
-    let (seqs, num_blocks) = batch(c.shape, c.block_size);
-    let tokens = seqs.iter().map(|s| s.query_len).sum();
-    let cache = [num_blocks, c.block_size, kv_heads, c.head_dim];
-    let (q, q_ref) = randn(&[tokens, heads, c.head_dim], c.dtype, &dev)?;
-    let (k, k_ref) = randn(&cache, c.dtype, &dev)?;
-    let (v, v_ref) = randn(&cache, c.dtype, &dev)?;
-    let scale = (c.head_dim as f32).powf(-0.5);
-    let want = paged_attention_reference(&q_ref, &k_ref, &v_ref, &seqs, scale)?;
+    let x = c.inputs(&Device::Cpu)?;
     // f16/bf16 prompt chunks both ways: on the tensor-core kernel and on the CUDA-core one.
     for mma in [true, false] {
         if !mma && c.dtype == DType::F32 {
             continue;
         }
+        let (q, k, v, seqs, scale) = (&x.q, &x.k, &x.v, &x.seqs, x.scale);
         let got = match c.dtype {
-            DType::F32 => run::<f32>(&q, &k, &v, &seqs, scale, mma)?,
-            DType::F16 => run::<half::f16>(&q, &k, &v, &seqs, scale, mma)?,
-            _ => run::<half::bf16>(&q, &k, &v, &seqs, scale, mma)?,
+            DType::F32 => run::<f32>(q, k, v, seqs, scale, mma)?,
+            DType::F16 => run::<half::f16>(q, k, v, seqs, scale, mma)?,
+            _ => run::<half::bf16>(q, k, v, seqs, scale, mma)?,
         };
-        let what = format!(
-            "head_dim {} group {} block {} batch {:?} mma {mma}",
-            c.head_dim, c.group, c.block_size, c.shape
-        );
-        assert_close(&got, &want, c.dtype, &what)?;
+        let what = format!("{} mma {mma}", c.describe());
+        assert_close(&got, &x.want, c.dtype, &what)?;
     }
     Ok(())
 }
@@ -172,14 +151,7 @@ fn matches_reference_across_shapes() -> Result<()> {
             for group in [1, 4, 8] {
                 let block_size = [16, 32][(i + group) % 2];
                 for shape in BATCHES {
-                    let case = Case {
-                        dtype,
-                        head_dim,
-                        group,
-                        block_size,
-                        shape,
-                    };
-                    check(&case)?;
+                    check(&Case::new(dtype, (head_dim, group, block_size), shape))?;
                 }
             }
         }
@@ -194,14 +166,7 @@ fn long_contexts_split_and_merge() -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
         for shape in shapes {
             for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32)] {
-                let case = Case {
-                    dtype,
-                    head_dim,
-                    group,
-                    block_size,
-                    shape,
-                };
-                check(&case)?;
+                check(&Case::new(dtype, (head_dim, group, block_size), shape))?;
             }
         }
     }
@@ -213,17 +178,10 @@ fn long_contexts_split_and_merge() -> Result<()> {
 #[test]
 fn long_prompts_on_tensor_cores() -> Result<()> {
     let shapes: [&[(usize, usize)]; 2] = [&[(130, 130)], &[(64, 300), (1, 50), (100, 164)]];
-    for (i, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
-        for (head_dim, group) in [(128, 4), (64, 1), (128, 2), (64, 8)] {
+    for dtype in [DType::F16, DType::BF16] {
+        for geometry in PROMPT_GEOMETRIES {
             for shape in shapes {
-                let case = Case {
-                    dtype,
-                    head_dim,
-                    group,
-                    block_size: [16, 32][(i + group) % 2],
-                    shape,
-                };
-                check(&case)?;
+                check(&Case::new(dtype, geometry, shape))?;
             }
         }
     }

@@ -296,8 +296,8 @@ constexpr int MMA_ROWS = WARPS * 16;
 // Keys per tile of the tensor-core kernel.
 constexpr int MMA_KEYS = 64;
 
-// Prefill attention on tensor cores (f16/bf16, sm_80 and later), flash-attention style. Grid:
-// (work items, kv heads); block: THREADS. A work item is a tile of up to MMA_ROWS / group query
+// Prefill attention on tensor cores (f16/bf16, sm_80 and later), flash-attention style. Block:
+// THREADS. A work item is a tile of up to MMA_ROWS / group query
 // tokens of one sequence; its rows are ordered as in `paged_attention` (row r: token r / group,
 // head r % group of the kv head's group), and warp w owns rows [16w, 16w + 16).
 //
@@ -306,13 +306,15 @@ constexpr int MMA_KEYS = 64;
 // round. A warp computes its scores S = Q K^T (16 x 64) with mma.sync, masks, scales and keeps a
 // running max and sum per row in registers (a row's values sit on the 4 lanes of a quad), then
 // feeds its probabilities P, rounded to T, straight from the score fragments into O += P V.
-// Arguments as `paged_attention`'s, without partitions; `work` lists this kernel's items.
+// Grid: (work items, kv heads, partitions); arguments as `paged_attention`'s (`work` lists this
+// kernel's items), partials in the same layout, for `paged_attention_reduce` to merge.
 template <typename T, int D>
 __device__ __forceinline__ void paged_prefill_mma(
-    T *__restrict__ out, const T *__restrict__ q, const T *__restrict__ k_cache,
-    const T *__restrict__ v_cache, const uint32_t *__restrict__ seq_info,
-    const uint32_t *__restrict__ block_tables, const uint32_t *__restrict__ work, int heads,
-    int kv_heads, int block_size, int max_blocks, float scale_log2) {
+    T *__restrict__ out, float *__restrict__ part_out, float *__restrict__ part_ml,
+    const T *__restrict__ q, const T *__restrict__ k_cache, const T *__restrict__ v_cache,
+    const uint32_t *__restrict__ seq_info, const uint32_t *__restrict__ block_tables,
+    const uint32_t *__restrict__ work, int heads, int kv_heads, int block_size, int max_blocks,
+    int part_len, int num_parts, float scale_log2) {
     constexpr int VEC = pack_len<T>();
     constexpr int PACKS = D / VEC;                     // packs per key row
     constexpr int STRIDE = D + VEC;                    // shared rows padded: no bank conflicts
@@ -330,24 +332,28 @@ __device__ __forceinline__ void paged_prefill_mma(
     const int g = lane / 4, t4 = lane % 4;
     const uint32_t *item = work + 3 * blockIdx.x;
     const int seq = item[0], row0 = item[1], tokens = item[2];
-    const int kvh = blockIdx.y;
+    const int kvh = blockIdx.y, part = blockIdx.z;
     const int q_start = seq_info[3 * seq], q_len = seq_info[3 * seq + 1];
     const int ctx = seq_info[3 * seq + 2];
     const int group = heads / kv_heads;
     const int rows = tokens * group;
     const int first_pos = ctx - q_len + (row0 - q_start);
-    const int kv_len = first_pos + tokens; // the tile's last token sees keys [0, kv_len)
+    // The tile's last token sees keys 0..kv_len; this CTA takes [k_begin, k_end) of them.
+    const int kv_len = first_pos + tokens;
+    const int k_begin = part * part_len;
+    if (k_begin >= kv_len) return;
+    const int k_end = kv_len - k_begin > part_len ? k_begin + part_len : kv_len;
     const uint32_t *table = block_tables + (size_t)seq * max_blocks;
 
     // Copies keys [key0, key0 + MMA_KEYS) of `cache` into `dst` as one group; keys past the
-    // context read as zeros (their weight is 0, and 0 * garbage could be NaN).
+    // partition read as zeros (their weight is 0, and 0 * garbage could be NaN).
     auto issue = [&](T *dst, const T *cache, int key0) {
 #pragma unroll
         for (int i = 0; i < LOADS; ++i) {
             const int idx = tid + i * THREADS, key = idx / PACKS, c = idx % PACKS;
             const int pos = key0 + key;
             T *d = dst + key * STRIDE + c * VEC;
-            if (pos < kv_len) {
+            if (pos < k_end) {
                 const size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
                 cp_async16(d, cache + (slot * kv_heads + kvh) * D + c * VEC);
             } else {
@@ -379,8 +385,8 @@ __device__ __forceinline__ void paged_prefill_mma(
         qa[kk][3] = lds32(&k_sh[r1 * STRIDE + 16 * kk + 8 + 2 * t4]);
     }
     __syncthreads();
-    issue(k_sh, k_cache, 0);
-    issue(v_sh, v_cache, 0);
+    issue(k_sh, k_cache, k_begin);
+    issue(v_sh, v_cache, k_begin);
 
     // Positions of the lane's rows (-1: past the item, sees nothing), and the last key any row
     // of the warp sees.
@@ -394,8 +400,8 @@ __device__ __forceinline__ void paged_prefill_mma(
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f; // l: this lane's share of the sum
     float s[STILES][4];
 
-    for (int key0 = 0; key0 < kv_len; key0 += MMA_KEYS) {
-        const bool more = key0 + MMA_KEYS < kv_len;
+    for (int key0 = k_begin; key0 < k_end; key0 += MMA_KEYS) {
+        const bool more = key0 + MMA_KEYS < k_end;
         const bool active = key0 <= warp_last; // warp-uniform
         cp_async_wait<1>(); // this tile's keys have landed; its values may be in flight
         __syncthreads();
@@ -414,8 +420,9 @@ __device__ __forceinline__ void paged_prefill_mma(
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int key = key0 + 8 * j + 2 * t4 + e;
-                    s[j][e] = key <= pos0 ? s[j][e] * scale_log2 : -INFINITY;
-                    s[j][2 + e] = key <= pos1 ? s[j][2 + e] * scale_log2 : -INFINITY;
+                    const bool in = key < k_end;
+                    s[j][e] = in && key <= pos0 ? s[j][e] * scale_log2 : -INFINITY;
+                    s[j][2 + e] = in && key <= pos1 ? s[j][2 + e] * scale_log2 : -INFINITY;
                     mx0 = fmaxf(mx0, s[j][e]);
                     mx1 = fmaxf(mx1, s[j][2 + e]);
                 }
@@ -480,18 +487,29 @@ __device__ __forceinline__ void paged_prefill_mma(
         l0 += __shfl_xor_sync(0xffffffffu, l0, x);
         l1 += __shfl_xor_sync(0xffffffffu, l1, x);
     }
-    // Every row of the item sees key 0, so its sum is positive.
+    // A row that sees no key of this partition has sum 0; the reduce skips it. (Without
+    // partitions every row of the item sees key 0.)
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    auto store = [&](int r, float inv, int half) {
+    auto store = [&](int r, float m, float l, float inv, int half) {
         const size_t row = (size_t)(row0 + r / group) * heads + kvh * group + r % group;
-        T *dst = out + row * D + 2 * t4;
+        if (num_parts == 1) {
+            T *dst = out + row * D + 2 * t4;
 #pragma unroll
-        for (int d = 0; d < OTILES; ++d)
-            *reinterpret_cast<uint32_t *>(dst + 8 * d) =
-                pack2<T>(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+            for (int d = 0; d < OTILES; ++d)
+                *reinterpret_cast<uint32_t *>(dst + 8 * d) =
+                    pack2<T>(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+        } else {
+            const size_t prow = row * num_parts + part;
+            float *dst = part_out + prow * D + 2 * t4;
+#pragma unroll
+            for (int d = 0; d < OTILES; ++d)
+                *reinterpret_cast<float2 *>(dst + 8 * d) =
+                    make_float2(o[d][2 * half] * inv, o[d][2 * half + 1] * inv);
+            if (t4 == 0) part_ml[2 * prow] = m, part_ml[2 * prow + 1] = l;
+        }
     };
-    if (r0 < rows) store(r0, inv0, 0);
-    if (r1 < rows) store(r1, inv1, 1);
+    if (r0 < rows) store(r0, m0, l0, inv0, 0);
+    if (r1 < rows) store(r1, m1, l1, inv1, 1);
 }
 
 } // namespace
@@ -524,11 +542,13 @@ CANDELA_FOR_FLOAT_TYPES(ATTENTION_HEAD_DIMS)
 #if defined(CANDELA_EMU) || __CUDA_ARCH__ >= 800
 #define PREFILL_MMA_KERNEL(NAME, TYPE, D)                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) paged_prefill_mma_##NAME##_d##D(     \
-        TYPE *out, const TYPE *q, const TYPE *k_cache, const TYPE *v_cache,                      \
-        const uint32_t *seq_info, const uint32_t *block_tables, const uint32_t *work, int heads, \
-        int kv_heads, int block_size, int max_blocks, float scale_log2) {                        \
-        paged_prefill_mma<TYPE, D>(out, q, k_cache, v_cache, seq_info, block_tables, work,       \
-                                   heads, kv_heads, block_size, max_blocks, scale_log2);         \
+        TYPE *out, float *part_out, float *part_ml, const TYPE *q, const TYPE *k_cache,          \
+        const TYPE *v_cache, const uint32_t *seq_info, const uint32_t *block_tables,             \
+        const uint32_t *work, int heads, int kv_heads, int block_size, int max_blocks,           \
+        int part_len, int num_parts, float scale_log2) {                                          \
+        paged_prefill_mma<TYPE, D>(out, part_out, part_ml, q, k_cache, v_cache, seq_info,        \
+                                   block_tables, work, heads, kv_heads, block_size, max_blocks,  \
+                                   part_len, num_parts, scale_log2);                              \
     }
 #define PREFILL_MMA_HEAD_DIMS(NAME, TYPE)                                                         \
     PREFILL_MMA_KERNEL(NAME, TYPE, 64)                                                            \

@@ -93,9 +93,9 @@ fn device_meta<'a>(
     }
 }
 
-/// The CUDA-core kernel over grid (work items, kv heads, partitions) and, with partitions, the
-/// merge over (tokens, heads / 4), a warp per head; the tensor-core kernel over (its work
-/// items, kv heads). All of THREADS.
+/// The CUDA-core and tensor-core kernels, each over grid (its work items, kv heads,
+/// partitions), then with partitions the merge over (tokens, heads / 4), a warp per head. All
+/// of THREADS.
 fn launch<T: CudaDType + DeviceRepr>(
     q: &Tensor,
     k_cache: &Tensor,
@@ -124,7 +124,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     let positions = m_view.slice(meta.positions_at..);
 
     // SAFETY (allocations): every row is written, by its CTA (of either kernel) or by the
-    // merge; with partitions, the merge reads only the partials that CTAs wrote.
+    // merge; with partitions, the merge reads only the partials that CTAs (of either) wrote.
     let mut out = unsafe { dev.alloc::<T>(q.elem_count())? };
     let mut partials = match plan.num_parts {
         1 => None,
@@ -149,8 +149,14 @@ fn launch<T: CudaDType + DeviceRepr>(
     };
     let stream = dev.cuda_stream();
 
-    if let Some(grid) = plan.core {
-        let func = cu::ATTENTION.function(dev, &format!("paged_attention_{ty}_d{head_dim}"))?;
+    // Both kernels take the same arguments, each with its own work list.
+    let kernels = [
+        (plan.core, "paged_attention", &work),
+        (plan.mma, "paged_prefill_mma", &mma_work),
+    ];
+    for (grid, kernel, items) in kernels {
+        let Some(grid) = grid else { continue };
+        let func = cu::ATTENTION.function(dev, &format!("{kernel}_{ty}_d{head_dim}"))?;
         let mut args = stream.launch_builder(&func);
         args.arg(&mut out);
         match &mut partials {
@@ -158,14 +164,16 @@ fn launch<T: CudaDType + DeviceRepr>(
             None => args.arg(&no_partials).arg(&no_partials),
         };
         args.arg(&q_view).arg(&k_view).arg(&v_view);
-        args.arg(&seq_info).arg(&tables).arg(&work);
+        args.arg(&seq_info).arg(&tables).arg(items);
         args.arg(&heads_i)
             .arg(&kv_heads_i)
             .arg(&block_size_i)
             .arg(&max_blocks);
         args.arg(&part_len).arg(&num_parts).arg(&scale_log2);
-        // SAFETY: argument types and order match `paged_attention_*` in cuda/attention.cu, and
-        // DeviceMeta::new checked every index the kernel derives from the metadata.
+        // SAFETY: argument types and order match `paged_attention_*` and `paged_prefill_mma_*`
+        // in cuda/attention.cu (the latter built for f16 and bf16, which `mma_tile_tokens`
+        // requires, on sm_80 and later, which `mma_enabled` requires); DeviceMeta::new checked
+        // every index the kernels derive from the metadata.
         unsafe { args.launch(config(grid)) }.w()?;
     }
     if let (Some(grid), Some((part_out, part_ml))) = (plan.reduce, &partials) {
@@ -178,20 +186,6 @@ fn launch<T: CudaDType + DeviceRepr>(
             .arg(&positions);
         args.arg(&heads_i).arg(&part_len).arg(&num_parts);
         // SAFETY: argument types and order match `paged_attention_reduce_*`.
-        unsafe { args.launch(config(grid)) }.w()?;
-    }
-    if let Some(grid) = plan.mma {
-        let func = cu::ATTENTION.function(dev, &format!("paged_prefill_mma_{ty}_d{head_dim}"))?;
-        let mut args = stream.launch_builder(&func);
-        args.arg(&mut out).arg(&q_view).arg(&k_view).arg(&v_view);
-        args.arg(&seq_info).arg(&tables).arg(&mma_work);
-        args.arg(&heads_i)
-            .arg(&kv_heads_i)
-            .arg(&block_size_i)
-            .arg(&max_blocks)
-            .arg(&scale_log2);
-        // SAFETY: argument types and order match `paged_prefill_mma_*` (built for f16 and bf16,
-        // which `mma_tile_tokens` requires, on sm_80 and later, which `mma_enabled` requires).
         unsafe { args.launch(config(grid)) }.w()?;
     }
     Ok(cu::tensor(out, dev, (tokens, heads, head_dim)))

@@ -47,32 +47,36 @@ fn run<T: WithDType>(
     let n = tokens * heads * num_parts;
     let (mut part_out, mut part_ml) = (vec![f32::NAN; n * head_dim], vec![f32::NAN; n * 2]);
     let split = num_parts > 1;
-    let none = Arg::Ptr(std::ptr::null());
-    let args = [
-        ptr_mut(&mut out),
-        if split {
-            ptr_mut(&mut part_out)
-        } else {
-            Arg::Ptr(std::ptr::null())
-        },
-        if split { ptr_mut(&mut part_ml) } else { none },
-        ptr(&q),
-        ptr(&k),
-        ptr(&v),
-        ptr(&data[..meta.tables_at]),
-        ptr(&data[meta.tables_at..]),
-        ptr(&data[meta.work_at..]),
-        Arg::I32(heads as i32),
-        Arg::I32(kv_heads as i32),
-        Arg::I32(block_size as i32),
-        Arg::I32(meta.max_blocks as i32),
-        Arg::I32(part_len.min(i32::MAX as usize) as i32),
-        Arg::I32(num_parts as i32),
-        Arg::F32(scale * std::f32::consts::LOG2_E),
-    ];
-    if let Some(grid) = plan.core {
+    // Both kernels take the same arguments, each with its own work list.
+    for (grid, kernel, items) in [
+        (plan.core, "paged_attention", meta.work_at),
+        (plan.mma, "paged_prefill_mma", meta.mma_work_at),
+    ] {
+        let Some(grid) = grid else { continue };
+        let partial = |buf: &mut Vec<f32>| match split {
+            true => ptr_mut(buf),
+            false => Arg::Ptr(std::ptr::null()),
+        };
+        let args = [
+            ptr_mut(&mut out),
+            partial(&mut part_out),
+            partial(&mut part_ml),
+            ptr(&q),
+            ptr(&k),
+            ptr(&v),
+            ptr(&data[..meta.tables_at]),
+            ptr(&data[meta.tables_at..]),
+            ptr(&data[items..]),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(block_size as i32),
+            Arg::I32(meta.max_blocks as i32),
+            Arg::I32(part_len.min(i32::MAX as usize) as i32),
+            Arg::I32(num_parts as i32),
+            Arg::F32(scale * std::f32::consts::LOG2_E),
+        ];
         launch(
-            &format!("paged_attention_{ty}_d{head_dim}"),
+            &format!("{kernel}_{ty}_d{head_dim}"),
             grid,
             [THREADS, 1, 1],
             &args,
@@ -95,36 +99,15 @@ fn run<T: WithDType>(
             &args,
         );
     }
-    if let Some(grid) = plan.mma {
-        let args = [
-            ptr_mut(&mut out),
-            ptr(&q),
-            ptr(&k),
-            ptr(&v),
-            ptr(&data[..meta.tables_at]),
-            ptr(&data[meta.tables_at..]),
-            ptr(&data[meta.mma_work_at..]),
-            Arg::I32(heads as i32),
-            Arg::I32(kv_heads as i32),
-            Arg::I32(block_size as i32),
-            Arg::I32(meta.max_blocks as i32),
-            Arg::F32(scale * std::f32::consts::LOG2_E),
-        ];
-        launch(
-            &format!("paged_prefill_mma_{ty}_d{head_dim}"),
-            grid,
-            [THREADS, 1, 1],
-            &args,
-        );
-    }
     Tensor::from_vec(out, (tokens, heads, head_dim), &Device::Cpu)
 }
 
-fn check(c: &Case) -> Result<()> {
+/// The case with prompt chunks on the tensor-core kernel (f16/bf16), then unless `mma_only` on
+/// the CUDA-core one too.
+fn check_kernels(c: &Case, mma_only: bool) -> Result<()> {
     let x = c.inputs(&Device::Cpu)?;
-    // f16/bf16 prompt chunks both ways: on the tensor-core kernel and on the CUDA-core one.
     for mma in [true, false] {
-        if !mma && c.dtype == DType::F32 {
+        if !mma && (mma_only || c.dtype == DType::F32) {
             continue;
         }
         let (q, k, v, seqs, scale) = (&x.q, &x.k, &x.v, &x.seqs, x.scale);
@@ -137,6 +120,10 @@ fn check(c: &Case) -> Result<()> {
         assert_close(&got, &x.want, c.dtype, &what)?;
     }
     Ok(())
+}
+
+fn check(c: &Case) -> Result<()> {
+    check_kernels(c, false)
 }
 
 /// Decode steps, prefill chunks over cached prefixes and both mixed, for every dtype, head_dim
@@ -159,10 +146,12 @@ fn matches_reference_across_shapes() -> Result<()> {
     Ok(())
 }
 
-/// Few sequences over long contexts: split into partitions and merged, decode and prefill.
+/// Few sequences over long contexts: split into partitions and merged, decode and prefill (on
+/// both kernels in bf16), and a short chunk over a long cached prefix.
 #[test]
 fn long_contexts_split_and_merge() -> Result<()> {
-    let shapes: [&[(usize, usize)]; 2] = [&[(1, 1500)], &[(1, 900), (24, 700), (1, 257)]];
+    let shapes: [&[(usize, usize)]; 3] =
+        [&[(1, 1500)], &[(1, 900), (24, 700), (1, 257)], &[(9, 1200)]];
     for dtype in [DType::F32, DType::BF16] {
         for shape in shapes {
             for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32)] {
@@ -181,7 +170,7 @@ fn long_prompts_on_tensor_cores() -> Result<()> {
     for dtype in [DType::F16, DType::BF16] {
         for geometry in PROMPT_GEOMETRIES {
             for shape in shapes {
-                check(&Case::new(dtype, geometry, shape))?;
+                check_kernels(&Case::new(dtype, geometry, shape), true)?;
             }
         }
     }

@@ -8,8 +8,9 @@ use super::SeqAttention;
 
 /// Threads of a CTA of both kernels.
 pub(super) const THREADS: u32 = 128;
-/// Keys per tile of the kernel; partitions are whole tiles.
-const KEYS: usize = 32;
+/// Keys per tile of the tensor-core kernel (the CUDA-core kernel's tiles are half as long):
+/// partitions are whole tiles of both.
+const KEYS: usize = 64;
 /// Below this many CTAs (about four per SM of an H100) long contexts are split.
 const TARGET_CTAS: usize = 512;
 /// The shortest partition worth a CTA of its own, in keys.
@@ -38,10 +39,11 @@ pub(super) fn mma_tile_tokens(dtype: DType, group: usize, enabled: bool) -> usiz
     }
 }
 
-/// Whether a sequence with `query_len` new tokens goes to the tensor-core kernel: when it would
-/// fill at least half of a CTA's rows (decode steps and short chunks stay on the other kernel).
-pub(super) fn takes_mma(query_len: usize, mma_tile_tokens: usize) -> bool {
-    mma_tile_tokens > 0 && 2 * query_len >= mma_tile_tokens
+/// Whether a sequence with `query_len` new tokens goes to the tensor-core kernel: when it needs
+/// more than one item of the CUDA-core kernel (`tile_tokens`) and fills at least half of a
+/// tensor-core CTA's rows. Decode steps and short chunks stay on the CUDA-core kernel.
+pub(super) fn takes_mma(query_len: usize, tile_tokens: usize, mma_tile_tokens: usize) -> bool {
+    mma_tile_tokens > 0 && query_len > tile_tokens && 2 * query_len >= mma_tile_tokens
 }
 
 /// What a [`DeviceMeta`] was built for: rows per work item of each kernel (`mma_tile_tokens` 0:
@@ -131,7 +133,7 @@ impl DeviceMeta {
                 key.tile_tokens
             };
             for (i, s) in seqs.iter().enumerate() {
-                if takes_mma(s.query_len, key.mma_tile_tokens) != mma {
+                if takes_mma(s.query_len, key.tile_tokens, key.mma_tile_tokens) != mma {
                     continue;
                 }
                 for first in (0..s.query_len).step_by(tile) {
@@ -167,37 +169,32 @@ impl DeviceMeta {
     }
 }
 
-/// The launches of one attention call: grids of the CUDA-core kernel, of the merge of its
-/// partitions and of the tensor-core kernel (`None`: not launched), and the partitions.
+/// The launches of one attention call: grids of the CUDA-core kernel, of the tensor-core kernel
+/// (`None`: not launched) and of the merge of their partitions, and the partitions, which both
+/// kernels share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Launches {
     pub(super) core: Option<[u32; 3]>,
-    pub(super) reduce: Option<[u32; 3]>,
     pub(super) mma: Option<[u32; 3]>,
+    pub(super) reduce: Option<[u32; 3]>,
     pub(super) part_len: usize,
     pub(super) num_parts: usize,
 }
 
 impl Launches {
     pub(super) fn new(meta: &DeviceMeta, heads: usize, kv_heads: usize) -> Self {
-        // The merge rewrites every row of the batch, so with tensor-core items (whose rows it
-        // would overwrite) contexts are not split; prompts keep the GPU busy then anyway.
-        let (part_len, num_parts) = if meta.num_mma_work > 0 {
-            (i32::MAX as usize, 1)
-        } else {
-            partitions(meta.num_work * kv_heads, meta.max_context)
-        };
-        let grid = |items: usize, z: usize| {
-            (items > 0).then_some([items as u32, kv_heads as u32, z as u32])
-        };
+        let ctas = (meta.num_work + meta.num_mma_work) * kv_heads;
+        let (part_len, num_parts) = partitions(ctas, meta.max_context);
+        let grid =
+            |items: usize| (items > 0).then_some([items as u32, kv_heads as u32, num_parts as u32]);
         Self {
-            core: grid(meta.num_work, num_parts),
+            core: grid(meta.num_work),
+            mma: grid(meta.num_mma_work),
             reduce: (num_parts > 1).then_some([
                 meta.key.tokens as u32,
                 heads.div_ceil(4) as u32,
                 1,
             ]),
-            mma: grid(meta.num_mma_work, 1),
             part_len,
             num_parts,
         }

@@ -73,9 +73,16 @@ impl<'a> Case<'a> {
 }
 
 /// `(head_dim, group, block_size)` of the long-prompt tests: every group size that fills the
-/// tensor-core kernel's rows differently.
-pub(super) const PROMPT_GEOMETRIES: [(usize, usize, usize); 4] =
-    [(128, 4, 16), (64, 1, 32), (128, 2, 16), (64, 8, 32)];
+/// tensor-core kernel's rows differently, up to groups whose decode steps fill a CUDA-core item
+/// alone (32 in f16/bf16).
+pub(super) const PROMPT_GEOMETRIES: [(usize, usize, usize); 6] = [
+    (128, 4, 16),
+    (64, 1, 32),
+    (128, 2, 16),
+    (64, 8, 32),
+    (64, 16, 16),
+    (64, 32, 32),
+];
 
 /// A batch of `(query_len, context_len)` sequences, back to back, with block tables drawn from
 /// a shuffled pool so that blocks are out of order.

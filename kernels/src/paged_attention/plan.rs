@@ -136,7 +136,9 @@ impl DeviceMeta {
                 if takes_mma(s.query_len, key.tile_tokens, key.mma_tile_tokens) != mma {
                     continue;
                 }
-                for first in (0..s.query_len).step_by(tile) {
+                // A causal tile's work grows with its position: the last tiles go first, so
+                // that the long CTAs do not start at the end of the launch.
+                for first in (0..s.query_len).step_by(tile).rev() {
                     let tokens = tile.min(s.query_len - first);
                     data.extend([i, s.query_start + first, tokens].map(|x| x as u32));
                 }

@@ -56,6 +56,32 @@ __device__ __forceinline__ void store4(float *dst, const float *src) {
     *reinterpret_cast<float4 *>(dst) = make_float4(src[0], src[1], src[2], src[3]);
 }
 
+// What a CTA of either attention kernel works on: its work item (a tile of `tokens` query
+// tokens of one sequence from batch row `row0`; rows are tokens times the group's heads), its kv
+// head, and its partition of the context. The tile's last token sees keys [0, kv_len); this CTA
+// takes [k_begin, k_end) of them (none if k_begin >= kv_len).
+struct Item {
+    int row0, tokens, kvh, part, group, rows, first_pos, kv_len, k_begin, k_end;
+    const uint32_t *table; // the sequence's block table
+    __device__ __forceinline__ Item(const uint32_t *work, const uint32_t *seq_info,
+                                    const uint32_t *block_tables, int heads, int kv_heads,
+                                    int max_blocks, int part_len) {
+        const uint32_t *item = work + 3 * blockIdx.x;
+        const int seq = item[0];
+        row0 = item[1], tokens = item[2];
+        kvh = blockIdx.y, part = blockIdx.z;
+        const int q_start = seq_info[3 * seq], q_len = seq_info[3 * seq + 1];
+        const int ctx = seq_info[3 * seq + 2];
+        group = heads / kv_heads;
+        rows = tokens * group;
+        first_pos = ctx - q_len + (row0 - q_start);
+        kv_len = first_pos + tokens;
+        k_begin = part * part_len;
+        k_end = kv_len - k_begin > part_len ? k_begin + part_len : kv_len;
+        table = block_tables + (size_t)seq * max_blocks;
+    }
+};
+
 // Grid: (work items, kv heads, partitions); block: THREADS.
 //
 // seq_info: per sequence, [query_start, query_len, context_len].
@@ -92,20 +118,11 @@ __device__ __forceinline__ void paged_attention(
     __shared__ int pos_sh[R];                        // per row: its token's position, -1 if none
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const uint32_t *item = work + 3 * blockIdx.x;
-    const int seq = item[0], row0 = item[1], tokens = item[2];
-    const int kvh = blockIdx.y, part = blockIdx.z;
-    const int q_start = seq_info[3 * seq], q_len = seq_info[3 * seq + 1];
-    const int ctx = seq_info[3 * seq + 2];
-    const int group = heads / kv_heads;
-    const int rows = tokens * group;
-    const int first_pos = ctx - q_len + (row0 - q_start);
-    // The tile's last token sees keys 0..kv_len; this CTA takes [k_begin, k_end) of them.
-    const int kv_len = first_pos + tokens;
-    const int k_begin = part * part_len;
-    if (k_begin >= kv_len) return;
-    const int k_end = kv_len - k_begin > part_len ? k_begin + part_len : kv_len;
-    const uint32_t *table = block_tables + (size_t)seq * max_blocks;
+    const Item it(work, seq_info, block_tables, heads, kv_heads, max_blocks, part_len);
+    if (it.k_begin >= it.kv_len) return;
+    const int row0 = it.row0, kvh = it.kvh, part = it.part, group = it.group, rows = it.rows;
+    const int first_pos = it.first_pos, k_begin = it.k_begin, k_end = it.k_end;
+    const uint32_t *table = it.table;
 
     // Row r is query head kvh * group + r % group of batch row row0 + r / group.
     for (int i = tid; i < R * PACKS; i += THREADS) {
@@ -330,20 +347,11 @@ __device__ __forceinline__ void paged_prefill_mma(
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t4 = lane % 4;
-    const uint32_t *item = work + 3 * blockIdx.x;
-    const int seq = item[0], row0 = item[1], tokens = item[2];
-    const int kvh = blockIdx.y, part = blockIdx.z;
-    const int q_start = seq_info[3 * seq], q_len = seq_info[3 * seq + 1];
-    const int ctx = seq_info[3 * seq + 2];
-    const int group = heads / kv_heads;
-    const int rows = tokens * group;
-    const int first_pos = ctx - q_len + (row0 - q_start);
-    // The tile's last token sees keys 0..kv_len; this CTA takes [k_begin, k_end) of them.
-    const int kv_len = first_pos + tokens;
-    const int k_begin = part * part_len;
-    if (k_begin >= kv_len) return;
-    const int k_end = kv_len - k_begin > part_len ? k_begin + part_len : kv_len;
-    const uint32_t *table = block_tables + (size_t)seq * max_blocks;
+    const Item it(work, seq_info, block_tables, heads, kv_heads, max_blocks, part_len);
+    if (it.k_begin >= it.kv_len) return;
+    const int row0 = it.row0, kvh = it.kvh, part = it.part, group = it.group, rows = it.rows;
+    const int first_pos = it.first_pos, k_begin = it.k_begin, k_end = it.k_end;
+    const uint32_t *table = it.table;
 
     // Copies keys [key0, key0 + MMA_KEYS) of `cache` into `dst` as one group; keys past the
     // partition read as zeros (their weight is 0, and 0 * garbage could be NaN).

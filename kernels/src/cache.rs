@@ -81,12 +81,7 @@ mod cuda {
                 cache.shape()
             );
         }
-        // Views of a fused projection are read in place; anything else is copied first.
-        let rows = rows.to_dtype(cache.dtype())?;
-        let rows = match cu::row_stride(&rows) {
-            Some(_) => rows,
-            None => rows.force_contiguous()?,
-        };
+        let rows = cu::rows(&rows.to_dtype(cache.dtype())?)?;
         cache.inplace_op3(&rows, &slots.contiguous()?, &WriteCache)
     }
 

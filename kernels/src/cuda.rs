@@ -88,6 +88,15 @@ pub(crate) fn row_stride(t: &Tensor) -> Option<usize> {
     .then_some(strides[0])
 }
 
+/// `t` as the kernels read `[tokens, heads, head_dim]` rows (see [`row_stride`]): `t` itself
+/// (a view of a fused projection included) or a contiguous copy.
+pub(crate) fn rows(t: &Tensor) -> Result<Tensor> {
+    match row_stride(t) {
+        Some(_) => Ok(t.clone()),
+        None => t.force_contiguous(),
+    }
+}
+
 /// A size as the kernels' `int` parameters take it.
 pub(crate) fn int(n: usize) -> Result<i32> {
     i32::try_from(n)

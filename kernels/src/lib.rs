@@ -29,4 +29,4 @@ pub use paged_attention::{
 };
 pub use quant_matmul::{QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK};
 pub use rotary::{rotary_embedding, RopeLayout};
-pub use sampling::{sample, sample_row, RowSampling};
+pub use sampling::{argmax, sample, sample_row, RowSampling};

@@ -109,12 +109,7 @@ mod cuda {
         sin: &Tensor,
         layout: RopeLayout,
     ) -> Result<(Tensor, Tensor)> {
-        // Views of a fused projection are read in place; anything else is copied first.
-        let rows = |t: &Tensor| match cu::row_stride(t) {
-            Some(_) => Ok(t.clone()),
-            None => t.force_contiguous(),
-        };
-        let (q, k) = (rows(q)?, rows(k)?);
+        let (q, k) = (cu::rows(q)?, cu::rows(k)?);
         let (cos, sin) = (cu::packed(cos)?, cu::packed(sin)?);
         dispatch_float!(q.dtype(), launch(&q, &k, &cos, &sin, layout))
     }
@@ -164,7 +159,7 @@ mod cuda {
         };
         let (heads_i, kv_heads_i, head_dim_i) =
             (cu::int(heads)?, cu::int(kv_heads)?, cu::int(head_dim)?);
-        let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("checked by rows()"));
+        let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("cu::rows gave rows"));
         let (q_stride, k_stride) = (stride(q)?, stride(k)?);
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&func);

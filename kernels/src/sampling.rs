@@ -67,10 +67,10 @@ pub fn sample(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// One row on the CPU, step for step as the CUDA kernel does it.
-pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
-    // NaN never compares greater, so it never wins; neither does -inf unless all are.
-    let (argmax, max) = logits
+/// The first largest of `logits` and its value. NaN never compares greater, so it never wins;
+/// neither does -inf unless all are (then the first).
+pub fn argmax(logits: &[f32]) -> (usize, f32) {
+    logits
         .iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
@@ -79,7 +79,12 @@ pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
             } else {
                 best
             }
-        });
+        })
+}
+
+/// One row on the CPU, step for step as the CUDA kernel does it.
+pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
+    let (argmax, max) = argmax(logits);
     if row.is_greedy() || max.is_infinite() {
         return argmax as u32;
     }
@@ -229,6 +234,40 @@ mod tests {
             .collect()
     }
 
+    /// Rows the kernel must take as the reference does (NaN, all -inf, one finite value, ties),
+    /// each with every one of the settings: greedy, all cuts, and a draw at the top of [0, 1).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub(super) fn edge_cases() -> Vec<(Vec<f32>, RowSampling)> {
+        let (nan, inf) = (f32::NAN, f32::NEG_INFINITY);
+        let rows = [
+            vec![nan, 1.0, 2.0, nan, 2.0],
+            vec![inf, inf, inf, inf, inf],
+            vec![inf, inf, 0.5, inf, inf],
+            vec![0.0, 0.0, 0.0, 0.0, 0.0],
+        ];
+        let settings = [
+            RowSampling::GREEDY,
+            RowSampling {
+                temperature: 1.0,
+                top_k: 3,
+                top_p: 0.9,
+                min_p: 0.1,
+                uniform: 0.5,
+            },
+            RowSampling {
+                temperature: 0.7,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                uniform: 0.999_999,
+            },
+        ];
+        settings
+            .iter()
+            .flat_map(|s| rows.iter().map(move |r| (r.clone(), *s)))
+            .collect()
+    }
+
     fn settings(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> RowSampling {
         RowSampling {
             temperature,
@@ -359,7 +398,7 @@ mod tests {
 mod cuda_tests {
     use candle_core::{Device, Result, Tensor};
 
-    use super::{sample, sample_row, RowSampling};
+    use super::{sample, sample_row};
     use crate::test_util::cuda_device;
 
     /// The kernel picks the reference's token for the same draw, over rows of a Llama-3 sized
@@ -400,28 +439,10 @@ mod cuda_tests {
         let Some(dev) = cuda_device() else {
             return Ok(());
         };
-        let nan = f32::NAN;
-        let inf = f32::NEG_INFINITY;
-        let rows = [
-            vec![nan, 1.0, 2.0, nan, 2.0],
-            vec![inf, inf, inf, inf, inf],
-            vec![inf, inf, 0.5, inf, inf],
-        ];
-        for settings in [
-            RowSampling::GREEDY,
-            RowSampling {
-                temperature: 1.0,
-                top_k: 3,
-                top_p: 0.9,
-                min_p: 0.1,
-                uniform: 0.5,
-            },
-        ] {
-            for row in &rows {
-                let want = sample_row(row, &settings);
-                let t = Tensor::new(row.as_slice(), &dev)?.unsqueeze(0)?;
-                assert_eq!(sample(&t, &[settings])?, vec![want], "{row:?} {settings:?}");
-            }
+        for (row, settings) in super::tests::edge_cases() {
+            let want = sample_row(&row, &settings);
+            let t = Tensor::new(row.as_slice(), &dev)?.unsqueeze(0)?;
+            assert_eq!(sample(&t, &[settings])?, vec![want], "{row:?} {settings:?}");
         }
         Ok(())
     }
@@ -478,34 +499,13 @@ mod emu_tests {
 
     #[test]
     fn edge_rows() {
-        let (nan, inf) = (f32::NAN, f32::NEG_INFINITY);
-        let rows = [
-            vec![nan, 1.0, 2.0, nan, 2.0],
-            vec![inf, inf, inf, inf, inf],
-            vec![inf, inf, 0.5, inf, inf],
-            vec![0.0, 0.0, 0.0, 0.0, 0.0],
-        ];
-        for settings in [
-            RowSampling::GREEDY,
-            RowSampling {
-                temperature: 1.0,
-                top_k: 3,
-                top_p: 0.9,
-                min_p: 0.1,
-                uniform: 0.5,
-            },
-            RowSampling {
-                temperature: 0.7,
-                top_k: 0,
-                top_p: 1.0,
-                min_p: 0.0,
-                uniform: 0.999_999,
-            },
-        ] {
-            for row in &rows {
-                let want = sample_row(row, &settings);
-                assert_eq!(kernel(row, &[settings]), vec![want], "{row:?} {settings:?}");
-            }
+        for (row, settings) in super::tests::edge_cases() {
+            let want = sample_row(&row, &settings);
+            assert_eq!(
+                kernel(&row, &[settings]),
+                vec![want],
+                "{row:?} {settings:?}"
+            );
         }
     }
 }

@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use candela_kernels::{exp_nonpositive, RowSampling};
+use candela_kernels::{argmax, exp_nonpositive, RowSampling};
 
 use crate::ids::TokenId;
 
@@ -120,7 +120,7 @@ impl Sampler {
         };
         self.apply_penalties(logits, prompt, output);
         let token = if self.params.temperature <= 1e-5 {
-            argmax(logits)
+            argmax(logits).0
         } else {
             self.sample_random(logits)
         };
@@ -260,19 +260,6 @@ fn sum_where(x: &[f32], keep: impl Fn(f32) -> bool) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
 }
 
 fn log_softmax(x: &[f32]) -> Vec<f32> {

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::test_batches::{batch, Case, BATCHES, PROMPT_GEOMETRIES};
+use super::test_batches::{batch, cases, Case, BATCHES, PROMPT_GEOMETRIES};
 use super::{paged_attention, AttentionMeta};
 use crate::test_util::{assert_close, cuda_device, DTYPES};
 
@@ -23,19 +23,13 @@ fn matches_reference_across_shapes() -> Result<()> {
     let Some(dev) = cuda_device() else {
         return Ok(());
     };
-    for dtype in DTYPES {
-        for head_dim in [64, 128] {
-            for group in [1, 4, 8] {
-                for block_size in [16, 32] {
-                    for shape in BATCHES {
-                        check(
-                            &dev,
-                            &Case::new(dtype, (head_dim, group, block_size), shape),
-                        )?;
-                    }
-                }
-            }
-        }
+    let geometries: Vec<_> = [64, 128]
+        .into_iter()
+        .flat_map(|head_dim| [1, 4, 8].map(|group| (head_dim, group)))
+        .flat_map(|(head_dim, group)| [16, 32].map(|block_size| (head_dim, group, block_size)))
+        .collect();
+    for case in cases(&DTYPES, &geometries, &BATCHES) {
+        check(&dev, &case)?;
     }
     Ok(())
 }
@@ -52,15 +46,9 @@ fn long_contexts_split_and_merge() -> Result<()> {
         &[(1, 3000), (64, 3000), (1, 257)],
         &[(1, 1000), (1, 2047), (1, 4096)],
     ];
-    for dtype in DTYPES {
-        for shape in shapes {
-            for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32), (128, 1, 32)] {
-                check(
-                    &dev,
-                    &Case::new(dtype, (head_dim, group, block_size), shape),
-                )?;
-            }
-        }
+    let geometries = [(128, 4, 16), (64, 8, 32), (128, 1, 32)];
+    for case in cases(&DTYPES, &geometries, &shapes) {
+        check(&dev, &case)?;
     }
     Ok(())
 }
@@ -73,12 +61,8 @@ fn long_prompts() -> Result<()> {
         return Ok(());
     };
     let shapes: [&[(usize, usize)]; 2] = [&[(1000, 1000)], &[(64, 300), (1, 50), (500, 1164)]];
-    for dtype in DTYPES {
-        for shape in shapes {
-            for geometry in PROMPT_GEOMETRIES {
-                check(&dev, &Case::new(dtype, geometry, shape))?;
-            }
-        }
+    for case in cases(&DTYPES, &PROMPT_GEOMETRIES, &shapes) {
+        check(&dev, &case)?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 
 use super::plan::{max_rows, mma_tile_tokens, DeviceMeta, Launches, MetaKey, THREADS};
-use super::test_batches::{Case, BATCHES, PROMPT_GEOMETRIES};
+use super::test_batches::{cases, Case, BATCHES, PROMPT_GEOMETRIES};
 use crate::emu::{launch, ptr, ptr_mut, Arg};
 use crate::test_util::assert_close;
 
@@ -152,12 +152,9 @@ fn matches_reference_across_shapes() -> Result<()> {
 fn long_contexts_split_and_merge() -> Result<()> {
     let shapes: [&[(usize, usize)]; 3] =
         [&[(1, 1500)], &[(1, 900), (24, 700), (1, 257)], &[(9, 1200)]];
-    for dtype in [DType::F32, DType::BF16] {
-        for shape in shapes {
-            for (head_dim, group, block_size) in [(128, 4, 16), (64, 8, 32)] {
-                check(&Case::new(dtype, (head_dim, group, block_size), shape))?;
-            }
-        }
+    let geometries = [(128, 4, 16), (64, 8, 32)];
+    for case in cases(&[DType::F32, DType::BF16], &geometries, &shapes) {
+        check(&case)?;
     }
     Ok(())
 }
@@ -167,12 +164,8 @@ fn long_contexts_split_and_merge() -> Result<()> {
 #[test]
 fn long_prompts_on_tensor_cores() -> Result<()> {
     let shapes: [&[(usize, usize)]; 2] = [&[(130, 130)], &[(64, 300), (1, 50), (100, 164)]];
-    for dtype in [DType::F16, DType::BF16] {
-        for geometry in PROMPT_GEOMETRIES {
-            for shape in shapes {
-                check_kernels(&Case::new(dtype, geometry, shape), true)?;
-            }
-        }
+    for case in cases(&[DType::F16, DType::BF16], &PROMPT_GEOMETRIES, &shapes) {
+        check_kernels(&case, true)?;
     }
     Ok(())
 }

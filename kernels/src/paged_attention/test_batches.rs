@@ -72,6 +72,21 @@ impl<'a> Case<'a> {
     }
 }
 
+/// Every case of `dtypes` x `geometries` (`(head_dim, group, block_size)`) x `shapes`.
+pub(super) fn cases<'a>(
+    dtypes: &'a [DType],
+    geometries: &'a [(usize, usize, usize)],
+    shapes: &'a [&'a [(usize, usize)]],
+) -> impl Iterator<Item = Case<'a>> + 'a {
+    dtypes.iter().flat_map(move |&dtype| {
+        geometries.iter().flat_map(move |&geometry| {
+            shapes
+                .iter()
+                .map(move |&shape| Case::new(dtype, geometry, shape))
+        })
+    })
+}
+
 /// `(head_dim, group, block_size)` of the long-prompt tests: every group size that fills the
 /// tensor-core kernel's rows differently, up to groups whose decode steps fill a CUDA-core item
 /// alone (32 in f16/bf16).

@@ -7,8 +7,8 @@
 #                                   tests of candela-kernels and candela-models)
 #
 # On the GPU machine (CUDA driver, no Rust): gunzip -c target/cuda/candela-gpu.gz >candela-gpu;
-#   chmod +x candela-gpu; bash ../shared/scripts/gpu-run.sh ./candela-gpu serve --device cuda:0
-#   (gpu-run.sh puts PyTorch's CUDA libraries on the loader path).
+#   chmod +x candela-gpu; bash scripts/gpu/run.sh ./candela-gpu serve --device cuda:0
+#   (run.sh puts PyTorch's CUDA libraries on the loader path); scripts/gpu-bench.sh measures.
 #
 # Environment:
 #   CUDA_WHEELS_CACHE   where the toolkit wheels go (default ~/.cache/candela-cuda; reused)

@@ -102,6 +102,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
                     prefix_hit_tokens: get(&s.prefix_hit_tokens),
                     preemptions: get(&s.preemptions),
                     generated_tokens: get(&s.generated_tokens),
+                    computed_tokens: get(&s.computed_tokens),
+                    steps: get(&s.steps),
+                    step_seconds: get(&s.step_micros) as f64 * 1e-6,
+                    step_launch_seconds: get(&s.step_launch_micros) as f64 * 1e-6,
                 })
             }
             Served::Embedding(_) => None,

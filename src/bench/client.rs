@@ -14,6 +14,8 @@ use crate::serving::{ChatModel, GenParams};
 pub enum Backend {
     Http {
         client: reqwest::Client,
+        /// The server's root, where a candela server answers `/metrics`.
+        base: String,
         url: String,
         chat: bool,
         model: String,
@@ -66,9 +68,95 @@ impl Backend {
                 url,
                 chat,
                 model,
+                ..
             } => http(client, url, *chat, model, req, ignore_eos).await,
             Backend::InProcess(model) => in_process(model, req, ignore_eos).await,
         }
+    }
+
+    /// The engine's step counters now: read in process, or scraped from a candela server's
+    /// `/metrics`. None where there are none to read (another server, or `/metrics` needs an
+    /// admin token this run does not have).
+    pub async fn engine_counters(&self) -> Option<EngineCounters> {
+        match self {
+            Backend::InProcess(model) => {
+                let s = &model.engine.stats;
+                let get = crate::engine::EngineStats::get;
+                Some(EngineCounters {
+                    steps: get(&s.steps) as f64,
+                    step_seconds: get(&s.step_micros) as f64 * 1e-6,
+                    launch_seconds: get(&s.step_launch_micros) as f64 * 1e-6,
+                    computed_tokens: get(&s.computed_tokens) as f64,
+                })
+            }
+            Backend::Http {
+                client,
+                base,
+                model,
+                ..
+            } => {
+                let response = client.get(format!("{base}/metrics")).send().await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                EngineCounters::parse(&response.text().await.ok()?, model)
+            }
+        }
+    }
+}
+
+/// Cumulative engine step counters of one model (see `EngineStats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineCounters {
+    pub steps: f64,
+    pub step_seconds: f64,
+    pub launch_seconds: f64,
+    pub computed_tokens: f64,
+}
+
+impl EngineCounters {
+    /// Reads `model`'s counters from a Prometheus text exposition.
+    fn parse(exposition: &str, model: &str) -> Option<Self> {
+        let label = format!("{{model=\"{model}\"}}");
+        let value = |name: &str| {
+            let series = format!("{name}{label} ");
+            exposition
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Some(Self {
+            steps: value("candela_engine_steps_total")?,
+            step_seconds: value("candela_engine_step_seconds_total")?,
+            launch_seconds: value("candela_engine_step_launch_seconds_total")?,
+            computed_tokens: value("candela_engine_computed_tokens_total")?,
+        })
+    }
+
+    /// What the engine did between `before` and `self`, as the saved result's keys; empty when
+    /// it ran no step.
+    pub fn since(&self, before: &Self) -> serde_json::Map<String, Value> {
+        let steps = self.steps - before.steps;
+        let mut out = serde_json::Map::new();
+        if steps <= 0.0 {
+            return out;
+        }
+        let step = self.step_seconds - before.step_seconds;
+        let launch = self.launch_seconds - before.launch_seconds;
+        let tokens = self.computed_tokens - before.computed_tokens;
+        for (k, v) in [
+            ("engine_steps", steps),
+            ("mean_step_ms", step / steps * 1e3),
+            ("mean_step_launch_ms", launch / steps * 1e3),
+            (
+                "step_launch_fraction",
+                if step > 0.0 { launch / step } else { 0.0 },
+            ),
+            ("mean_tokens_per_step", tokens / steps),
+        ] {
+            out.insert(k.into(), json!(v));
+        }
+        out
     }
 }
 
@@ -174,4 +262,40 @@ async fn in_process(model: &ChatModel, req: &BenchRequest, ignore_eos: bool) -> 
         }
     }
     clock.finish(gen.completion_tokens, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_counters_are_read_per_model_and_differenced() {
+        let exposition = "\
+# TYPE candela_engine_steps_total counter
+candela_engine_steps_total{model=\"other\"} 7
+candela_engine_steps_total{model=\"llama\"} 110
+candela_engine_step_seconds_total{model=\"llama\"} 3.5
+candela_engine_step_launch_seconds_total{model=\"llama\"} 0.5
+candela_engine_computed_tokens_total{model=\"llama\"} 4200
+";
+        let after = EngineCounters::parse(exposition, "llama").unwrap();
+        assert_eq!(after.steps, 110.0);
+        assert!(EngineCounters::parse(exposition, "other").is_none());
+        assert!(EngineCounters::parse("", "llama").is_none());
+
+        let before = EngineCounters {
+            steps: 10.0,
+            step_seconds: 0.5,
+            launch_seconds: 0.1,
+            computed_tokens: 200.0,
+        };
+        let d = after.since(&before);
+        let get = |k: &str| d[k].as_f64().unwrap();
+        assert_eq!(get("engine_steps"), 100.0);
+        assert!((get("mean_step_ms") - 30.0).abs() < 1e-9);
+        assert!((get("mean_step_launch_ms") - 4.0).abs() < 1e-9);
+        assert!((get("step_launch_fraction") - 0.4 / 3.0).abs() < 1e-9);
+        assert_eq!(get("mean_tokens_per_step"), 40.0);
+        assert!(after.since(&after).is_empty());
+    }
 }

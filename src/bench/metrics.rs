@@ -238,6 +238,30 @@ pub fn report(s: &Map<String, Value>, rep: &Reporting) -> String {
             );
         }
     }
+    if s.contains_key("engine_steps") {
+        title(&mut out, " Engine Steps (candela) ");
+        line(&mut out, "Steps:", format!("{}", f("engine_steps") as u64));
+        line(
+            &mut out,
+            "Mean tokens per step:",
+            format!("{:.1}", f("mean_tokens_per_step")),
+        );
+        line(
+            &mut out,
+            "Mean step (ms):",
+            format!("{:.2}", f("mean_step_ms")),
+        );
+        line(
+            &mut out,
+            "Mean launch part (ms):",
+            format!("{:.2}", f("mean_step_launch_ms")),
+        );
+        line(
+            &mut out,
+            "Launch share of step:",
+            format!("{:.1} %", 100.0 * f("step_launch_fraction")),
+        );
+    }
     out.push_str(&"=".repeat(50));
     out.push('\n');
     out

@@ -269,6 +269,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
         (
             Backend::Http {
                 client,
+                base: base.clone(),
                 url,
                 chat,
                 model: model.clone(),
@@ -335,6 +336,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
         .transpose()
         .map_err(err)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let counters_before = backend.engine_counters().await;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(requests.len());
     for req in requests {
@@ -361,6 +363,9 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
     bar.finish_and_clear();
 
     let mut summary = summarize(&results, duration, &reporting);
+    if let (Some(before), Some(after)) = (counters_before, backend.engine_counters().await) {
+        summary.extend(after.since(&before));
+    }
     print!("{}", metrics::report(&summary, &reporting));
     if let Some(e) = results.iter().find(|r| !r.success) {
         eprintln!("first error: {}", e.error);

@@ -183,6 +183,7 @@ impl EngineCore {
         // step.
         let (runner, scheduler) = (&self.runner, &self.scheduler);
         let logits = rayon::scope(|_| runner.execute(&out, scheduler))?;
+        let launched = started.elapsed();
         self.scheduler.advance(&out);
         self.stats
             .computed_tokens
@@ -225,7 +226,14 @@ impl EngineCore {
         for id in done {
             self.finish(id);
         }
+        let micros = |d: std::time::Duration| d.as_micros() as u64;
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .step_micros
+            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+        self.stats
+            .step_launch_micros
+            .fetch_add(micros(launched), Ordering::Relaxed);
         self.stats
             .preemptions
             .store(self.scheduler.num_preemptions, Ordering::Relaxed);

@@ -12,6 +12,13 @@ pub struct EngineStats {
     pub prefix_queried_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
     pub steps: AtomicU64,
+    /// Wall time of the steps, and the part of it the engine thread spent before it first had
+    /// to wait for the device: scheduling, building the batch and launching the forward pass,
+    /// in microseconds. On a GPU, launch time close to the whole step means the step is bound
+    /// by the host (launch overhead); far below it means the GPU is the bound. On the CPU the
+    /// forward pass runs inside the launch, so the two are close by construction.
+    pub step_micros: AtomicU64,
+    pub step_launch_micros: AtomicU64,
     pub preemptions: AtomicU64,
     /// Tokens run through the model (prefill + decode), and tokens sampled.
     pub computed_tokens: AtomicU64,

@@ -78,6 +78,7 @@ struct BlockLabels {
 
 type ByModel<M> = Family<ModelLabels, M>;
 type Ratio = Gauge<f64, AtomicU64>;
+type Seconds = Counter<f64, AtomicU64>;
 type Histograms<S> = Family<S, Histogram, Buckets>;
 
 /// Makes each label set's histogram with the family's bucket bounds.
@@ -109,6 +110,13 @@ pub struct EngineSample<'a> {
     pub preemptions: u64,
     /// Cumulative tokens generated, including by requests not yet finished or aborted.
     pub generated_tokens: u64,
+    /// Cumulative tokens run through the model (prompt chunks and decode steps).
+    pub computed_tokens: u64,
+    /// Cumulative engine steps, their wall time, and the part of it spent scheduling, building
+    /// the batch and launching the forward pass (before the first wait for the device).
+    pub steps: u64,
+    pub step_seconds: f64,
+    pub step_launch_seconds: f64,
 }
 
 /// The server's metrics: share one (`Arc<Metrics>`); every method takes `&self` and touches
@@ -263,6 +271,19 @@ fn engine_registry(engines: &[EngineSample]) -> Registry {
         "engine_generated_tokens",
         "Tokens generated, counted per step rather than at request end",
     );
+    let computed: ByModel<Counter> = family(
+        r,
+        "engine_computed_tokens",
+        "Tokens run through the model: prompt chunks and decode steps",
+    );
+    let steps: ByModel<Counter> = family(r, "engine_steps", "Engine steps run");
+    let step_time: ByModel<Seconds> = seconds(r, "engine_step", "Wall time of the engine steps");
+    let launch_time: ByModel<Seconds> = seconds(
+        r,
+        "engine_step_launch",
+        "Part of the steps' wall time spent scheduling, building the batch and launching the \
+         forward pass, before the first wait for the device",
+    );
 
     for e in engines {
         let m = model_labels(e.model);
@@ -286,6 +307,10 @@ fn engine_registry(engines: &[EngineSample]) -> Registry {
             .set(ratio(e.prefix_hit_tokens, e.prefix_queried_tokens));
         preemptions.get_or_create(&m).inc_by(e.preemptions);
         generated.get_or_create(&m).inc_by(e.generated_tokens);
+        computed.get_or_create(&m).inc_by(e.computed_tokens);
+        steps.get_or_create(&m).inc_by(e.steps);
+        step_time.get_or_create(&m).inc_by(e.step_seconds);
+        launch_time.get_or_create(&m).inc_by(e.step_launch_seconds);
     }
     registry
 }
@@ -298,6 +323,17 @@ where
 {
     let family = Family::default();
     r.register(name, help, family.clone());
+    family
+}
+
+/// Registers an empty family of counters in seconds, named `<name>_seconds_total`.
+fn seconds<S>(r: &mut Registry, name: &str, help: &str) -> Family<S, Seconds>
+where
+    S: Clone + std::hash::Hash + Eq,
+    Family<S, Seconds>: Metric,
+{
+    let family = Family::default();
+    r.register_with_unit(name, help, Unit::Seconds, family.clone());
     family
 }
 
@@ -480,6 +516,10 @@ mod tests {
             prefix_hit_tokens: 250,
             preemptions: 2,
             generated_tokens: 4096,
+            computed_tokens: 9000,
+            steps: 500,
+            step_seconds: 12.5,
+            step_launch_seconds: 2.25,
         };
         let idle = EngineSample {
             model: "idle",
@@ -497,6 +537,10 @@ mod tests {
             (r#"candela_prefix_cache_hit_ratio{model="llama"}"#, 0.25),
             (r#"candela_preemptions_total{model="llama"}"#, 2.0),
             (r#"candela_engine_generated_tokens_total{model="llama"}"#, 4096.0),
+            (r#"candela_engine_computed_tokens_total{model="llama"}"#, 9000.0),
+            (r#"candela_engine_steps_total{model="llama"}"#, 500.0),
+            (r#"candela_engine_step_seconds_total{model="llama"}"#, 12.5),
+            (r#"candela_engine_step_launch_seconds_total{model="llama"}"#, 2.25),
             // No blocks and no lookups yet read 0, not NaN.
             (r#"candela_kv_cache_usage_ratio{model="idle"}"#, 0.0),
             (r#"candela_prefix_cache_hit_ratio{model="idle"}"#, 0.0),

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Puts the results of scripts/gpu-bench.sh side by side, as the README's performance section
+reports them. Takes one or more result folders (the script's work folder, or an unpacked
+gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one JSON object:
+
+  tests                    the last `test result` line of each crate's CUDA tests
+  torch                    scripts/gpu/torch_baseline.py's result (bandwidth, ceiling, generate)
+  runs                     per candela bench run: output tok/s, TTFT, ITL, engine step timings
+  single_stream_tok_s      1000 / mean TPOT of the one-stream run with the longer output
+  fraction_of_ceiling      that against the weights' bandwidth ceiling measured by PyTorch
+  prefill_tok_s            prompt tokens / mean TTFT of the one-stream run with the longer prompt
+  output_throughput_vs_transformers
+                           candela at concurrency B over transformers' generate at batch B
+  mma_off_vs_on            TTFT and throughput with the tensor-core prompt attention off / on
+
+    python3 scripts/gpu/summary.py DIR [DIR ...]
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+RUN = re.compile(r"candela-(?P<label>[a-z-]+)-(?P<input>\d+)-(?P<output>\d+)-c(?P<conc>\d+)$")
+KEYS = ("completed", "failed", "output_throughput", "total_token_throughput", "mean_ttft_ms",
+        "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "p99_itl_ms", "engine_steps",
+        "mean_tokens_per_step", "mean_step_ms", "mean_step_launch_ms", "step_launch_fraction")
+
+
+def main(dirs):
+    summary = {"tests": {}, "torch": {}, "runs": {}}
+    runs = {}
+    for d in dirs:
+        for crate in ("kernels", "models"):
+            log = os.path.join(d, f"{crate}-test.log")
+            if os.path.exists(log):
+                results = [l.strip() for l in open(log, errors="replace")
+                           if l.startswith("test result")]
+                summary["tests"][crate] = results[-1] if results else "did not finish"
+        torch_path = os.path.join(d, "torch.json")
+        if os.path.exists(torch_path):
+            summary["torch"] = json.load(open(torch_path))
+        for path in sorted(glob.glob(os.path.join(d, "candela-*.json"))):
+            name = os.path.basename(path)[:-5]
+            m = RUN.match(name)
+            if not m:
+                continue
+            r = json.load(open(path))
+            runs[name] = dict(m.groupdict(), **{k: r.get(k) for k in KEYS if k in r})
+    summary["runs"] = runs
+    torch_res = summary["torch"]
+
+    def run(label, input_len, output_len, conc):
+        return runs.get(f"candela-{label}-{input_len}-{output_len}-c{conc}", {})
+
+    # The lengths come from the runs themselves: long-prompt is INPUT_LEN in / OUTPUT_LEN out.
+    long_prompt = [r for r in runs.values() if r["label"] == "long-prompt"]
+    if long_prompt:
+        in_len, out_len = long_prompt[0]["input"], long_prompt[0]["output"]
+    else:
+        in_len = out_len = None
+    # Single-stream decode from the run with the longer output (more steps, less prompt in it);
+    # prefill from the one-stream run with the longer prompt (its TTFT is that prompt's prefill).
+    long_out = run("long-output", out_len, in_len, 1)
+    long_in = run("long-prompt", in_len, out_len, 1)
+    if long_out.get("mean_tpot_ms"):
+        single = 1000.0 / long_out["mean_tpot_ms"]
+        summary["single_stream_tok_s"] = single
+        if torch_res.get("ceiling_tok_s"):
+            summary["fraction_of_ceiling"] = single / torch_res["ceiling_tok_s"]
+    if long_in.get("mean_ttft_ms"):
+        summary["prefill_tok_s"] = int(in_len) / (long_in["mean_ttft_ms"] / 1000.0)
+    ratios = {}
+    for g in torch_res.get("generate", []):
+        r = run("long-prompt", torch_res.get("input_len"), torch_res.get("output_len"),
+                g["batch"])
+        if g.get("output_tok_s") and r.get("output_throughput"):
+            ratios[f"batch_{g['batch']}"] = r["output_throughput"] / g["output_tok_s"]
+    summary["output_throughput_vs_transformers"] = ratios
+    ab = {}
+    for r in runs.values():
+        if r["label"] != "mma-off":
+            continue
+        on = run("long-prompt", r["input"], r["output"], r["conc"])
+        if on.get("mean_ttft_ms") and r.get("mean_ttft_ms"):
+            ab[f"c{r['conc']}"] = {
+                "ttft_off_over_on": r["mean_ttft_ms"] / on["mean_ttft_ms"],
+                "throughput_off_over_on": (r.get("output_throughput") or 0)
+                / (on.get("output_throughput") or float("inf")),
+            }
+    if ab:
+        summary["mma_off_vs_on"] = ab
+    json.dump(summary, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])

@@ -219,7 +219,7 @@ fn parse_dtype(spec: &str) -> Result<DtypeArg, String> {
 fn parse_device(spec: &str) -> anyhow::Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "auto" => Ok(candela_kernels::cuda_if_available()),
         s => {
             let Some(n) = s
                 .strip_prefix("cuda:")
@@ -230,7 +230,7 @@ fn parse_device(spec: &str) -> anyhow::Result<Device> {
             let n: usize = n
                 .parse()
                 .with_context(|| format!("--device `{s}`: bad GPU index"))?;
-            Device::new_cuda(n).with_context(|| {
+            candela_kernels::cuda_device(n).with_context(|| {
                 format!("--device `{s}` (was candela built with --features cuda?)")
             })
         }

@@ -9,6 +9,7 @@ mod activation;
 mod cache;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod device;
 #[cfg(all(test, feature = "cuda-emu"))]
 mod emu;
 mod math;
@@ -22,10 +23,11 @@ mod test_util;
 
 pub use activation::{silu_and_mul, silu_mul};
 pub use cache::reshape_and_cache;
+pub use device::{cuda_device, cuda_if_available};
 pub use math::exp_nonpositive;
 pub use norm::{add_rms_norm, rms_norm};
 pub use paged_attention::{
-    paged_attention, paged_attention_reference, AttentionMeta, SeqAttention,
+    paged_attention, paged_attention_reference, prepare_attention, AttentionMeta, SeqAttention,
 };
 pub use quant_matmul::{QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK};
 pub use rotary::{rotary_embedding, RopeLayout};

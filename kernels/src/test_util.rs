@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 /// without checking anything.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn cuda_device() -> Option<Device> {
-    match Device::new_cuda(0) {
+    match crate::cuda_device(0) {
         Ok(dev) => Some(dev),
         Err(e) => {
             let reason = e.to_string();

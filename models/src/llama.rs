@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use candela_kernels::{
-    add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rotary_embedding, silu_and_mul,
-    silu_mul, RopeLayout,
+    add_rms_norm, paged_attention, prepare_attention, reshape_and_cache, rms_norm,
+    rotary_embedding, silu_and_mul, silu_mul, RopeLayout,
 };
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
@@ -454,6 +454,9 @@ impl CausalLm for Llama {
     fn forward(&self, batch: &Batch, kv: &KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let tokens = batch.input_ids.dim(0)?;
+        if let Some((k_cache, _)) = kv.layers.first() {
+            prepare_attention(&batch.attention, c.num_heads, k_cache)?;
+        }
         // Per-token rotary rows (f32).
         let cos = self.cos.index_select(&batch.positions, 0)?;
         let sin = self.sin.index_select(&batch.positions, 0)?;
@@ -696,7 +699,7 @@ mod tests {
     /// the CPU. Skips without a GPU.
     #[test]
     fn gpu_bf16_follows_cpu_f32() {
-        let Ok(gpu) = Device::new_cuda(0) else {
+        let Ok(gpu) = candela_kernels::cuda_device(0) else {
             return;
         };
         let dir = checkpoint_dir("gpu");

@@ -219,7 +219,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             .unwrap_or_else(|| "smollm2-135m-instruct".into());
         let opts = crate::serving::ServeOptions {
             sources: vec![source],
-            device: candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu),
+            device: candela_kernels::cuda_if_available(),
             home: home.clone(),
             kv_cache_bytes: args
                 .kv_cache_memory

@@ -51,9 +51,8 @@ impl ModelRunner {
     ) -> candela_models::Result<Self> {
         let cfg = model.config();
         let kv = KvCache::new(cfg, num_blocks, block_size, cfg.dtype, model.device())?;
-        // On a GPU the weights and the cache were allocated and filled on this (loading)
-        // thread's stream, while the engine thread launches on its own: wait for the loads to
-        // land before anything reads them.
+        // On a GPU the weights and the cache were uploaded asynchronously: let them land (and
+        // any fault in them surface) here, at load, rather than in the first request.
         model.device().synchronize()?;
         Ok(Self { model, kv })
     }

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDType, WrapErr};
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::plan::{max_rows, mma_tile_tokens, DeviceMeta, Launches, MetaKey, THREADS};
 use super::AttentionMeta;
@@ -47,15 +47,7 @@ pub(super) fn paged_attention(
 ) -> Result<Tensor> {
     let q = cu::packed(q)?;
     let (tokens, heads, _) = q.dims3()?;
-    let (num_blocks, block_size, kv_heads, _) = k_cache.dims4()?;
-    let group = heads / kv_heads;
-    let key = MetaKey {
-        tile_tokens: max_rows(q.dtype()) / group,
-        mma_tile_tokens: mma_tile_tokens(q.dtype(), group, mma_enabled()),
-        block_size,
-        num_blocks,
-        tokens,
-    };
+    let key = meta_key(q.dtype(), tokens, heads, k_cache)?;
     let device_meta = device_meta(meta, key, q.device())?;
     dispatch_float!(q.dtype(), launch(&q, k_cache, v_cache, &device_meta, scale))
 }
@@ -72,6 +64,27 @@ fn mma_enabled() -> bool {
         arch.parse::<u32>().is_ok_and(|a| a >= 80)
             && std::env::var("CANDELA_ATTENTION_MMA").map_or(true, |v| v != "0")
     })
+}
+
+/// What the kernels need of the batch layout for `tokens` query rows of `heads` heads in
+/// `dtype` over `k_cache`.
+fn meta_key(dtype: DType, tokens: usize, heads: usize, k_cache: &Tensor) -> Result<MetaKey> {
+    let (num_blocks, block_size, kv_heads, _) = k_cache.dims4()?;
+    let group = heads / kv_heads.max(1);
+    Ok(MetaKey {
+        tile_tokens: max_rows(dtype) / group.max(1),
+        mma_tile_tokens: mma_tile_tokens(dtype, group, mma_enabled()),
+        block_size,
+        num_blocks,
+        tokens,
+    })
+}
+
+/// Builds and uploads `meta`'s device copy for queries of `heads` heads in the cache's dtype.
+pub(super) fn upload_meta(meta: &AttentionMeta, heads: usize, k_cache: &Tensor) -> Result<()> {
+    let tokens = meta.seqs().iter().map(|s| s.query_len).sum();
+    let key = meta_key(k_cache.dtype(), tokens, heads, k_cache)?;
+    device_meta(meta, key, k_cache.device()).map(drop)
 }
 
 /// `meta`'s device copy for `key`: the cached one, or built (and cached if it is the first).

@@ -81,6 +81,7 @@ fn emulator() {
         "activation",
         "attention",
         "cache",
+        "matmul",
         "norm",
         "rotary",
         "sampling",

@@ -17,10 +17,12 @@
 #   long-output  the same with the lengths swapped
 #   mma-off      long-prompt at concurrency 1 and 32 with the tensor-core prompt attention off
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
-# Default PHASES: all but mma-off. One device call may run 10 minutes: the script stops starting
+#   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
+#                (CANDELA_SKINNY_GEMM=0): the A/B of the few-row matmul kernel
+# Default PHASES: all but the A/B phases. One device call may run 10 minutes: the script stops starting
 # work when less than a run's share of BUDGET_S (default 560 s) is left, and says what it skipped.
 # Two calls measure everything:
-#   1. PHASES="tests torch long-prompt"      2. PHASES="long-output mma-off"
+#   1. PHASES="tests torch long-prompt"      2. PHASES="long-output mma-off skinny-off"
 # then, here: python3 scripts/gpu/summary.py DIR1 DIR2 (each DIR an unpacked gpu-bench.tar.gz).
 #
 # Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 8 32 128 256"),
@@ -154,8 +156,9 @@ run_phase() { # label input_len output_len "concurrencies" [server env...]
 # Each run gets an equal share of what is left for the runs still to come.
 runs_left=0
 for p in long-prompt long-output; do has $p && runs_left=$((runs_left + $(wc -w <<<"$concurrency"))); done
-has mma-off && runs_left=$((runs_left + 2))
+for p in mma-off skinny-off; do has $p && runs_left=$((runs_left + 2)); done
 has long-prompt && run_phase long-prompt "$in_len" "$out_len" "$concurrency"
 has long-output && run_phase long-output "$out_len" "$in_len" "$concurrency"
 has mma-off && run_phase mma-off "$in_len" "$out_len" "1 32" CANDELA_ATTENTION_MMA=0
+has skinny-off && run_phase skinny-off "$out_len" "$in_len" "1 8" CANDELA_SKINNY_GEMM=0
 say "done"

@@ -2,7 +2,7 @@
 // compiled on its own (the files' internal names would clash in one translation unit).
 #include "registry.h"
 
-#define FILES(X) X(activation) X(attention) X(cache) X(norm) X(rotary) X(sampling)
+#define FILES(X) X(activation) X(attention) X(cache) X(matmul) X(norm) X(rotary) X(sampling)
 #define DECLARE(FILE) CANDELA_EMU_TABLE(FILE);
 FILES(DECLARE)
 

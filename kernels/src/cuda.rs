@@ -26,6 +26,7 @@ macro_rules! module {
 pub(crate) const ACTIVATION: Module = module!("activation");
 pub(crate) const ATTENTION: Module = module!("attention");
 pub(crate) const CACHE: Module = module!("cache");
+pub(crate) const MATMUL: Module = module!("matmul");
 pub(crate) const NORM: Module = module!("norm");
 pub(crate) const ROTARY: Module = module!("rotary");
 pub(crate) const SAMPLING: Module = module!("sampling");

@@ -192,6 +192,59 @@ mod tests {
         Ok(())
     }
 
+    /// `x · wᵀ` through the skinny kernel, launched as `matmul::cuda` launches it, with `x`'s
+    /// rows `x_stride` values apart.
+    fn skinny_gemm<T: WithDType>(x: &Tensor, w: &Tensor, x_stride: usize) -> Result<Tensor> {
+        let (n, k) = w.dims2()?;
+        let m = x.dim(0)?;
+        let (mut xs, ws) = (Vec::new(), host::<T>(w)?);
+        for row in host::<T>(x)?.chunks(k) {
+            xs.extend_from_slice(row);
+            xs.resize(xs.len() + x_stride - k, T::zero());
+        }
+        let mut y = vec![T::zero(); m * n];
+        let args = [
+            ptr_mut(&mut y),
+            ptr(&xs),
+            ptr(&ws),
+            Arg::I32(m as i32),
+            Arg::I32(n as i32),
+            Arg::I32(k as i32),
+            Arg::I32(x_stride as i32),
+        ];
+        let ty = type_name(x.dtype());
+        let grid = n.div_ceil(8) as u32;
+        launch(
+            &format!("skinny_gemm_{ty}"),
+            [grid, 1, 1],
+            [128, 1, 1],
+            &args,
+        );
+        Tensor::from_vec(y, (m, n), &Device::Cpu)
+    }
+
+    /// Every row count the kernel takes, output widths that leave warps and columns idle, inner
+    /// sizes below, at and past one pass of its unrolled loop, rows of `x` apart (a view).
+    #[test]
+    fn skinny_gemm_matches_an_f32_product() -> Result<()> {
+        for dtype in DTYPES {
+            let pack = pack_len(dtype);
+            for (n, k) in [(1, 8), (37, 64), (19, 1032), (9, 4104)] {
+                let (w, w_ref) = randn(&[n, k], dtype, &Device::Cpu)?;
+                for m in 1..=crate::SKINNY_MAX_ROWS {
+                    let (x, x_ref) = randn(&[m, k], dtype, &Device::Cpu)?;
+                    let want = x_ref.matmul(&w_ref.t()?)?;
+                    for x_stride in [k, k + 3 * pack] {
+                        let got = dispatch!(dtype, skinny_gemm(&x, &w, x_stride))?;
+                        let what = format!("{m}x{k} by {n}, rows {x_stride} apart");
+                        assert_close(&got, &want, dtype, &what)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The fused form: gate and up are the halves of one `[rows, 2n]` tensor.
     fn silu_and_mul<T: WithDType>(x: &Tensor) -> Result<Tensor> {
         let (rows, width) = x.dims2()?;

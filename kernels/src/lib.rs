@@ -13,6 +13,7 @@ mod device;
 #[cfg(all(test, feature = "cuda-emu"))]
 mod emu;
 mod math;
+mod matmul;
 mod norm;
 mod paged_attention;
 mod quant_matmul;
@@ -25,6 +26,7 @@ pub use activation::{silu_and_mul, silu_mul};
 pub use cache::reshape_and_cache;
 pub use device::{cuda_device, cuda_if_available};
 pub use math::exp_nonpositive;
+pub use matmul::{linear, SKINNY_MAX_ROWS};
 pub use norm::{add_rms_norm, rms_norm};
 pub use paged_attention::{
     paged_attention, paged_attention_reference, prepare_attention, AttentionMeta, SeqAttention,

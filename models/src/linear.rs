@@ -78,7 +78,7 @@ impl Linear {
     /// token (see the module's notes).
     pub fn forward(&self, x: &Tensor, prompt_rows: &[bool]) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(w) => x.matmul(&w.t()?),
+            Self::Dense(w) => candela_kernels::linear(x, w),
             Self::Blocks(m) => x.contiguous()?.apply_op1_no_bwd(&CpuQMatMul {
                 weights: m,
                 precise_rows: prompt_rows,

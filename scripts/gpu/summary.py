@@ -12,6 +12,7 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
   output_throughput_vs_transformers
                            candela at concurrency B over transformers' generate at batch B
   mma_off_vs_on            TTFT and throughput with the tensor-core prompt attention off / on
+  skinny_off_vs_on         TPOT and throughput with the few-row matmul kernel off / on
 
     python3 scripts/gpu/summary.py DIR [DIR ...]
 """
@@ -77,19 +78,22 @@ def main(dirs):
         if g.get("output_tok_s") and r.get("output_throughput"):
             ratios[f"batch_{g['batch']}"] = r["output_throughput"] / g["output_tok_s"]
     summary["output_throughput_vs_transformers"] = ratios
-    ab = {}
-    for r in runs.values():
-        if r["label"] != "mma-off":
-            continue
-        on = run("long-prompt", r["input"], r["output"], r["conc"])
-        if on.get("mean_ttft_ms") and r.get("mean_ttft_ms"):
+    for label, base, key in (("mma-off", "long-prompt", "mma_off_vs_on"),
+                             ("skinny-off", "long-output", "skinny_off_vs_on")):
+        ab = {}
+        for r in runs.values():
+            if r["label"] != label:
+                continue
+            on = run(base, r["input"], r["output"], r["conc"])
+            if not on.get("output_throughput") or not r.get("output_throughput"):
+                continue
             ab[f"c{r['conc']}"] = {
-                "ttft_off_over_on": r["mean_ttft_ms"] / on["mean_ttft_ms"],
-                "throughput_off_over_on": (r.get("output_throughput") or 0)
-                / (on.get("output_throughput") or float("inf")),
+                "ttft_off_over_on": (r.get("mean_ttft_ms") or 0) / (on.get("mean_ttft_ms") or 1),
+                "tpot_off_over_on": (r.get("mean_tpot_ms") or 0) / (on.get("mean_tpot_ms") or 1),
+                "throughput_off_over_on": r["output_throughput"] / on["output_throughput"],
             }
-    if ab:
-        summary["mma_off_vs_on"] = ab
+        if ab:
+            summary[key] = ab
     json.dump(summary, sys.stdout, indent=2)
     print()
 

@@ -1,0 +1,88 @@
+// Matrix products with few rows (see src/matmul.rs): y = x · wᵀ for x [m, k] with m at most
+// SKINNY_MAX_ROWS (decode steps of a few sequences) and w [n, k], row-major as checkpoints store
+// linear layers. Such a product is bound by reading w once: each warp streams whole rows of w
+// in 16-byte packs, several packs in flight per lane, and multiplies each pack by the m rows of
+// x (small, served from L1/L2). f32 accumulation, one warp reduction per output.
+#include "common.cuh"
+
+using namespace candela;
+
+// Rows of x a launch takes (one accumulator per row and output column in every lane).
+constexpr int SKINNY_MAX_ROWS = 8;
+// Output columns (rows of w) per warp: each load of x serves this many of them.
+constexpr int SKINNY_COLS = 2;
+// Packs of each row of w a lane loads before it uses them.
+constexpr int SKINNY_UNROLL = 4;
+constexpr int SKINNY_WARPS = 4;
+
+// Block b's warp v computes columns [(b * SKINNY_WARPS + v) * SKINNY_COLS, +SKINNY_COLS) for
+// every row of x. y: [m, n] contiguous; x: m rows of k values, x_stride apart; w: [n, k]
+// contiguous. k is a whole number of packs and every row starts 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restrict__ x,
+                                            const T *__restrict__ w, int m, int n, int k,
+                                            int x_stride) {
+    constexpr int VEC = pack_len<T>();
+    const int lane = threadIdx.x % 32;
+    const int col0 = (blockIdx.x * SKINNY_WARPS + threadIdx.x / 32) * SKINNY_COLS;
+    if (col0 >= n) return;  // the whole warp: its shuffles below stay full
+    const int packs = k / VEC;
+    // Columns past n read the last row again and are not written.
+    const T *rows[SKINNY_COLS];
+#pragma unroll
+    for (int c = 0; c < SKINNY_COLS; ++c) rows[c] = w + (size_t)min(col0 + c, n - 1) * k;
+
+    float acc[SKINNY_COLS][SKINNY_MAX_ROWS];
+#pragma unroll
+    for (int c = 0; c < SKINNY_COLS; ++c)
+#pragma unroll
+        for (int r = 0; r < SKINNY_MAX_ROWS; ++r) acc[c][r] = 0.f;
+
+    for (int base = lane; base < packs; base += 32 * SKINNY_UNROLL) {
+        uint4 wv[SKINNY_UNROLL][SKINNY_COLS];
+#pragma unroll
+        for (int u = 0; u < SKINNY_UNROLL; ++u) {
+            const int p = base + u * 32;
+#pragma unroll
+            for (int c = 0; c < SKINNY_COLS; ++c)
+                wv[u][c] = p < packs ? *reinterpret_cast<const uint4 *>(rows[c] + (size_t)p * VEC)
+                                     : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < SKINNY_UNROLL; ++u) {
+            const int p = base + u * 32;
+            if (p >= packs) break;
+            float wf[SKINNY_COLS][VEC];
+#pragma unroll
+            for (int c = 0; c < SKINNY_COLS; ++c) unpack<T>(wv[u][c], wf[c]);
+#pragma unroll
+            for (int r = 0; r < SKINNY_MAX_ROWS; ++r) {
+                if (r >= m) break;
+                float xf[VEC];
+                load_pack(x + (size_t)r * x_stride + (size_t)p * VEC, xf);
+#pragma unroll
+                for (int c = 0; c < SKINNY_COLS; ++c)
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[c][r] = fmaf(wf[c][e], xf[e], acc[c][r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SKINNY_MAX_ROWS; ++r) {
+        if (r >= m) break;
+#pragma unroll
+        for (int c = 0; c < SKINNY_COLS; ++c) {
+            const float sum = warp_sum(acc[c][r]);
+            if (lane == 0 && col0 + c < n) y[(size_t)r * n + col0 + c] = from_float<T>(sum);
+        }
+    }
+}
+
+#define SKINNY_GEMM(NAME, TYPE)                                                                    \
+    extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
+        skinny_gemm_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,             \
+                           int x_stride) {                                                         \
+        skinny_gemm<TYPE>(y, x, w, m, n, k, x_stride);                                            \
+    }
+
+CANDELA_FOR_FLOAT_TYPES(SKINNY_GEMM)

@@ -1,0 +1,129 @@
+//! `x · wᵀ` for a linear layer's weight `w` of shape `[out, in]`.
+//!
+//! A decode step multiplies a few rows of activations by each weight matrix, and its time is the
+//! time to read the weights once. On CUDA, products of up to [`SKINNY_MAX_ROWS`] rows in
+//! f16/bf16/f32 go to a kernel of our own built for that (`cuda/matmul.cu`: whole rows of `w`
+//! streamed in 16-byte packs, several in flight per thread); larger ones, and every other device,
+//! take candle's matmul (cuBLAS on CUDA). `CANDELA_SKINNY_GEMM=0` sends every product to cuBLAS,
+//! to compare the two.
+
+use candle_core::{Result, Tensor};
+
+/// Rows of `x` the skinny kernel takes (`SKINNY_MAX_ROWS` in cuda/matmul.cu).
+pub const SKINNY_MAX_ROWS: usize = 8;
+
+/// `x · wᵀ` for `x` of shape `[.., in]` and `w` of shape `[out, in]`: `[.., out]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda::fits(x, w)? {
+        return cuda::skinny_gemm(x, w);
+    }
+    x.broadcast_matmul(&w.t()?)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::{Result, Tensor, D};
+
+    use super::SKINNY_MAX_ROWS;
+    use crate::cuda::{self as cu, dispatch_float};
+
+    /// Warps per block and output columns per warp (`SKINNY_WARPS`, `SKINNY_COLS`).
+    const WARPS: usize = 4;
+    const COLS: usize = 2;
+
+    fn enabled() -> bool {
+        static ENABLED: OnceLock<bool> = OnceLock::new();
+        *ENABLED.get_or_init(|| std::env::var("CANDELA_SKINNY_GEMM").map_or(true, |v| v != "0"))
+    }
+
+    /// A few rows of whole packs by a packed `[out, in]` weight of the same dtype and device.
+    pub(super) fn fits(x: &Tensor, w: &Tensor) -> Result<bool> {
+        if !cu::on_cuda(x) || !enabled() || w.rank() != 2 {
+            return Ok(false);
+        }
+        let (out, k) = w.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        Ok(x.rank() >= 1
+            && x.dim(D::Minus1)? == k
+            && (1..=SKINNY_MAX_ROWS).contains(&rows)
+            && out > 0
+            && k.is_multiple_of(cu::pack_len(x.dtype()))
+            && w.dtype() == x.dtype()
+            && w.device().same_device(x.device())
+            && cu::is_packed(w))
+    }
+
+    pub(super) fn skinny_gemm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let x = cu::packed(x)?;
+        dispatch_float!(x.dtype(), launch(&x, w))
+    }
+
+    fn launch<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let dev = x.device().as_cuda_device()?;
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("checked by fits") = n;
+        let name = format!(
+            "skinny_gemm_{}",
+            cu::type_name(x.dtype()).expect("checked by fits")
+        );
+        let func = cu::MATMUL.function(dev, &name)?;
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = w.storage_and_layout();
+        let xs = cu::view::<T>(&x_storage, x_layout)?;
+        let ws = cu::view::<T>(&w_storage, w_layout)?;
+        // SAFETY: the kernel writes all m × n outputs.
+        let mut y = unsafe { dev.alloc::<T>(m * n)? };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(WARPS * COLS) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m, n, k) = (cu::int(m)?, cu::int(n)?, cu::int(k)?);
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&func);
+        args.arg(&mut y).arg(&xs).arg(&ws);
+        args.arg(&m).arg(&n).arg(&k).arg(&k);
+        // SAFETY: argument types and order match `skinny_gemm_*` in cuda/matmul.cu; x and w are
+        // packed, so every row starts 16-byte aligned and k is a whole number of packs.
+        unsafe { args.launch(cfg) }.w()?;
+        drop((x_storage, w_storage));
+        Ok(cu::tensor(y, dev, shape))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use candle_core::{Device, Result};
+
+    use super::{linear, SKINNY_MAX_ROWS};
+    use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
+
+    /// The skinny kernel against the same product in f32 on the CPU, for every row count it
+    /// takes (and one past it, which goes to cuBLAS), an output width that is not a whole
+    /// number of blocks, and inner sizes below and past one pass of the unrolled loop.
+    #[test]
+    fn skinny_products_match_the_cpu() -> Result<()> {
+        let Some(dev) = cuda_device() else {
+            return Ok(());
+        };
+        for dtype in DTYPES {
+            for (n, k) in [(37, 64), (300, 1032), (1024, 4096)] {
+                let (w, w_ref) = randn(&[n, k], dtype, &dev)?;
+                for m in (1..=SKINNY_MAX_ROWS + 1).step_by(2) {
+                    let (x, x_ref) = randn(&[m, k], dtype, &dev)?;
+                    let want = x_ref.matmul(&w_ref.t()?)?;
+                    let got = linear(&x, &w)?.to_device(&Device::Cpu)?;
+                    assert_close(&got, &want, dtype, &format!("{dtype:?} {m}x{k} by {n}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -5,9 +5,10 @@ use std::sync::OnceLock;
 
 use super::SeqAttention;
 
-/// The sequences of one batch (host side) and, on CUDA, their device copy: built by the first
-/// layer's [`paged_attention`](crate::paged_attention) call in one upload, then reused by the
-/// others. Build one per forward pass.
+/// The sequences of one batch (host side) and, on CUDA, their device copy: built in one upload
+/// by [`prepare_attention`](crate::prepare_attention) before the forward pass (or else by the
+/// first layer's [`paged_attention`](crate::paged_attention) call), then reused by every layer.
+/// Build one per forward pass.
 #[derive(Debug)]
 pub struct AttentionMeta {
     seqs: Vec<SeqAttention>,

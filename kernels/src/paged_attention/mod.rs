@@ -42,6 +42,20 @@ pub struct SeqAttention {
     pub block_table: Vec<u32>,
 }
 
+/// Uploads the batch layout that the CUDA kernels read (one host-to-device copy per forward
+/// pass) now, for queries of `heads` heads over `k_cache`. Call it before the pass launches its
+/// first kernel: the first attention call would otherwise make the upload in the middle of the
+/// pass, and a copy from pageable host memory may wait for the work queued before it, leaving
+/// the GPU idle while the host catches up. Does nothing off CUDA.
+pub fn prepare_attention(meta: &AttentionMeta, heads: usize, k_cache: &Tensor) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::on_cuda(k_cache) && k_cache.rank() == 4 {
+        return cuda::upload_meta(meta, heads, k_cache);
+    }
+    let _ = (meta, heads, k_cache);
+    Ok(())
+}
+
 /// Causal paged attention. `q`: `[tokens, heads, head_dim]`; caches:
 /// `[num_blocks, block_size, kv_heads, head_dim]`. Returns `[tokens, heads, head_dim]`.
 /// `meta`'s sequences must cover the batch rows in order.
@@ -66,20 +80,6 @@ pub struct SeqAttention {
 /// # Ok(())
 /// # }
 /// ```
-/// Uploads the batch layout that the CUDA kernels read (one host-to-device copy per forward
-/// pass) now, for queries of `heads` heads over `k_cache`. Call it before the pass launches its
-/// first kernel: the first attention call would otherwise make the upload in the middle of the
-/// pass, and a copy from pageable host memory may wait for the work queued before it, leaving
-/// the GPU idle while the host catches up. Does nothing off CUDA.
-pub fn prepare_attention(meta: &AttentionMeta, heads: usize, k_cache: &Tensor) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if crate::cuda::on_cuda(k_cache) && k_cache.rank() == 4 {
-        return cuda::upload_meta(meta, heads, k_cache);
-    }
-    let _ = (meta, heads, k_cache);
-    Ok(())
-}
-
 pub fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,

@@ -12,6 +12,7 @@ mod cuda;
 mod device;
 #[cfg(all(test, feature = "cuda-emu"))]
 mod emu;
+mod isa;
 mod math;
 mod matmul;
 mod norm;

@@ -509,20 +509,29 @@ struct Kernels {
     quantize: QuantizeKernel,
 }
 
-/// The kernels this CPU runs, fastest first (the scalar ones run anywhere).
+/// The kernels this CPU runs, fastest first (the scalar ones run anywhere), within
+/// [`isa::cap`].
 fn candidates() -> Vec<(&'static str, Kernels)> {
     let mut found = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("fma") {
+
+        use crate::isa::{self, Tier};
+        let cap = isa::cap();
+        if cap >= Tier::Avx512
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vnni")
+            && has!("fma")
+        {
             let k = Kernels {
                 tile: avx512::tile,
                 quantize: avx512::quantize,
             };
             found.push(("avx512-vnni", k));
         }
-        if has!("avx2") && has!("fma") {
+        if cap >= Tier::Avx2 && has!("avx2") && has!("fma") {
             let k = Kernels {
                 tile: avx2::tile,
                 quantize: avx2::quantize,

@@ -1,0 +1,57 @@
+//! The CPU paged-attention kernel at SmolLM2-135M's shape (9 query heads over 3 KV heads of 64)
+//! and Llama-3.1-8B's (32 over 8, of 128): a decode step of sixteen sequences at 256 and 1024
+//! tokens of context, and one 128-token prompt chunk.
+//!
+//!     cargo bench -p candela-kernels --bench attention
+
+use candela_kernels::{paged_attention, AttentionMeta, SeqAttention};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const BLOCK: usize = 16;
+
+/// A batch of `seqs` sequences, each with `query_len` new tokens at the end of `context`
+/// tokens, over caches holding every sequence's blocks (interleaved, as a busy pool hands them
+/// out).
+fn batch(seqs: usize, query_len: usize, context: usize) -> AttentionMeta {
+    let blocks = context.div_ceil(BLOCK);
+    AttentionMeta::new(
+        (0..seqs)
+            .map(|s| SeqAttention {
+                query_start: s * query_len,
+                query_len,
+                context_len: context,
+                block_table: (0..blocks).map(|b| (b * seqs + s) as u32).collect(),
+            })
+            .collect(),
+    )
+}
+
+fn bench(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("paged_attention_cpu");
+    for (shape, heads, kv_heads, head_dim) in [("smollm2", 9, 3, 64), ("llama-8b", 32, 8, 128)] {
+        for (work, seqs, query_len, context) in [
+            ("decode x16", 16, 1, 256),
+            ("decode x16", 16, 1, 1024),
+            ("prefill", 1, 128, 128),
+        ] {
+            let meta = batch(seqs, query_len, context);
+            let blocks = seqs * context.div_ceil(BLOCK);
+            let k = Tensor::randn(0f32, 1., (blocks, BLOCK, kv_heads, head_dim), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1., (blocks, BLOCK, kv_heads, head_dim), &dev).unwrap();
+            let q = Tensor::randn(0f32, 1., (seqs * query_len, heads, head_dim), &dev).unwrap();
+            let scale = (head_dim as f32).powf(-0.5);
+            // Query-key pairs scored (causal for the prompt chunk).
+            let pairs = seqs * (context - query_len..context).map(|p| p + 1).sum::<usize>();
+            group.throughput(Throughput::Elements((pairs * heads) as u64));
+            group.bench_function(BenchmarkId::new(format!("{shape} {work}"), context), |b| {
+                b.iter(|| paged_attention(&q, &k, &v, &meta, scale).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -36,7 +36,7 @@ mod cuda {
     const WARPS: usize = 4;
     const COLS: usize = 2;
 
-    fn enabled() -> bool {
+    pub(super) fn enabled() -> bool {
         static ENABLED: OnceLock<bool> = OnceLock::new();
         *ENABLED.get_or_init(|| std::env::var("CANDELA_SKINNY_GEMM").map_or(true, |v| v != "0"))
     }
@@ -106,7 +106,7 @@ mod cuda_tests {
     use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
 
     /// The skinny kernel against the same product in f32 on the CPU, for every row count it
-    /// takes (and one past it, which goes to cuBLAS), an output width that is not a whole
+    /// takes (and checked to take them; one past it goes to cuBLAS), an output width that is not a whole
     /// number of blocks, and inner sizes below and past one pass of the unrolled loop.
     #[test]
     fn skinny_products_match_the_cpu() -> Result<()> {
@@ -119,6 +119,11 @@ mod cuda_tests {
                 for m in (1..=SKINNY_MAX_ROWS + 1).step_by(2) {
                     let (x, x_ref) = randn(&[m, k], dtype, &dev)?;
                     let want = x_ref.matmul(&w_ref.t()?)?;
+                    assert_eq!(
+                        super::cuda::fits(&x, &w)?,
+                        m <= SKINNY_MAX_ROWS && super::cuda::enabled(),
+                        "{dtype:?} {m}x{k} by {n}: the kernel that takes it"
+                    );
                     let got = linear(&x, &w)?.to_device(&Device::Cpu)?;
                     assert_close(&got, &want, dtype, &format!("{dtype:?} {m}x{k} by {n}"))?;
                 }

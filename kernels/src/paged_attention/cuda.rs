@@ -68,7 +68,12 @@ fn mma_enabled() -> bool {
 
 /// What the kernels need of the batch layout for `tokens` query rows of `heads` heads in
 /// `dtype` over `k_cache`.
-fn meta_key(dtype: DType, tokens: usize, heads: usize, k_cache: &Tensor) -> Result<MetaKey> {
+pub(super) fn meta_key(
+    dtype: DType,
+    tokens: usize,
+    heads: usize,
+    k_cache: &Tensor,
+) -> Result<MetaKey> {
     let (num_blocks, block_size, kv_heads, _) = k_cache.dims4()?;
     let group = heads / kv_heads.max(1);
     Ok(MetaKey {

@@ -3,13 +3,25 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::cuda::meta_key;
 use super::test_batches::{batch, cases, Case, BATCHES, PROMPT_GEOMETRIES};
-use super::{paged_attention, AttentionMeta};
+use super::{paged_attention, prepare_attention, AttentionMeta};
 use crate::test_util::{assert_close, cuda_device, DTYPES};
 
 fn check(dev: &Device, c: &Case) -> Result<()> {
     let x = c.inputs(dev)?;
     let meta = AttentionMeta::new(x.seqs.clone());
+    // As the forward pass does: the layout uploads first, under the key the kernel then asks for
+    // (else every layer would build its own).
+    let (tokens, heads, _) = x.q.dims3()?;
+    prepare_attention(&meta, heads, &x.k)?;
+    let uploaded = meta.device_cache().get().map(|m| m.key);
+    assert_eq!(
+        uploaded,
+        Some(meta_key(x.q.dtype(), tokens, heads, &x.k)?),
+        "{}: the prepared layout's key",
+        c.describe()
+    );
     // Twice: the second call reuses the uploaded metadata, as later layers do.
     for _ in 0..2 {
         let got = paged_attention(&x.q, &x.k, &x.v, &meta, x.scale)?;

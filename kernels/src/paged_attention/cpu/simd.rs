@@ -109,6 +109,18 @@ mod x86 {
 
     use super::{Rows, Simd, LANES};
 
+    /// The rows of positions `start..start + R` and how many of them there are: past the last
+    /// position, a run repeats its row (those lanes' scores are not stored).
+    #[inline(always)]
+    unsafe fn run<const R: usize>(keys: Rows, start: usize) -> ([*const f32; R], usize) {
+        let take = (keys.offsets.len() - start).min(R);
+        let mut rows = [keys.cache.as_ptr(); R];
+        for (j, row) in rows.iter_mut().enumerate() {
+            *row = row.add(keys.offsets[start + j.min(take - 1)]);
+        }
+        (rows, take)
+    }
+
     /// AVX-512 (a `LANES`-float chunk is one register).
     pub(in super::super) struct Avx512;
 
@@ -126,12 +138,7 @@ mod x86 {
             let n = keys.offsets.len();
             let scale = _mm512_set1_ps(scale);
             for start in (0..n).step_by(16) {
-                let take = (n - start).min(16);
-                // Past the end, lanes repeat the last key; their scores are not stored.
-                let mut key = [keys.cache.as_ptr(); 16];
-                for (j, key) in key.iter_mut().enumerate() {
-                    *key = key.add(keys.offsets[start + j.min(take - 1)]);
-                }
+                let (key, take) = run::<16>(keys, start);
                 for g in 0..group {
                     let qg = q.as_ptr().add(g * C * LANES);
                     let mut qc = [_mm512_setzero_ps(); C];
@@ -240,11 +247,7 @@ mod x86 {
             let n = keys.offsets.len();
             let scale = _mm256_set1_ps(scale);
             for start in (0..n).step_by(8) {
-                let take = (n - start).min(8);
-                let mut key = [keys.cache.as_ptr(); 8];
-                for (j, key) in key.iter_mut().enumerate() {
-                    *key = key.add(keys.offsets[start + j.min(take - 1)]);
-                }
+                let (key, take) = run::<8>(keys, start);
                 for g in 0..group {
                     let qg = q.as_ptr().add(g * C * LANES);
                     let mut acc = [_mm256_setzero_ps(); 8];

@@ -71,7 +71,12 @@ fi
 # 2. Alternate the servers under the same load.
 mkdir -p "$out"
 port=18081
+pid=""
+trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true' EXIT
 start() {
+    if curl -sf localhost:$port/health >/dev/null; then
+        say "port $port is taken (a server left from an earlier run?)"; exit 1
+    fi
     case $1 in
         candela) env "${tier_env[@]}" "$candela" serve --port $port --anonymous-rpm 0 --no-calibrate \
             --model smollm2-135m-instruct ${CANDELA_ARGS:-} >"$out/$1.log" 2>&1 & ;;
@@ -79,7 +84,10 @@ start() {
             >"$out/$1.log" 2>&1 & ;;
     esac
     pid=$!
-    until curl -sf localhost:$port/health >/dev/null; do sleep 0.5; done
+    until curl -sf localhost:$port/health >/dev/null; do
+        kill -0 "$pid" 2>/dev/null || { say "$1 did not start: $out/$1.log"; exit 1; }
+        sleep 0.5
+    done
 }
 bench() { # server round concurrency prompts
     "$candela" bench --base-url "http://127.0.0.1:$port" --model smollm2-135m-instruct \

@@ -645,7 +645,9 @@ mod tests {
             .collect()
     }
 
-    /// `got` (bf16) within 5 % of `want` (f32), and its first choice about as good as f32's.
+    /// `got` (bf16) within 10 % of `want` (f32), and its first choice about as good as f32's.
+    /// (bf16 keeps 8 bits of mantissa; through two layers of random weights its largest logit
+    /// error reached 7.6 % of the largest logit in 600 runs, so 5 % failed one run in 35.)
     fn assert_follows(want: &[Vec<f32>], got: &[Vec<f32>], what: &str) {
         for (want, got) in want.iter().zip(got) {
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -654,7 +656,7 @@ mod tests {
                 .zip(got)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
-                err < 0.05 * scale,
+                err < 0.1 * scale,
                 "{what}: bf16 off by {err} (logits up to {scale})"
             );
             // The weights are random, so the two best logits may be closer than bf16 can tell

@@ -1,9 +1,9 @@
 //! The CPU kernel (f32): one query token at a time over its sequence's blocks, rows in parallel.
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
-
-use std::sync::OnceLock;
 
 use super::SeqAttention;
 use crate::exp_nonpositive;
@@ -23,6 +23,7 @@ pub(super) struct CpuPagedAttention<'a> {
 
 /// The instruction sets the kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) enum Isa {
     Avx512,
     Avx2,
@@ -80,7 +81,34 @@ impl CustomOp3 for CpuPagedAttention<'_> {
         v_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (tokens, heads, head_dim) = q_l.shape().dims3()?;
-        let (_, block_size, kv_heads, _) = k_l.shape().dims4()?;
+        let (num_blocks, block_size, kv_heads, cache_head_dim) = k_l.shape().dims4()?;
+        if v_l.shape() != k_l.shape()
+            || cache_head_dim != head_dim
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+        {
+            candle_core::bail!(
+                "paged-attention: queries {:?} over caches {:?} and {:?}",
+                q_l.shape(),
+                k_l.shape(),
+                v_l.shape()
+            );
+        }
+        // The kernels read cache rows through raw offsets: every block a sequence reads must be
+        // in the cache.
+        for s in self.seqs {
+            let blocks =
+                &s.block_table[..s.context_len.div_ceil(block_size).min(s.block_table.len())];
+            if blocks.len() * block_size < s.context_len
+                || blocks.iter().any(|&b| b as usize >= num_blocks)
+            {
+                candle_core::bail!(
+                    "paged-attention: a block table of {} blocks does not hold {} positions in a cache of {num_blocks}",
+                    s.block_table.len(),
+                    s.context_len
+                );
+            }
+        }
         let (q, k, v) = (
             contiguous_f32(q, q_l)?,
             contiguous_f32(k, k_l)?,
@@ -324,6 +352,26 @@ mod tests {
             (4, 1, 256, 8),
         ] {
             check(heads, kv_heads, d, bs)?;
+        }
+        Ok(())
+    }
+
+    /// Tables that name blocks past the cache, or too few blocks, are refused: the kernels read
+    /// rows through raw offsets.
+    #[test]
+    fn tables_outside_the_cache_are_refused() -> Result<()> {
+        let dev = Device::Cpu;
+        let cache = Tensor::zeros((4, 4, 1, 16), DType::F32, &dev)?;
+        let q = Tensor::zeros((1, 2, 16), DType::F32, &dev)?;
+        for (table, context_len) in [(vec![1u32, 4], 6), (vec![0u32], 6)] {
+            let meta = AttentionMeta::new(vec![SeqAttention {
+                query_start: 0,
+                query_len: 1,
+                context_len,
+                block_table: table.clone(),
+            }]);
+            let got = paged_attention(&q, &cache, &cache, &meta, 0.25);
+            assert!(got.is_err(), "table {table:?} for {context_len} positions");
         }
         Ok(())
     }

@@ -100,7 +100,7 @@ pub fn paged_attention(
         let op = CpuPagedAttention {
             seqs: meta.seqs(),
             scale,
-            isa: cpu::Isa::best(),
+            tier: cpu::best_tier(),
         };
         q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
     } else {

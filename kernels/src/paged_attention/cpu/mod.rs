@@ -18,52 +18,36 @@ mod simd;
 pub(super) struct CpuPagedAttention<'a> {
     pub(super) seqs: &'a [SeqAttention],
     pub(super) scale: f32,
-    pub(super) isa: Isa,
+    pub(super) tier: Tier,
 }
 
-/// The instruction sets the kernel is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) enum Isa {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-impl Isa {
-    /// Those this CPU has, best first.
-    pub(super) fn available() -> Vec<Isa> {
-        let mut isas = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx2") && has!("fma") {
-                isas.push(Isa::Avx512);
-            }
-            if has!("avx2") && has!("fma") {
-                isas.push(Isa::Avx2);
-            }
+/// The instruction-set tiers this CPU has for the kernel, widest first.
+pub(super) fn tiers() -> Vec<Tier> {
+    let mut tiers = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            tiers.push(Tier::Avx512);
         }
-        isas.push(Isa::Portable);
-        isas
+        if has!("avx2") && has!("fma") {
+            tiers.push(Tier::Avx2);
+        }
     }
+    tiers.push(Tier::Scalar);
+    tiers
+}
 
-    /// The best this CPU has within [`isa::cap`], found once.
-    pub(super) fn best() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            let cap = isa::cap();
-            let allowed = |i: &Isa| match i {
-                Isa::Avx512 => cap >= Tier::Avx512,
-                Isa::Avx2 => cap >= Tier::Avx2,
-                Isa::Portable => true,
-            };
-            Isa::available()
-                .into_iter()
-                .find(allowed)
-                .unwrap_or(Isa::Portable)
-        })
-    }
+/// The widest of [`tiers`] within [`isa::cap`], found once.
+pub(super) fn best_tier() -> Tier {
+    static BEST: OnceLock<Tier> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        let cap = isa::cap();
+        tiers()
+            .into_iter()
+            .find(|&t| t <= cap)
+            .unwrap_or(Tier::Scalar)
+    })
 }
 
 impl CustomOp3 for CpuPagedAttention<'_> {
@@ -130,7 +114,7 @@ impl CustomOp3 for CpuPagedAttention<'_> {
             block_size,
             scale: self.scale,
         };
-        let attend = kernel(head_dim / LANES, self.isa);
+        let attend = kernel(head_dim / LANES, self.tier);
         out.par_chunks_mut(row).enumerate().for_each_init(
             Scratch::default,
             |scratch, (t, out_row)| {
@@ -142,7 +126,7 @@ impl CustomOp3 for CpuPagedAttention<'_> {
                         table: &self.seqs[si].block_table,
                         pos,
                     };
-                    // SAFETY: `self.isa` is one this CPU has (`Isa::available`).
+                    // SAFETY: `self.tier` is one this CPU has (`tiers`).
                     unsafe { attend(&dims, &query, out_row, scratch) }
                 }
             },
@@ -187,8 +171,8 @@ struct Scratch {
 /// `(dims, query, output heads, scratch)`.
 type AttendFn = unsafe fn(&Dims, &Query, &mut [f32], &mut Scratch);
 
-/// `attend_token::<C, _>` compiled for `isa`.
-fn kernel(chunks: usize, isa: Isa) -> AttendFn {
+/// `attend_token::<C, _>` compiled for `tier`.
+fn kernel(chunks: usize, tier: Tier) -> AttendFn {
     macro_rules! pick {
         ($c:expr, $f:ident) => {
             match $c {
@@ -211,11 +195,11 @@ fn kernel(chunks: usize, isa: Isa) -> AttendFn {
             }
         };
     }
-    match isa {
+    match tier {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => pick!(chunks, attend_avx512),
+        Tier::Avx512 => pick!(chunks, attend_avx512),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => pick!(chunks, attend_avx2),
+        Tier::Avx2 => pick!(chunks, attend_avx2),
         _ => pick!(chunks, attend_portable),
     }
 }
@@ -420,14 +404,14 @@ mod tests {
             "dispatch".to_string(),
             paged_attention(&q, &k_cache, &v_cache, &meta, scale)?,
         )];
-        for isa in Isa::available() {
+        for tier in tiers() {
             let op = CpuPagedAttention {
                 seqs: &seqs,
                 scale,
-                isa,
+                tier,
             };
             runs.push((
-                format!("{isa:?}"),
+                format!("{tier:?}"),
                 q.apply_op3_no_bwd(&k_cache, &v_cache, &op)?,
             ));
         }

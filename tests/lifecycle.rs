@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use candela::engine::EngineStats;
+use candela::serving::ServeOptions;
 use common::{chat, options, start, stream, stream_text};
 use futures::StreamExt;
 use serde_json::json;
@@ -14,9 +15,23 @@ use serde_json::json;
 /// text it produces alone.
 #[tokio::test]
 async fn preempted_requests_recompute_and_finish_with_the_same_text() {
+    preempted_requests_finish_alike(true).await;
+}
+
+/// The same with `--prompt-precision int8`: every token in one int8 term (by default prompt
+/// tokens take two, generated tokens one, also when a preempted request recomputes them).
+#[tokio::test]
+async fn with_int8_prompts_preempted_requests_finish_with_the_same_text() {
+    preempted_requests_finish_alike(false).await;
+}
+
+async fn preempted_requests_finish_alike(precise_prompts: bool) {
     // 48 blocks of 16 tokens: ~770 tokens for 8 requests that want ~140 each.
     let bytes_per_block = 2 * 30 * 16 * 3 * 64 * 4;
-    let server = start(options(48 * bytes_per_block));
+    let server = start(ServeOptions {
+        precise_prompts,
+        ..options(48 * bytes_per_block)
+    });
     let body = |i: usize| {
         chat(
             &format!("Describe city number {i} in detail."),

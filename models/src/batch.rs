@@ -18,9 +18,11 @@ pub struct Batch {
     pub logits_rows: Tensor,
     /// Host copy of `logits_rows`.
     pub logits_rows_host: Vec<u32>,
-    /// Per row: whether its token is part of the prompt (as opposed to a generated token).
-    /// Models may compute the two kinds differently, but never depending on the batch.
-    pub prompt_rows: Vec<bool>,
+    /// Per row: whether to compute it at the model's higher precision, where it has one (the
+    /// CPU kernel for quantized weights: activations as two int8 terms instead of one). The
+    /// engine marks prompt tokens unless told not to (`serve --prompt-precision int8`). A row's result
+    /// depends on its mark, never on the rows batched with it.
+    pub precise_rows: Vec<bool>,
 }
 
 impl Batch {
@@ -31,7 +33,7 @@ impl Batch {
         slot_mapping: &[u32],
         seqs: Vec<SeqAttention>,
         logits_rows: &[u32],
-        prompt_rows: Vec<bool>,
+        precise_rows: Vec<bool>,
         device: &Device,
     ) -> Result<Self> {
         Ok(Self {
@@ -41,15 +43,15 @@ impl Batch {
             attention: AttentionMeta::new(seqs),
             logits_rows: Tensor::new(logits_rows, device)?,
             logits_rows_host: logits_rows.to_vec(),
-            prompt_rows,
+            precise_rows,
         })
     }
 
-    /// `prompt_rows` of the rows whose logits are wanted.
-    pub fn logits_prompt_rows(&self) -> Vec<bool> {
+    /// `precise_rows` of the rows whose logits are wanted.
+    pub fn logits_precise_rows(&self) -> Vec<bool> {
         self.logits_rows_host
             .iter()
-            .map(|&r| self.prompt_rows[r as usize])
+            .map(|&r| self.precise_rows[r as usize])
             .collect()
     }
 }

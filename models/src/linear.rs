@@ -5,14 +5,15 @@
 //! activations by 4-bit or 8-bit weights with VNNI or AVX2 integer dot products, several
 //! sequences per weight load, and beats an f32 GEMM over dequantized weights even for prompt
 //! chunks. (candle's own CPU kernels for Q4_0/Q4_1 are scalar, and its Q8_0 kernel re-reads
-//! every weight for each row.) Prompt tokens' activations go in as two int8 terms (about 15
-//! bits, close to f32), generated tokens' as one, as llama.cpp computes every token: the prompt
-//! fills the KV cache that every later token reads, while a generated token costs half as much.
+//! every weight for each row.) Activations go in as one int8 term per block of 32 (as llama.cpp
+//! computes every token), or, for rows the batch marks precise, as two (about 15 bits, close to
+//! f32, for twice the integer work). The engine marks prompt tokens, which fill the KV cache
+//! that every later token reads, unless `serve --prompt-precision int8` says not to.
 //!
-//! A row's result depends on its kind (prompt or generated), never on the rows batched with it,
-//! so a request produces the same text alone or among many, and after a preemption recomputes
-//! its generated tokens exactly as they were first computed. On a GPU candle's quantized matmul
-//! serves every shape.
+//! A row's result depends on its mark, never on the rows batched with it, so a request produces
+//! the same text alone or among many, and after a preemption recomputes its generated tokens
+//! exactly as they were first computed (they are never marked). On a GPU candle's quantized
+//! matmul serves every shape.
 
 use candela_kernels::{CpuQMatMul, QMatrix};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -74,14 +75,14 @@ impl Linear {
             .map(Self::Blocks))
     }
 
-    /// `x`: `[rows, in]` -> `[rows, out]`; `prompt_rows[i]`: whether row `i` holds a prompt
-    /// token (see the module's notes).
-    pub fn forward(&self, x: &Tensor, prompt_rows: &[bool]) -> candle_core::Result<Tensor> {
+    /// `x`: `[rows, in]` -> `[rows, out]`; `precise_rows[i]`: whether row `i` takes two int8
+    /// terms (see the module's notes).
+    pub fn forward(&self, x: &Tensor, precise_rows: &[bool]) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => candela_kernels::linear(x, w),
             Self::Blocks(m) => x.contiguous()?.apply_op1_no_bwd(&CpuQMatMul {
                 weights: m,
-                precise_rows: prompt_rows,
+                precise_rows,
             }),
             Self::Quantized(q) => q.forward(x),
         }

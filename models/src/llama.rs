@@ -462,7 +462,7 @@ impl CausalLm for Llama {
         let sin = self.sin.index_select(&batch.positions, 0)?;
         let scale = 1. / (c.head_dim as f32).sqrt();
         // The residual stream `x`; each block's output is added to it by the next norm, fused.
-        let rows = &batch.prompt_rows;
+        let rows = &batch.precise_rows;
         let mut x = self.embed.forward(&batch.input_ids)?;
         let mut h = rms_norm(&x, &self.layers[0].attn_norm, self.rms_eps)?;
         for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
@@ -486,7 +486,7 @@ impl CausalLm for Llama {
         // projection.
         let x = x.index_select(&batch.logits_rows, 0)?;
         let x = rms_norm(&x, &self.norm, self.rms_eps)?;
-        let logits = self.lm_head.forward(&x, &batch.logits_prompt_rows())?;
+        let logits = self.lm_head.forward(&x, &batch.logits_precise_rows())?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 }

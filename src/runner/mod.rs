@@ -9,6 +9,8 @@ use crate::scheduler::{Scheduler, SchedulerOutput};
 pub struct ModelRunner {
     model: Box<dyn CausalLm>,
     kv: KvCache,
+    /// Mark prompt tokens for the model's higher precision ([`Batch::precise_rows`]).
+    precise_prompts: bool,
 }
 
 /// How much memory the KV cache may take on this device when no size is given.
@@ -43,18 +45,24 @@ fn device_free_memory(_device: &Device) -> Option<u64> {
 }
 
 impl ModelRunner {
-    /// Allocates `num_blocks` KV blocks of `block_size` tokens for the model.
+    /// Allocates `num_blocks` KV blocks of `block_size` tokens for the model; `precise_prompts`:
+    /// compute prompt tokens at the model's higher precision ([`Batch::precise_rows`]).
     pub fn new(
         model: Box<dyn CausalLm>,
         num_blocks: usize,
         block_size: usize,
+        precise_prompts: bool,
     ) -> candela_models::Result<Self> {
         let cfg = model.config();
         let kv = KvCache::new(cfg, num_blocks, block_size, cfg.dtype, model.device())?;
         // On a GPU the weights and the cache were uploaded asynchronously: let them land (and
         // any fault in them surface) here, at load, rather than in the first request.
         model.device().synchronize()?;
-        Ok(Self { model, kv })
+        Ok(Self {
+            model,
+            kv,
+            precise_prompts,
+        })
     }
 
     /// Blocks that fit in `budget_bytes`.
@@ -82,7 +90,7 @@ impl ModelRunner {
         );
         let mut seqs = Vec::with_capacity(out.seqs.len());
         let mut logits_rows = Vec::new();
-        let mut prompt_rows = Vec::with_capacity(n);
+        let mut precise_rows = Vec::with_capacity(n);
         for s in &out.seqs {
             let req = sched.request(s.id).expect("scheduled request exists");
             let table: Vec<u32> = sched.kv().block_table(s.id).iter().map(|b| b.0).collect();
@@ -90,7 +98,7 @@ impl ModelRunner {
             for p in s.num_computed..s.num_computed + s.num_new {
                 ids.push(req.tokens[p]);
                 positions.push(p as u32);
-                prompt_rows.push(p < req.num_prompt);
+                precise_rows.push(self.precise_prompts && p < req.num_prompt);
                 slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
             }
             if s.samples {
@@ -109,7 +117,7 @@ impl ModelRunner {
             &slots,
             seqs,
             &logits_rows,
-            prompt_rows,
+            precise_rows,
             self.model.device(),
         )?;
         self.model.forward(&batch, &self.kv)

@@ -196,6 +196,8 @@ pub struct ServeOptions {
     pub dummy_weights: bool,
     /// Dense weights, activations and KV cache; `None`: bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
+    /// Compute prompt tokens at the model's higher precision (`serve --prompt-precision high`).
+    pub precise_prompts: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -362,7 +364,7 @@ fn serve_model(
                 cfg.context_len.min(num_blocks * opts.block_size),
                 cfg.params,
             );
-            let runner = ModelRunner::new(model, num_blocks, opts.block_size)
+            let runner = ModelRunner::new(model, num_blocks, opts.block_size, opts.precise_prompts)
                 .map_err(|e| LoadError(format!("model `{}`: KV cache: {e}", entry.id)))?;
             tracing::info!(model = %entry.id, num_blocks, block_size = opts.block_size, tokens = num_blocks * opts.block_size, "KV cache");
             let engine = engine::spawn(

@@ -195,6 +195,12 @@ struct ServeArgs {
     /// quantized weights and compute in float32.
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]
     dtype: DtypeArg,
+    /// What the KV cache holds: `auto` (float16 on the CPU when the model computes in float32:
+    /// half the bytes every decode step reads and twice the tokens per GiB, as llama.cpp's
+    /// default; on a GPU the model's dtype), `float16`, `bfloat16` or `float32` (a GPU takes only
+    /// the model's dtype).
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    kv_cache_dtype: DtypeArg,
     /// CPU, quantized (GGUF) models: how prompt tokens' activations enter the integer kernel.
     /// `high`: as two int8 terms per block of 32 (the codes and their rounding error's codes,
     /// about 15 bits), so that the KV cache every later token reads is computed almost as in
@@ -322,6 +328,7 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
         calibrate: !args.no_calibrate,
         dummy_weights: args.load_format == "dummy",
         dtype: args.dtype.0,
+        kv_cache_dtype: args.kv_cache_dtype.0,
         precise_prompts: args.prompt_precision == "high",
     };
     if opts.dummy_weights && opts.sources.is_empty() {

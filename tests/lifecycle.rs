@@ -27,7 +27,7 @@ async fn with_int8_prompts_preempted_requests_finish_with_the_same_text() {
 
 async fn preempted_requests_finish_alike(precise_prompts: bool) {
     // 48 blocks of 16 tokens: ~770 tokens for 8 requests that want ~140 each.
-    let bytes_per_block = 2 * 30 * 16 * 3 * 64 * 4;
+    let bytes_per_block = 2 * 30 * 16 * 3 * 64 * 2;
     let server = start(ServeOptions {
         precise_prompts,
         ..options(48 * bytes_per_block)

@@ -1,11 +1,12 @@
 //! The CPU paged-attention kernel at SmolLM2-135M's shape (9 query heads over 3 KV heads of 64)
 //! and Llama-3.1-8B's (32 over 8, of 128): a decode step of sixteen sequences at 256 and 1024
-//! tokens of context, and one 128-token prompt chunk.
+//! tokens of context, and one 128-token prompt chunk; over an f32 cache and an f16 one (the
+//! server's default on the CPU).
 //!
 //!     cargo bench -p candela-kernels --bench attention
 
 use candela_kernels::{paged_attention, AttentionMeta, SeqAttention};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const BLOCK: usize = 16;
@@ -38,16 +39,20 @@ fn bench(c: &mut Criterion) {
         ] {
             let meta = batch(seqs, query_len, context);
             let blocks = seqs * context.div_ceil(BLOCK);
-            let k = Tensor::randn(0f32, 1., (blocks, BLOCK, kv_heads, head_dim), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1., (blocks, BLOCK, kv_heads, head_dim), &dev).unwrap();
+            let cache = || Tensor::randn(0f32, 1., (blocks, BLOCK, kv_heads, head_dim), &dev);
+            let (k, v) = (cache().unwrap(), cache().unwrap());
             let q = Tensor::randn(0f32, 1., (seqs * query_len, heads, head_dim), &dev).unwrap();
             let scale = (head_dim as f32).powf(-0.5);
             // Query-key pairs scored (causal for the prompt chunk).
             let pairs = seqs * (context - query_len..context).map(|p| p + 1).sum::<usize>();
             group.throughput(Throughput::Elements((pairs * heads) as u64));
-            group.bench_function(BenchmarkId::new(format!("{shape} {work}"), context), |b| {
-                b.iter(|| paged_attention(&q, &k, &v, &meta, scale).unwrap())
-            });
+            for dtype in [DType::F32, DType::F16] {
+                let (k, v) = (k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
+                let name = format!("{shape} {work} {dtype:?}");
+                group.bench_function(BenchmarkId::new(name, context), |b| {
+                    b.iter(|| paged_attention(&q, &k, &v, &meta, scale).unwrap())
+                });
+            }
         }
     }
     group.finish();

@@ -231,6 +231,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             calibrate: false,
             dummy_weights: args.load_format == "dummy",
             dtype: None,
+            kv_cache_dtype: None,
             precise_prompts: true,
         };
         let registry = tokio::task::spawn_blocking(move || crate::serving::load_registry(&opts))

@@ -2,7 +2,7 @@
 //! ragged batch (token ids, positions, slot mapping, block tables) and runs it.
 
 use candela_models::{Batch, CausalLm, KvCache, LmConfig, SeqAttention};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
@@ -22,6 +22,17 @@ pub fn default_kv_budget(device: &Device) -> u64 {
         _ => device_free_memory(device)
             .map(|free| free * 8 / 10)
             .unwrap_or(8 * GIB),
+    }
+}
+
+/// What the KV cache holds when no dtype is given: f16 on the CPU when the model computes in f32
+/// (half the bytes every decode step reads, and twice the tokens per GiB, as llama.cpp's
+/// default; attention widens the rows to f32 as it loads them), else the model's dtype (the
+/// CUDA kernels read the cache in the queries' dtype).
+pub fn default_kv_dtype(device: &Device, model_dtype: DType) -> DType {
+    match (device, model_dtype) {
+        (Device::Cpu, DType::F32) => DType::F16,
+        _ => model_dtype,
     }
 }
 
@@ -45,16 +56,18 @@ fn device_free_memory(_device: &Device) -> Option<u64> {
 }
 
 impl ModelRunner {
-    /// Allocates `num_blocks` KV blocks of `block_size` tokens for the model; `precise_prompts`:
-    /// compute prompt tokens at the model's higher precision ([`Batch::precise_rows`]).
+    /// Allocates `num_blocks` KV blocks of `block_size` tokens of `kv_dtype` for the model;
+    /// `precise_prompts`: compute prompt tokens at the model's higher precision
+    /// ([`Batch::precise_rows`]).
     pub fn new(
         model: Box<dyn CausalLm>,
         num_blocks: usize,
         block_size: usize,
+        kv_dtype: DType,
         precise_prompts: bool,
     ) -> candela_models::Result<Self> {
         let cfg = model.config();
-        let kv = KvCache::new(cfg, num_blocks, block_size, cfg.dtype, model.device())?;
+        let kv = KvCache::new(cfg, num_blocks, block_size, kv_dtype, model.device())?;
         // On a GPU the weights and the cache were uploaded asynchronously: let them land (and
         // any fault in them surface) here, at load, rather than in the first request.
         model.device().synchronize()?;
@@ -65,9 +78,14 @@ impl ModelRunner {
         })
     }
 
-    /// Blocks that fit in `budget_bytes`.
-    pub fn blocks_for_budget(cfg: &LmConfig, block_size: usize, budget_bytes: u64) -> usize {
-        (budget_bytes / KvCache::bytes_per_block(cfg, block_size, cfg.dtype) as u64) as usize
+    /// Blocks of `kv_dtype` that fit in `budget_bytes`.
+    pub fn blocks_for_budget(
+        cfg: &LmConfig,
+        block_size: usize,
+        kv_dtype: DType,
+        budget_bytes: u64,
+    ) -> usize {
+        (budget_bytes / KvCache::bytes_per_block(cfg, block_size, kv_dtype) as u64) as usize
     }
 
     pub fn config(&self) -> &LmConfig {

@@ -196,6 +196,8 @@ pub struct ServeOptions {
     pub dummy_weights: bool,
     /// Dense weights, activations and KV cache; `None`: bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
+    /// What the KV cache holds; `None`: [`runner::default_kv_dtype`].
+    pub kv_cache_dtype: Option<DType>,
     /// Compute prompt tokens at the model's higher precision (`serve --prompt-precision high`).
     pub precise_prompts: bool,
 }
@@ -351,8 +353,18 @@ fn serve_model(
                 .unwrap_or_else(|| runner::default_kv_budget(&opts.device));
             // No use for more blocks than the running sequences can fill.
             let max_useful = opts.max_num_seqs * cfg.context_len.div_ceil(opts.block_size);
+            let kv_dtype = opts
+                .kv_cache_dtype
+                .unwrap_or_else(|| runner::default_kv_dtype(&opts.device, cfg.dtype));
+            if !opts.device.is_cpu() && kv_dtype != cfg.dtype {
+                return Err(LoadError(format!(
+                    "model `{}`: a KV cache of {kv_dtype:?} on a GPU (the CUDA kernels read the cache in the model's dtype, {:?}; set --dtype instead)",
+                    entry.id, cfg.dtype
+                )));
+            }
             let num_blocks =
-                ModelRunner::blocks_for_budget(&cfg, opts.block_size, budget).min(max_useful);
+                ModelRunner::blocks_for_budget(&cfg, opts.block_size, kv_dtype, budget)
+                    .min(max_useful);
             if num_blocks == 0 {
                 return Err(LoadError(format!(
                     "model `{}`: the KV-cache budget ({budget} bytes) holds no block",
@@ -364,9 +376,15 @@ fn serve_model(
                 cfg.context_len.min(num_blocks * opts.block_size),
                 cfg.params,
             );
-            let runner = ModelRunner::new(model, num_blocks, opts.block_size, opts.precise_prompts)
-                .map_err(|e| LoadError(format!("model `{}`: KV cache: {e}", entry.id)))?;
-            tracing::info!(model = %entry.id, num_blocks, block_size = opts.block_size, tokens = num_blocks * opts.block_size, "KV cache");
+            let runner = ModelRunner::new(
+                model,
+                num_blocks,
+                opts.block_size,
+                kv_dtype,
+                opts.precise_prompts,
+            )
+            .map_err(|e| LoadError(format!("model `{}`: KV cache: {e}", entry.id)))?;
+            tracing::info!(model = %entry.id, num_blocks, block_size = opts.block_size, tokens = num_blocks * opts.block_size, dtype = ?kv_dtype, "KV cache");
             let engine = engine::spawn(
                 &entry.id,
                 runner,

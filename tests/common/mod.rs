@@ -59,6 +59,7 @@ pub fn options(kv_cache_bytes: u64) -> ServeOptions {
         calibrate: false,
         dummy_weights: false,
         dtype: None,
+        kv_cache_dtype: None,
         precise_prompts: true,
     }
 }

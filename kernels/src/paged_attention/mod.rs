@@ -6,7 +6,8 @@
 //! (see [`crate::reshape_and_cache`]). Attention is causal: a query at position `p` sees the
 //! keys at positions `0..=p` of its own sequence.
 //!
-//! Kernels: f32 on the CPU ([`cpu`]), f32/f16/bf16 with head_dim 64 or 128 on CUDA ([`cuda`]);
+//! Kernels: f32 queries over an f32 or f16 cache on the CPU ([`cpu`]), f32/f16/bf16 with
+//! head_dim 64 or 128 on CUDA ([`cuda`]);
 //! anything else runs [`paged_attention_reference`]. A batch's layout comes as an
 //! [`AttentionMeta`], built once per step and shared by every layer, so that the CUDA path
 //! uploads it once rather than once per layer.
@@ -94,8 +95,8 @@ pub fn paged_attention(
     let fast_cpu = matches!(q.device(), Device::Cpu)
         && cpu::supports(q.dim(2)?)
         && q.dtype() == DType::F32
-        && k_cache.dtype() == DType::F32
-        && v_cache.dtype() == DType::F32;
+        && matches!(k_cache.dtype(), DType::F32 | DType::F16)
+        && v_cache.dtype() == k_cache.dtype();
     if fast_cpu {
         let op = CpuPagedAttention {
             seqs: meta.seqs(),

@@ -1,8 +1,11 @@
-//! The CPU kernel (f32): one query token at a time over its sequence's blocks, rows in parallel.
+//! The CPU kernel: f32 queries over an f32 or f16 cache, one query token at a time over its
+//! sequence's blocks, rows in parallel.
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, WithDType};
+use half::f16;
 use rayon::prelude::*;
 
 use super::SeqAttention;
@@ -10,11 +13,11 @@ use crate::exp_nonpositive;
 use crate::isa::{self, Tier};
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
-use simd::{Portable, Rows, Simd};
+use simd::{Element, Portable, Rows, Simd};
 
 mod simd;
 
-/// The f32 CPU kernel: rayon over batch rows, each row all heads over its context.
+/// The CPU kernel: rayon over batch rows, each row all heads over its context.
 pub(super) struct CpuPagedAttention<'a> {
     pub(super) seqs: &'a [SeqAttention],
     pub(super) scale: f32,
@@ -27,10 +30,11 @@ pub(super) fn tiers() -> Vec<Tier> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx2") && has!("fma") {
+        if has!("avx512f") && has!("avx2") && has!("fma") && has!("f16c") {
             tiers.push(Tier::Avx512);
         }
-        if has!("avx2") && has!("fma") {
+        // F16C widens f16 cache rows; every AVX2 CPU has it.
+        if has!("avx2") && has!("fma") && has!("f16c") {
             tiers.push(Tier::Avx2);
         }
     }
@@ -93,11 +97,36 @@ impl CustomOp3 for CpuPagedAttention<'_> {
                 );
             }
         }
-        let (q, k, v) = (
-            contiguous_f32(q, q_l)?,
-            contiguous_f32(k, k_l)?,
-            contiguous_f32(v, v_l)?,
-        );
+        let q = contiguous::<f32>(q, q_l)?;
+        match (k, v) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (k, v) = (contiguous::<f32>(k, k_l)?, contiguous::<f32>(v, v_l)?);
+                self.run(q, k, v, (tokens, heads, head_dim), block_size, kv_heads)
+            }
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
+                let (k, v) = (contiguous::<f16>(k, k_l)?, contiguous::<f16>(v, v_l)?);
+                self.run(q, k, v, (tokens, heads, head_dim), block_size, kv_heads)
+            }
+            _ => candle_core::bail!(
+                "paged-attention: caches of {:?} and {:?} (f32 or f16 expected)",
+                k.dtype(),
+                v.dtype()
+            ),
+        }
+    }
+}
+
+impl CpuPagedAttention<'_> {
+    /// Every batch row over its sequence's context in caches of `E`.
+    fn run<E: Element>(
+        &self,
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        (tokens, heads, head_dim): (usize, usize, usize),
+        block_size: usize,
+        kv_heads: usize,
+    ) -> Result<(CpuStorage, Shape)> {
         let row = heads * head_dim;
         // Each batch row -> (its sequence, its position).
         let mut owner = vec![None; tokens];
@@ -114,7 +143,7 @@ impl CustomOp3 for CpuPagedAttention<'_> {
             block_size,
             scale: self.scale,
         };
-        let attend = kernel(head_dim / LANES, self.tier);
+        let attend = kernel::<E>(head_dim / LANES, self.tier);
         out.par_chunks_mut(row).enumerate().for_each_init(
             Scratch::default,
             |scratch, (t, out_row)| {
@@ -142,7 +171,7 @@ struct Dims {
     scale: f32,
 }
 
-/// Floats per chunk of a head: the kernels keep a head as `[[f32; LANES]; C]`.
+/// Values per chunk of a head: the kernels keep a head as `[[f32; LANES]; C]`.
 const LANES: usize = 16;
 
 /// Whether the CPU kernel handles this head size (others take the reference path).
@@ -151,10 +180,10 @@ pub(super) fn supports(head_dim: usize) -> bool {
 }
 
 /// One query token: its heads, the caches, its sequence's block table and its position.
-struct Query<'a> {
+struct Query<'a, E> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: &'a [E],
+    v: &'a [E],
     table: &'a [u32],
     pos: usize,
 }
@@ -169,29 +198,29 @@ struct Scratch {
 }
 
 /// `(dims, query, output heads, scratch)`.
-type AttendFn = unsafe fn(&Dims, &Query, &mut [f32], &mut Scratch);
+type AttendFn<E> = unsafe fn(&Dims, &Query<E>, &mut [f32], &mut Scratch);
 
-/// `attend_token::<C, _>` compiled for `tier`.
-fn kernel(chunks: usize, tier: Tier) -> AttendFn {
+/// `attend_token::<C, _, E>` compiled for `tier`.
+fn kernel<E: Element>(chunks: usize, tier: Tier) -> AttendFn<E> {
     macro_rules! pick {
         ($c:expr, $f:ident) => {
             match $c {
-                1 => $f::<1>,
-                2 => $f::<2>,
-                3 => $f::<3>,
-                4 => $f::<4>,
-                5 => $f::<5>,
-                6 => $f::<6>,
-                7 => $f::<7>,
-                8 => $f::<8>,
-                9 => $f::<9>,
-                10 => $f::<10>,
-                11 => $f::<11>,
-                12 => $f::<12>,
-                13 => $f::<13>,
-                14 => $f::<14>,
-                15 => $f::<15>,
-                _ => $f::<16>,
+                1 => $f::<1, E>,
+                2 => $f::<2, E>,
+                3 => $f::<3, E>,
+                4 => $f::<4, E>,
+                5 => $f::<5, E>,
+                6 => $f::<6, E>,
+                7 => $f::<7, E>,
+                8 => $f::<8, E>,
+                9 => $f::<9, E>,
+                10 => $f::<10, E>,
+                11 => $f::<11, E>,
+                12 => $f::<12, E>,
+                13 => $f::<13, E>,
+                14 => $f::<14, E>,
+                15 => $f::<15, E>,
+                _ => $f::<16, E>,
             }
         };
     }
@@ -204,44 +233,34 @@ fn kernel(chunks: usize, tier: Tier) -> AttendFn {
     }
 }
 
-/// `attend_token::<C, S>` compiled for an instruction set.
+/// `attend_token::<C, S, E>` compiled for an instruction set.
 macro_rules! attend_with {
     ($name:ident, $simd:ty $(, $features:literal)?) => {
         $(#[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)])?
-        unsafe fn $name<const C: usize>(
+        unsafe fn $name<const C: usize, E: Element>(
             d: &Dims,
-            query: &Query,
+            query: &Query<E>,
             out: &mut [f32],
             scratch: &mut Scratch,
         ) {
-            attend_token::<C, $simd>(d, query, out, scratch)
+            attend_token::<C, $simd, E>(d, query, out, scratch)
         }
     };
 }
 
-attend_with!(attend_avx512, Avx512, "avx512f,avx2,fma");
-attend_with!(attend_avx2, Avx2, "avx2,fma");
+attend_with!(attend_avx512, Avx512, "avx512f,avx2,fma,f16c");
+attend_with!(attend_avx2, Avx2, "avx2,fma,f16c");
 attend_with!(attend_portable, Portable);
-
-/// A head's `C * LANES` floats as chunks the compiler keeps in vector registers.
-#[inline(always)]
-fn head<const C: usize>(x: &[f32]) -> &[[f32; LANES]; C] {
-    x[..C * LANES]
-        .as_chunks::<LANES>()
-        .0
-        .try_into()
-        .expect("C chunks")
-}
 
 /// One query token (all heads) over positions `0..=pos` of its sequence, walking the block
 /// table. Each KV head's group of query heads goes together, so that a run of keys is scored
 /// against the whole group while it is in L1; then each head's softmax and its weighted sum of
 /// values.
 #[inline(always)]
-unsafe fn attend_token<const C: usize, S: Simd>(
+unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
     d: &Dims,
-    query: &Query,
+    query: &Query<E>,
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
@@ -277,7 +296,7 @@ unsafe fn attend_token<const C: usize, S: Simd>(
             },
         );
         let q_group = &q[h * group * hd..][..group * hd];
-        S::score::<C>(q_group, group, keys, d.scale, scores);
+        S::score::<C, E>(q_group, group, keys, d.scale, scores);
         for g in 0..group {
             let s = &mut scores[g * n..][..n];
             let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -285,7 +304,7 @@ unsafe fn attend_token<const C: usize, S: Simd>(
                 *x = exp_nonpositive(*x - max);
             }
             let inv = 1.0 / sum(s);
-            let acc = S::weigh::<C>(s, values);
+            let acc = S::weigh::<C, E>(s, values);
             let qh = h * group + g;
             for (o, a) in out[qh * hd..][..hd].chunks_exact_mut(LANES).zip(&acc) {
                 for i in 0..LANES {
@@ -296,11 +315,11 @@ unsafe fn attend_token<const C: usize, S: Simd>(
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("paged-attention: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
+    Ok(&s.as_slice::<T>()?[start..end])
 }
 
 /// Sum with sixteen running totals, so that it vectorises.
@@ -335,7 +354,9 @@ mod tests {
             (8, 2, 128, 16),
             (4, 1, 256, 8),
         ] {
-            check(heads, kv_heads, d, bs)?;
+            for cache in [DType::F32, DType::F16] {
+                check(heads, kv_heads, d, bs, cache)?;
+            }
         }
         Ok(())
     }
@@ -360,13 +381,15 @@ mod tests {
         Ok(())
     }
 
-    fn check(heads: usize, kv_heads: usize, d: usize, bs: usize) -> Result<()> {
+    /// The reference reads the same cache, widened to f32: the kernels must match it to f32
+    /// rounding whatever the cache holds.
+    fn check(heads: usize, kv_heads: usize, d: usize, bs: usize, cache: DType) -> Result<()> {
         let dev = Device::Cpu;
         let tables = [vec![5u32, 1, 3, 8, 0, 9], vec![2u32, 7]];
         let lens = [5 * bs + 3, bs + 2];
         let nb = 10;
-        let k_cache = Tensor::zeros((nb, bs, kv_heads, d), DType::F32, &dev)?;
-        let v_cache = Tensor::zeros((nb, bs, kv_heads, d), DType::F32, &dev)?;
+        let k_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+        let v_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
         // Fill the caches with a full history for both sequences.
         for (table, &len) in tables.iter().zip(&lens) {
             let slots: Vec<u32> = (0..len)
@@ -423,7 +446,7 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(
                 diff < 1e-5,
-                "{name}, {heads}:{kv_heads} heads of {d}: max abs diff {diff}"
+                "{name}, {cache:?} cache, {heads}:{kv_heads} heads of {d}: max abs diff {diff}"
             );
         }
         Ok(())

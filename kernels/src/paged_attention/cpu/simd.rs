@@ -11,15 +11,86 @@
 //!   from plain Rust).
 //!
 //! The portable versions are plain loops for any CPU.
+//!
+//! The cache holds f32 or f16 ([`Element`]); f16 rows are widened to f32 as they are loaded
+//! (one `vcvtph2ps` per 8 or 16 values), so the arithmetic is f32 either way.
 
-use super::{head, LANES};
+use half::f16;
 
-/// A KV head's rows: the cache (from the head's first float) and each position's row offset.
-#[derive(Clone, Copy)]
-pub(super) struct Rows<'a> {
-    pub cache: &'a [f32],
+use super::LANES;
+
+/// What a cache row holds.
+pub(super) trait Element: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+
+    /// `LANES` values from `p`, as f32.
+    ///
+    /// # Safety
+    /// AVX-512F; `p` points at `LANES` values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// 8 values from `p`, as f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` points at 8 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Element for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// A KV head's rows: the cache (from the head's first value) and each position's row offset.
+pub(super) struct Rows<'a, E> {
+    pub cache: &'a [E],
     pub offsets: &'a [usize],
 }
+
+impl<E> Clone for Rows<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Rows<'_, E> {}
 
 /// The inner loops for one instruction set.
 pub(super) trait Simd {
@@ -29,10 +100,10 @@ pub(super) trait Simd {
     /// # Safety
     /// The CPU must have the instruction set; every offset must leave `C * LANES` floats of the
     /// cache after it; `q` holds `group * C * LANES` floats and `out` `group * n`.
-    unsafe fn score<const C: usize>(
+    unsafe fn score<const C: usize, E: Element>(
         q: &[f32],
         group: usize,
-        keys: Rows,
+        keys: Rows<E>,
         scale: f32,
         out: &mut [f32],
     );
@@ -41,7 +112,10 @@ pub(super) trait Simd {
     ///
     /// # Safety
     /// As for [`Simd::score`]; `weights` has one entry per offset.
-    unsafe fn weigh<const C: usize>(weights: &[f32], values: Rows) -> [[f32; LANES]; C];
+    unsafe fn weigh<const C: usize, E: Element>(
+        weights: &[f32],
+        values: Rows<E>,
+    ) -> [[f32; LANES]; C];
 }
 
 /// Any CPU: one dot product per (head, position), its lanes added pairwise.
@@ -49,28 +123,31 @@ pub(super) struct Portable;
 
 impl Simd for Portable {
     #[inline(always)]
-    unsafe fn score<const C: usize>(
+    unsafe fn score<const C: usize, E: Element>(
         q: &[f32],
         group: usize,
-        keys: Rows,
+        keys: Rows<E>,
         scale: f32,
         out: &mut [f32],
     ) {
         let n = keys.offsets.len();
         let hd = C * LANES;
         for (p, &row) in keys.offsets.iter().enumerate() {
-            let key = head::<C>(&keys.cache[row..]);
+            let key = widen::<C, E>(&keys.cache[row..]);
             for g in 0..group {
-                out[g * n + p] = dot::<C>(head::<C>(&q[g * hd..]), key) * scale;
+                out[g * n + p] = dot::<C>(head::<C>(&q[g * hd..]), &key) * scale;
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn weigh<const C: usize>(weights: &[f32], values: Rows) -> [[f32; LANES]; C] {
+    unsafe fn weigh<const C: usize, E: Element>(
+        weights: &[f32],
+        values: Rows<E>,
+    ) -> [[f32; LANES]; C] {
         let mut acc = [[0f32; LANES]; C];
         for (&w, &row) in weights.iter().zip(values.offsets) {
-            for (a, x) in acc.iter_mut().zip(head::<C>(&values.cache[row..])) {
+            for (a, x) in acc.iter_mut().zip(&widen::<C, E>(&values.cache[row..])) {
                 for i in 0..LANES {
                     a[i] += w * x[i];
                 }
@@ -78,6 +155,29 @@ impl Simd for Portable {
         }
         acc
     }
+}
+
+/// A head's `C * LANES` floats as chunks the compiler keeps in vector registers.
+#[inline(always)]
+pub(super) fn head<const C: usize>(x: &[f32]) -> &[[f32; LANES]; C] {
+    x[..C * LANES]
+        .as_chunks::<LANES>()
+        .0
+        .try_into()
+        .expect("C chunks")
+}
+
+/// A cache row's first `C * LANES` values as f32 chunks.
+#[inline(always)]
+fn widen<const C: usize, E: Element>(x: &[E]) -> [[f32; LANES]; C] {
+    let x = &x[..C * LANES];
+    let mut out = [[0f32; LANES]; C];
+    for (o, x) in out.iter_mut().zip(x.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            o[i] = x[i].to_f32();
+        }
+    }
+    out
 }
 
 /// Dot product of two heads: lane-wise products summed over the chunks, then the lanes added
@@ -107,12 +207,12 @@ pub(super) use x86::{Avx2, Avx512};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Rows, Simd, LANES};
+    use super::{Element, Rows, Simd, LANES};
 
     /// The rows of positions `start..start + R` and how many of them there are: past the last
     /// position, a run repeats its row (those lanes' scores are not stored).
     #[inline(always)]
-    unsafe fn run<const R: usize>(keys: Rows, start: usize) -> ([*const f32; R], usize) {
+    unsafe fn run<const R: usize, E>(keys: Rows<E>, start: usize) -> ([*const E; R], usize) {
         let take = (keys.offsets.len() - start).min(R);
         let mut rows = [keys.cache.as_ptr(); R];
         for (j, row) in rows.iter_mut().enumerate() {
@@ -128,17 +228,17 @@ mod x86 {
         /// Runs of 16 positions, one accumulator each: each chunk of the query is loaded once
         /// and multiplied into all 16 keys.
         #[inline(always)]
-        unsafe fn score<const C: usize>(
+        unsafe fn score<const C: usize, E: Element>(
             q: &[f32],
             group: usize,
-            keys: Rows,
+            keys: Rows<E>,
             scale: f32,
             out: &mut [f32],
         ) {
             let n = keys.offsets.len();
             let scale = _mm512_set1_ps(scale);
             for start in (0..n).step_by(16) {
-                let (key, take) = run::<16>(keys, start);
+                let (key, take) = run::<16, E>(keys, start);
                 for g in 0..group {
                     let qg = q.as_ptr().add(g * C * LANES);
                     let mut qc = [_mm512_setzero_ps(); C];
@@ -147,9 +247,9 @@ mod x86 {
                     }
                     let mut acc = [_mm512_setzero_ps(); 16];
                     for (a, &key) in acc.iter_mut().zip(&key) {
-                        *a = _mm512_mul_ps(qc[0], _mm512_loadu_ps(key));
+                        *a = _mm512_mul_ps(qc[0], E::load16(key));
                         for (c, &qc) in qc.iter().enumerate().skip(1) {
-                            *a = _mm512_fmadd_ps(qc, _mm512_loadu_ps(key.add(c * LANES)), *a);
+                            *a = _mm512_fmadd_ps(qc, E::load16(key.add(c * LANES)), *a);
                         }
                     }
                     let s = _mm512_mul_ps(sum_lanes16(acc), scale);
@@ -162,17 +262,20 @@ mod x86 {
         /// Two positions at a time into two sets of accumulators, so that twice as many
         /// multiply-adds are in flight.
         #[inline(always)]
-        unsafe fn weigh<const C: usize>(weights: &[f32], values: Rows) -> [[f32; LANES]; C] {
+        unsafe fn weigh<const C: usize, E: Element>(
+            weights: &[f32],
+            values: Rows<E>,
+        ) -> [[f32; LANES]; C] {
             let base = values.cache.as_ptr();
             let (mut even, mut odd) = ([_mm512_setzero_ps(); C], [_mm512_setzero_ps(); C]);
             let mut p = 0;
             while p + 1 < weights.len() {
-                add_row::<C>(&mut even, weights[p], base.add(values.offsets[p]));
-                add_row::<C>(&mut odd, weights[p + 1], base.add(values.offsets[p + 1]));
+                add_row::<C, E>(&mut even, weights[p], base.add(values.offsets[p]));
+                add_row::<C, E>(&mut odd, weights[p + 1], base.add(values.offsets[p + 1]));
                 p += 2;
             }
             if p < weights.len() {
-                add_row::<C>(&mut even, weights[p], base.add(values.offsets[p]));
+                add_row::<C, E>(&mut even, weights[p], base.add(values.offsets[p]));
             }
             let mut sum = [[0f32; LANES]; C];
             for (c, s) in sum.iter_mut().enumerate() {
@@ -184,10 +287,10 @@ mod x86 {
 
     /// `acc += w * row` over a head's `C` chunks.
     #[inline(always)]
-    unsafe fn add_row<const C: usize>(acc: &mut [__m512; C], w: f32, row: *const f32) {
+    unsafe fn add_row<const C: usize, E: Element>(acc: &mut [__m512; C], w: f32, row: *const E) {
         let w = _mm512_set1_ps(w);
         for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(c * LANES)), *a);
+            *a = _mm512_fmadd_ps(w, E::load16(row.add(c * LANES)), *a);
         }
     }
 
@@ -237,24 +340,24 @@ mod x86 {
         /// Runs of 8 positions, one accumulator each: each 8-float piece of the query is loaded
         /// once and multiplied into all eight keys.
         #[inline(always)]
-        unsafe fn score<const C: usize>(
+        unsafe fn score<const C: usize, E: Element>(
             q: &[f32],
             group: usize,
-            keys: Rows,
+            keys: Rows<E>,
             scale: f32,
             out: &mut [f32],
         ) {
             let n = keys.offsets.len();
             let scale = _mm256_set1_ps(scale);
             for start in (0..n).step_by(8) {
-                let (key, take) = run::<8>(keys, start);
+                let (key, take) = run::<8, E>(keys, start);
                 for g in 0..group {
                     let qg = q.as_ptr().add(g * C * LANES);
                     let mut acc = [_mm256_setzero_ps(); 8];
                     for piece in 0..2 * C {
                         let qp = _mm256_loadu_ps(qg.add(piece * 8));
                         for (a, k) in acc.iter_mut().zip(key) {
-                            *a = _mm256_fmadd_ps(qp, _mm256_loadu_ps(k.add(piece * 8)), *a);
+                            *a = _mm256_fmadd_ps(qp, E::load8(k.add(piece * 8)), *a);
                         }
                     }
                     let s = _mm256_mul_ps(sum_lanes8(acc), scale);
@@ -271,14 +374,17 @@ mod x86 {
         }
 
         #[inline(always)]
-        unsafe fn weigh<const C: usize>(weights: &[f32], values: Rows) -> [[f32; LANES]; C] {
+        unsafe fn weigh<const C: usize, E: Element>(
+            weights: &[f32],
+            values: Rows<E>,
+        ) -> [[f32; LANES]; C] {
             let base = values.cache.as_ptr();
             let mut acc = [[_mm256_setzero_ps(); 2]; C];
             for (&w, &row) in weights.iter().zip(values.offsets) {
                 let (w, row) = (_mm256_set1_ps(w), base.add(row));
                 for (c, a) in acc.iter_mut().enumerate() {
                     for (h, a) in a.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(c * LANES + 8 * h)), *a);
+                        *a = _mm256_fmadd_ps(w, E::load8(row.add(c * LANES + 8 * h)), *a);
                     }
                 }
             }

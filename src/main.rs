@@ -206,8 +206,9 @@ struct ServeArgs {
     /// about 15 bits), so that the KV cache every later token reads is computed almost as in
     /// float32. `int8`: as one term, as llama.cpp computes every token (generated tokens always
     /// take one): up to twice the prompt throughput on CPUs without AVX-512 VNNI, 10-30 % more
-    /// with it, and greedy text that can differ.
-    #[arg(long, default_value = "high", value_parser = ["high", "int8"])]
+    /// with it; greedy text can differ. `auto`: `high` where the CPU has AVX-512 VNNI, `int8`
+    /// elsewhere.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "high", "int8"])]
     prompt_precision: String,
     /// Guards the admin API (/admin/v1/...) and /metrics; unset, the admin API is off and
     /// /metrics is open.
@@ -313,7 +314,6 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
     if args.block_size == 0 || max_num_seqs == 0 || max_num_batched_tokens == 0 {
         bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
     }
-    tracing::info!(device = ?device, home = %home.display(), "starting");
     let opts = ServeOptions {
         sources: args.models,
         device,
@@ -329,8 +329,18 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
         dummy_weights: args.load_format == "dummy",
         dtype: args.dtype.0,
         kv_cache_dtype: args.kv_cache_dtype.0,
-        precise_prompts: args.prompt_precision == "high",
+        precise_prompts: match args.prompt_precision.as_str() {
+            "high" => true,
+            "int8" => false,
+            _ => candela::runner::default_precise_prompts(),
+        },
     };
+    tracing::info!(
+        device = ?opts.device,
+        home = %opts.home.display(),
+        precise_prompts = opts.precise_prompts,
+        "starting"
+    );
     if opts.dummy_weights && opts.sources.is_empty() {
         bail!(
             "--load-format dummy needs --model CONFIG.json (e.g. models/configs/llama-3.1-8b.json)"

@@ -32,6 +32,8 @@ pub use norm::{add_rms_norm, rms_norm};
 pub use paged_attention::{
     paged_attention, paged_attention_reference, prepare_attention, AttentionMeta, SeqAttention,
 };
-pub use quant_matmul::{QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK};
+pub use quant_matmul::{
+    has_vnni as quant_has_vnni, QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK,
+};
 pub use rotary::{rotary_embedding, RopeLayout};
 pub use sampling::{argmax, sample, sample_row, RowSampling};

@@ -20,7 +20,7 @@ pub struct Batch {
     pub logits_rows_host: Vec<u32>,
     /// Per row: whether to compute it at the model's higher precision, where it has one (the
     /// CPU kernel for quantized weights: activations as two int8 terms instead of one). The
-    /// engine marks prompt tokens unless told not to (`serve --prompt-precision int8`). A row's result
+    /// engine marks prompt tokens where that is cheap or asked for (`serve --prompt-precision`). A row's result
     /// depends on its mark, never on the rows batched with it.
     pub precise_rows: Vec<bool>,
 }

@@ -8,7 +8,8 @@
 //! every weight for each row.) Activations go in as one int8 term per block of 32 (as llama.cpp
 //! computes every token), or, for rows the batch marks precise, as two (about 15 bits, close to
 //! f32, for twice the integer work). The engine marks prompt tokens, which fill the KV cache
-//! that every later token reads, unless `serve --prompt-precision int8` says not to.
+//! that every later token reads, where VNNI makes that cheap or when asked
+//! (`serve --prompt-precision`).
 //!
 //! A row's result depends on its mark, never on the rows batched with it, so a request produces
 //! the same text alone or among many, and after a preemption recomputes its generated tokens

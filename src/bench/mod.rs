@@ -232,7 +232,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             dummy_weights: args.load_format == "dummy",
             dtype: None,
             kv_cache_dtype: None,
-            precise_prompts: true,
+            precise_prompts: crate::runner::default_precise_prompts(),
         };
         let registry = tokio::task::spawn_blocking(move || crate::serving::load_registry(&opts))
             .await

@@ -198,7 +198,8 @@ pub struct ServeOptions {
     pub dtype: Option<DType>,
     /// What the KV cache holds; `None`: [`runner::default_kv_dtype`].
     pub kv_cache_dtype: Option<DType>,
-    /// Compute prompt tokens at the model's higher precision (`serve --prompt-precision high`).
+    /// Compute prompt tokens at the model's higher precision (`serve --prompt-precision`; see
+    /// [`runner::default_precise_prompts`]).
     pub precise_prompts: bool,
 }
 

@@ -547,10 +547,20 @@ fn candidates() -> Vec<(&'static str, Kernels)> {
     found
 }
 
-/// The fastest kernels this CPU runs, chosen once.
+/// The fastest kernels this CPU runs, chosen once, and their name.
+fn best() -> &'static (&'static str, Kernels) {
+    static BEST: std::sync::OnceLock<(&'static str, Kernels)> = std::sync::OnceLock::new();
+    BEST.get_or_init(|| candidates().swap_remove(0))
+}
+
 fn kernels() -> &'static Kernels {
-    static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-    BEST.get_or_init(|| candidates().swap_remove(0).1)
+    &best().1
+}
+
+/// Whether the kernel this CPU runs multiplies with VNNI, where a row in two int8 terms costs
+/// little more than in one (with AVX2 alone, about twice as much).
+pub fn has_vnni() -> bool {
+    best().0 == "avx512-vnni"
 }
 
 /// `with_rows!(n, MAX, f[A, B](args))` calls `f::<A, B, N>(args)` with N = n in 1..=MAX (2 or

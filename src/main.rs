@@ -190,7 +190,7 @@ struct ServeArgs {
     /// Skip the start-up speed measurement that `@fastest` ranks by.
     #[arg(long)]
     no_calibrate: bool,
-    /// Dense weights, activations and KV cache: `auto` (bfloat16 on a GPU, float32 on the CPU),
+    /// Dense weights and activations (the KV cache: --kv-cache-dtype): `auto` (bfloat16 on a GPU, float32 on the CPU),
     /// `bfloat16`, `float16` (or `half`) or `float32` (or `float`). GGUF models keep their
     /// quantized weights and compute in float32.
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]

@@ -194,7 +194,7 @@ pub struct ServeOptions {
     pub calibrate: bool,
     /// `--load-format dummy`: each source is a Llama `config.json`, loaded with random weights.
     pub dummy_weights: bool,
-    /// Dense weights, activations and KV cache; `None`: bf16 on a GPU, f32 on the CPU.
+    /// Dense weights and activations; `None`: bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
     /// What the KV cache holds; `None`: [`runner::default_kv_dtype`].
     pub kv_cache_dtype: Option<DType>,

@@ -190,9 +190,9 @@ struct ServeArgs {
     /// Skip the start-up speed measurement that `@fastest` ranks by.
     #[arg(long)]
     no_calibrate: bool,
-    /// Dense weights and activations (the KV cache: --kv-cache-dtype): `auto` (bfloat16 on a GPU, float32 on the CPU),
-    /// `bfloat16`, `float16` (or `half`) or `float32` (or `float`). GGUF models keep their
-    /// quantized weights and compute in float32.
+    /// Dense weights and activations (the KV cache has --kv-cache-dtype): `auto` (bfloat16 on a
+    /// GPU, float32 on the CPU), `bfloat16`, `float16` (or `half`) or `float32` (or `float`).
+    /// GGUF models keep their quantized weights and compute in float32.
     #[arg(long, default_value = "auto", value_parser = parse_dtype)]
     dtype: DtypeArg,
     /// What the KV cache holds: `auto` (float16 on the CPU when the model computes in float32:

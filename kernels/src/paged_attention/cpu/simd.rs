@@ -79,18 +79,11 @@ impl Element for f16 {
 }
 
 /// A KV head's rows: the cache (from the head's first value) and each position's row offset.
+#[derive(Clone, Copy)]
 pub(super) struct Rows<'a, E> {
     pub cache: &'a [E],
     pub offsets: &'a [usize],
 }
-
-impl<E> Clone for Rows<'_, E> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<E> Copy for Rows<'_, E> {}
 
 /// The inner loops for one instruction set.
 pub(super) trait Simd {

@@ -52,6 +52,42 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+    // One token of single-stream decoding: every layer's projections once (30 layers of
+    // SmolLM2, 80 MB of Q4_1, more than the last-level cache), so the weights come from memory
+    // as they do in serving. Throughput in bytes: compare with the machine's read bandwidth.
+    let layers: Vec<Vec<QMatrix>> = (0..30)
+        .map(|_| {
+            [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+                .map(|(rows, cols)| {
+                    let w = Tensor::randn(0f32, 1., (rows, cols), &dev).unwrap();
+                    let qt = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+                    QMatrix::from_q4_1(&qt.data().unwrap(), rows, cols).unwrap()
+                })
+                .into()
+        })
+        .collect();
+    let bytes: usize = layers.iter().flatten().map(QMatrix::bytes).sum();
+    group.throughput(Throughput::Bytes(bytes as u64));
+    for m in [1usize, 16] {
+        let x: Vec<f32> = (0..m * 1536).map(|i| (i as f32 * 0.37).sin()).collect();
+        let precise = vec![false; m];
+        group.bench_with_input(
+            BenchmarkId::new("decode pass, 30 layers", m),
+            &m,
+            |b, &m| {
+                // On a worker of the pool, as the engine runs its forward passes.
+                b.iter(|| {
+                    rayon::scope(|_| {
+                        let hot = std::env::var("HOT").is_ok();
+                        for w in (0..30).flat_map(|l| &layers[if hot { 0 } else { l }]) {
+                            let x = &x[..m * w.cols()];
+                            std::hint::black_box(w.matmul(x, &precise));
+                        }
+                    })
+                })
+            },
+        );
+    }
     group.finish();
 }
 

@@ -4,7 +4,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_PANEL_BLOCK, Q8_PANEL_BLOCK};
+use super::{
+    Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
+    Q8_PANEL_BLOCK,
+};
 
 /// [`super::quantize_row`], a block in four vectors, its rounding error kept in registers.
 #[target_feature(enable = "avx2,fma")]
@@ -60,7 +63,7 @@ unsafe fn quantize_block(v: [__m256; 4], out: &mut RowOut, b: usize) -> (f32, [_
     (d, codes)
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
     match x.terms {
         1 => tiles::<1>(w, panels, x, out),
@@ -78,11 +81,7 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                 Panels::Q8 { codes, scales } => {
                     with_rows!(n, 2, q8[T](codes, scales, p, x, i, out))
                 }
-                Panels::Q4 {
-                    nibbles,
-                    scales,
-                    mins,
-                } => with_rows!(n, 2, q4[T](nibbles, scales, mins, p, x, i, out)),
+                Panels::Q4(data) => with_rows!(n, 2, q4[T](data, p, x, i, out)),
             }
         }
     }
@@ -93,11 +92,17 @@ unsafe fn broadcast4(p: *const i8) -> __m256i {
     _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
 }
 
-/// The panel's 16 f32 scales (or minimums) of one block as two halves.
+/// The panel's 16 f32 scales of one block as two halves.
 #[inline(always)]
 unsafe fn halves(v: &[f32], at: usize) -> [__m256; 2] {
     let p = v.as_ptr().add(at);
     [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+}
+
+/// 16 f16 values (a 4-bit panel-block's scales or minimums) as two f32 halves.
+#[inline(always)]
+unsafe fn f16_halves(p: *const u8) -> [__m256; 2] {
+    [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const _)))
 }
 
 /// Each input row's terms, added.
@@ -171,9 +176,7 @@ unsafe fn q8<const T: usize, const R: usize>(
 /// sums stay within 16 bits (8 * 2 * 15 * 127 < 32768), so they are added before widening.
 #[inline(always)]
 unsafe fn q4<const T: usize, const R: usize>(
-    nibbles: &[u8],
-    scales: &[f32],
-    mins: &[f32],
+    data: &[u8],
     p: usize,
     x: &Activations,
     i0: usize,
@@ -186,7 +189,7 @@ unsafe fn q4<const T: usize, const R: usize>(
     for b in 0..blocks {
         let mut pairs = [[_mm256_setzero_si256(); 2]; R];
         for j in 0..4 {
-            let at = nibbles
+            let at = data
                 .as_ptr()
                 .add((p * blocks + b) * Q4_PANEL_BLOCK + j * 4 * PANEL);
             let raw: [__m256i; 2] =
@@ -202,8 +205,8 @@ unsafe fn q4<const T: usize, const R: usize>(
                 }
             }
         }
-        let at = (p * blocks + b) * PANEL;
-        let (d, mn) = (halves(scales, at), halves(mins, at));
+        let pb = data.as_ptr().add((p * blocks + b) * Q4_PANEL_BLOCK);
+        let (d, mn) = (f16_halves(pb.add(Q4_SCALES)), f16_halves(pb.add(Q4_MINS)));
         for (r, acc) in acc.iter_mut().enumerate() {
             let k = (i0 + r) * blocks + b;
             let dx = _mm256_set1_ps(*x.scales.get_unchecked(k));

@@ -1,12 +1,13 @@
-//! AVX-512 VNNI: tiles of two panels (32 weight rows) × up to six int8 activation rows. Each VNNI
-//! instruction multiplies four values of 16 weight rows by four values of one activation row
-//! (broadcast) and adds the sums into 16 integer lanes; a block's integer sums become f32 once.
+//! AVX-512 VNNI: tiles of two panels (32 weight rows) × up to six int8 activation rows (one panel
+//! when there are no more rows than one tile holds). Each VNNI instruction multiplies four values
+//! of 16 weight rows by four values of one activation row (broadcast) and adds the sums into 16
+//! integer lanes; a block's integer sums become f32 once.
 
 use std::arch::x86_64::*;
 
 use super::{
-    blocks_per_pass, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_PANEL_BLOCK,
-    Q8_PANEL_BLOCK,
+    blocks_per_pass, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK,
+    Q4_SCALES, Q8_PANEL_BLOCK,
 };
 
 /// Activation rows per tile.
@@ -62,12 +63,21 @@ pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
 #[inline(always)]
 unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out: Out) {
     let blocks = x.blocks();
+    // With one tile of rows, every weight is read once: one panel at a time then, so that the
+    // weights stream through memory in order (two panels side by side are two streams, which
+    // the prefetchers serve at about half the speed), and no passes, which exist to keep
+    // weights in the L1 cache for the next tile of rows. (Rows in two terms keep them: their
+    // passes resume from the terms' sum, so a row's result would depend on the company it
+    // keeps.)
+    let one_tile = x.m <= ROWS;
     let per_pass = match w {
+        _ if one_tile && T == 1 => blocks,
         Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
-        Panels::Q4 { .. } => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
+        Panels::Q4(_) => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
     };
-    for p in (0..panels).step_by(2) {
-        let pair = panels - p >= 2;
+    let mut p = 0;
+    while p < panels {
+        let pair = panels - p >= 2 && !one_tile;
         for k in (0..blocks).step_by(per_pass) {
             let kb = k..(k + per_pass).min(blocks);
             for i in (0..x.m).step_by(ROWS) {
@@ -84,25 +94,12 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                     (Panels::Q8 { codes, scales }, false) => {
                         with_rows!(n, 6, q8[1, T](codes, scales, x, &at, out))
                     }
-                    (
-                        Panels::Q4 {
-                            nibbles,
-                            scales,
-                            mins,
-                        },
-                        true,
-                    ) => with_rows!(n, 6, q4[2, T](nibbles, scales, mins, x, &at, out)),
-                    (
-                        Panels::Q4 {
-                            nibbles,
-                            scales,
-                            mins,
-                        },
-                        false,
-                    ) => with_rows!(n, 6, q4[1, T](nibbles, scales, mins, x, &at, out)),
+                    (Panels::Q4(data), true) => with_rows!(n, 6, q4[2, T](data, x, &at, out)),
+                    (Panels::Q4(data), false) => with_rows!(n, 6, q4[1, T](data, x, &at, out)),
                 }
             }
         }
+        p += if pair { 2 } else { 1 };
     }
 }
 
@@ -231,9 +228,7 @@ unsafe fn q8<const P: usize, const T: usize, const R: usize>(
 /// nibbles) and `16 + 4j..` (high nibbles) of 16 rows; the minimum adds `min * scale * sum(x)`.
 #[inline(always)]
 unsafe fn q4<const P: usize, const T: usize, const R: usize>(
-    nibbles: &[u8],
-    scales: &[f32],
-    mins: &[f32],
+    data: &[u8],
     x: &Activations,
     at: &Tile,
     out: Out,
@@ -247,7 +242,7 @@ unsafe fn q4<const P: usize, const T: usize, const R: usize>(
         for j in 0..4 {
             let raw: [__m512i; P] = std::array::from_fn(|p| {
                 let at = ((p0 + p) * blocks + b) * Q4_PANEL_BLOCK + j * 4 * PANEL;
-                _mm512_loadu_si512(nibbles.as_ptr().add(at) as *const _)
+                _mm512_loadu_si512(data.as_ptr().add(at) as *const _)
             });
             let lo = raw.map(|v| _mm512_and_si512(v, low4));
             let hi = raw.map(|v| _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
@@ -261,9 +256,9 @@ unsafe fn q4<const P: usize, const T: usize, const R: usize>(
             }
         }
         for (p, acc) in acc.iter_mut().enumerate() {
-            let pb = ((p0 + p) * blocks + b) * PANEL;
-            let d = _mm512_loadu_ps(scales.as_ptr().add(pb));
-            let mn = _mm512_loadu_ps(mins.as_ptr().add(pb));
+            let pb = data.as_ptr().add(((p0 + p) * blocks + b) * Q4_PANEL_BLOCK);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q4_SCALES) as *const _));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q4_MINS) as *const _));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let k = (i0 + r) * blocks + b;
                 let dx = _mm512_set1_ps(*x.scales.get_unchecked(k));

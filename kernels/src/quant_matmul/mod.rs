@@ -4,7 +4,8 @@
 //! per block of 32.
 //!
 //! Weights are repacked at load into panels of 16 rows: for each block, the rows' first four
-//! values side by side, then their next four, and so on ([`Codes`]). One 64-byte vector then
+//! values side by side, then their next four, and so on ([`Codes`]); 4-bit blocks keep their
+//! f16 scales and minimums beside their codes, so that a panel is one stream of memory. One 64-byte vector then
 //! holds four values of each of 16 rows, and a single VNNI instruction multiplies it by four
 //! values of one activation row broadcast to every lane: 16 rows × 4 products summed into 16
 //! integer lanes, which accumulate over the block before the one conversion to f32 that the
@@ -20,7 +21,6 @@
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use half::f16;
 use rayon::prelude::*;
 
 /// Values per quantization block.
@@ -31,18 +31,24 @@ const PANEL: usize = 16;
 const Q4_1_BYTES: usize = 20;
 /// Bytes of one panel's codes for one block.
 const Q8_PANEL_BLOCK: usize = PANEL * BLOCK;
-const Q4_PANEL_BLOCK: usize = PANEL * BLOCK / 2;
+/// Bytes of one panel's 4-bit codes for one block, and where its 16 f16 scales and 16 f16
+/// minimums follow them ([`Q4_PANEL_BLOCK`] bytes in all: five cache lines).
+const Q4_CODES: usize = PANEL * BLOCK / 2;
+const Q4_SCALES: usize = Q4_CODES;
+const Q4_MINS: usize = Q4_SCALES + 2 * PANEL;
+const Q4_PANEL_BLOCK: usize = Q4_MINS + 2 * PANEL;
 
 /// Codes in panel order, `[panel][block][step][16 rows][4 bytes]`.
 enum Codes {
     /// `w + 128` as unsigned bytes, 8 steps per block: step `j` holds values `4j..4j + 4` of
     /// each row. (VNNI multiplies unsigned by signed bytes; the offset comes back out exactly,
-    /// see [`Activations::offsets`].)
-    Q8(Vec<u8>),
+    /// see [`Activations::offsets`].) `scales`: `[panel][block][16]`.
+    Q8 { codes: Vec<u8>, scales: Vec<f32> },
     /// Values 0..16, 4 steps per block: step `j`'s low nibbles hold values `4j..4j + 4` of each
     /// row and its high nibbles values `16 + 4j..16 + 4j + 4` (GGUF keeps values `i` and
-    /// `16 + i` in one byte too): `w = scale * q + min`. `mins` as `scales`.
-    Q4 { nibbles: Vec<u8>, mins: Vec<f32> },
+    /// `16 + i` in one byte too): `w = scale * q + min`. Each panel-block's codes are followed
+    /// by its 16 scales and 16 minimums as GGUF's f16 (see [`Q4_PANEL_BLOCK`]).
+    Q4(Vec<u8>),
 }
 
 /// Weights `[rows, cols]` in quantized blocks along each row, repacked in panels of 16 rows
@@ -50,8 +56,6 @@ enum Codes {
 pub struct QMatrix {
     rows: usize,
     cols: usize,
-    /// `[panel][block][16]`.
-    scales: Vec<f32>,
     codes: Codes,
 }
 
@@ -266,9 +270,11 @@ impl QMatrix {
         Ok(Self {
             rows,
             cols,
-            scales: f32_panels(&scales, rows, blocks),
-            // Padding rows hold w = 0, that is 128.
-            codes: Codes::Q8(to_panels(&unsigned, rows, blocks, BLOCK, 0x80)),
+            codes: Codes::Q8 {
+                // Padding rows hold w = 0, that is 128.
+                codes: to_panels(&unsigned, rows, blocks, BLOCK, 0x80),
+                scales: f32_panels(&scales, rows, blocks),
+            },
         })
     }
 
@@ -293,28 +299,41 @@ impl QMatrix {
                 bytes.len()
             );
         }
-        let n = bytes.len() / Q4_1_BYTES;
-        let (mut scales, mut mins) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        let mut nibbles = Vec::with_capacity(n * BLOCK / 2);
-        for block in bytes.chunks_exact(Q4_1_BYTES) {
-            scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            mins.push(f16::from_le_bytes([block[2], block[3]]).to_f32());
-            nibbles.extend_from_slice(&block[4..]);
-        }
         let blocks = cols / BLOCK;
+        // Padding rows: codes, scale and minimum all zero, so w = 0.
+        let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks * Q4_PANEL_BLOCK];
+        for (r, row) in bytes.chunks_exact(blocks * Q4_1_BYTES).enumerate() {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            for (b, block) in row.chunks_exact(Q4_1_BYTES).enumerate() {
+                let dst = &mut out[(p * blocks + b) * Q4_PANEL_BLOCK..][..Q4_PANEL_BLOCK];
+                for j in 0..Q4_CODES / PANEL / 4 {
+                    dst[(j * PANEL + lane) * 4..][..4].copy_from_slice(&block[4 + 4 * j..][..4]);
+                }
+                dst[Q4_SCALES + 2 * lane..][..2].copy_from_slice(&block[..2]);
+                dst[Q4_MINS + 2 * lane..][..2].copy_from_slice(&block[2..4]);
+            }
+        }
         Ok(Self {
             rows,
             cols,
-            scales: f32_panels(&scales, rows, blocks),
-            codes: Codes::Q4 {
-                nibbles: to_panels(&nibbles, rows, blocks, BLOCK / 2, 0),
-                mins: f32_panels(&mins, rows, blocks),
-            },
+            codes: Codes::Q4(out),
         })
     }
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes a product reads from the weights: codes, scales and minimums.
+    pub fn bytes(&self) -> usize {
+        match &self.codes {
+            Codes::Q8 { codes, scales } => codes.len() + 4 * scales.len(),
+            Codes::Q4(data) => data.len(),
+        }
     }
 
     /// The rows of `parts` one after another (e.g. a gate and an up projection, multiplied in
@@ -327,35 +346,32 @@ impl QMatrix {
         if !parts.iter().all(|m| m.cols == first.cols && whole(m)) {
             return None;
         }
-        let mut scales = first.scales.clone();
         let mut codes = match &first.codes {
-            Codes::Q8(c) => Codes::Q8(c.clone()),
-            Codes::Q4 { nibbles, mins } => Codes::Q4 {
-                nibbles: nibbles.clone(),
-                mins: mins.clone(),
+            Codes::Q8 { codes, scales } => Codes::Q8 {
+                codes: codes.clone(),
+                scales: scales.clone(),
             },
+            Codes::Q4(data) => Codes::Q4(data.clone()),
         };
         for m in rest {
-            scales.extend_from_slice(&m.scales);
             match (&mut codes, &m.codes) {
-                (Codes::Q8(all), Codes::Q8(c)) => all.extend_from_slice(c),
                 (
-                    Codes::Q4 { nibbles, mins },
-                    Codes::Q4 {
-                        nibbles: n,
-                        mins: m,
+                    Codes::Q8 { codes, scales },
+                    Codes::Q8 {
+                        codes: c,
+                        scales: s,
                     },
                 ) => {
-                    nibbles.extend_from_slice(n);
-                    mins.extend_from_slice(m);
+                    codes.extend_from_slice(c);
+                    scales.extend_from_slice(s);
                 }
+                (Codes::Q4(all), Codes::Q4(data)) => all.extend_from_slice(data),
                 _ => return None,
             }
         }
         Some(QMatrix {
             rows: parts.iter().map(|m| m.rows).sum(),
             cols: first.cols,
-            scales,
             codes,
         })
     }
@@ -371,17 +387,12 @@ impl QMatrix {
     /// Panels `first..` as the kernels see them.
     fn view(&self, first: usize) -> Panels<'_> {
         let blocks = self.blocks();
-        let scales = &self.scales[first * blocks * PANEL..];
         match &self.codes {
-            Codes::Q8(codes) => Panels::Q8 {
+            Codes::Q8 { codes, scales } => Panels::Q8 {
                 codes: &codes[first * blocks * Q8_PANEL_BLOCK..],
-                scales,
+                scales: &scales[first * blocks * PANEL..],
             },
-            Codes::Q4 { nibbles, mins } => Panels::Q4 {
-                nibbles: &nibbles[first * blocks * Q4_PANEL_BLOCK..],
-                scales,
-                mins: &mins[first * blocks * PANEL..],
-            },
+            Codes::Q4(data) => Panels::Q4(&data[first * blocks * Q4_PANEL_BLOCK..]),
         }
     }
 
@@ -454,11 +465,8 @@ enum Panels<'a> {
         codes: &'a [u8],
         scales: &'a [f32],
     },
-    Q4 {
-        nibbles: &'a [u8],
-        scales: &'a [f32],
-        mins: &'a [f32],
-    },
+    /// Panel-blocks of [`Q4_PANEL_BLOCK`] bytes: codes, f16 scales, f16 minimums.
+    Q4(&'a [u8]),
 }
 
 /// A tile's place: panels from `p0`, int8 rows from `i0` (the first term of an input row), and
@@ -531,7 +539,7 @@ fn candidates() -> Vec<(&'static str, Kernels)> {
             };
             found.push(("avx512-vnni", k));
         }
-        if cap >= Tier::Avx2 && has!("avx2") && has!("fma") {
+        if cap >= Tier::Avx2 && has!("avx2") && has!("fma") && has!("f16c") {
             let k = Kernels {
                 tile: avx2::tile,
                 quantize: avx2::quantize,

@@ -1,6 +1,11 @@
 //! Portable kernels: the reference the SIMD ones are tested against, and the fallback.
 
-use super::{Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_PANEL_BLOCK, Q8_PANEL_BLOCK};
+use half::f16;
+
+use super::{
+    Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
+    Q8_PANEL_BLOCK,
+};
 
 pub unsafe fn quantize(x: &[f32], first: RowOut, rest: Option<RowOut>) {
     super::quantize_row(x, first, rest)
@@ -40,12 +45,9 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
                 .sum();
             dot as f32 * (scales[pb * PANEL + lane] * dx)
         }
-        Panels::Q4 {
-            nibbles,
-            scales,
-            mins,
-        } => {
-            let c = &nibbles[pb * Q4_PANEL_BLOCK..][..Q4_PANEL_BLOCK];
+        Panels::Q4(data) => {
+            let c = &data[pb * Q4_PANEL_BLOCK..][..Q4_PANEL_BLOCK];
+            let half = |at: usize| f16::from_le_bytes([c[at + 2 * lane], c[at + 2 * lane + 1]]);
             let dot: i32 = (0..BLOCK / 2)
                 .map(|v| {
                     let byte = c[(v / 4 * PANEL + lane) * 4 + v % 4];
@@ -53,8 +55,8 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
                         + (byte >> 4) as i32 * xb[BLOCK / 2 + v] as i32
                 })
                 .sum();
-            dot as f32 * (scales[pb * PANEL + lane] * dx)
-                + mins[pb * PANEL + lane] * x.sums[i * blocks + b]
+            dot as f32 * (half(Q4_SCALES).to_f32() * dx)
+                + half(Q4_MINS).to_f32() * x.sums[i * blocks + b]
         }
     }
 }

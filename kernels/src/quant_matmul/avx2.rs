@@ -1,4 +1,6 @@
-//! AVX2 + FMA: one panel (16 weight rows, two 256-bit halves) × two int8 activation rows.
+//! AVX2 + FMA: int8 weights a panel (16 weight rows, two 256-bit halves) × two int8 activation
+//! rows at a time; 4-bit weights half a panel × up to six rows, which their 16-bit sums leave
+//! registers for.
 //! `maddubs` multiplies unsigned by signed bytes into 16-bit pairs, `madd` sums those pairs into
 //! each row's 32-bit lane.
 
@@ -71,17 +73,24 @@ pub unsafe fn tile(w: &Panels, panels: usize, x: &Activations, out: Out) {
     }
 }
 
-/// The tiles, for `T` int8 rows per input row: two int8 rows at a time.
+/// The tiles, for `T` int8 rows per input row (a tile's rows hold whole input rows).
 #[inline(always)]
 unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out: Out) {
     for p in 0..panels {
-        for i in (0..x.m).step_by(2) {
-            let n = (x.m - i).min(2);
-            match *w {
-                Panels::Q8 { codes, scales } => {
+        match *w {
+            Panels::Q8 { codes, scales } => {
+                for i in (0..x.m).step_by(2) {
+                    let n = (x.m - i).min(2);
                     with_rows!(n, 2, q8[T](codes, scales, p, x, i, out))
                 }
-                Panels::Q4(data) => with_rows!(n, 2, q4[T](data, p, x, i, out)),
+            }
+            Panels::Q4(data) => {
+                for h in 0..2 {
+                    for i in (0..x.m).step_by(6) {
+                        let n = (x.m - i).min(6);
+                        with_rows!(n, 6, q4[T](data, p, h, x, i, out))
+                    }
+                }
             }
         }
     }
@@ -99,10 +108,10 @@ unsafe fn halves(v: &[f32], at: usize) -> [__m256; 2] {
     [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
 }
 
-/// 16 f16 values (a 4-bit panel-block's scales or minimums) as two f32 halves.
+/// Eight f16 values (half a 4-bit panel-block's scales or minimums) as f32.
 #[inline(always)]
-unsafe fn f16_halves(p: *const u8) -> [__m256; 2] {
-    [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h) as *const _)))
+unsafe fn f16_half(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const _))
 }
 
 /// Each input row's terms, added.
@@ -174,10 +183,12 @@ unsafe fn q8<const T: usize, const R: usize>(
 
 /// 4-bit weights are unsigned, so `maddubs` takes them directly; a block's eight 16-bit pair
 /// sums stay within 16 bits (8 * 2 * 15 * 127 < 32768), so they are added before widening.
+/// Half `h` of panel `p`: its 8 rows, against `R` int8 rows.
 #[inline(always)]
 unsafe fn q4<const T: usize, const R: usize>(
     data: &[u8],
     p: usize,
+    h: usize,
     x: &Activations,
     i0: usize,
     out: Out,
@@ -185,38 +196,38 @@ unsafe fn q4<const T: usize, const R: usize>(
     let blocks = x.blocks();
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let (ones, low4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
-        let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+        let pb = data.as_ptr().add((p * blocks + b) * Q4_PANEL_BLOCK);
+        let mut pairs = [_mm256_setzero_si256(); R];
         for j in 0..4 {
-            let at = data
-                .as_ptr()
-                .add((p * blocks + b) * Q4_PANEL_BLOCK + j * 4 * PANEL);
-            let raw: [__m256i; 2] =
-                std::array::from_fn(|h| _mm256_loadu_si256(at.add(32 * h) as *const _));
-            let lo = raw.map(|v| _mm256_and_si256(v, low4));
-            let hi = raw.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+            let raw = _mm256_loadu_si256(pb.add(j * 4 * PANEL + 32 * h) as *const _);
+            let lo = _mm256_and_si256(raw, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
             for (r, pairs) in pairs.iter_mut().enumerate() {
                 let xb = xq.add(r * x.cols + b * BLOCK + 4 * j);
                 let (vl, vh) = (broadcast4(xb), broadcast4(xb.add(BLOCK / 2)));
-                for h in 0..2 {
-                    pairs[h] = _mm256_add_epi16(pairs[h], _mm256_maddubs_epi16(lo[h], vl));
-                    pairs[h] = _mm256_add_epi16(pairs[h], _mm256_maddubs_epi16(hi[h], vh));
-                }
+                *pairs = _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(lo, vl));
+                *pairs = _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(hi, vh));
             }
         }
-        let pb = data.as_ptr().add((p * blocks + b) * Q4_PANEL_BLOCK);
-        let (d, mn) = (f16_halves(pb.add(Q4_SCALES)), f16_halves(pb.add(Q4_MINS)));
+        let d = f16_half(pb.add(Q4_SCALES + 16 * h));
+        let mn = f16_half(pb.add(Q4_MINS + 16 * h));
         for (r, acc) in acc.iter_mut().enumerate() {
             let k = (i0 + r) * blocks + b;
             let dx = _mm256_set1_ps(*x.scales.get_unchecked(k));
             let sx = _mm256_set1_ps(*x.sums.get_unchecked(k));
-            for h in 0..2 {
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r][h], ones));
-                acc[h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d[h], dx), acc[h]);
-                acc[h] = _mm256_fmadd_ps(mn[h], sx, acc[h]);
-            }
+            let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones));
+            *acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, dx), *acc);
+            *acc = _mm256_fmadd_ps(mn, sx, *acc);
         }
     }
-    store::<T, R>(&acc, p, i0, x, out);
+    for r in (0..R).step_by(T) {
+        let sum = if T == 2 {
+            _mm256_add_ps(acc[r], acc[r + 1])
+        } else {
+            acc[r]
+        };
+        _mm256_storeu_ps(out.at(x.out_row(i0 + r), p).add(8 * h), sum);
+    }
 }

@@ -1,6 +1,6 @@
 //! The CPU paged-attention kernel at SmolLM2-135M's shape (9 query heads over 3 KV heads of 64)
 //! and Llama-3.1-8B's (32 over 8, of 128): a decode step of sixteen sequences at 256 and 1024
-//! tokens of context, and one 128-token prompt chunk; over an f32 cache and an f16 one (the
+//! tokens of context, one sequence's at 1024, and one 128-token prompt chunk; over an f32 cache and an f16 one (the
 //! server's default on the CPU).
 //!
 //!     cargo bench -p candela-kernels --bench attention
@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
         for (work, seqs, query_len, context) in [
             ("decode x16", 16, 1, 256),
             ("decode x16", 16, 1, 1024),
+            ("decode x1", 1, 1, 1024),
             ("prefill", 1, 128, 128),
         ] {
             let meta = batch(seqs, query_len, context);

@@ -195,6 +195,8 @@ struct Scratch {
     scores: Vec<f32>,
     /// Each position's row offset in the caches (for KV head 0).
     rows: Vec<usize>,
+    /// Each query head's softmax denominator, inverted.
+    inv: Vec<f32>,
 }
 
 /// `(dims, query, output heads, scratch)`.
@@ -254,9 +256,9 @@ attend_with!(attend_avx2, Avx2, "avx2,fma,f16c");
 attend_with!(attend_portable, Portable);
 
 /// One query token (all heads) over positions `0..=pos` of its sequence, walking the block
-/// table. Each KV head's group of query heads goes together, so that a run of keys is scored
-/// against the whole group while it is in L1; then each head's softmax and its weighted sum of
-/// values.
+/// table. Each KV head's group of query heads goes together: a run of keys is scored against
+/// the whole group while it is in L1, then each head's softmax, then the group's weighted sums
+/// of values.
 #[inline(always)]
 unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
     d: &Dims,
@@ -274,7 +276,7 @@ unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
     let (hd, bs) = (C * LANES, d.block_size);
     let group = d.heads / d.kv_heads;
     let n = pos + 1;
-    let Scratch { scores, rows } = scratch;
+    let Scratch { scores, rows, inv } = scratch;
     rows.clear();
     rows.extend(
         table
@@ -297,19 +299,19 @@ unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
         );
         let q_group = &q[h * group * hd..][..group * hd];
         S::score::<C, E>(q_group, group, keys, d.scale, scores);
-        for g in 0..group {
-            let s = &mut scores[g * n..][..n];
+        inv.clear();
+        for s in scores.chunks_exact_mut(n) {
             let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             for x in s.iter_mut() {
                 *x = exp_nonpositive(*x - max);
             }
-            let inv = 1.0 / sum(s);
-            let acc = S::weigh::<C, E>(s, values);
-            let qh = h * group + g;
-            for (o, a) in out[qh * hd..][..hd].chunks_exact_mut(LANES).zip(&acc) {
-                for i in 0..LANES {
-                    o[i] = a[i] * inv;
-                }
+            inv.push(1.0 / sum(s));
+        }
+        let out = &mut out[h * group * hd..][..group * hd];
+        S::weigh::<C, E>(scores, group, values, out);
+        for (o, &inv) in out.chunks_exact_mut(hd).zip(inv.iter()) {
+            for o in o {
+                *o *= inv;
             }
         }
     }
@@ -344,12 +346,15 @@ mod tests {
     use crate::{paged_attention, paged_attention_reference, reshape_and_cache, AttentionMeta};
 
     /// Two sequences, one mid-prefill over a cached prefix and one decoding, blocks out of order,
-    /// at several head sizes and GQA ratios, with every instruction set this CPU has. Contexts
-    /// of 10 to 83 positions end runs of 8 and 16 keys at every offset.
+    /// at several head sizes and GQA ratios (groups of 1 to 7 query heads), with every
+    /// instruction set this CPU has. Contexts of 10 to 83 positions end runs of 8, 16 and 32
+    /// positions at every offset.
     #[test]
     fn cpu_kernel_matches_reference() -> Result<()> {
         for (heads, kv_heads, d, bs) in [
+            (3, 3, 16, 4),
             (4, 2, 16, 4),
+            (7, 1, 32, 8),
             (9, 3, 64, 16),
             (8, 2, 128, 16),
             (4, 1, 256, 8),

@@ -6,9 +6,11 @@
 //!   versions score a run of positions (16 with AVX-512, 8 with AVX2) into as many vector
 //!   accumulators and add all of them across lanes at once (a transpose-and-add), which leaves
 //!   one score per lane.
-//! - **Weighted values**: `Σ_p w_p v_p` for one query head, each value row multiplied into
-//!   accumulators that stay in registers (fused multiply-adds, which the compiler may not form
-//!   from plain Rust).
+//! - **Weighted values**: `Σ_p w_p v_p` for each query head of the group. The x86 versions take
+//!   the group together, a chunk of the head at a time: each chunk of a value row is loaded (and
+//!   widened) once and multiplied into every head's accumulator, so the values are read once
+//!   per KV head rather than once per query head. Fused multiply-adds, which the compiler may
+//!   not form from plain Rust.
 //!
 //! The portable versions are plain loops for any CPU.
 //!
@@ -101,14 +103,17 @@ pub(super) trait Simd {
         out: &mut [f32],
     );
 
-    /// `Σ_p weights[p] * v_p` over the positions of `values`.
+    /// `out_g = Σ_p weights[g * n + p] * v_p` for the `group` query heads whose weights are
+    /// stored back to back (`n = values.offsets.len()`), their outputs back to back in `out`.
     ///
     /// # Safety
-    /// As for [`Simd::score`]; `weights` has one entry per offset.
+    /// As for [`Simd::score`]; `weights` holds `group * n` floats and `out` `group * C * LANES`.
     unsafe fn weigh<const C: usize, E: Element>(
         weights: &[f32],
+        group: usize,
         values: Rows<E>,
-    ) -> [[f32; LANES]; C];
+        out: &mut [f32],
+    );
 }
 
 /// Any CPU: one dot product per (head, position), its lanes added pairwise.
@@ -136,17 +141,24 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn weigh<const C: usize, E: Element>(
         weights: &[f32],
+        group: usize,
         values: Rows<E>,
-    ) -> [[f32; LANES]; C] {
-        let mut acc = [[0f32; LANES]; C];
-        for (&w, &row) in weights.iter().zip(values.offsets) {
-            for (a, x) in acc.iter_mut().zip(&widen::<C, E>(&values.cache[row..])) {
-                for i in 0..LANES {
-                    a[i] += w * x[i];
+        out: &mut [f32],
+    ) {
+        let n = values.offsets.len();
+        for g in 0..group {
+            let mut acc = [[0f32; LANES]; C];
+            for (&w, &row) in weights[g * n..][..n].iter().zip(values.offsets) {
+                for (a, x) in acc.iter_mut().zip(&widen::<C, E>(&values.cache[row..])) {
+                    for i in 0..LANES {
+                        a[i] += w * x[i];
+                    }
                 }
             }
+            for (o, a) in out[g * C * LANES..].chunks_exact_mut(LANES).zip(&acc) {
+                o.copy_from_slice(a);
+            }
         }
-        acc
     }
 }
 
@@ -252,38 +264,145 @@ mod x86 {
             }
         }
 
-        /// Two positions at a time into two sets of accumulators, so that twice as many
-        /// multiply-adds are in flight.
         #[inline(always)]
         unsafe fn weigh<const C: usize, E: Element>(
             weights: &[f32],
+            group: usize,
             values: Rows<E>,
-        ) -> [[f32; LANES]; C] {
-            let base = values.cache.as_ptr();
-            let (mut even, mut odd) = ([_mm512_setzero_ps(); C], [_mm512_setzero_ps(); C]);
-            let mut p = 0;
-            while p + 1 < weights.len() {
-                add_row::<C, E>(&mut even, weights[p], base.add(values.offsets[p]));
-                add_row::<C, E>(&mut odd, weights[p + 1], base.add(values.offsets[p + 1]));
-                p += 2;
-            }
-            if p < weights.len() {
-                add_row::<C, E>(&mut even, weights[p], base.add(values.offsets[p]));
-            }
-            let mut sum = [[0f32; LANES]; C];
-            for (c, s) in sum.iter_mut().enumerate() {
-                _mm512_storeu_ps(s.as_mut_ptr(), _mm512_add_ps(even[c], odd[c]));
-            }
-            sum
+            out: &mut [f32],
+        ) {
+            weigh_group::<16, E, Self>(weights, group, values, C * LANES, out)
         }
     }
 
-    /// `acc += w * row` over a head's `C` chunks.
+    impl Width for Avx512 {
+        type V = __m512;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn load<E: Element>(p: *const E) -> __m512 {
+            E::load16(p)
+        }
+
+        #[inline(always)]
+        unsafe fn loadu(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+
+        #[inline(always)]
+        unsafe fn fmadd(w: f32, v: __m512, acc: __m512) -> __m512 {
+            _mm512_fmadd_ps(_mm512_set1_ps(w), v, acc)
+        }
+
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+    }
+
+    /// One vector register's worth of floats, for [`weigh_group`].
+    pub(super) trait Width {
+        type V: Copy;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load<E: Element>(p: *const E) -> Self::V;
+        unsafe fn loadu(p: *const f32) -> Self::V;
+        /// `acc + w * v`, fused.
+        unsafe fn fmadd(w: f32, v: Self::V, acc: Self::V) -> Self::V;
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+    }
+
+    /// [`Simd::weigh`] for vectors of `L` floats: `G` heads at a time (the whole group where it
+    /// is small), over `S` sets of accumulators that take positions in turn so that enough
+    /// multiply-adds are in flight. Picks `G` and `S` so that `G * S` vectors stay in
+    /// registers.
     #[inline(always)]
-    unsafe fn add_row<const C: usize, E: Element>(acc: &mut [__m512; C], w: f32, row: *const E) {
-        let w = _mm512_set1_ps(w);
-        for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(w, E::load16(row.add(c * LANES)), *a);
+    unsafe fn weigh_group<const L: usize, E: Element, W: Width>(
+        weights: &[f32],
+        group: usize,
+        values: Rows<E>,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        // Registers for accumulators: 24 of AVX-512's 32, 12 of AVX2's 16.
+        let wide = L == 16;
+        match group {
+            1 => heads::<L, 1, 4, E, W>(weights, 0, values, hd, out),
+            2 => heads::<L, 2, 4, E, W>(weights, 0, values, hd, out),
+            3 => heads::<L, 3, 4, E, W>(weights, 0, values, hd, out),
+            4 if wide => heads::<L, 4, 4, E, W>(weights, 0, values, hd, out),
+            4 => heads::<L, 4, 2, E, W>(weights, 0, values, hd, out),
+            _ => {
+                for g in (0..group).step_by(4) {
+                    match group - g {
+                        1 => heads::<L, 1, 4, E, W>(weights, g, values, hd, out),
+                        2 => heads::<L, 2, 4, E, W>(weights, g, values, hd, out),
+                        3 => heads::<L, 3, 4, E, W>(weights, g, values, hd, out),
+                        _ if wide => heads::<L, 4, 4, E, W>(weights, g, values, hd, out),
+                        _ => heads::<L, 4, 2, E, W>(weights, g, values, hd, out),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heads `g0..g0 + G` of the group: runs of positions whose value rows fit in L1, and
+    /// within a run, `L` floats of the head at a time (the sums so far kept in `out`).
+    #[inline(always)]
+    unsafe fn heads<const L: usize, const G: usize, const S: usize, E: Element, W: Width>(
+        weights: &[f32],
+        g0: usize,
+        values: Rows<E>,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        const RUN: usize = 32;
+        let n = values.offsets.len();
+        let w = weights.as_ptr().add(g0 * n);
+        let out = out.as_mut_ptr().add(g0 * hd);
+        for start in (0..n).step_by(RUN) {
+            let end = (start + RUN).min(n);
+            for c in (0..hd).step_by(L) {
+                let base = values.cache.as_ptr().add(c);
+                let mut acc = [[W::zero(); G]; S];
+                if start > 0 {
+                    for (g, a) in acc[0].iter_mut().enumerate() {
+                        *a = W::loadu(out.add(g * hd + c));
+                    }
+                }
+                let mut p = start;
+                while p + S <= end {
+                    for (s, acc) in acc.iter_mut().enumerate() {
+                        let v = W::load::<E>(base.add(*values.offsets.get_unchecked(p + s)));
+                        for (g, a) in acc.iter_mut().enumerate() {
+                            *a = W::fmadd(*w.add(g * n + p + s), v, *a);
+                        }
+                    }
+                    p += S;
+                }
+                for (s, acc) in acc.iter_mut().enumerate().take(end - p) {
+                    let v = W::load::<E>(base.add(*values.offsets.get_unchecked(p + s)));
+                    for (g, a) in acc.iter_mut().enumerate() {
+                        *a = W::fmadd(*w.add(g * n + p + s), v, *a);
+                    }
+                }
+                for g in 0..G {
+                    let mut sum = acc[0][g];
+                    for acc in &acc[1..] {
+                        sum = W::add(sum, acc[g]);
+                    }
+                    W::store(out.add(g * hd + c), sum);
+                }
+            }
         }
     }
 
@@ -369,24 +488,45 @@ mod x86 {
         #[inline(always)]
         unsafe fn weigh<const C: usize, E: Element>(
             weights: &[f32],
+            group: usize,
             values: Rows<E>,
-        ) -> [[f32; LANES]; C] {
-            let base = values.cache.as_ptr();
-            let mut acc = [[_mm256_setzero_ps(); 2]; C];
-            for (&w, &row) in weights.iter().zip(values.offsets) {
-                let (w, row) = (_mm256_set1_ps(w), base.add(row));
-                for (c, a) in acc.iter_mut().enumerate() {
-                    for (h, a) in a.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(w, E::load8(row.add(c * LANES + 8 * h)), *a);
-                    }
-                }
-            }
-            let mut sum = [[0f32; LANES]; C];
-            for (s, a) in sum.iter_mut().zip(&acc) {
-                _mm256_storeu_ps(s.as_mut_ptr(), a[0]);
-                _mm256_storeu_ps(s.as_mut_ptr().add(8), a[1]);
-            }
-            sum
+            out: &mut [f32],
+        ) {
+            weigh_group::<8, E, Self>(weights, group, values, C * LANES, out)
+        }
+    }
+
+    impl Width for Avx2 {
+        type V = __m256;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn load<E: Element>(p: *const E) -> __m256 {
+            E::load8(p)
+        }
+
+        #[inline(always)]
+        unsafe fn loadu(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+
+        #[inline(always)]
+        unsafe fn fmadd(w: f32, v: __m256, acc: __m256) -> __m256 {
+            _mm256_fmadd_ps(_mm256_set1_ps(w), v, acc)
+        }
+
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
         }
     }
 

@@ -12,6 +12,7 @@ fn decoding_scheduler(n: usize) -> Scheduler {
     let mut s = Scheduler::new(SchedulerConfig {
         max_num_seqs: n,
         max_batched_tokens: 8192,
+        max_prefill_tokens: 8192,
         num_blocks: n * 64,
         block_size: 16,
     });

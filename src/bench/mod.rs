@@ -227,6 +227,7 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
             block_size: 16,
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens: 2048,
+            max_batch_prefill_tokens: 2048,
             catalog: None,
             calibrate: false,
             dummy_weights: args.load_format == "dummy",

@@ -26,6 +26,11 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens in one step (prefill chunks + decodes).
     pub max_batched_tokens: usize,
+    /// Most tokens of prefill chunks in one step (a sequence with more than one token to
+    /// compute is prefilling: a prompt, or a preempted request's recomputation). Decodes do not
+    /// count, so a step's prompt work, and the delay it adds to every stream decoding beside it,
+    /// stay bounded however many streams decode.
+    pub max_prefill_tokens: usize,
     pub num_blocks: usize,
     pub block_size: usize,
 }
@@ -154,12 +159,24 @@ impl Scheduler {
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_batched_tokens;
+        let mut prefill_budget = self.cfg.max_prefill_tokens;
+        // Tokens to compute now for a request with `remaining` left, within both budgets.
+        let take = |remaining: usize, budget: usize, prefill_budget: usize| match remaining {
+            1 => 1.min(budget),
+            _ => remaining.min(budget).min(prefill_budget),
+        };
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let req = &self.requests[&id];
-            let num_new = (req.tokens.len() - req.num_computed).min(budget);
+            let remaining = req.tokens.len() - req.num_computed;
+            let num_new = take(remaining, budget, prefill_budget);
+            if num_new == 0 {
+                // Prefill budget spent: this one continues next step.
+                i += 1;
+                continue;
+            }
             let total = req.num_computed + num_new;
             let mut scheduled = true;
             while !self.kv.allocate(id, total, &[]) {
@@ -180,6 +197,9 @@ impl Scheduler {
                     samples: total == req.tokens.len(),
                 });
                 budget -= num_new;
+                if remaining > 1 {
+                    prefill_budget -= num_new;
+                }
                 i += 1;
             }
         }
@@ -192,9 +212,10 @@ impl Scheduler {
             let req = &self.requests[&id];
             let prefix = self.kv.cached_prefix(&req.tokens);
             let num_computed = prefix.len() * self.cfg.block_size;
-            let num_new = (req.tokens.len() - num_computed).min(budget);
+            let remaining = req.tokens.len() - num_computed;
+            let num_new = take(remaining, budget, prefill_budget);
             let total = num_computed + num_new;
-            if !self.kv.allocate(id, total, &prefix) {
+            if num_new == 0 || !self.kv.allocate(id, total, &prefix) {
                 break;
             }
             let req = self
@@ -214,6 +235,9 @@ impl Scheduler {
                 samples: total == req.tokens.len(),
             });
             budget -= num_new;
+            if remaining > 1 {
+                prefill_budget -= num_new;
+            }
         }
         out
     }

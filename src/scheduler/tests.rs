@@ -4,6 +4,7 @@ fn sched(num_blocks: usize, max_tokens: usize, max_seqs: usize) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         max_num_seqs: max_seqs,
         max_batched_tokens: max_tokens,
+        max_prefill_tokens: max_tokens,
         num_blocks,
         block_size: 4,
     })
@@ -65,6 +66,55 @@ fn budget_and_sequence_limit_hold_every_step() {
         assert!(out.seqs.len() <= 3);
         assert!(s.num_running() <= 3);
     }
+}
+
+#[test]
+fn prompt_tokens_per_step_are_capped_while_every_decode_runs() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_batched_tokens: 64,
+        max_prefill_tokens: 6,
+        num_blocks: 64,
+        block_size: 4,
+    });
+    // Three streams decoding, then three prompts of 10 arriving at once.
+    for i in 0..3 {
+        s.add(SchedRequest::new(
+            RequestId(i),
+            prompt(4, i as u32),
+            Priority::Interactive,
+        ));
+        step(&mut s);
+    }
+    for i in 3..6 {
+        s.add(SchedRequest::new(
+            RequestId(i),
+            prompt(10, i as u32),
+            Priority::Interactive,
+        ));
+    }
+    let mut first_tokens = Vec::new();
+    for n in 0..12 {
+        let out = step(&mut s);
+        let prompts: Vec<_> = out
+            .seqs
+            .iter()
+            .filter(|q| q.id.0 >= 3 && q.num_computed < 10)
+            .collect();
+        let prefill: usize = prompts.iter().map(|q| q.num_new).sum();
+        assert!(prefill <= 6, "step {n}: {prefill} prompt tokens");
+        for i in 0..3 {
+            assert!(
+                out.seqs
+                    .iter()
+                    .any(|q| q.id == RequestId(i) && q.num_new == 1),
+                "step {n}: stream {i} decodes every step"
+            );
+        }
+        first_tokens.extend(prompts.iter().filter(|q| q.samples).map(|q| q.id));
+    }
+    // 30 prompt tokens at 6 a step: all three prompts done within the twelve steps, in order.
+    assert_eq!(first_tokens, vec![RequestId(3), RequestId(4), RequestId(5)]);
 }
 
 #[test]

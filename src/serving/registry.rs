@@ -188,6 +188,8 @@ pub struct ServeOptions {
     pub block_size: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Most prompt tokens per step (see [`SchedulerConfig::max_prefill_tokens`]).
+    pub max_batch_prefill_tokens: usize,
     /// A catalog file to use instead of the built-in one.
     pub catalog: Option<PathBuf>,
     /// Measure each model's speed at start-up (what `@fastest` ranks by).
@@ -393,6 +395,7 @@ fn serve_model(
                     scheduler: SchedulerConfig {
                         max_num_seqs: opts.max_num_seqs,
                         max_batched_tokens: opts.max_num_batched_tokens,
+                        max_prefill_tokens: opts.max_batch_prefill_tokens,
                         num_blocks,
                         block_size: opts.block_size,
                     },

@@ -55,6 +55,7 @@ pub fn options(kv_cache_bytes: u64) -> ServeOptions {
         block_size: 16,
         max_num_seqs: 64,
         max_num_batched_tokens: 512,
+        max_batch_prefill_tokens: 512,
         catalog: None,
         calibrate: false,
         dummy_weights: false,

@@ -3,8 +3,8 @@
 //! Synchronous, device-free and deterministic. Every request tracks `num_computed` against its
 //! token count (prompt + generated); a step gives each scheduled request `num_new` tokens, so
 //! prefill, chunked prefill, decode and prefix-cache hits are one code path. Running requests go
-//! first (oldest first); waiting ones are admitted while the token budget, the sequence limit and
-//! free blocks allow. When blocks run out, the newest running request of the lowest priority is
+//! first (oldest first); waiting ones are admitted while the token budgets (all tokens, and prompt
+//! tokens apart), the sequence limit and free blocks allow. When blocks run out, the newest running request of the lowest priority is
 //! preempted: its blocks are freed and it waits to be recomputed.
 
 use std::collections::{HashMap, VecDeque};

@@ -1,6 +1,8 @@
 //! The CPU quantized matmul at SmolLM2-135M's shapes: decoding one sequence and sixteen (one
 //! int8 term per row), and a prompt chunk of 256 tokens (two terms) beside an f32 GEMM over the
-//! dequantized weights.
+//! dequantized weights; then a decode step's projections through all 30 layers, whose weights
+//! come from memory (`HOT=1` repeats the first layer's instead, which stay in cache: the
+//! difference is the time spent waiting for memory).
 //!
 //!     cargo bench -p candela-kernels --bench quant_matmul
 
@@ -52,9 +54,9 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
-    // One token of single-stream decoding: every layer's projections once (30 layers of
-    // SmolLM2, 80 MB of Q4_1, more than the last-level cache), so the weights come from memory
-    // as they do in serving. Throughput in bytes: compare with the machine's read bandwidth.
+    // One decode step's projections through every layer (30 layers of SmolLM2, 66 MB of Q4_1,
+    // more than the last-level cache), so the weights come from memory as they do in serving.
+    // Throughput in bytes: compare with the machine's read bandwidth.
     let layers: Vec<Vec<QMatrix>> = (0..30)
         .map(|_| {
             [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -68,6 +70,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let bytes: usize = layers.iter().flatten().map(QMatrix::bytes).sum();
     group.throughput(Throughput::Bytes(bytes as u64));
+    let hot = std::env::var_os("HOT").is_some();
     for m in [1usize, 16] {
         let x: Vec<f32> = (0..m * 1536).map(|i| (i as f32 * 0.37).sin()).collect();
         let precise = vec![false; m];
@@ -78,7 +81,6 @@ fn bench(c: &mut Criterion) {
                 // On a worker of the pool, as the engine runs its forward passes.
                 b.iter(|| {
                     rayon::scope(|_| {
-                        let hot = std::env::var("HOT").is_ok();
                         for w in (0..30).flat_map(|l| &layers[if hot { 0 } else { l }]) {
                             let x = &x[..m * w.cols()];
                             std::hint::black_box(w.matmul(x, &precise));

@@ -271,12 +271,13 @@ mod x86 {
             values: Rows<E>,
             out: &mut [f32],
         ) {
-            weigh_group::<16, E, Self>(weights, group, values, C * LANES, out)
+            weigh_group::<E, Self>(weights, group, values, C * LANES, out)
         }
     }
 
     impl Width for Avx512 {
         type V = __m512;
+        const L: usize = 16;
 
         #[inline(always)]
         unsafe fn zero() -> __m512 {
@@ -312,6 +313,8 @@ mod x86 {
     /// One vector register's worth of floats, for [`weigh_group`].
     pub(super) trait Width {
         type V: Copy;
+        /// Floats per vector.
+        const L: usize;
         unsafe fn zero() -> Self::V;
         unsafe fn load<E: Element>(p: *const E) -> Self::V;
         unsafe fn loadu(p: *const f32) -> Self::V;
@@ -321,44 +324,33 @@ mod x86 {
         unsafe fn store(p: *mut f32, v: Self::V);
     }
 
-    /// [`Simd::weigh`] for vectors of `L` floats: `G` heads at a time (the whole group where it
-    /// is small), over `S` sets of accumulators that take positions in turn so that enough
-    /// multiply-adds are in flight. Picks `G` and `S` so that `G * S` vectors stay in
-    /// registers.
+    /// [`Simd::weigh`] for vectors of `W::L` floats: four heads of the group at a time (or what
+    /// is left), over sets of accumulators that take positions in turn so that enough
+    /// multiply-adds are in flight: 4 sets, 2 for four heads on AVX2, so that they stay in
+    /// registers (24 of AVX-512's 32, 12 of AVX2's 16 at most).
     #[inline(always)]
-    unsafe fn weigh_group<const L: usize, E: Element, W: Width>(
+    unsafe fn weigh_group<E: Element, W: Width>(
         weights: &[f32],
         group: usize,
         values: Rows<E>,
         hd: usize,
         out: &mut [f32],
     ) {
-        // Registers for accumulators: 24 of AVX-512's 32, 12 of AVX2's 16.
-        let wide = L == 16;
-        match group {
-            1 => heads::<L, 1, 4, E, W>(weights, 0, values, hd, out),
-            2 => heads::<L, 2, 4, E, W>(weights, 0, values, hd, out),
-            3 => heads::<L, 3, 4, E, W>(weights, 0, values, hd, out),
-            4 if wide => heads::<L, 4, 4, E, W>(weights, 0, values, hd, out),
-            4 => heads::<L, 4, 2, E, W>(weights, 0, values, hd, out),
-            _ => {
-                for g in (0..group).step_by(4) {
-                    match group - g {
-                        1 => heads::<L, 1, 4, E, W>(weights, g, values, hd, out),
-                        2 => heads::<L, 2, 4, E, W>(weights, g, values, hd, out),
-                        3 => heads::<L, 3, 4, E, W>(weights, g, values, hd, out),
-                        _ if wide => heads::<L, 4, 4, E, W>(weights, g, values, hd, out),
-                        _ => heads::<L, 4, 2, E, W>(weights, g, values, hd, out),
-                    }
-                }
+        for g in (0..group).step_by(4) {
+            match group - g {
+                1 => heads::<1, 4, E, W>(weights, g, values, hd, out),
+                2 => heads::<2, 4, E, W>(weights, g, values, hd, out),
+                3 => heads::<3, 4, E, W>(weights, g, values, hd, out),
+                _ if W::L == 16 => heads::<4, 4, E, W>(weights, g, values, hd, out),
+                _ => heads::<4, 2, E, W>(weights, g, values, hd, out),
             }
         }
     }
 
     /// Heads `g0..g0 + G` of the group: runs of positions whose value rows fit in L1, and
-    /// within a run, `L` floats of the head at a time (the sums so far kept in `out`).
+    /// within a run, `W::L` floats of the head at a time (the sums so far kept in `out`).
     #[inline(always)]
-    unsafe fn heads<const L: usize, const G: usize, const S: usize, E: Element, W: Width>(
+    unsafe fn heads<const G: usize, const S: usize, E: Element, W: Width>(
         weights: &[f32],
         g0: usize,
         values: Rows<E>,
@@ -371,7 +363,7 @@ mod x86 {
         let out = out.as_mut_ptr().add(g0 * hd);
         for start in (0..n).step_by(RUN) {
             let end = (start + RUN).min(n);
-            for c in (0..hd).step_by(L) {
+            for c in (0..hd).step_by(W::L) {
                 let base = values.cache.as_ptr().add(c);
                 let mut acc = [[W::zero(); G]; S];
                 if start > 0 {
@@ -492,12 +484,13 @@ mod x86 {
             values: Rows<E>,
             out: &mut [f32],
         ) {
-            weigh_group::<8, E, Self>(weights, group, values, C * LANES, out)
+            weigh_group::<E, Self>(weights, group, values, C * LANES, out)
         }
     }
 
     impl Width for Avx2 {
         type V = __m256;
+        const L: usize = 8;
 
         #[inline(always)]
         unsafe fn zero() -> __m256 {

@@ -2,9 +2,9 @@
 # The GPU measurements of the README's performance section, on the GPU machine (CUDA driver,
 # PyTorch + transformers, no Rust, no internet). It builds nothing: it runs the binaries that
 # scripts/cuda-build.sh made here (target/cuda/candela-gpu.gz, kernels-test.gz, models-test.gz,
-# carried over).
+# carried over). One device call of 10 minutes measures everything:
 #
-#   PHASES="tests torch long-prompt" bash scripts/gpu-bench.sh [OUT_DIR]
+#   bash scripts/gpu-bench.sh [OUT_DIR]        (device call: timeout_s 600)
 #
 # OUT_DIR (default: $OUT, else ./gpu-bench-out) receives three files: summary.json, gpu-bench.log
 # (what this script said) and gpu-bench.tar.gz (every log and JSON result). Phases, in order:
@@ -12,24 +12,28 @@
 #                candela-models (the forward pass in bf16 on the GPU against f32 on the CPU)
 #   torch        PyTorch: HBM read bandwidth, the single-stream ceiling of the model's weights,
 #                transformers `generate` at batch 1 and BATCH_TORCH (scripts/gpu/torch_baseline.py)
-#   long-prompt  candela serve --load-format dummy at MODEL_CONFIG's shapes, then candela bench on
-#                random INPUT_LEN-in/OUTPUT_LEN-out prompts at each of CONCURRENCY
-#   long-output  the same with the lengths swapped
+#   long-prompt  candela bench on random INPUT_LEN-in/OUTPUT_LEN-out prompts at each of
+#                CONCURRENCY, against one candela serve --load-format dummy at MODEL_CONFIG's
+#                shapes
+#   long-output  the same with the lengths swapped, on the same server; the two alternate, a
+#                concurrency at a time, in CONCURRENCY's order (one stream first, then the
+#                busiest), so that a short budget loses the least telling runs
 #   mma-off      long-prompt at concurrency 1 and 32 with the tensor-core prompt attention off
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
 #   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
 #                (CANDELA_SKINNY_GEMM=0): the A/B of the few-row matmul kernel
-# Default PHASES: all but the A/B phases. One device call may run 10 minutes: the script stops starting
-# work when less than a run's share of BUDGET_S (default 560 s) is left, and says what it skipped.
-# Two calls measure everything:
-#   1. PHASES="tests torch long-prompt"      2. PHASES="long-output mma-off skinny-off"
-# then, here: python3 scripts/gpu/summary.py DIR1 DIR2 (each DIR an unpacked gpu-bench.tar.gz).
+# Default PHASES: all of them. The A/B phases get only the time the others leave. The script stops
+# starting work when less than a run's share of BUDGET_S (default 540 s) is left, and says what it
+# skipped; a run that outlasts its share is stopped and reports the requests that finished (with
+# "interrupted" in its JSON). Several calls' folders merge here with
+# python3 scripts/gpu/summary.py DIR... (each DIR an unpacked gpu-bench.tar.gz).
 #
-# Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 8 32 128 256"),
-# PROMPTS_PER_CONCURRENCY (2; at least 4 prompts a run), INPUT_LEN (1024), OUTPUT_LEN (128),
-# BATCH_TORCH (128), CANDELA_FLAGS (extra `serve` flags), TORCH_FLAGS (extra torch_baseline.py
-# flags). To try the script out without a GPU: CANDELA_BIN (a built candela instead of the carried
-# one), DEVICE (cuda:0; `cpu`), PYTHON (python3), e.g.
+# Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 256 128 32 8"),
+# PROMPTS_PER_CONCURRENCY (1; at least 2 prompts a run), INPUT_LEN (1024), OUTPUT_LEN (128),
+# BATCH_TORCH (128), TESTS_S (75: each crate's tests), TORCH_S (120), CANDELA_FLAGS (extra
+# `serve` flags), TORCH_FLAGS (extra torch_baseline.py flags). To try the script out without a
+# GPU: CANDELA_BIN (a built candela instead of the carried one), DEVICE (cuda:0; `cpu`), PYTHON
+# (python3), e.g.
 #   CANDELA_BIN=target/release/candela DEVICE=cpu PHASES="torch long-prompt long-output" \
 #   MODEL_CONFIG=tiny.json CONCURRENCY="1 4" INPUT_LEN=64 OUTPUT_LEN=16 BATCH_TORCH=4 \
 #   TORCH_FLAGS="--bandwidth-gib 0.25" bash scripts/gpu-bench.sh /tmp/gpu-bench-try
@@ -37,20 +41,21 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 started=$(date +%s)
-deadline=$((started + ${BUDGET_S:-560}))
+deadline=$((started + ${BUDGET_S:-540}))
 out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
-phases=" ${PHASES:-tests torch long-prompt long-output} "
+phases=" ${PHASES:-tests torch long-prompt long-output mma-off skinny-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
-concurrency="${CONCURRENCY:-1 8 32 128 256}"
-per="${PROMPTS_PER_CONCURRENCY:-2}"
+concurrency="${CONCURRENCY:-1 256 128 32 8}"
+per="${PROMPTS_PER_CONCURRENCY:-1}"
 in_len="${INPUT_LEN:-1024}"
 out_len="${OUTPUT_LEN:-128}"
 device="${DEVICE:-cuda:0}"
 python="${PYTHON:-python3}"
 say() { echo "gpu-bench [$(($(date +%s) - started))s]: $*" | tee -a "$work/gpu-bench.log" >&2; }
 left() { echo $((deadline - $(date +%s))); }
+at_most() { echo $(($1 < $2 ? $1 : $2)); }
 has() { [[ $phases == *" $1 "* ]]; }
 
 finish() {
@@ -75,15 +80,18 @@ if [ -z "$bin" ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
     >"$work/gpu.txt" 2>&1 || true
-say "phases:$phases budget ${BUDGET_S:-560}s; $(head -2 "$work/gpu.txt" | tail -1)"
+say "phases:$phases budget ${BUDGET_S:-540}s; $(head -2 "$work/gpu.txt" | tail -1)"
 
 if has tests; then
-    for crate in kernels models; do
+    # Only the tests that use the GPU: CI runs the others.
+    for crate_filter in kernels:cuda_tests models:gpu_; do
+        crate=${crate_filter%%:*}
         tests=/tmp/candela-$crate-test
         gunzip -c "target/cuda/$crate-test.gz" >"$tests"
         chmod +x "$tests"
         say "$crate tests"
-        timeout $(($(left) / 3)) $run "$tests" --test-threads=1 >"$work/$crate-test.log" 2>&1 ||
+        timeout "$(at_most "${TESTS_S:-75}" $(($(left) / 4)))" $run "$tests" "${crate_filter#*:}" \
+            --test-threads=1 >"$work/$crate-test.log" 2>&1 ||
             say "$crate tests failed or timed out (see $crate-test.log)"
         grep -E "^test .*(FAILED|panicked)|test result" "$work/$crate-test.log" >&2 || true
     done
@@ -92,8 +100,8 @@ fi
 if has torch; then
     say "PyTorch baseline"
     # shellcheck disable=SC2086
-    timeout $(($(left) / 2)) "$python" scripts/gpu/torch_baseline.py --config "$config" \
-        --batch 1 "${BATCH_TORCH:-128}" --input-len "$in_len" --output-len "$out_len" \
+    timeout "$(at_most "${TORCH_S:-120}" $(($(left) / 3)))" \
+        "$python" scripts/gpu/torch_baseline.py --config "$config" --batch 1 "${BATCH_TORCH:-128}" --input-len "$in_len" --output-len "$out_len" \
         --device "${device%%:*}" ${TORCH_FLAGS:-} --out "$work/torch.json" >"$work/torch.log" 2>&1 ||
         say "torch baseline failed or timed out (see torch.log)"
 fi
@@ -108,7 +116,7 @@ start_server() { # label, then env assignments for the server
         --model "$config" --load-format dummy --anonymous-rpm 0 ${CANDELA_FLAGS:-} \
         >"$work/serve-$label.log" 2>&1 &
     server=$!
-    for _ in $(seq 300); do
+    for _ in $(seq "$(at_most 300 "$(left)")"); do
         curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
         kill -0 "$server" 2>/dev/null || break
         sleep 1
@@ -124,41 +132,49 @@ stop_server() {
 }
 bench() { # label input_len output_len concurrency
     local n=$(($4 * per)) budget=$(($(left) / runs_left)) name="candela-$1-$2-$3-c$4"
-    [ "$n" -ge 4 ] || n=4
+    [ "$n" -ge 2 ] || n=2
     runs_left=$((runs_left - 1))
     if [ "$budget" -lt 20 ]; then
         say "skipped $name: ${budget}s of budget for it"
         return
     fi
     say "$name: $n prompts, at most ${budget}s"
+    # On timeout's SIGTERM the bench stops and reports the requests that finished.
     timeout "$budget" $run "$bin" bench --base-url "http://127.0.0.1:$port" --tokenizer "$config" \
         --ignore-eos --random-input-len "$2" --random-output-len "$3" --max-concurrency "$4" \
         --num-prompts "$n" --num-warmups 1 --result-filename "$work/$name.json" \
-        >"$work/$name.log" 2>&1 || say "$name failed or timed out"
-    grep -E "Output token throughput|Mean TTFT|P99 ITL|Launch share" "$work/$name.log" |
-        tr -s ' ' | paste -sd';' >&2 || true
+        >"$work/$name.log" 2>&1 || say "$name failed or ran out of time"
+    grep -E "^interrupted|Output token throughput|Mean TTFT|P99 ITL|Launch share" \
+        "$work/$name.log" | tr -s ' ' | paste -sd';' >&2 || true
 }
-run_phase() { # label input_len output_len "concurrencies" [server env...]
-    local label=$1 in=$2 outl=$3 list=$4
-    shift 4
-    local runs
-    runs=$(wc -w <<<"$list")
+runs_with_server() { # label "label:input_len:output_len:concurrency ..." [server env...]
+    local label=$1 list=$2
+    shift 2
+    runs_left=$(wc -w <<<"$list")
+    if [ "$runs_left" -eq 0 ]; then return; fi
     if [ "$(left)" -lt 60 ] || ! start_server "$label" "$@"; then
-        say "skipped $label ($(left)s left)"
-        runs_left=$((runs_left - runs))
+        say "skipped $list ($(left)s left)"
         stop_server
         return
     fi
-    for c in $list; do bench "$label" "$in" "$outl" "$c"; done
+    local r l i o c
+    for r in $list; do
+        IFS=: read -r l i o c <<<"$r"
+        bench "$l" "$i" "$o" "$c"
+    done
     stop_server
 }
 
-# Each run gets an equal share of what is left for the runs still to come.
-runs_left=0
-for p in long-prompt long-output; do has $p && runs_left=$((runs_left + $(wc -w <<<"$concurrency"))); done
-for p in mma-off skinny-off; do has $p && runs_left=$((runs_left + 2)); done
-has long-prompt && run_phase long-prompt "$in_len" "$out_len" "$concurrency"
-has long-output && run_phase long-output "$out_len" "$in_len" "$concurrency"
-has mma-off && run_phase mma-off "$in_len" "$out_len" "1 32" CANDELA_ATTENTION_MMA=0
-has skinny-off && run_phase skinny-off "$out_len" "$in_len" "1 8" CANDELA_SKINNY_GEMM=0
+# The main runs share one server; each gets an equal share of what is left for the runs still to
+# come. The A/Bs then share what the main runs left.
+main=""
+for c in $concurrency; do
+    has long-prompt && main="$main long-prompt:$in_len:$out_len:$c"
+    has long-output && main="$main long-output:$out_len:$in_len:$c"
+done
+runs_with_server main "$main"
+has mma-off && runs_with_server mma-off "mma-off:$in_len:$out_len:1 mma-off:$in_len:$out_len:32" \
+    CANDELA_ATTENTION_MMA=0
+has skinny-off && runs_with_server skinny-off \
+    "skinny-off:$out_len:$in_len:1 skinny-off:$out_len:$in_len:8" CANDELA_SKINNY_GEMM=0
 say "done"

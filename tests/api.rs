@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use candela::engine::EngineRequest;
 use candela::sampling::SamplingParams;
 use candela::serving::{ChatMessage, Served};
-use common::{chat, post, post_raw, run_bench, shared, stream, stream_text, CHAT, EMBED};
+use common::{
+    chat, post, post_raw, run_bench, run_bench_until, shared, stream, stream_text, CHAT, EMBED,
+};
 use serde_json::{json, Value};
 
 fn chat_model() -> std::sync::Arc<candela::serving::ChatModel> {
@@ -509,4 +511,45 @@ async fn bench_reports_what_vllm_bench_serve_reports() {
         s["request_goodput"].as_f64(),
         s["request_throughput"].as_f64()
     );
+}
+
+/// A run cut short (Ctrl-C, or the SIGTERM of `timeout`) abandons the requests in flight and
+/// still reports, saying how many did not finish.
+#[tokio::test]
+async fn an_interrupted_bench_reports_the_requests_that_finished() {
+    let base = shared().base.clone();
+    let started = std::time::Instant::now();
+    let s = run_bench_until(
+        &[
+            "--base-url",
+            &base,
+            "--model",
+            CHAT,
+            "--random-input-len",
+            "16",
+            "--random-output-len",
+            "64",
+            "--num-prompts",
+            "200",
+            "--max-concurrency",
+            "2",
+            "--ignore-eos",
+            "--num-warmups",
+            "0",
+        ],
+        tokio::time::sleep(std::time::Duration::from_secs(2)),
+    )
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "200 requests of 64 tokens were not all waited for"
+    );
+    assert_eq!(s["interrupted"], true);
+    let (completed, unfinished) = (
+        s["completed"].as_u64().unwrap(),
+        s["unfinished"].as_u64().unwrap(),
+    );
+    assert!(unfinished > 0);
+    assert_eq!(completed + unfinished + s["failed"].as_u64().unwrap(), 200);
+    assert_eq!(s["total_output_tokens"].as_u64(), Some(completed * 64));
 }

@@ -6,6 +6,8 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
   tests                    the last `test result` line of each crate's CUDA tests
   torch                    scripts/gpu/torch_baseline.py's result (bandwidth, ceiling, generate)
   runs                     per candela bench run: output tok/s, TTFT, ITL, engine step timings
+                           ("interrupted": the run outlasted its time and covers the requests
+                           that finished)
   single_stream_tok_s      1000 / mean TPOT of the one-stream run with the longer output
   fraction_of_ceiling      that against the weights' bandwidth ceiling measured by PyTorch
   prefill_tok_s            prompt tokens / mean TTFT of the one-stream run with the longer prompt
@@ -25,7 +27,8 @@ import sys
 RUN = re.compile(r"candela-(?P<label>[a-z-]+)-(?P<input>\d+)-(?P<output>\d+)-c(?P<conc>\d+)$")
 KEYS = ("completed", "failed", "output_throughput", "total_token_throughput", "mean_ttft_ms",
         "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "p99_itl_ms", "engine_steps",
-        "mean_tokens_per_step", "mean_step_ms", "mean_step_launch_ms", "step_launch_fraction")
+        "mean_tokens_per_step", "mean_step_ms", "mean_step_launch_ms", "step_launch_fraction",
+        "interrupted", "unfinished")
 
 
 def main(dirs):

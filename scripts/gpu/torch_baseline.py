@@ -103,6 +103,14 @@ def main():
         "output_len": args.output_len,
         "generate": [],
     }
+
+    def save():
+        # After each measurement, so that a run stopped at its time limit keeps what it measured.
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+
+    save()
     with torch.inference_mode():
         for b in args.batch:
             try:
@@ -112,11 +120,9 @@ def main():
                 r = {"batch": b, "error": f"out of memory: {e}"[:200]}
                 torch.cuda.empty_cache()
             result["generate"].append(r)
+            save()
             print(json.dumps(r), flush=True)
     print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,34 @@ fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(e.to_string())
 }
 
+/// The results gathered so far, also after a request task panicked (a push is never half done).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `timeout` sends), so that a run cut short still reports.
+async fn interrupt() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer, BenchError> {
     if path.extension().is_some_and(|e| e == "gguf") {
         let gguf = candela_models::gguf::GgufFile::open(path).map_err(err)?;
@@ -169,7 +197,19 @@ fn parse_goodput(items: &[String]) -> Result<Vec<(String, f64)>, BenchError> {
         .collect()
 }
 
+/// Runs the benchmark and reports; Ctrl-C or SIGTERM ends it early with a report on the requests
+/// that finished.
 pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
+    run_until(args, home, interrupt()).await
+}
+
+/// [`run`], ended early when `stop` resolves: the requests still in flight are abandoned, and the
+/// report (and saved JSON, with `interrupted` and `unfinished`) covers those that finished.
+pub async fn run_until(
+    args: BenchArgs,
+    home: PathBuf,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), BenchError> {
     let reporting = Reporting {
         metrics: args
             .percentile_metrics
@@ -339,33 +379,58 @@ pub async fn run(args: BenchArgs, home: PathBuf) -> Result<(), BenchError> {
         .transpose()
         .map_err(err)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let total = requests.len();
     let counters_before = backend.engine_counters().await;
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(requests.len());
-    for req in requests {
-        let (backend, limit, bar) = (backend.clone(), limit.clone(), bar.clone());
-        let ignore_eos = args.ignore_eos;
-        tasks.push(tokio::spawn(async move {
-            let _permit = match &limit {
-                Some(l) => Some(l.clone().acquire_owned().await),
-                None => None,
-            };
-            let r = backend.send(&req, ignore_eos).await;
-            bar.inc(1);
-            r
-        }));
-        if let Some(g) = &gaps {
-            tokio::time::sleep(Duration::from_secs_f64(g.sample(&mut rng))).await;
+    // Results land here as requests finish, so that an interrupted run still reports on those.
+    let finished = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
+    let all = async {
+        // Dropping the set (an interrupt) aborts the requests still in flight.
+        let mut tasks = tokio::task::JoinSet::new();
+        for req in requests {
+            let (backend, limit, bar) = (backend.clone(), limit.clone(), bar.clone());
+            let finished = finished.clone();
+            let ignore_eos = args.ignore_eos;
+            tasks.spawn(async move {
+                let _permit = match &limit {
+                    Some(l) => Some(l.clone().acquire_owned().await),
+                    None => None,
+                };
+                let r = backend.send(&req, ignore_eos).await;
+                bar.inc(1);
+                lock(&finished).push(r);
+            });
+            if let Some(g) = &gaps {
+                tokio::time::sleep(Duration::from_secs_f64(g.sample(&mut rng))).await;
+            }
         }
-    }
-    let mut results = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        results.push(t.await.map_err(err)?);
-    }
+        while let Some(joined) = tasks.join_next().await {
+            joined.map_err(err)?;
+        }
+        Ok::<(), BenchError>(())
+    };
+    let interrupted = tokio::select! {
+        done = all => {
+            done?;
+            false
+        }
+        () = stop => true,
+    };
     let duration = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let results = std::mem::take(&mut *lock(&finished));
+    if interrupted {
+        eprintln!(
+            "interrupted: {} of {total} requests finished; the figures below cover those",
+            results.len()
+        );
+    }
 
     let mut summary = summarize(&results, duration, &reporting);
+    if interrupted {
+        summary.insert("interrupted".into(), json!(true));
+        summary.insert("unfinished".into(), json!(total - results.len()));
+    }
     if let (Some(before), Some(after)) = (counters_before, backend.engine_counters().await) {
         summary.extend(after.since(&before));
     }

@@ -223,12 +223,17 @@ struct BenchCli {
 
 /// Runs `candela bench` with these flags and returns its saved JSON.
 pub async fn run_bench(flags: &[&str]) -> Value {
+    run_bench_until(flags, std::future::pending()).await
+}
+
+/// [`run_bench`], interrupted when `stop` resolves.
+pub async fn run_bench_until(flags: &[&str], stop: impl std::future::Future<Output = ()>) -> Value {
     use clap::Parser;
     let out = temp_dir("bench").with_extension("json");
     let mut argv = vec!["bench", "--result-filename", out.to_str().unwrap()];
     argv.extend_from_slice(flags);
     let cli = BenchCli::try_parse_from(argv).unwrap();
-    candela::bench::run(cli.args, candela::fetch::candela_home())
+    candela::bench::run_until(cli.args, candela::fetch::candela_home(), stop)
         .await
         .unwrap();
     let saved: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();

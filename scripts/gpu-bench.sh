@@ -71,6 +71,10 @@ trap finish EXIT
 
 # The CUDA libraries come from PyTorch's wheels there: scripts/gpu/run.sh puts them on the path.
 run="bash scripts/gpu/run.sh"
+# The kernels (candle's and candela's) ship as PTX that the driver compiles at first load, some
+# 25 s of it: a cache big enough to keep it lets each later process (tests, servers) skip that.
+export CUDA_CACHE_PATH="${CUDA_CACHE_PATH:-/tmp/candela-cuda-cache}" CUDA_CACHE_MAXSIZE=4294967296
+mkdir -p "$CUDA_CACHE_PATH"
 
 bin="${CANDELA_BIN:-}"
 if [ -z "$bin" ]; then
@@ -90,7 +94,9 @@ if has tests; then
         gunzip -c "target/cuda/$crate-test.gz" >"$tests"
         chmod +x "$tests"
         say "$crate tests"
-        timeout "$(at_most "${TESTS_S:-75}" $(($(left) / 4)))" $run "$tests" "${crate_filter#*:}" \
+        # A device that does not open fails them rather than skipping them.
+        CANDELA_REQUIRE_GPU=1 timeout "$(at_most "${TESTS_S:-75}" $(($(left) / 4)))" \
+            $run "$tests" "${crate_filter#*:}" \
             --test-threads=1 >"$work/$crate-test.log" 2>&1 ||
             say "$crate tests failed or timed out (see $crate-test.log)"
         grep -E "^test .*(FAILED|panicked)|test result" "$work/$crate-test.log" >&2 || true

@@ -3,15 +3,22 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// The first CUDA device, or `None` (with a note) on machines without one: the test then passes
-/// without checking anything.
+/// The first CUDA device, one for all the tests of the process, or `None` (with a note) on
+/// machines without one: the test then passes without checking anything. With
+/// `CANDELA_REQUIRE_GPU=1` (as scripts/gpu-bench.sh runs them) a device that does not open fails
+/// the test instead, so that a broken driver or library cannot pass for a machine without a GPU.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn cuda_device() -> Option<Device> {
-    match crate::cuda_device(0) {
-        Ok(dev) => Some(dev),
+    static DEVICE: std::sync::OnceLock<std::result::Result<Device, String>> =
+        std::sync::OnceLock::new();
+    match DEVICE.get_or_init(|| crate::cuda_device(0).map_err(|e| e.to_string())) {
+        Ok(dev) => Some(dev.clone()),
         Err(e) => {
-            let reason = e.to_string();
-            let reason = reason.lines().next().unwrap_or_default();
+            let reason = e.lines().next().unwrap_or_default();
+            assert!(
+                std::env::var_os("CANDELA_REQUIRE_GPU").is_none_or(|v| v != "1"),
+                "CANDELA_REQUIRE_GPU=1 but the CUDA device did not open: {e}"
+            );
             println!("no CUDA device: skipped ({reason})");
             None
         }

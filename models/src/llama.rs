@@ -698,11 +698,16 @@ mod tests {
 
     /// The whole forward pass on a GPU (stacked projections read as views, the tensor-core
     /// prefill kernel, the decode kernel, fused norms and activations) in bf16, against f32 on
-    /// the CPU. Skips without a GPU.
+    /// the CPU. Skips without a GPU (fails instead with `CANDELA_REQUIRE_GPU=1`).
     #[test]
     fn gpu_bf16_follows_cpu_f32() {
-        let Ok(gpu) = candela_kernels::cuda_device(0) else {
-            return;
+        let gpu = match candela_kernels::cuda_device(0) {
+            Ok(gpu) => gpu,
+            // CANDELA_REQUIRE_GPU=1 (scripts/gpu-bench.sh): a device that does not open fails.
+            Err(e) if std::env::var_os("CANDELA_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+                panic!("CANDELA_REQUIRE_GPU=1 but the CUDA device did not open: {e}")
+            }
+            Err(_) => return,
         };
         let dir = checkpoint_dir("gpu");
         let config = tiny_checkpoint(&dir, 4, 2, 64);

@@ -11,13 +11,17 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     // which vectorise on any x86-64 (`floor` needs SSE4.1, else it is a libm call).
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `t` lies in [2^23, 2^24), where its mantissa counts whole units: `t`'s bits less
+    // `ROUND`'s are `n` as an integer, with no float-to-int conversion (whose saturating
+    // semantics would keep the loop from vectorising).
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     if x <= -87.0 {
         0.0
     } else {

@@ -13,6 +13,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::isa::{self, plain_tiers};
+
 /// One row's sampling settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowSampling {
@@ -70,16 +72,59 @@ pub fn sample(logits: &Tensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
 /// The first largest of `logits` and its value. NaN never compares greater, so it never wins;
 /// neither does -inf unless all are (then the first).
 pub fn argmax(logits: &[f32]) -> (usize, f32) {
-    logits
+    let tier = isa::plain();
+    let max = largest(tier, logits);
+    if max == f32::NEG_INFINITY {
+        return (0, max);
+    }
+    (first_equal(tier, logits, max), max)
+}
+
+/// Lanes of [`largest`] and [`first_equal`]: one AVX-512 register.
+const LANES: usize = 16;
+
+plain_tiers! {
+    /// The largest of `x`, NaN aside (-inf if there is none).
+    fn largest(x: &[f32]) -> f32 = largest_loop
+}
+
+#[inline(always)]
+fn largest_loop(x: &[f32]) -> f32 {
+    // `f32::max` returns the other operand where one is NaN.
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    lanes
         .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
-            if l > best.1 {
-                (i, l)
-            } else {
-                best
-            }
-        })
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+plain_tiers! {
+    /// The index of the first value of `x` equal to `v`, which is one of them.
+    fn first_equal(x: &[f32], v: f32) -> usize = first_equal_loop
+}
+
+#[inline(always)]
+fn first_equal_loop(x: &[f32], v: f32) -> usize {
+    // A chunk at a time (compared as one vector), then the first in the chunk that has it.
+    let chunks = x.chunks_exact(LANES);
+    let tail_start = x.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        let mut hit = false;
+        for &l in chunk {
+            hit |= l == v;
+        }
+        if hit {
+            return c * LANES + chunk.iter().position(|&l| l == v).unwrap_or(0);
+        }
+    }
+    tail_start + x[tail_start..].iter().position(|&l| l == v).unwrap_or(0)
 }
 
 /// One row on the CPU, step for step as the CUDA kernel does it.
@@ -299,6 +344,56 @@ mod tests {
             kept.push(i);
         }
         kept
+    }
+
+    /// The vectorised argmax against a plain scan for the first largest, on every instruction
+    /// set: ties, NaN, infinities and signed zeros, at lengths around a vector's.
+    #[test]
+    fn argmax_matches_a_scan_on_every_tier() {
+        use crate::isa::Tier;
+        let scan = |x: &[f32]| {
+            x.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                    if l > best.1 {
+                        (i, l)
+                    } else {
+                        best
+                    }
+                })
+        };
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            seed >> 8
+        };
+        for len in [0, 1, 5, 15, 16, 17, 31, 33, 100, 49_152] {
+            for case in 0..6 {
+                let x: Vec<f32> = (0..len)
+                    .map(|_| match (case, next() % 8) {
+                        (1, 0) => f32::NAN,
+                        (2, _) => f32::NEG_INFINITY,
+                        (3, r) if r < 4 => f32::NAN,
+                        (3, _) => f32::NEG_INFINITY,
+                        (4, r) => [0.0, -0.0, 1.0, -1.0][r as usize % 4],
+                        (5, r) if r == 0 => f32::INFINITY,
+                        _ => (next() % 200) as f32 / 8.0 - 12.0,
+                    })
+                    .collect();
+                let want = scan(&x);
+                for tier in [Tier::Scalar, Tier::Avx2, Tier::Avx512] {
+                    let max = largest(tier, &x);
+                    let got = if max == f32::NEG_INFINITY {
+                        (0, max)
+                    } else {
+                        (first_equal(tier, &x, max), max)
+                    };
+                    assert_eq!(got.0, want.0, "len {len} case {case} {tier:?}");
+                    assert!(got.1 == want.1, "len {len} case {case} {tier:?}");
+                }
+                assert_eq!(argmax(&x).0, want.0);
+            }
+        }
     }
 
     #[test]

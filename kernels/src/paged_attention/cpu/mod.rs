@@ -299,6 +299,18 @@ unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
         );
         let q_group = &q[h * group * hd..][..group * hd];
         S::score::<C, E>(q_group, group, keys, d.scale, scores);
+        // The values' first rows arrive during the softmax, the next head's first keys during
+        // the weighing.
+        S::prefetch_start(values, hd);
+        if h + 1 < d.kv_heads {
+            S::prefetch_start(
+                Rows {
+                    cache: &k[(h + 1) * hd..],
+                    offsets: rows,
+                },
+                hd,
+            );
+        }
         inv.clear();
         for s in scores.chunks_exact_mut(n) {
             let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));

@@ -89,6 +89,13 @@ pub(super) struct Rows<'a, E> {
 
 /// The inner loops for one instruction set.
 pub(super) trait Simd {
+    /// Asks for the first rows of a pass that comes later (where the CPU can; else nothing).
+    ///
+    /// # Safety
+    /// As for [`Simd::score`].
+    #[inline(always)]
+    unsafe fn prefetch_start<E>(_rows: Rows<E>, _hd: usize) {}
+
     /// `out[g * n + p] = q_g · k_p * scale` for the `group` query heads stored back to back in
     /// `q` and the `n = keys.offsets.len()` positions.
     ///
@@ -256,6 +263,11 @@ mod x86 {
     pub(in super::super) struct Avx512;
 
     impl Simd for Avx512 {
+        #[inline(always)]
+        unsafe fn prefetch_start<E>(rows: Rows<E>, hd: usize) {
+            prefetch(rows, 0, AHEAD, hd)
+        }
+
         /// Runs of 16 positions, one accumulator each: each chunk of the query is loaded once
         /// and multiplied into all 16 keys.
         #[inline(always)]
@@ -471,6 +483,11 @@ mod x86 {
     pub(in super::super) struct Avx2;
 
     impl Simd for Avx2 {
+        #[inline(always)]
+        unsafe fn prefetch_start<E>(rows: Rows<E>, hd: usize) {
+            prefetch(rows, 0, AHEAD, hd)
+        }
+
         /// Runs of 8 positions, one accumulator each: each 8-float piece of the query is loaded
         /// once and multiplied into all eight keys.
         #[inline(always)]

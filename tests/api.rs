@@ -500,6 +500,7 @@ async fn bench_reports_what_vllm_bench_serve_reports() {
         "p99_e2el_ms",
         "request_goodput",
         "duration",
+        "max_output_tokens_per_s",
     ] {
         assert!(
             s[key].as_f64().is_some_and(|v| v > 0.0),
@@ -511,6 +512,9 @@ async fn bench_reports_what_vllm_bench_serve_reports() {
         s["request_goodput"].as_f64(),
         s["request_throughput"].as_f64()
     );
+    // Requests in flight at some point of the busiest second: at least one, at most all six.
+    let peak = s["max_concurrent_requests"].as_u64().unwrap();
+    assert!((1..=6).contains(&peak), "{peak} reported");
 }
 
 /// A run cut short (Ctrl-C, or the SIGTERM of `timeout`) abandons the requests in flight and

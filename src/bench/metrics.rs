@@ -15,6 +15,8 @@ pub struct RequestResult {
     pub itl: Vec<f64>,
     /// End-to-end latency.
     pub latency: f64,
+    /// When it was sent, in seconds from the start of the run.
+    pub start: f64,
 }
 
 /// Which metrics to report and at which percentiles; goodput SLOs in milliseconds.
@@ -95,6 +97,9 @@ pub fn summarize(results: &[RequestResult], duration: f64, rep: &Reporting) -> M
         "total_token_throughput".into(),
         json!((total_input + total_output) as f64 / duration),
     );
+    let (peak_tokens, peak_requests) = peaks(&ok);
+    out.insert("max_output_tokens_per_s".into(), json!(peak_tokens));
+    out.insert("max_concurrent_requests".into(), json!(peak_requests));
     if !rep.goodput.is_empty() {
         let good = ok
             .iter()
@@ -154,6 +159,32 @@ pub fn summarize(results: &[RequestResult], duration: f64, rep: &Reporting) -> M
     out
 }
 
+/// The busiest second of the run, as vLLM reports it: the most streamed chunks that arrived
+/// within one second, and the most requests in flight during one, over one-second bins from the
+/// first request's start (successful requests only).
+fn peaks(ok: &[&RequestResult]) -> (f64, usize) {
+    let Some(first) = ok.iter().map(|r| r.start).reduce(f64::min) else {
+        return (0.0, 0);
+    };
+    let end = ok.iter().map(|r| r.start + r.latency).fold(first, f64::max);
+    let bins = (end - first).ceil() as usize + 1;
+    let (mut tokens, mut requests) = (vec![0usize; bins], vec![0usize; bins]);
+    let bin = |t: f64| ((t - first).max(0.0) as usize).min(bins - 1);
+    for r in ok {
+        let mut t = r.start + r.ttft;
+        tokens[bin(t)] += 1;
+        for gap in &r.itl {
+            t += gap;
+            tokens[bin(t)] += 1;
+        }
+        for n in &mut requests[bin(r.start)..=bin(r.start + r.latency)] {
+            *n += 1;
+        }
+    }
+    let max = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+    (max(&tokens) as f64, max(&requests))
+}
+
 /// The human-readable table, laid out as vLLM prints it.
 pub fn report(s: &Map<String, Value>, rep: &Reporting) -> String {
     let f = |k: &str| s.get(k).and_then(Value::as_f64).unwrap_or(0.0);
@@ -203,6 +234,16 @@ pub fn report(s: &Map<String, Value>, rep: &Reporting) -> String {
         &mut out,
         "Output token throughput (tok/s):",
         format!("{:.2}", f("output_throughput")),
+    );
+    line(
+        &mut out,
+        "Peak output token throughput (tok/s):",
+        format!("{:.2}", f("max_output_tokens_per_s")),
+    );
+    line(
+        &mut out,
+        "Peak concurrent requests:",
+        format!("{:.2}", f("max_concurrent_requests")),
     );
     line(
         &mut out,
@@ -312,5 +353,37 @@ mod tests {
         );
         assert!(s.contains_key("p99_itl_ms"));
         assert!(report(&s, &rep()).contains("Output token throughput (tok/s):"));
+    }
+
+    /// Chunks at 0.5, 0.7 and 0.9 s, then 1.1 and 1.2 s: three in the first second; the
+    /// second request starts in the first second and ends in the next, beside the first.
+    #[test]
+    fn peaks_count_chunks_and_requests_per_second() {
+        let r = |start: f64, ttft: f64, itl: Vec<f64>, latency: f64| RequestResult {
+            success: true,
+            output_len: itl.len() + 1,
+            start,
+            ttft,
+            itl,
+            latency,
+            ..Default::default()
+        };
+        let failed = RequestResult {
+            start: 0.0,
+            latency: 5.0,
+            ..Default::default()
+        };
+        let s = summarize(
+            &[
+                r(0.0, 0.5, vec![0.2, 0.2], 0.9),
+                r(0.8, 0.3, vec![0.1], 0.5),
+                failed,
+            ],
+            1.3,
+            &rep(),
+        );
+        assert_eq!(s["max_output_tokens_per_s"], 3.0);
+        assert_eq!(s["max_concurrent_requests"], 2);
+        assert!(report(&s, &rep()).contains("Peak concurrent requests:"));
     }
 }

@@ -396,7 +396,11 @@ pub async fn run_until(
                     Some(l) => Some(l.clone().acquire_owned().await),
                     None => None,
                 };
-                let r = backend.send(&req, ignore_eos).await;
+                let start = started.elapsed().as_secs_f64();
+                let r = RequestResult {
+                    start,
+                    ..backend.send(&req, ignore_eos).await
+                };
                 bar.inc(1);
                 lock(&finished).push(r);
             });

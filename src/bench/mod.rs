@@ -422,7 +422,9 @@ pub async fn run_until(
     };
     let duration = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let results = std::mem::take(&mut *lock(&finished));
+    let mut results = std::mem::take(&mut *lock(&finished));
+    // In the order they were sent, as the per-request lists of the saved JSON are.
+    results.sort_by(|a, b| a.start.total_cmp(&b.start));
     if interrupted {
         eprintln!(
             "interrupted: {} of {total} requests finished; the figures below cover those",

@@ -192,7 +192,7 @@ pub fn report(s: &Map<String, Value>, rep: &Reporting) -> String {
     let line =
         |out: &mut String, label: &str, v: String| out.push_str(&format!("{label:<40}{v:<10}\n"));
     let title = |out: &mut String, t: &str| out.push_str(&format!("{t:-^50}\n"));
-    title(&mut out, " Serving Benchmark Result ");
+    out.push_str(&format!("{:=^50}\n", " Serving Benchmark Result "));
     line(
         &mut out,
         "Successful requests:",
@@ -203,6 +203,9 @@ pub fn report(s: &Map<String, Value>, rep: &Reporting) -> String {
         "Failed requests:",
         format!("{}", f("failed") as u64),
     );
+    if let Some(c) = s.get("max_concurrency").and_then(Value::as_u64) {
+        line(&mut out, "Maximum request concurrency:", c.to_string());
+    }
     line(
         &mut out,
         "Benchmark duration (s):",
@@ -385,5 +388,6 @@ mod tests {
         assert_eq!(s["max_output_tokens_per_s"], 3.0);
         assert_eq!(s["max_concurrent_requests"], 2);
         assert!(report(&s, &rep()).contains("Peak concurrent requests:"));
+        assert!(!report(&s, &rep()).contains("Maximum request concurrency:"));
     }
 }

@@ -440,6 +440,7 @@ pub async fn run_until(
     if let (Some(before), Some(after)) = (counters_before, backend.engine_counters().await) {
         summary.extend(after.since(&before));
     }
+    summary.insert("max_concurrency".into(), json!(args.max_concurrency));
     print!("{}", metrics::report(&summary, &reporting));
     if let Some(e) = results.iter().find(|r| !r.success) {
         eprintln!("first error: {}", e.error);

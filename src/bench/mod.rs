@@ -475,7 +475,6 @@ pub async fn run_until(
                 },
             ),
             ("burstiness", json!(args.burstiness)),
-            ("max_concurrency", json!(args.max_concurrency)),
         ] {
             summary.insert(k.into(), v);
         }

@@ -286,6 +286,13 @@ unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
     );
     scores.clear();
     scores.resize(group * n, 0.);
+    S::prefetch_start(
+        Rows {
+            cache: k,
+            offsets: rows,
+        },
+        hd,
+    );
     for h in 0..d.kv_heads {
         let (keys, values) = (
             Rows {

@@ -89,7 +89,8 @@ pub(super) struct Rows<'a, E> {
 
 /// The inner loops for one instruction set.
 pub(super) trait Simd {
-    /// Asks for the first rows of a pass that comes later (where the CPU can; else nothing).
+    /// Asks for the first rows of a pass (where the CPU can; else nothing): the passes ask for
+    /// the rest as they go.
     ///
     /// # Safety
     /// As for [`Simd::score`].
@@ -280,7 +281,6 @@ mod x86 {
         ) {
             let n = keys.offsets.len();
             let scale = _mm512_set1_ps(scale);
-            prefetch(keys, 0, AHEAD, C * LANES);
             for start in (0..n).step_by(16) {
                 prefetch(keys, start + AHEAD, 16, C * LANES);
                 let (key, take) = run::<16, E>(keys, start);
@@ -401,7 +401,6 @@ mod x86 {
         let n = values.offsets.len();
         let w = weights.as_ptr().add(g0 * n);
         let out = out.as_mut_ptr().add(g0 * hd);
-        prefetch(values, 0, AHEAD, hd);
         for start in (0..n).step_by(RUN) {
             prefetch(values, start + AHEAD, RUN, hd);
             let end = (start + RUN).min(n);
@@ -500,7 +499,6 @@ mod x86 {
         ) {
             let n = keys.offsets.len();
             let scale = _mm256_set1_ps(scale);
-            prefetch(keys, 0, AHEAD, C * LANES);
             for start in (0..n).step_by(8) {
                 prefetch(keys, start + AHEAD, 8, C * LANES);
                 let (key, take) = run::<8, E>(keys, start);

@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
+    prefetch, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
     Q8_PANEL_BLOCK,
 };
 
@@ -79,9 +79,15 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
     for p in 0..panels {
         match *w {
             Panels::Q8 { codes, scales } => {
-                for i in (0..x.m).step_by(2) {
-                    let n = (x.m - i).min(2);
-                    with_rows!(n, 2, q8[T](codes, scales, p, x, i, out))
+                // A single tile of rows (a panel read once) asks for the next panel; more tiles
+                // re-read each panel from the L1 cache, and there asking made 16 rows slower.
+                if x.m <= 2 {
+                    with_rows!(x.m, 2, q8[T, true](codes, scales, p, x, 0, out))
+                } else {
+                    for i in (0..x.m).step_by(2) {
+                        let n = (x.m - i).min(2);
+                        with_rows!(n, 2, q8[T, false](codes, scales, p, x, i, out))
+                    }
                 }
             }
             Panels::Q4(data) => {
@@ -139,7 +145,7 @@ unsafe fn store<const T: usize, const R: usize>(
 /// Int8 weights: `maddubs` needs one unsigned operand, so it takes |w| and x with w's sign
 /// (|w|, |x| <= 127, so a pair of products cannot saturate 16 bits).
 #[inline(always)]
-unsafe fn q8<const T: usize, const R: usize>(
+unsafe fn q8<const T: usize, const PREFETCH: bool, const R: usize>(
     codes: &[u8],
     scales: &[f32],
     p: usize,
@@ -152,6 +158,12 @@ unsafe fn q8<const T: usize, const R: usize>(
     let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for b in 0..blocks {
+        if PREFETCH {
+            let next = ((p + 1) * blocks + b) * Q8_PANEL_BLOCK;
+            prefetch(codes.as_ptr().wrapping_add(next), Q8_PANEL_BLOCK / 64);
+            let next = ((p + 1) * blocks + b) * PANEL * 4;
+            prefetch((scales.as_ptr() as *const u8).wrapping_add(next), 1);
+        }
         let mut dots = [[_mm256_setzero_si256(); 2]; R];
         for j in 0..BLOCK / 4 {
             let at = codes
@@ -199,6 +211,12 @@ unsafe fn q4<const T: usize, const R: usize>(
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let pb = data.as_ptr().add((p * blocks + b) * Q4_PANEL_BLOCK);
+        if i0 == 0 && h == 0 {
+            prefetch(
+                pb.wrapping_add(blocks * Q4_PANEL_BLOCK),
+                Q4_PANEL_BLOCK / 64,
+            );
+        }
         let mut pairs = [_mm256_setzero_si256(); R];
         for j in 0..4 {
             let raw = _mm256_loadu_si256(pb.add(j * 4 * PANEL + 32 * h) as *const _);

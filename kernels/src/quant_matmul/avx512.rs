@@ -6,8 +6,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    blocks_per_pass, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK,
-    Q4_SCALES, Q8_PANEL_BLOCK,
+    blocks_per_pass, prefetch, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_MINS,
+    Q4_PANEL_BLOCK, Q4_SCALES, Q8_PANEL_BLOCK,
 };
 
 /// Int8 activation rows per tile: six for rows in one term; four for rows in two, whose
@@ -209,6 +209,14 @@ unsafe fn q8<const P: usize, const T: usize, const R: usize>(
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let mut acc = resume::<P, T, R>(at, x, out);
     for b in at.blocks.clone() {
+        if i0 == 0 {
+            for p in P..2 * P {
+                let next = ((p0 + p) * blocks + b) * Q8_PANEL_BLOCK;
+                prefetch(codes.as_ptr().wrapping_add(next), Q8_PANEL_BLOCK / 64);
+                let next = ((p0 + p) * blocks + b) * PANEL * 4;
+                prefetch((scales.as_ptr() as *const u8).wrapping_add(next), 1);
+            }
+        }
         let mut dots = Dots::<P, R>::new(|r| _mm512_set1_epi32(x.offsets[(i0 + r) * blocks + b]));
         for j in 0..BLOCK / 4 {
             let w: [__m512i; P] = std::array::from_fn(|p| {
@@ -247,6 +255,12 @@ unsafe fn q4<const P: usize, const T: usize, const R: usize>(
     let low4 = _mm512_set1_epi8(0x0f);
     let mut acc = resume::<P, T, R>(at, x, out);
     for b in at.blocks.clone() {
+        if i0 == 0 {
+            for p in P..2 * P {
+                let next = ((p0 + p) * blocks + b) * Q4_PANEL_BLOCK;
+                prefetch(data.as_ptr().wrapping_add(next), Q4_PANEL_BLOCK / 64);
+            }
+        }
         let mut dots = Dots::<P, R>::new(|_| _mm512_setzero_si512());
         for j in 0..4 {
             let raw: [__m512i; P] = std::array::from_fn(|p| {

@@ -505,6 +505,23 @@ fn blocks_per_pass(blocks: usize, bytes_per_block: usize) -> usize {
     blocks.div_ceil((blocks * bytes_per_block).div_ceil(BUDGET).max(1))
 }
 
+/// Asks for `lines` cache lines from `at` into the L2 cache. The first tile of rows reads each
+/// weight from memory; the kernels ask for the panels they will read next while they multiply,
+/// as the hardware prefetchers lose the stream when a tile re-reads a panel from the L1 cache
+/// for each tile of rows (measured: the int8 output head at 16 rows 15 % faster, at one row
+/// 30 %).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch(at: *const u8, lines: usize) {
+    for l in 0..lines {
+        // `wrapping_add`: past the last panel the address is outside the weights, which a
+        // prefetch may name (it never faults).
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+            at.wrapping_add(64 * l) as *const i8,
+        );
+    }
+}
+
 /// `(panels from the first, how many, activations, out)`: every activation row against that
 /// many panels.
 type TileKernel = unsafe fn(&Panels, usize, &Activations, Out);

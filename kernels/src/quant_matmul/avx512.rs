@@ -158,21 +158,24 @@ impl<const P: usize, const R: usize> Dots<P, R> {
 
 /// The tile's sums so far: zero on its first blocks, else what the last pass stored (in the
 /// first term of each input row).
+///
+/// Loops, not `array::from_fn`: a closure does not take the kernel's target features, so the
+/// intrinsics inside it stayed calls (measured: 3.5 % of a 16-stream decode).
 #[inline(always)]
 unsafe fn resume<const P: usize, const T: usize, const R: usize>(
     at: &Tile,
     x: &Activations,
     out: Out,
 ) -> [[__m512; R]; P] {
-    std::array::from_fn(|p| {
-        std::array::from_fn(|r| {
-            if at.blocks.start == 0 || r % T != 0 {
-                _mm512_setzero_ps()
-            } else {
-                _mm512_loadu_ps(out.at(x.out_row(at.i0 + r), at.p0 + p))
+    let mut acc = [[_mm512_setzero_ps(); R]; P];
+    if at.blocks.start != 0 {
+        for (p, acc) in acc.iter_mut().enumerate() {
+            for r in (0..R).step_by(T) {
+                acc[r] = _mm512_loadu_ps(out.at(x.out_row(at.i0 + r), at.p0 + p));
             }
-        })
-    })
+        }
+    }
+    acc
 }
 
 /// Each input row's terms, added.

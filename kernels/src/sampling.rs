@@ -376,7 +376,7 @@ mod tests {
                         (3, r) if r < 4 => f32::NAN,
                         (3, _) => f32::NEG_INFINITY,
                         (4, r) => [0.0, -0.0, 1.0, -1.0][r as usize % 4],
-                        (5, r) if r == 0 => f32::INFINITY,
+                        (5, 0) => f32::INFINITY,
                         _ => (next() % 200) as f32 / 8.0 - 12.0,
                     })
                     .collect();

@@ -130,7 +130,7 @@ unsafe fn store<const T: usize, const R: usize>(
     out: Out,
 ) {
     for r in (0..R).step_by(T) {
-        let o = out.at(x.out_row(i0 + r), p);
+        let o = out.at(x.out_row_of::<T>(i0 + r), p);
         for (h, &a) in acc[r].iter().enumerate() {
             let sum = if T == 2 {
                 _mm256_add_ps(a, acc[r + 1][h])
@@ -246,6 +246,6 @@ unsafe fn q4<const T: usize, const R: usize>(
         } else {
             acc[r]
         };
-        _mm256_storeu_ps(out.at(x.out_row(i0 + r), p).add(8 * h), sum);
+        _mm256_storeu_ps(out.at(x.out_row_of::<T>(i0 + r), p).add(8 * h), sum);
     }
 }

@@ -171,7 +171,7 @@ unsafe fn resume<const P: usize, const T: usize, const R: usize>(
     if at.blocks.start != 0 {
         for (p, acc) in acc.iter_mut().enumerate() {
             for r in (0..R).step_by(T) {
-                acc[r] = _mm512_loadu_ps(out.at(x.out_row(at.i0 + r), at.p0 + p));
+                acc[r] = _mm512_loadu_ps(out.at(x.out_row_of::<T>(at.i0 + r), at.p0 + p));
             }
         }
     }
@@ -193,7 +193,7 @@ unsafe fn store<const P: usize, const T: usize, const R: usize>(
             } else {
                 acc[r]
             };
-            _mm512_storeu_ps(out.at(x.out_row(at.i0 + r), at.p0 + p), sum);
+            _mm512_storeu_ps(out.at(x.out_row_of::<T>(at.i0 + r), at.p0 + p), sum);
         }
     }
 }

@@ -222,6 +222,15 @@ impl Activations {
         // SAFETY: kernels only ask for rows below `m`.
         unsafe { *self.out_rows.get_unchecked(i / self.terms) }
     }
+
+    /// [`Self::out_row`] for kernels compiled for `T` terms, which divide by a constant rather
+    /// than by the runtime `terms` (a 64-bit division per row stored, several % of a tile).
+    #[inline(always)]
+    fn out_row_of<const T: usize>(&self, i: usize) -> usize {
+        debug_assert_eq!(T, self.terms);
+        // SAFETY: kernels only ask for rows below `m`.
+        unsafe { *self.out_rows.get_unchecked(i / T) }
+    }
 }
 
 /// Row-major codes (`block_bytes` per block, `blocks` per row) in panel order: 4 bytes of each of

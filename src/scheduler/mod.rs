@@ -26,10 +26,11 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens in one step (prefill chunks + decodes).
     pub max_batched_tokens: usize,
-    /// Most tokens of prefill chunks in one step (a sequence with more than one token to
-    /// compute is prefilling: a prompt, or a preempted request's recomputation). Decodes do not
-    /// count, so a step's prompt work, and the delay it adds to every stream decoding beside it,
-    /// stay bounded however many streams decode.
+    /// Most tokens of prefill chunks in a step where some sequence decodes (a sequence with
+    /// more than one token to compute is prefilling: a prompt, or a preempted request's
+    /// recomputation). Decodes do not count, so a step's prompt work, and the delay it adds to
+    /// every stream decoding beside it, stay bounded however many streams decode. A step with
+    /// no decode takes prompts up to `max_batched_tokens`.
     pub max_prefill_tokens: usize,
     pub num_blocks: usize,
     pub block_size: usize,
@@ -159,7 +160,17 @@ impl Scheduler {
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_batched_tokens;
-        let mut prefill_budget = self.cfg.max_prefill_tokens;
+        // The prompt cap keeps the streams that decode in this step moving; with none decoding,
+        // no one waits on the step, and prompts take all of it (fewer, fuller steps).
+        let decoding = self.running.iter().any(|id| {
+            let req = &self.requests[id];
+            req.tokens.len() - req.num_computed == 1
+        });
+        let mut prefill_budget = if decoding {
+            self.cfg.max_prefill_tokens
+        } else {
+            budget
+        };
         // Tokens to compute now for a request with `remaining` left, within both budgets.
         let take = |remaining: usize, budget: usize, prefill_budget: usize| match remaining {
             1 => 1.min(budget),

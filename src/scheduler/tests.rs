@@ -118,6 +118,32 @@ fn prompt_tokens_per_step_are_capped_while_every_decode_runs() {
 }
 
 #[test]
+fn prompts_take_the_whole_step_when_nothing_decodes() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_batched_tokens: 64,
+        max_prefill_tokens: 6,
+        num_blocks: 64,
+        block_size: 4,
+    });
+    for i in 0..2 {
+        s.add(SchedRequest::new(
+            RequestId(i),
+            prompt(40, i as u32),
+            Priority::Interactive,
+        ));
+    }
+    // Nothing decodes: the first prompt whole and 24 tokens of the second, the step's budget.
+    let out = step(&mut s);
+    let chunks: Vec<_> = out.seqs.iter().map(|q| (q.id, q.num_new)).collect();
+    assert_eq!(chunks, vec![(RequestId(0), 40), (RequestId(1), 24)]);
+    // Now the first decodes beside the second's prompt: the cap is back.
+    let out = step(&mut s);
+    let chunks: Vec<_> = out.seqs.iter().map(|q| (q.id, q.num_new)).collect();
+    assert_eq!(chunks, vec![(RequestId(0), 1), (RequestId(1), 6)]);
+}
+
+#[test]
 fn decodes_and_prefill_share_a_step() {
     let mut s = sched(64, 32, 8);
     s.add(SchedRequest::new(

@@ -10,6 +10,18 @@ fn sched(num_blocks: usize, max_tokens: usize, max_seqs: usize) -> Scheduler {
     })
 }
 
+/// Up to 8 sequences and 64 tokens a step, of which at most `max_prefill` prompt tokens beside
+/// decoding streams.
+fn prompt_capped_sched(max_prefill: usize) -> Scheduler {
+    Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_batched_tokens: 64,
+        max_prefill_tokens: max_prefill,
+        num_blocks: 64,
+        block_size: 4,
+    })
+}
+
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| i * 7 + salt).collect()
 }
@@ -70,13 +82,7 @@ fn budget_and_sequence_limit_hold_every_step() {
 
 #[test]
 fn prompt_tokens_per_step_are_capped_while_every_decode_runs() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_num_seqs: 8,
-        max_batched_tokens: 64,
-        max_prefill_tokens: 6,
-        num_blocks: 64,
-        block_size: 4,
-    });
+    let mut s = prompt_capped_sched(6);
     // Three streams decoding, then three prompts of 10 arriving at once.
     for i in 0..3 {
         s.add(SchedRequest::new(
@@ -119,13 +125,7 @@ fn prompt_tokens_per_step_are_capped_while_every_decode_runs() {
 
 #[test]
 fn prompts_take_the_whole_step_when_nothing_decodes() {
-    let mut s = Scheduler::new(SchedulerConfig {
-        max_num_seqs: 8,
-        max_batched_tokens: 64,
-        max_prefill_tokens: 6,
-        num_blocks: 64,
-        block_size: 4,
-    });
+    let mut s = prompt_capped_sched(6);
     for i in 0..2 {
         s.add(SchedRequest::new(
             RequestId(i),

@@ -263,7 +263,7 @@ fn parse_device(spec: &str) -> anyhow::Result<Device> {
 /// some 25,000 pauses (about half a millisecond) after each op before it sleeps; the quantized
 /// matmul and attention kernels that run next want every core, so the spinning worker took one
 /// from them (10 % of a long prompt's profile in that thread; a 1024-token prompt in 128-token
-/// chunks 13-15 % slower). A short spin keeps the pool for back-to-back ops and frees the core.
+/// chunks 11-16 % slower). A short spin keeps the pool for back-to-back ops and frees the core.
 /// Set before any thread starts, as the variable is read once, when candle makes the pool; a
 /// value in the environment wins.
 fn shorten_candle_pool_spin() {

@@ -28,14 +28,14 @@ enum Command {
     /// all-MiniLM-L6-v2 for embeddings), fetching the weights into $CANDELA_HOME on first run.
     ///
     /// Example: candela serve --port 8080 --model smollm2-135m-instruct --model ./my-model.gguf
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Benchmark a server (or, with --offline, an in-process engine) the way `vllm bench serve`
     /// does, with the same flags and result keys.
     ///
     /// Example: candela bench --base-url http://127.0.0.1:8080 --dataset-name random
     ///   --random-input-len 128 --random-output-len 128 --num-prompts 64 --max-concurrency 16
     ///   --ignore-eos --save-result
-    Bench(candela::bench::BenchArgs),
+    Bench(Box<candela::bench::BenchArgs>),
     /// Download the default models (or the given ones) into the cache and exit.
     ///
     /// Example: candela fetch --model all-minilm-l6-v2
@@ -308,8 +308,8 @@ async fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Serve(args) => serve(args, home).await,
-        Command::Bench(args) => Ok(candela::bench::run(args, home).await?),
+        Command::Serve(args) => serve(*args, home).await,
+        Command::Bench(args) => Ok(candela::bench::run(*args, home).await?),
         Command::Token { command } => {
             cli::quiet_broken_pipe();
             cli::token(command, &home)

@@ -515,6 +515,76 @@ async fn bench_reports_what_vllm_bench_serve_reports() {
     // Requests in flight at some point of the busiest second: at least one, at most all six.
     let peak = s["max_concurrent_requests"].as_u64().unwrap();
     assert!((1..=6).contains(&peak), "{peak} reported");
+    assert!(
+        s.get("ttfts").is_none(),
+        "per-request lists need --save-detailed"
+    );
+}
+
+/// A `vllm bench serve` command line, flags and all, works unchanged: host and port, the chat
+/// backend, a shared random prefix, sampling flags, metadata and the per-request lists.
+#[tokio::test]
+async fn bench_takes_vllm_command_lines() {
+    let base = shared().base.clone();
+    let port = base.rsplit(':').next().unwrap().to_string();
+    let flags = |backend: &'static str| {
+        vec![
+            "--backend",
+            backend,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port.as_str(),
+            "--model",
+            CHAT,
+            "--ready-check-timeout-sec",
+            "30",
+            "--dataset-name",
+            "random",
+            "--random-prefix-len",
+            "8",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--num-prompts",
+            "4",
+            "--max-concurrency",
+            "2",
+            "--ignore-eos",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "20",
+            "--request-id-prefix",
+            "bench-",
+            "--disable-tqdm",
+            "--trust-remote-code",
+            "--metadata",
+            "run=ci",
+            "--save-detailed",
+        ]
+    };
+    let text = run_bench(&flags("vllm")).await;
+    assert_eq!(text["completed"], 4, "{text}");
+    assert_eq!(text["backend"], "vllm");
+    assert_eq!(text["run"], "ci");
+    let lens: Vec<u64> = serde_json::from_value(text["input_lens"].clone()).unwrap();
+    assert_eq!(
+        lens.iter().sum::<u64>(),
+        text["total_input_tokens"].as_u64().unwrap()
+    );
+    assert!(lens.iter().all(|&n| (22..=26).contains(&n)), "{lens:?}");
+    assert_eq!(text["output_lens"], json!([4, 4, 4, 4]));
+    assert_eq!(text["start_times"].as_array().unwrap().len(), 4);
+
+    let chat = run_bench(&flags("openai-chat")).await;
+    assert_eq!(chat["completed"], 4, "{chat}");
+    assert_eq!(chat["total_output_tokens"], 16);
+    let texts = chat["generated_texts"].as_array().unwrap();
+    assert!(texts.iter().all(|t| !t.as_str().unwrap().is_empty()));
 }
 
 /// A run cut short (Ctrl-C, or the SIGTERM of `timeout`) abandons the requests in flight and

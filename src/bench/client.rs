@@ -9,7 +9,41 @@ use serde_json::{json, Value};
 
 use super::dataset::BenchRequest;
 use super::metrics::RequestResult;
+use crate::sampling::SamplingParams;
 use crate::serving::{ChatModel, GenParams};
+
+/// What every request of a run carries besides its prompt and lengths.
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions {
+    pub ignore_eos: bool,
+    /// Sampling fields (`temperature`, `top_p`, ...) and `--extra-body`, merged into each
+    /// request's JSON body over the defaults (greedy).
+    pub body: serde_json::Map<String, Value>,
+    /// Each measured request is sent with `x-request-id: PREFIX<index>`.
+    pub request_id_prefix: Option<String>,
+}
+
+impl RequestOptions {
+    /// The sampling an in-process request gets: greedy unless the body's fields say otherwise.
+    fn sampling(&self) -> SamplingParams {
+        let f = |k: &str| self.body.get(k).and_then(Value::as_f64).map(|v| v as f32);
+        let d = SamplingParams::default();
+        SamplingParams {
+            temperature: f("temperature").unwrap_or(0.0),
+            top_p: f("top_p").unwrap_or(d.top_p),
+            top_k: self
+                .body
+                .get("top_k")
+                .and_then(Value::as_i64)
+                .map_or(d.top_k, |k| k.max(0) as usize),
+            min_p: f("min_p").unwrap_or(d.min_p),
+            presence_penalty: f("presence_penalty").unwrap_or(d.presence_penalty),
+            frequency_penalty: f("frequency_penalty").unwrap_or(d.frequency_penalty),
+            repetition_penalty: f("repetition_penalty").unwrap_or(d.repetition_penalty),
+            ..d
+        }
+    }
+}
 
 pub enum Backend {
     Http {
@@ -42,7 +76,8 @@ impl Clock {
         }
     }
 
-    fn chunk(&mut self) {
+    fn chunk(&mut self, text: &str) {
+        self.result.text.push_str(text);
         let now = Instant::now();
         match self.last {
             None => self.result.ttft = (now - self.start).as_secs_f64(),
@@ -61,7 +96,13 @@ impl Clock {
 }
 
 impl Backend {
-    pub async fn send(&self, req: &BenchRequest, ignore_eos: bool) -> RequestResult {
+    /// Sends one request; `id` is the `x-request-id` to send with it, if any.
+    pub async fn send(
+        &self,
+        req: &BenchRequest,
+        opts: &RequestOptions,
+        id: Option<String>,
+    ) -> RequestResult {
         match self {
             Backend::Http {
                 client,
@@ -69,8 +110,8 @@ impl Backend {
                 chat,
                 model,
                 ..
-            } => http(client, url, *chat, model, req, ignore_eos).await,
-            Backend::InProcess(model) => in_process(model, req, ignore_eos).await,
+            } => http(client, url, *chat, model, req, opts, id).await,
+            Backend::InProcess(model) => in_process(model, req, opts).await,
         }
     }
 
@@ -166,7 +207,8 @@ async fn http(
     chat: bool,
     model: &str,
     req: &BenchRequest,
-    ignore_eos: bool,
+    opts: &RequestOptions,
+    id: Option<String>,
 ) -> RequestResult {
     let mut body = json!({
         "model": model,
@@ -174,15 +216,22 @@ async fn http(
         "temperature": 0.0,
         "stream": true,
         "stream_options": {"include_usage": true},
-        "ignore_eos": ignore_eos,
+        "ignore_eos": opts.ignore_eos,
     });
+    for (k, v) in &opts.body {
+        body[k] = v.clone();
+    }
     if chat {
         body["messages"] = json!([{"role": "user", "content": req.prompt}]);
     } else {
         body["prompt"] = json!(req.prompt);
     }
     let mut clock = Clock::new(req.prompt_len);
-    let resp = match client.post(url).json(&body).send().await {
+    let mut post = client.post(url).json(&body);
+    if let Some(id) = id {
+        post = post.header("x-request-id", id);
+    }
+    let resp = match post.send().await {
         Ok(r) => r,
         Err(e) => return clock.finish(0, Some(e.to_string())),
     };
@@ -221,33 +270,31 @@ async fn http(
                     clock.result.prompt_len = p as usize;
                 }
             }
-            let has_text = event["choices"].as_array().is_some_and(|cs| {
-                cs.iter().any(|c| {
-                    c["text"].as_str().is_some_and(|t| !t.is_empty())
-                        || c["delta"]["content"]
-                            .as_str()
-                            .is_some_and(|t| !t.is_empty())
-                })
-            });
-            if has_text {
+            let text: String = event["choices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["text"].as_str().or(c["delta"]["content"].as_str()))
+                .collect();
+            if !text.is_empty() {
                 chunks += 1;
-                clock.chunk();
+                clock.chunk(&text);
             }
         }
     }
     clock.finish(usage_tokens.unwrap_or(chunks), None)
 }
 
-async fn in_process(model: &ChatModel, req: &BenchRequest, ignore_eos: bool) -> RequestResult {
+async fn in_process(model: &ChatModel, req: &BenchRequest, opts: &RequestOptions) -> RequestResult {
     let mut clock = Clock::new(req.prompt_len);
     let started = model.completion_prompt(&req.prompt).and_then(|ids| {
         clock.result.prompt_len = ids.len();
-        let mut params = GenParams {
+        let params = GenParams {
             max_tokens: Some(req.output_len),
-            ignore_eos,
+            ignore_eos: opts.ignore_eos,
+            sampling: opts.sampling(),
             ..Default::default()
         };
-        params.sampling.temperature = 0.0;
         model.start(ids, params, "prompt")
     });
     let mut gen = match started {
@@ -256,7 +303,7 @@ async fn in_process(model: &ChatModel, req: &BenchRequest, ignore_eos: bool) -> 
     };
     while let Some(chunk) = gen.next().await {
         match chunk {
-            Ok(c) if !c.text.is_empty() => clock.chunk(),
+            Ok(c) if !c.text.is_empty() => clock.chunk(&c.text),
             Ok(_) => {}
             Err(e) => return clock.finish(gen.completion_tokens, Some(e.to_string())),
         }

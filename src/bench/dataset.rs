@@ -15,7 +15,10 @@ pub struct BenchRequest {
 
 #[derive(Clone, Debug)]
 pub enum Dataset {
+    /// Random tokens; with `prefix_len`, after a random prefix that every prompt shares (vLLM's
+    /// `--random-prefix-len`).
     Random {
+        prefix_len: usize,
         input_len: usize,
         output_len: usize,
         range_ratio: f64,
@@ -24,8 +27,11 @@ pub enum Dataset {
         path: std::path::PathBuf,
         output_len: Option<usize>,
     },
+    /// `num_prefixes` random prefixes, each shared by an equal part of the prompts (in random
+    /// order), followed by random suffixes of `input_len`.
     Prefix {
         prefix_len: usize,
+        num_prefixes: usize,
         input_len: usize,
         output_len: usize,
     },
@@ -87,6 +93,7 @@ pub fn build(
     let mut rng = StdRng::seed_from_u64(seed);
     match dataset {
         Dataset::Random {
+            prefix_len,
             input_len,
             output_len,
             range_ratio,
@@ -97,44 +104,92 @@ pub fn build(
                 let hi = ((n as f64) * (1.0 + range_ratio)).round().max(lo as f64) as usize;
                 rng.random_range(lo..=hi)
             };
+            let prefix = shared_prefix(tokenizer, &ids, *prefix_len, &mut rng)?;
             (0..num_prompts)
                 .map(|_| {
-                    let (prompt, prompt_len) =
+                    let (text, len) =
                         random_text(tokenizer, &ids, range(*input_len, &mut rng), &mut rng)?;
-                    Ok(BenchRequest {
-                        prompt,
-                        prompt_len,
-                        output_len: range(*output_len, &mut rng),
-                    })
+                    let output_len = range(*output_len, &mut rng);
+                    match &prefix {
+                        None => Ok(BenchRequest {
+                            prompt: text,
+                            prompt_len: len,
+                            output_len,
+                        }),
+                        Some(prefix) => joined(tokenizer, prefix, &text, output_len),
+                    }
                 })
                 .collect()
         }
         Dataset::Prefix {
             prefix_len,
+            num_prefixes,
             input_len,
             output_len,
         } => {
             let ids = plain_ids(tokenizer);
-            let (prefix, _) = random_text(tokenizer, &ids, *prefix_len, &mut rng)?;
-            (0..num_prompts)
-                .map(|_| {
+            let prefixes = (0..(*num_prefixes).max(1))
+                .map(|_| Ok(random_text(tokenizer, &ids, *prefix_len, &mut rng)?.0))
+                .collect::<Result<Vec<_>, String>>()?;
+            // Each prefix takes an equal share of the prompts; the order is shuffled.
+            let mut which: Vec<usize> = (0..num_prompts).map(|i| i % prefixes.len()).collect();
+            shuffle(&mut which, &mut rng);
+            which
+                .into_iter()
+                .map(|p| {
                     let (suffix, _) = random_text(tokenizer, &ids, *input_len, &mut rng)?;
-                    let prompt = format!("{prefix}{suffix}");
-                    let prompt_len = tokenizer
-                        .encode(prompt.as_str(), false)
-                        .map_err(|e| e.to_string())?
-                        .len();
-                    Ok(BenchRequest {
-                        prompt,
-                        prompt_len,
-                        output_len: *output_len,
-                    })
+                    joined(tokenizer, &prefixes[p], &suffix, *output_len)
                 })
                 .collect()
         }
         Dataset::ShareGpt { path, output_len } => {
             sharegpt(path, tokenizer, num_prompts, *output_len, &mut rng)
         }
+    }
+}
+
+/// A random prefix of `len` tokens for every prompt to share; none for 0.
+fn shared_prefix(
+    tokenizer: &Tokenizer,
+    ids: &[u32],
+    len: usize,
+    rng: &mut StdRng,
+) -> Result<Option<String>, String> {
+    (len > 0)
+        .then(|| Ok(random_text(tokenizer, ids, len, rng)?.0))
+        .transpose()
+}
+
+/// A prompt made of a prefix and a suffix, with its length as the tokenizer counts the whole.
+/// They are joined as tokens, then decoded: as text, the prefix's last word and the suffix's
+/// first could run together.
+fn joined(
+    tokenizer: &Tokenizer,
+    prefix: &str,
+    suffix: &str,
+    output_len: usize,
+) -> Result<BenchRequest, String> {
+    let encode = |text: &str| {
+        tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())
+    };
+    let mut ids = encode(prefix)?;
+    ids.extend(encode(suffix)?);
+    let prompt = tokenizer.decode(&ids, false).map_err(|e| e.to_string())?;
+    let prompt_len = encode(&prompt)?.len();
+    Ok(BenchRequest {
+        prompt,
+        prompt_len,
+        output_len,
+    })
+}
+
+/// Fisher-Yates, so that the seed decides the order.
+fn shuffle<T>(items: &mut [T], rng: &mut StdRng) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, rng.random_range(0..=i));
     }
 }
 
@@ -173,10 +228,8 @@ fn sharegpt(
             Some((text(turns.first()?)?, text(turns.get(1)?)?))
         })
         .collect();
-    // Shuffle deterministically (Fisher-Yates) so that --seed picks the sample.
-    for i in (1..pairs.len()).rev() {
-        pairs.swap(i, rng.random_range(0..=i));
-    }
+    // --seed picks the sample.
+    shuffle(&mut pairs, rng);
     let mut out = Vec::new();
     for (prompt, reply) in pairs {
         if out.len() == num_prompts {
@@ -204,4 +257,66 @@ fn sharegpt(
         return Err(format!("{}: no usable conversations", path.display()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        candela_models::dummy::synthetic_tokenizer(500).unwrap()
+    }
+
+    /// The first `n` token ids of a prompt.
+    fn head(tokenizer: &Tokenizer, prompt: &str, n: usize) -> Vec<u32> {
+        tokenizer.encode(prompt, false).unwrap().get_ids()[..n].to_vec()
+    }
+
+    #[test]
+    fn random_prompts_can_share_a_prefix() {
+        let t = tokenizer();
+        let dataset = Dataset::Random {
+            prefix_len: 12,
+            input_len: 20,
+            output_len: 7,
+            range_ratio: 0.0,
+        };
+        let requests = build(&dataset, &t, 5, 3).unwrap();
+        assert_eq!(requests.len(), 5);
+        let first = head(&t, &requests[0].prompt, 12);
+        for r in &requests {
+            assert_eq!(r.prompt_len, 32);
+            assert_eq!(t.encode(r.prompt.as_str(), false).unwrap().len(), 32);
+            assert_eq!(r.output_len, 7);
+            assert_eq!(head(&t, &r.prompt, 12), first);
+        }
+        assert_ne!(requests[0].prompt, requests[1].prompt, "suffixes differ");
+    }
+
+    #[test]
+    fn prefix_repetition_shares_each_prefix_out_evenly() {
+        let t = tokenizer();
+        let dataset = Dataset::Prefix {
+            prefix_len: 16,
+            num_prefixes: 3,
+            input_len: 8,
+            output_len: 5,
+        };
+        let requests = build(&dataset, &t, 10, 1).unwrap();
+        let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
+        for r in &requests {
+            assert_eq!(r.prompt_len, 24);
+            assert_eq!(r.output_len, 5);
+            *counts.entry(head(&t, &r.prompt, 16)).or_default() += 1;
+        }
+        let mut shares: Vec<usize> = counts.into_values().collect();
+        shares.sort();
+        assert_eq!(shares, [3, 3, 4]);
+        // The same seed gives the same prompts.
+        let again = build(&dataset, &t, 10, 1).unwrap();
+        assert!(requests
+            .iter()
+            .zip(&again)
+            .all(|(a, b)| a.prompt == b.prompt));
+    }
 }

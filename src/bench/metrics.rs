@@ -17,6 +17,8 @@ pub struct RequestResult {
     pub latency: f64,
     /// When it was sent, in seconds from the start of the run.
     pub start: f64,
+    /// The generated text (saved with `--save-detailed`).
+    pub text: String,
 }
 
 /// Which metrics to report and at which percentiles; goodput SLOs in milliseconds.
@@ -136,6 +138,14 @@ pub fn summarize(results: &[RequestResult], duration: f64, rep: &Reporting) -> M
             );
         }
     }
+    out.insert(
+        "start_times".into(),
+        json!(results.iter().map(|r| r.start).collect::<Vec<_>>()),
+    );
+    out.insert(
+        "generated_texts".into(),
+        json!(results.iter().map(|r| r.text.as_str()).collect::<Vec<_>>()),
+    );
     out.insert(
         "input_lens".into(),
         json!(results.iter().map(|r| r.prompt_len).collect::<Vec<_>>()),

@@ -15,35 +15,90 @@ use rand_distr::{Distribution, Gamma};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-pub use client::Backend;
+pub use client::{Backend, RequestOptions};
 pub use dataset::{BenchRequest, Dataset};
 pub use metrics::{percentile, summarize, Reporting, RequestResult};
 
 use crate::catalog::Catalog;
 
+/// `--backend` values, as `vllm bench serve` names them. All but `openai-chat` send text
+/// completions.
+const BACKENDS: [&str; 6] = [
+    "openai",
+    "openai-chat",
+    "vllm",
+    "sglang",
+    "lmdeploy",
+    "llama.cpp",
+];
+
+/// Keys of the saved JSON that list a value per request; kept only with `--save-detailed`.
+const DETAILED_KEYS: [&str; 7] = [
+    "start_times",
+    "input_lens",
+    "output_lens",
+    "ttfts",
+    "itls",
+    "generated_texts",
+    "errors",
+];
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Server to benchmark (any OpenAI-compatible API: candela, vLLM, llama.cpp's server).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub base_url: String,
+    /// Default: http://HOST:PORT.
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// Server host, when --base-url is not given.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Server port, when --base-url is not given (candela serves on 8080, vLLM on 8000).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Request format, as vLLM names it: `openai-chat` sends chat completions, the others
+    /// (openai, vllm, sglang, lmdeploy, llama.cpp) text completions.
+    #[arg(long, default_value = "openai", value_parser = BACKENDS)]
+    pub backend: String,
+    /// API path. Default: /v1/chat/completions with --backend openai-chat, else /v1/completions.
+    /// A path naming chat completions sends one user message per prompt.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Headers to send with every request, e.g. `--header x-tenant=a x-trace=1`.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub header: Vec<String>,
     /// API key sent as `Authorization: Bearer KEY` (a candela access token, so that the load
     /// counts against that project's rate limits rather than the anonymous ones).
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// API path: /v1/completions (prompt text) or /v1/chat/completions (one user message).
-    #[arg(long, default_value = "/v1/completions")]
-    pub endpoint: String,
     /// Model id to request. Default: the first model the server lists. With --offline: a catalog
     /// id or a path to load in-process.
     #[arg(long)]
     pub model: Option<String>,
-    /// Workload: random (random tokens of the given lengths), sharegpt (--dataset-path), or prefix
-    /// (a shared --prefix-len prefix followed by random suffixes of --random-input-len).
-    #[arg(long, default_value = "random", value_parser = ["random", "sharegpt", "prefix"])]
+    /// The model name to put in requests, where it differs from --model (which then only names
+    /// the catalog model whose tokenizer makes the prompts).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Wait up to this many seconds for the server to answer `GET /v1/models` before starting
+    /// (0: do not wait).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    pub ready_check_timeout_sec: u64,
+    /// Workload: random (random tokens of the given lengths, optionally after a shared
+    /// --random-prefix-len prefix), sharegpt (--dataset-path), prefix (one shared --prefix-len
+    /// prefix followed by random suffixes of --random-input-len), or prefix_repetition (vLLM's:
+    /// several shared prefixes, the --prefix-repetition-* flags).
+    #[arg(long, default_value = "random",
+          value_parser = ["random", "sharegpt", "prefix", "prefix_repetition"])]
     pub dataset_name: String,
     /// ShareGPT-style JSON or JSONL file.
     #[arg(long)]
     pub dataset_path: Option<PathBuf>,
+    /// Input length for any workload (sets --random-input-len and --prefix-repetition-suffix-len).
+    #[arg(long)]
+    pub input_len: Option<usize>,
+    /// Output length for any workload (sets --random-output-len, --sharegpt-output-len and
+    /// --prefix-repetition-output-len).
+    #[arg(long)]
+    pub output_len: Option<usize>,
     #[arg(long, default_value_t = 1024)]
     pub random_input_len: usize,
     #[arg(long, default_value_t = 128)]
@@ -51,9 +106,24 @@ pub struct BenchArgs {
     /// Lengths are drawn uniformly from [len * (1 - r), len * (1 + r)].
     #[arg(long, default_value_t = 0.0)]
     pub random_range_ratio: f64,
+    /// Random tokens that every random prompt starts with (on top of --random-input-len).
+    #[arg(long, default_value_t = 0)]
+    pub random_prefix_len: usize,
     /// Shared prefix length for --dataset-name prefix.
     #[arg(long, default_value_t = 256)]
     pub prefix_len: usize,
+    /// --dataset-name prefix_repetition: tokens of each shared prefix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_prefix_len: usize,
+    /// --dataset-name prefix_repetition: random tokens after the prefix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_suffix_len: usize,
+    /// --dataset-name prefix_repetition: how many different prefixes the prompts share out.
+    #[arg(long, default_value_t = 10)]
+    pub prefix_repetition_num_prefixes: usize,
+    /// --dataset-name prefix_repetition: tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub prefix_repetition_output_len: usize,
     /// Output length for ShareGPT prompts (default: the length of the recorded reply).
     #[arg(long)]
     pub sharegpt_output_len: Option<usize>,
@@ -71,6 +141,27 @@ pub struct BenchArgs {
     /// Generate exactly the requested output length (ignore end-of-sequence).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Sampling temperature (default 0: greedy, as vLLM's benchmark sends).
+    #[arg(long, help_heading = "Sampling")]
+    pub temperature: Option<f64>,
+    #[arg(long, help_heading = "Sampling")]
+    pub top_p: Option<f64>,
+    #[arg(long, help_heading = "Sampling")]
+    pub top_k: Option<i64>,
+    #[arg(long, help_heading = "Sampling")]
+    pub min_p: Option<f64>,
+    #[arg(long, help_heading = "Sampling")]
+    pub frequency_penalty: Option<f64>,
+    #[arg(long, help_heading = "Sampling")]
+    pub presence_penalty: Option<f64>,
+    #[arg(long, help_heading = "Sampling")]
+    pub repetition_penalty: Option<f64>,
+    /// A JSON object merged into every request's body, e.g. `--extra-body '{"top_k": 20}'`.
+    #[arg(long, value_name = "JSON", help_heading = "Sampling")]
+    pub extra_body: Option<String>,
+    /// Send each request with `x-request-id: PREFIX<index>`.
+    #[arg(long)]
+    pub request_id_prefix: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// tokenizer.json, a GGUF file, or a model config.json served with `--load-format dummy`
@@ -78,9 +169,15 @@ pub struct BenchArgs {
     /// catalog model's tokenizer when --model is a catalog id.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Accepted for vLLM's command lines; candela runs no model code, so it changes nothing.
+    #[arg(long, hide = true)]
+    pub trust_remote_code: bool,
     /// Requests sent (one at a time) before measuring.
     #[arg(long, default_value_t = 1)]
     pub num_warmups: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub disable_tqdm: bool,
     /// Comma-separated metrics to report: ttft, tpot, itl, e2el.
     #[arg(long, default_value = "ttft,tpot,itl")]
     pub percentile_metrics: String,
@@ -90,9 +187,23 @@ pub struct BenchArgs {
     /// Service-level objectives for goodput, e.g. `--goodput ttft:500 tpot:50` (milliseconds).
     #[arg(long, num_args = 1..)]
     pub goodput: Vec<String>,
-    /// Write the results as JSON (vLLM's keys).
+    /// Write the results as JSON (vLLM's keys), to --result-dir/--result-filename or to
+    /// LABEL-RATEqps[-concurrencyN]-MODEL-DATE.json.
     #[arg(long)]
     pub save_result: bool,
+    /// Also save the per-request lists (start_times, input_lens, output_lens, ttfts, itls,
+    /// generated_texts, errors).
+    #[arg(long)]
+    pub save_detailed: bool,
+    /// Append the result to the file as one JSON line, rather than replace it.
+    #[arg(long)]
+    pub append_result: bool,
+    /// Extra `KEY=VALUE` pairs to record in the saved JSON, e.g. `--metadata gpu=h100 tp=1`.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+    /// The result file's name prefix (default: the backend).
+    #[arg(long)]
+    pub label: Option<String>,
     #[arg(long)]
     pub result_dir: Option<PathBuf>,
     #[arg(long)]
@@ -109,6 +220,149 @@ pub struct BenchArgs {
     /// For --offline: `dummy` loads --model (a config.json) with random weights.
     #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
     pub load_format: String,
+}
+
+impl BenchArgs {
+    /// The server's root URL.
+    fn base(&self) -> String {
+        let url = match &self.base_url {
+            Some(u) => u.clone(),
+            None => format!("http://{}:{}", self.host, self.port),
+        };
+        url.trim_end_matches('/')
+            .trim_end_matches("/v1")
+            .to_string()
+    }
+
+    fn endpoint(&self) -> Result<String, BenchError> {
+        let chat_backend = self.backend == "openai-chat";
+        match &self.endpoint {
+            None if chat_backend => Ok("/v1/chat/completions".into()),
+            None => Ok("/v1/completions".into()),
+            Some(e) if chat_backend && !e.trim_end_matches('/').ends_with("chat/completions") => {
+                Err(err(format!(
+                    "--backend openai-chat sends chat completions, but --endpoint {e} does not \
+                     end with chat/completions"
+                )))
+            }
+            Some(e) => Ok(e.clone()),
+        }
+    }
+
+    /// The request body fields the sampling flags and --extra-body set.
+    fn request_body(&self) -> Result<serde_json::Map<String, Value>, BenchError> {
+        let mut body = serde_json::Map::new();
+        for (k, v) in [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+            ("repetition_penalty", self.repetition_penalty),
+        ] {
+            if let Some(v) = v {
+                body.insert(k.into(), json!(v));
+            }
+        }
+        if let Some(k) = self.top_k {
+            body.insert("top_k".into(), json!(k));
+        }
+        if let Some(extra) = &self.extra_body {
+            match serde_json::from_str::<Value>(extra) {
+                Ok(Value::Object(m)) => body.extend(m),
+                _ => return Err(err("--extra-body: expected a JSON object")),
+            }
+        }
+        Ok(body)
+    }
+
+    fn headers(&self) -> Result<reqwest::header::HeaderMap, BenchError> {
+        use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+        let mut headers = HeaderMap::new();
+        if let Some(key) = self.api_key.as_deref().filter(|k| !k.is_empty()) {
+            let value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| err("--api-key: not a valid header value"))?;
+            headers.insert(AUTHORIZATION, value);
+        }
+        for (k, v) in key_values("--header", &self.header)? {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| err(format!("--header {k}={v}: not a valid header name")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| err(format!("--header {k}={v}: not a valid header value")))?;
+            headers.insert(name, value);
+        }
+        Ok(headers)
+    }
+
+    fn dataset(&self) -> Result<Dataset, BenchError> {
+        let random_input = self.input_len.unwrap_or(self.random_input_len);
+        let random_output = self.output_len.unwrap_or(self.random_output_len);
+        Ok(match self.dataset_name.as_str() {
+            "sharegpt" => Dataset::ShareGpt {
+                path: self
+                    .dataset_path
+                    .clone()
+                    .ok_or_else(|| err("--dataset-name sharegpt needs --dataset-path"))?,
+                output_len: self.output_len.or(self.sharegpt_output_len),
+            },
+            "prefix" => Dataset::Prefix {
+                prefix_len: self.prefix_len,
+                num_prefixes: 1,
+                input_len: random_input,
+                output_len: random_output,
+            },
+            "prefix_repetition" => Dataset::Prefix {
+                prefix_len: self.prefix_repetition_prefix_len,
+                num_prefixes: self.prefix_repetition_num_prefixes,
+                input_len: self.input_len.unwrap_or(self.prefix_repetition_suffix_len),
+                output_len: self.output_len.unwrap_or(self.prefix_repetition_output_len),
+            },
+            _ => Dataset::Random {
+                prefix_len: self.random_prefix_len,
+                input_len: random_input,
+                output_len: random_output,
+                range_ratio: self.random_range_ratio,
+            },
+        })
+    }
+}
+
+/// `KEY=VALUE` items of a flag, split.
+fn key_values<'a>(flag: &str, items: &'a [String]) -> Result<Vec<(&'a str, &'a str)>, BenchError> {
+    items
+        .iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| err(format!("{flag} `{item}`: expected KEY=VALUE")))
+        })
+        .collect()
+}
+
+/// Polls `GET {base}/v1/models` until the server answers (any status but 502-504, which a proxy
+/// or a server still loading gives), for at most `timeout`.
+async fn wait_until_ready(
+    client: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = client.get(format!("{base}/v1/models")).send().await;
+        let last = match answer {
+            Ok(r) if !matches!(r.status().as_u16(), 502..=504) => return Ok(()),
+            Ok(r) => format!("HTTP {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(err(format!(
+                "{base} was not ready within {} s ({last})",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,23 +487,21 @@ pub async fn run_until(
     if !positive(args.request_rate) || !positive(args.burstiness) {
         return Err(err("--request-rate and --burstiness must be positive"));
     }
-    let base = args
-        .base_url
-        .trim_end_matches('/')
-        .trim_end_matches("/v1")
-        .to_string();
+    let base = args.base();
+    let endpoint = args.endpoint()?;
+    let dataset = args.dataset()?;
+    let metadata = key_values("--metadata", &args.metadata)?;
+    let opts = RequestOptions {
+        ignore_eos: args.ignore_eos,
+        body: args.request_body()?,
+        request_id_prefix: args.request_id_prefix.clone(),
+    };
     // A fresh connection per request: servers that drop idle keep-alive connections (llama.cpp's does)
     // would otherwise fail requests sent on a stale one.
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(key) = args.api_key.as_deref().filter(|k| !k.is_empty()) {
-        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
-            .map_err(|_| err("--api-key: not a valid header value"))?;
-        headers.insert(reqwest::header::AUTHORIZATION, value);
-    }
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
-        .default_headers(headers)
+        .default_headers(args.headers()?)
         .build()
         .map_err(err)?;
     let (backend, model_id) = if args.offline {
@@ -290,7 +542,11 @@ pub async fn run_until(
         let id = chat.info.id.clone();
         (Backend::InProcess(chat), id)
     } else {
-        let model = match &args.model {
+        if args.ready_check_timeout_sec > 0 {
+            let timeout = Duration::from_secs(args.ready_check_timeout_sec);
+            wait_until_ready(&client, &base, timeout).await?;
+        }
+        let model = match args.served_model_name.as_ref().or(args.model.as_ref()) {
             Some(m) => m.clone(),
             None => {
                 let list: Value = client
@@ -307,8 +563,8 @@ pub async fn run_until(
                     .to_string()
             }
         };
-        let chat = args.endpoint.contains("chat");
-        let url = format!("{base}{}", args.endpoint);
+        let chat = endpoint.contains("chat");
+        let url = format!("{base}{endpoint}");
         (
             Backend::Http {
                 client,
@@ -322,26 +578,7 @@ pub async fn run_until(
     };
     let tokenizer = match &args.tokenizer {
         Some(path) => load_tokenizer(path)?,
-        None => catalog_tokenizer(&model_id, &home)?,
-    };
-    let dataset = match args.dataset_name.as_str() {
-        "sharegpt" => Dataset::ShareGpt {
-            path: args
-                .dataset_path
-                .clone()
-                .ok_or_else(|| err("--dataset-name sharegpt needs --dataset-path"))?,
-            output_len: args.sharegpt_output_len,
-        },
-        "prefix" => Dataset::Prefix {
-            prefix_len: args.prefix_len,
-            input_len: args.random_input_len,
-            output_len: args.random_output_len,
-        },
-        _ => Dataset::Random {
-            input_len: args.random_input_len,
-            output_len: args.random_output_len,
-            range_ratio: args.random_range_ratio,
-        },
+        None => catalog_tokenizer(args.model.as_deref().unwrap_or(&model_id), &home)?,
     };
     let requests =
         dataset::build(&dataset, &tokenizer, args.num_prompts, args.seed).map_err(err)?;
@@ -352,7 +589,7 @@ pub async fn run_until(
             output_len: requests[i % requests.len()].output_len.min(16),
             ..requests[i % requests.len()].clone()
         };
-        let r = backend.send(&warm, args.ignore_eos).await;
+        let r = backend.send(&warm, &opts, None).await;
         if !r.success {
             return Err(err(format!("warm-up request failed: {}", r.error)));
         }
@@ -366,7 +603,11 @@ pub async fn run_until(
         args.max_concurrency
             .map_or("unlimited".to_string(), |c| c.to_string())
     );
-    let bar = ProgressBar::new(requests.len() as u64);
+    let bar = if args.disable_tqdm {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(requests.len() as u64)
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed}<{eta}]")
             .map_err(err)?,
@@ -384,13 +625,17 @@ pub async fn run_until(
     let started = Instant::now();
     // Results land here as requests finish, so that an interrupted run still reports on those.
     let finished = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
+    let opts = Arc::new(opts);
     let all = async {
         // Dropping the set (an interrupt) aborts the requests still in flight.
         let mut tasks = tokio::task::JoinSet::new();
-        for req in requests {
+        for (index, req) in requests.into_iter().enumerate() {
             let (backend, limit, bar) = (backend.clone(), limit.clone(), bar.clone());
-            let finished = finished.clone();
-            let ignore_eos = args.ignore_eos;
+            let (finished, opts) = (finished.clone(), opts.clone());
+            let id = opts
+                .request_id_prefix
+                .as_ref()
+                .map(|prefix| format!("{prefix}{index}"));
             tasks.spawn(async move {
                 let _permit = match &limit {
                     Some(l) => Some(l.clone().acquire_owned().await),
@@ -399,7 +644,7 @@ pub async fn run_until(
                 let start = started.elapsed().as_secs_f64();
                 let r = RequestResult {
                     start,
-                    ..backend.send(&req, ignore_eos).await
+                    ..backend.send(&req, &opts, id).await
                 };
                 bar.inc(1);
                 lock(&finished).push(r);
@@ -452,53 +697,233 @@ pub async fn run_until(
             );
         }
     }
-    if args.save_result || args.result_filename.is_some() {
+    if !args.save_detailed {
+        for key in DETAILED_KEYS {
+            summary.remove(key);
+        }
+    }
+    if args.save_result || args.append_result || args.result_filename.is_some() {
         let date = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+        let backend = if args.offline {
+            "candela-offline"
+        } else {
+            args.backend.as_str()
+        };
+        let label = args.label.as_deref().unwrap_or(backend);
+        let rate = if args.request_rate.is_finite() {
+            json!(args.request_rate)
+        } else {
+            json!("inf")
+        };
         for (k, v) in [
             ("date", json!(date)),
-            (
-                "backend",
-                json!(if args.offline {
-                    "candela-offline"
-                } else {
-                    "openai"
-                }),
-            ),
+            ("backend", json!(backend)),
+            ("endpoint_type", json!(backend)),
+            ("label", json!(label)),
             ("model_id", json!(model_id)),
             ("num_prompts", json!(args.num_prompts)),
-            (
-                "request_rate",
-                if args.request_rate.is_finite() {
-                    json!(args.request_rate)
-                } else {
-                    json!("inf")
-                },
-            ),
+            ("request_rate", rate.clone()),
             ("burstiness", json!(args.burstiness)),
         ] {
             summary.insert(k.into(), v);
         }
+        for (k, v) in metadata {
+            summary.insert(k.into(), json!(v));
+        }
         let name = args.result_filename.clone().unwrap_or_else(|| {
-            let rate = if args.request_rate.is_finite() {
-                args.request_rate.to_string()
-            } else {
-                "inf".into()
-            };
+            let rate = rate.as_str().map_or(rate.to_string(), str::to_string);
             let conc = args
                 .max_concurrency
                 .map_or(String::new(), |c| format!("-concurrency{c}"));
-            format!(
-                "candela-{rate}qps{conc}-{}-{date}.json",
-                model_id.replace('/', "_")
-            )
+            let model = model_id.rsplit('/').next().unwrap_or(&model_id);
+            format!("{label}-{rate}qps{conc}-{model}-{date}.json")
         });
-        let path = args.result_dir.clone().unwrap_or_default().join(name);
-        std::fs::write(
-            &path,
-            serde_json::to_vec_pretty(&Value::Object(summary)).map_err(err)?,
-        )
-        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let dir = args.result_dir.clone().unwrap_or_default();
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(&dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+        }
+        let path = dir.join(name);
+        save(&path, &Value::Object(summary), args.append_result)
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
         eprintln!("results written to {}", path.display());
     }
     Ok(())
+}
+
+/// Writes the result as pretty JSON, or appends it to `path` as one JSON line (as vLLM's
+/// `--append-result` does).
+fn save(path: &std::path::Path, result: &Value, append: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    if !append {
+        let text = serde_json::to_vec_pretty(result).map_err(std::io::Error::other)?;
+        return std::fs::write(path, text);
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let mut line = if file.metadata()?.len() > 0 {
+        b"\n".to_vec()
+    } else {
+        Vec::new()
+    };
+    serde_json::to_writer(&mut line, result).map_err(std::io::Error::other)?;
+    file.write_all(&line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(flags: &[&str]) -> BenchArgs {
+        Cli::try_parse_from(std::iter::once("bench").chain(flags.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    /// A command line written for `vllm bench serve` means the same here.
+    #[test]
+    fn vllm_command_lines_carry_over() {
+        let a = parse(&[
+            "--backend",
+            "vllm",
+            "--host",
+            "10.0.0.5",
+            "--port",
+            "8000",
+            "--model",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "--dataset-name",
+            "random",
+            "--input-len",
+            "512",
+            "--random-output-len",
+            "64",
+            "--random-prefix-len",
+            "100",
+            "--num-prompts",
+            "200",
+            "--temperature",
+            "0.6",
+            "--top-k",
+            "20",
+            "--extra-body",
+            r#"{"min_p": 0.05, "top_k": 40}"#,
+            "--header",
+            "x-tenant=a",
+            "x-trace = 1",
+            "--metadata",
+            "gpu=h100",
+            "--save-result",
+            "--save-detailed",
+            "--trust-remote-code",
+            "--disable-tqdm",
+        ]);
+        assert_eq!(a.base(), "http://10.0.0.5:8000");
+        assert_eq!(a.endpoint().unwrap(), "/v1/completions");
+        let body = a.request_body().unwrap();
+        assert_eq!(body["temperature"], 0.6);
+        assert_eq!(body["top_k"], 40, "--extra-body has the last word");
+        assert_eq!(body["min_p"], 0.05);
+        assert!(!body.contains_key("top_p"));
+        let headers = a.headers().unwrap();
+        assert_eq!(headers["x-tenant"], "a");
+        assert_eq!(headers["x-trace"], "1");
+        match a.dataset().unwrap() {
+            Dataset::Random {
+                prefix_len,
+                input_len,
+                output_len,
+                ..
+            } => assert_eq!((prefix_len, input_len, output_len), (100, 512, 64)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_backend_picks_the_endpoint() {
+        let chat = parse(&["--backend", "openai-chat"]);
+        assert_eq!(chat.endpoint().unwrap(), "/v1/chat/completions");
+        assert_eq!(chat.base(), "http://127.0.0.1:8080", "candela's own port");
+        let wrong = parse(&["--backend", "openai-chat", "--endpoint", "/v1/completions"]);
+        assert!(wrong
+            .endpoint()
+            .unwrap_err()
+            .to_string()
+            .contains("--endpoint"));
+        let url = parse(&["--base-url", "http://h:1/v1/", "--host", "ignored"]);
+        assert_eq!(url.base(), "http://h:1");
+        assert!(Cli::try_parse_from(["bench", "--backend", "tgi"]).is_err());
+    }
+
+    #[test]
+    fn general_lengths_set_each_workloads_own() {
+        let a = parse(&[
+            "--dataset-name",
+            "prefix_repetition",
+            "--prefix-repetition-num-prefixes",
+            "4",
+            "--input-len",
+            "30",
+            "--output-len",
+            "9",
+        ]);
+        match a.dataset().unwrap() {
+            Dataset::Prefix {
+                prefix_len,
+                num_prefixes,
+                input_len,
+                output_len,
+            } => assert_eq!(
+                (prefix_len, num_prefixes, input_len, output_len),
+                (256, 4, 30, 9)
+            ),
+            other => panic!("{other:?}"),
+        }
+        let sharegpt = parse(&["--dataset-name", "sharegpt", "--dataset-path", "x.json"]);
+        assert!(matches!(
+            sharegpt.dataset().unwrap(),
+            Dataset::ShareGpt {
+                output_len: None,
+                ..
+            }
+        ));
+        assert!(parse(&["--dataset-name", "sharegpt"]).dataset().is_err());
+    }
+
+    #[test]
+    fn bad_key_values_and_bodies_are_named() {
+        let e = parse(&["--header", "novalue"]).headers().unwrap_err();
+        assert!(e.to_string().contains("--header `novalue`"), "{e}");
+        let e = parse(&["--header", "bad name=1"]).headers().unwrap_err();
+        assert!(e.to_string().contains("header name"), "{e}");
+        let e = parse(&["--extra-body", "[1]"]).request_body().unwrap_err();
+        assert!(e.to_string().contains("--extra-body"), "{e}");
+        assert!(key_values("--metadata", &["=x".into()]).is_err());
+    }
+
+    #[test]
+    fn appended_results_are_json_lines() {
+        let path = std::env::temp_dir().join(format!("candela-append-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        save(&path, &json!({"run": 1}), true).unwrap();
+        save(&path, &json!({"run": 2}), true).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let runs: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(runs, [json!({"run": 1}), json!({"run": 2})]);
+        save(&path, &json!({"run": 3}), false).unwrap();
+        let one: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(one, json!({"run": 3}));
+        std::fs::remove_file(&path).unwrap();
+    }
 }

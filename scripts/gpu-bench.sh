@@ -22,6 +22,9 @@
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
 #   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
 #                (CANDELA_SKINNY_GEMM=0): the A/B of the few-row matmul kernel
+#   pool-off     long-prompt at concurrency 32 and long-output at 128 with the device memory
+#                pool handing freed memory back at every step, CUDA's default
+#                (CANDELA_KEEP_FREED_MEMORY=0)
 # Default PHASES: all of them. The A/B phases get only the time the others leave. The script stops
 # starting work when less than a run's share of BUDGET_S (default 540 s) is left, and says what it
 # skipped; a run that outlasts its share is stopped and reports the requests that finished (with
@@ -45,7 +48,7 @@ deadline=$((started + ${BUDGET_S:-540}))
 out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
-phases=" ${PHASES:-tests torch long-prompt long-output mma-off skinny-off} "
+phases=" ${PHASES:-tests torch long-prompt long-output mma-off skinny-off pool-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
 concurrency="${CONCURRENCY:-1 256 128 32 8}"
 per="${PROMPTS_PER_CONCURRENCY:-1}"
@@ -184,4 +187,6 @@ has mma-off && runs_with_server mma-off "mma-off:$in_len:$out_len:1 mma-off:$in_
     CANDELA_ATTENTION_MMA=0
 has skinny-off && runs_with_server skinny-off \
     "skinny-off:$out_len:$in_len:1 skinny-off:$out_len:$in_len:8" CANDELA_SKINNY_GEMM=0
+has pool-off && runs_with_server pool-off \
+    "pool-off:$in_len:$out_len:32 pool-off:$out_len:$in_len:128" CANDELA_KEEP_FREED_MEMORY=0
 say "done"

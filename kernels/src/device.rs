@@ -23,6 +23,44 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// Lets `device`'s memory pool keep the memory the engine frees, rather than hand it back to the
+/// driver: call once every KV cache is allocated (they are sized from the free memory).
+///
+/// cudarc allocates from the device's default pool (`cuMemAllocAsync`), whose release threshold
+/// is 0: at every synchronization (one per step, when the sampled ids come back) the pool returns
+/// all the memory it holds free, so the next step maps its activations afresh. With no threshold
+/// the pool keeps what the busiest step needed. `CANDELA_KEEP_FREED_MEMORY=0` leaves the default,
+/// for an A/B. Nothing to do on the CPU.
+pub fn keep_freed_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda::cudarc::driver::{result, sys};
+        if std::env::var("CANDELA_KEEP_FREED_MEMORY").is_ok_and(|v| v == "0") {
+            return Ok(());
+        }
+        let ctx = cuda.cuda_stream().context().clone();
+        if !ctx.has_async_alloc() {
+            return Ok(());
+        }
+        ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let mut threshold = u64::MAX;
+        // SAFETY: the device comes from a live context; the attribute takes a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())
+                .map_err(candle_core::Error::wrap)?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .map_err(candle_core::Error::wrap)?;
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(())
+}
+
 /// GPU 0 (see [`cuda_device`]) when this build and machine have one, else the CPU.
 pub fn cuda_if_available() -> Device {
     if candle_core::utils::cuda_is_available() {

@@ -81,12 +81,14 @@ def main(dirs):
         if g.get("output_tok_s") and r.get("output_throughput"):
             ratios[f"batch_{g['batch']}"] = r["output_throughput"] / g["output_tok_s"]
     summary["output_throughput_vs_transformers"] = ratios
-    for label, base, key in (("mma-off", "long-prompt", "mma_off_vs_on"),
-                             ("skinny-off", "long-output", "skinny_off_vs_on")):
+    # Each A/B run against the main run of the same lengths and concurrency.
+    for label, key in (("mma-off", "mma_off_vs_on"), ("skinny-off", "skinny_off_vs_on"),
+                       ("pool-off", "pool_off_vs_on")):
         ab = {}
         for r in runs.values():
             if r["label"] != label:
                 continue
+            base = "long-prompt" if (r["input"], r["output"]) == (in_len, out_len) else "long-output"
             on = run(base, r["input"], r["output"], r["conc"])
             if not on.get("output_throughput") or not r.get("output_throughput"):
                 continue

@@ -242,6 +242,9 @@ pub fn load_registry(opts: &ServeOptions) -> Result<Registry, LoadError> {
             "no model could be loaded; see the errors above".into(),
         ));
     }
+    // Every KV cache is sized and allocated: from now on the pool may keep what steps free.
+    candela_kernels::keep_freed_memory(&opts.device)
+        .map_err(|e| LoadError(format!("device memory pool: {e}")))?;
     Ok(Registry { models })
 }
 

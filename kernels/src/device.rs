@@ -69,3 +69,22 @@ pub fn cuda_if_available() -> Device {
         Device::Cpu
     }
 }
+
+/// Memory free for new allocations on `device`, in bytes: the kernel's `MemAvailable` on the CPU,
+/// the driver's free device memory on a GPU. None where it cannot be read.
+pub fn free_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        _ => None,
+    }
+}

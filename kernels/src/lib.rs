@@ -25,7 +25,7 @@ mod test_util;
 
 pub use activation::{silu_and_mul, silu_mul};
 pub use cache::reshape_and_cache;
-pub use device::{cuda_device, cuda_if_available, keep_freed_memory};
+pub use device::{cuda_device, cuda_if_available, free_memory, keep_freed_memory};
 pub use math::exp_nonpositive;
 pub use matmul::{linear, SKINNY_MAX_ROWS};
 pub use norm::{add_rms_norm, rms_norm};

@@ -98,6 +98,7 @@ pub fn load_dummy(path: &Path, device: &Device, dtype: DType) -> Result<TextMode
             config_path.display()
         )));
     }
+    check_fits(&config_path, &config, device, dtype)?;
     let model = Llama::dummy(&config_path, &config, device, dtype)?;
     let vocab_size = config_vocab_size(&config_path)?;
     Ok(TextModel {
@@ -108,6 +109,73 @@ pub fn load_dummy(path: &Path, device: &Device, dtype: DType) -> Result<TextMode
         eos_token_ids: Vec::new(),
         bos_token: None,
         eos_token: None,
+    })
+}
+
+/// The weights a Llama `config.json` declares.
+fn parameter_count(config: &serde_json::Value) -> Option<u64> {
+    let get = |k: &str| config.get(k).and_then(|v| v.as_u64());
+    let hidden = get("hidden_size")?;
+    let heads = get("num_attention_heads")?;
+    let kv_heads = get("num_key_value_heads").unwrap_or(heads);
+    let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
+    let vocab = get("vocab_size")?;
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let attention = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden;
+    let mlp = 3 * hidden * get("intermediate_size")?;
+    let layer = attention + mlp + 2 * hidden;
+    let embeddings = vocab * hidden * if tied { 1 } else { 2 };
+    Some(get("num_hidden_layers")? * layer + embeddings + hidden)
+}
+
+/// Refuses, before allocating anything, random weights that the device's free memory cannot hold
+/// (an 8B config in f32 on a CPU would otherwise be killed for memory minutes into loading).
+fn check_fits(
+    config_path: &Path,
+    config: &serde_json::Value,
+    device: &Device,
+    dtype: DType,
+) -> Result<()> {
+    let (Some(params), Some(free)) = (
+        parameter_count(config),
+        candela_kernels::free_memory(device),
+    ) else {
+        return Ok(());
+    };
+    // Each matrix is drawn in f32 before it is converted: the largest (the embeddings) twice.
+    let largest = config
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+        * config
+            .get("hidden_size")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+    let need = params * dtype.size_in_bytes() as u64 + largest * 4;
+    if need <= free {
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    let hint = match (dtype.size_in_bytes() > 2, device.is_cpu()) {
+        (true, true) => {
+            " (--dtype bfloat16 halves the weights, but a CPU computes in it slowly; \
+             models/configs/llama-3.2-1b.json is a smaller shape)"
+        }
+        (true, false) => " (--dtype bfloat16 halves the weights)",
+        _ => "",
+    };
+    Err(ModelError::Format {
+        path: config_path.into(),
+        message: format!(
+            "random weights of {:.2}B parameters in {dtype:?} need about {:.1} GB, more than the \
+             {:.1} GB free on this device{hint}",
+            params as f64 / 1e9,
+            gb(need),
+            gb(free)
+        ),
     })
 }
 
@@ -141,6 +209,43 @@ mod tests {
         // embed + 2 layers of (q, k, v, o, gate, up, down) + lm_head
         let per_layer = 64 * 64 * 2 + 2 * (32 * 64) + 3 * (128 * 64);
         assert_eq!(cfg.params, (300 * 64 * 2 + 2 * per_layer) as u64);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_configs_count_their_parameters() {
+        let count = |name: &str| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("configs")
+                .join(name);
+            parameter_count(&crate::load::read_json(&path).unwrap()).unwrap() as f64 / 1e9
+        };
+        assert!((count("llama-3.1-8b.json") - 8.03).abs() < 0.01);
+        assert!((count("llama-3.2-1b.json") - 1.24).abs() < 0.01);
+    }
+
+    #[test]
+    fn weights_beyond_free_memory_are_refused_before_loading() {
+        let dir = std::env::temp_dir().join(format!("candela-dummy-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"model_type": "llama", "hidden_size": 65536, "intermediate_size": 262144,
+                "num_hidden_layers": 400, "num_attention_heads": 512,
+                "vocab_size": 1000000, "max_position_embeddings": 256}"#,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let e = load_dummy(&path, &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("GB free") && e.contains("--dtype bfloat16"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

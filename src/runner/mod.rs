@@ -1,6 +1,7 @@
 //! The model runner: owns the model and the KV-cache tensors, turns a scheduled step into a
 //! ragged batch (token ids, positions, slot mapping, block tables) and runs it.
 
+use candela_kernels::free_memory;
 use candela_models::{Batch, CausalLm, KvCache, LmConfig, SeqAttention};
 use candle_core::{DType, Device, Tensor};
 
@@ -18,8 +19,8 @@ pub fn default_kv_budget(device: &Device) -> u64 {
     const GIB: u64 = 1 << 30;
     match device {
         // Pages are touched only as blocks fill, so a generous budget costs little until used.
-        Device::Cpu => (available_memory().unwrap_or(4 * GIB) / 4).min(4 * GIB),
-        _ => device_free_memory(device)
+        Device::Cpu => (free_memory(device).unwrap_or(4 * GIB) / 4).min(4 * GIB),
+        _ => free_memory(device)
             .map(|free| free * 8 / 10)
             .unwrap_or(8 * GIB),
     }
@@ -42,25 +43,6 @@ pub fn default_kv_dtype(device: &Device, model_dtype: DType) -> DType {
 /// twice the prompt time, and prompts go in one term, as llama.cpp computes them.
 pub fn default_precise_prompts() -> bool {
     candela_kernels::quant_has_vnni()
-}
-
-fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-#[cfg(feature = "cuda")]
-fn device_free_memory(device: &Device) -> Option<u64> {
-    let cuda = device.as_cuda_device().ok()?;
-    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
-    Some(free as u64)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_free_memory(_device: &Device) -> Option<u64> {
-    None
 }
 
 impl ModelRunner {

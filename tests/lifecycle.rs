@@ -214,3 +214,40 @@ async fn offline_bench_drives_the_engine_in_process() {
     assert_eq!(s["total_output_tokens"], 24);
     assert_eq!(s["total_input_tokens"], 4 * 24);
 }
+
+/// Offline, prompts are made with the loaded model's own tokenizer: a dummy config needs no
+/// --tokenizer.
+#[tokio::test]
+async fn offline_bench_uses_the_models_own_tokenizer() {
+    let dir = common::temp_dir("offline-dummy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 500, "max_position_embeddings": 512, "rms_norm_eps": 1e-5}"#,
+    )
+    .unwrap();
+    let s = common::run_bench(&[
+        "--offline",
+        "--load-format",
+        "dummy",
+        "--model",
+        config.to_str().unwrap(),
+        "--kv-cache-memory",
+        "0.05",
+        "--input-len",
+        "40",
+        "--output-len",
+        "5",
+        "--num-prompts",
+        "3",
+        "--ignore-eos",
+    ])
+    .await;
+    assert_eq!(s["completed"], 3);
+    assert_eq!(s["total_input_tokens"], 3 * 40);
+    assert_eq!(s["total_output_tokens"], 3 * 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -70,8 +70,10 @@ pub struct BenchArgs {
     /// counts against that project's rate limits rather than the anonymous ones).
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Model id to request. Default: the first model the server lists. With --offline: a catalog
-    /// id or a path to load in-process.
+    /// Model id to request. Default: the first model the server lists. A path (a GGUF file, a
+    /// model directory or a config.json, as `candela serve --model` takes) names the tokenizer
+    /// instead, and the first model the server lists is requested. With --offline: a catalog id or
+    /// a path to load in-process.
     #[arg(long)]
     pub model: Option<String>,
     /// The model name to put in requests, where it differs from --model (which then only names
@@ -166,7 +168,7 @@ pub struct BenchArgs {
     pub seed: u64,
     /// tokenizer.json, a GGUF file, or a model config.json served with `--load-format dummy`
     /// (its synthetic tokenizer), used to make prompts of exact token lengths. Default: the
-    /// catalog model's tokenizer when --model is a catalog id.
+    /// in-process model's own with --offline, else that of --model (a path, or a catalog id).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Accepted for vLLM's command lines; candela runs no model code, so it changes nothing.
@@ -413,6 +415,20 @@ fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer, BenchError> {
     Tokenizer::from_file(path).map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
+/// The tokenizer of a model given as a path, as `candela serve --model` takes one: a directory
+/// with a tokenizer.json (or, served with `--load-format dummy`, only a config.json), a GGUF
+/// file, or a config.json.
+fn path_tokenizer(path: &std::path::Path) -> Result<Tokenizer, BenchError> {
+    if !path.is_dir() {
+        return load_tokenizer(path);
+    }
+    let file = path.join("tokenizer.json");
+    if file.exists() {
+        return load_tokenizer(&file);
+    }
+    load_tokenizer(&path.join("config.json"))
+}
+
 /// The tokenizer of a catalog model (fetched if needed).
 fn catalog_tokenizer(model: &str, home: &std::path::Path) -> Result<Tokenizer, BenchError> {
     let catalog = Catalog::builtin();
@@ -546,7 +562,13 @@ pub async fn run_until(
             let timeout = Duration::from_secs(args.ready_check_timeout_sec);
             wait_until_ready(&client, &base, timeout).await?;
         }
-        let model = match args.served_model_name.as_ref().or(args.model.as_ref()) {
+        // A path (as `candela serve --model` takes one) names the tokenizer, not the model: the
+        // server calls that model by an id of its own.
+        let named = args
+            .model
+            .as_ref()
+            .filter(|m| !std::path::Path::new(m).exists());
+        let model = match args.served_model_name.as_ref().or(named) {
             Some(m) => m.clone(),
             None => {
                 let list: Value = client
@@ -576,9 +598,13 @@ pub async fn run_until(
             model,
         )
     };
-    let tokenizer = match &args.tokenizer {
-        Some(path) => load_tokenizer(path)?,
-        None => catalog_tokenizer(args.model.as_deref().unwrap_or(&model_id), &home)?,
+    let tokenizer = match (&args.tokenizer, &backend, &args.model) {
+        (Some(path), _, _) => load_tokenizer(path)?,
+        (None, Backend::InProcess(chat), _) => chat.tokenizer().clone(),
+        (None, _, Some(m)) if std::path::Path::new(m).exists() => {
+            path_tokenizer(std::path::Path::new(m))?
+        }
+        (None, _, m) => catalog_tokenizer(m.as_deref().unwrap_or(&model_id), &home)?,
     };
     let requests =
         dataset::build(&dataset, &tokenizer, args.num_prompts, args.seed).map_err(err)?;

@@ -189,10 +189,10 @@ pub struct BenchArgs {
     /// Service-level objectives for goodput, e.g. `--goodput ttft:500 tpot:50` (milliseconds).
     #[arg(long, num_args = 1..)]
     pub goodput: Vec<String>,
-    /// Write the results as JSON (vLLM's keys), to --result-dir/--result-filename or to
-    /// LABEL-RATEqps[-concurrencyN]-MODEL-DATE.json.
-    #[arg(long)]
-    pub save_result: bool,
+    /// Write the results as JSON (vLLM's keys): to FILE when given (as --result-filename),
+    /// else to --result-dir/--result-filename or LABEL-RATEqps[-concurrencyN]-MODEL-DATE.json.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
+    pub save_result: Option<String>,
     /// Also save the per-request lists (start_times, input_lens, output_lens, ttfts, itls,
     /// generated_texts, errors).
     #[arg(long)]
@@ -728,7 +728,12 @@ pub async fn run_until(
             summary.remove(key);
         }
     }
-    if args.save_result || args.append_result || args.result_filename.is_some() {
+    let file = args
+        .save_result
+        .clone()
+        .filter(|f| !f.is_empty())
+        .or_else(|| args.result_filename.clone());
+    if args.save_result.is_some() || args.append_result || file.is_some() {
         let date = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
         let backend = if args.offline {
             "candela-offline"
@@ -756,7 +761,7 @@ pub async fn run_until(
         for (k, v) in metadata {
             summary.insert(k.into(), json!(v));
         }
-        let name = args.result_filename.clone().unwrap_or_else(|| {
+        let name = file.unwrap_or_else(|| {
             let rate = rate.as_str().map_or(rate.to_string(), str::to_string);
             let conc = args
                 .max_concurrency
@@ -871,6 +876,16 @@ mod tests {
             } => assert_eq!((prefix_len, input_len, output_len), (100, 512, 64)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn save_result_takes_an_optional_file() {
+        assert_eq!(parse(&["--save-result"]).save_result.as_deref(), Some(""));
+        let a = parse(&["--save-result", "out.json", "--seed", "3"]);
+        assert_eq!(a.save_result.as_deref(), Some("out.json"));
+        let b = parse(&["--save-result", "--result-dir", "d"]);
+        assert_eq!(b.save_result.as_deref(), Some(""));
+        assert!(parse(&[]).save_result.is_none());
     }
 
     #[test]

@@ -483,8 +483,14 @@ impl CausalLm for Llama {
             }
         }
         // Only the rows that will be sampled go through the final norm and the (large) output
-        // projection.
-        let x = x.index_select(&batch.logits_rows, 0)?;
+        // projection (in a decode step that is every row, in order: nothing to select).
+        let every_row = batch.logits_rows_host.len() == tokens
+            && (0..tokens as u32).eq(batch.logits_rows_host.iter().copied());
+        let x = if every_row {
+            x
+        } else {
+            x.index_select(&batch.logits_rows, 0)?
+        };
         let x = rms_norm(&x, &self.norm, self.rms_eps)?;
         let logits = self.lm_head.forward(&x, &batch.logits_precise_rows())?;
         Ok(logits.to_dtype(DType::F32)?)

@@ -178,11 +178,16 @@ impl EngineCore {
             }
             return Ok(());
         }
-        // Run the forward pass on a worker of the compute pool, so that the kernels' parallel
-        // loops start on an awake pool instead of waking it from this thread hundreds of times a
-        // step.
+        // On the CPU, run the forward pass on a worker of the compute pool, so that the kernels'
+        // parallel loops start on an awake pool instead of waking it from this thread hundreds
+        // of times a step. A GPU's launches need no pool: handing them over would only add a
+        // wake-up to every step.
         let (runner, scheduler) = (&self.runner, &self.scheduler);
-        let logits = rayon::scope(|_| runner.execute(&out, scheduler))?;
+        let logits = if runner.device().is_cpu() {
+            rayon::scope(|_| runner.execute(&out, scheduler))?
+        } else {
+            runner.execute(&out, scheduler)?
+        };
         let launched = started.elapsed();
         self.scheduler.advance(&out);
         self.stats
@@ -244,7 +249,7 @@ impl EngineCore {
     /// The next token of each sampling sequence of `out` still active, from its row of `logits`.
     /// On the CPU every row is sampled here. Elsewhere a kernel samples the rows where the
     /// logits are and only token ids come back; rows that need the host (penalties,
-    /// log-probabilities) are copied over one by one.
+    /// log-probabilities) are copied over together.
     fn sample(
         &mut self,
         out: &SchedulerOutput,
@@ -279,10 +284,22 @@ impl EngineCore {
                 .map(|(s, token)| s.map(|_| token))
                 .collect()
         };
-        let mut host_rows = if on_host {
-            logits.to_vec2::<f32>()?
+        let mut host_rows: Vec<Option<Vec<f32>>> = if on_host {
+            logits.to_vec2::<f32>()?.into_iter().map(Some).collect()
         } else {
-            Vec::new()
+            // The rows the kernel left to the host come over in one copy.
+            let need: Vec<u32> = (0..ids.len() as u32)
+                .filter(|&i| matches!(device.get(i as usize), Some(None)))
+                .collect();
+            let mut rows = vec![None; ids.len()];
+            if !need.is_empty() {
+                let at = Tensor::new(need.as_slice(), logits.device())?;
+                let copied = logits.index_select(&at, 0)?.to_vec2::<f32>()?;
+                for (&i, row) in need.iter().zip(copied) {
+                    rows[i as usize] = Some(row);
+                }
+            }
+            rows
         };
         let mut sampled = Vec::with_capacity(ids.len());
         for (i, &id) in ids.iter().enumerate() {
@@ -299,8 +316,8 @@ impl EngineCore {
                 sampled.push((id, sampled_token));
                 continue;
             }
-            let mut row = match host_rows.get_mut(i) {
-                Some(row) => std::mem::take(row),
+            let mut row = match host_rows.get_mut(i).and_then(Option::take) {
+                Some(row) => row,
                 None => logits.get(i)?.to_vec1::<f32>()?,
             };
             let (prompt, output) = req.tokens.split_at(req.num_prompt);

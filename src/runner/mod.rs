@@ -82,6 +82,10 @@ impl ModelRunner {
         self.model.config()
     }
 
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
     /// Runs one step; returns the logits of each sampling sequence, in schedule order
     /// (`[sampling sequences, vocab]` f32, on the model's device).
     pub fn execute(

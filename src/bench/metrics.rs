@@ -159,6 +159,10 @@ pub fn summarize(results: &[RequestResult], duration: f64, rep: &Reporting) -> M
         json!(results.iter().map(|r| r.ttft).collect::<Vec<_>>()),
     );
     out.insert(
+        "latencies".into(),
+        json!(results.iter().map(|r| r.latency).collect::<Vec<_>>()),
+    );
+    out.insert(
         "itls".into(),
         json!(results.iter().map(|r| r.itl.clone()).collect::<Vec<_>>()),
     );

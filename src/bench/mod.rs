@@ -33,8 +33,9 @@ const BACKENDS: [&str; 6] = [
 ];
 
 /// Keys of the saved JSON that list a value per request; kept only with `--save-detailed`.
-const DETAILED_KEYS: [&str; 7] = [
+const DETAILED_KEYS: [&str; 8] = [
     "start_times",
+    "latencies",
     "input_lens",
     "output_lens",
     "ttfts",
@@ -193,8 +194,8 @@ pub struct BenchArgs {
     /// else to --result-dir/--result-filename or LABEL-RATEqps[-concurrencyN]-MODEL-DATE.json.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
     pub save_result: Option<String>,
-    /// Also save the per-request lists (start_times, input_lens, output_lens, ttfts, itls,
-    /// generated_texts, errors).
+    /// Also save the per-request lists (start_times, latencies, input_lens, output_lens, ttfts,
+    /// itls, generated_texts, errors).
     #[arg(long)]
     pub save_detailed: bool,
     /// Append the result to the file as one JSON line, rather than replace it.
@@ -598,6 +599,10 @@ pub async fn run_until(
             model,
         )
     };
+    let tokenizer_id = match &args.tokenizer {
+        Some(path) => path.display().to_string(),
+        None => args.model.clone().unwrap_or_else(|| model_id.clone()),
+    };
     let tokenizer = match (&args.tokenizer, &backend, &args.model) {
         (Some(path), _, _) => load_tokenizer(path)?,
         (None, Backend::InProcess(chat), _) => chat.tokenizer().clone(),
@@ -752,6 +757,7 @@ pub async fn run_until(
             ("endpoint_type", json!(backend)),
             ("label", json!(label)),
             ("model_id", json!(model_id)),
+            ("tokenizer_id", json!(tokenizer_id)),
             ("num_prompts", json!(args.num_prompts)),
             ("request_rate", rate.clone()),
             ("burstiness", json!(args.burstiness)),

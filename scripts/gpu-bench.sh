@@ -18,6 +18,8 @@
 #   long-output  the same with the lengths swapped, on the same server; the two alternate, a
 #                concurrency at a time, in CONCURRENCY's order (one stream first, then the
 #                busiest), so that a short budget loses the least telling runs
+#   profile      where a one-stream decode step's GPU time goes, per kernel (Nsight Systems, where
+#                the machine has it; nsys-kernels.csv and nsys-api.csv)
 #   mma-off      long-prompt at concurrency 1 and 32 with the tensor-core prompt attention off
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
 #   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
@@ -48,7 +50,7 @@ deadline=$((started + ${BUDGET_S:-540}))
 out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
-phases=" ${PHASES:-tests torch long-prompt long-output mma-off skinny-off pool-off} "
+phases=" ${PHASES:-tests torch long-prompt long-output profile mma-off skinny-off pool-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
 concurrency="${CONCURRENCY:-1 256 128 32 8}"
 per="${PROMPTS_PER_CONCURRENCY:-1}"
@@ -183,6 +185,41 @@ for c in $concurrency; do
     has long-output && main="$main long-output:$out_len:$in_len:$c"
 done
 runs_with_server main "$main"
+
+# Where a single-stream decode step's GPU time goes, per kernel: Nsight Systems (when the machine
+# has it) around an in-process engine (`bench --offline`, which exits by itself, so the report is
+# written whole) decoding two 128-token answers one at a time. Leaves nsys-kernels.csv (time per
+# kernel) and nsys-api.csv (host time per CUDA call).
+if has profile; then
+    nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
+        /usr/local/cuda*/nsight-systems-*/bin/nsys 2>/dev/null | head -1 || true)
+    if [ -z "$nsys" ]; then
+        say "no nsys on this machine: profile skipped"
+    elif [ "$(left)" -lt 90 ]; then
+        say "profile skipped ($(left)s left)"
+    else
+        say "profile: $nsys, one stream, offline"
+        # shellcheck disable=SC2086
+        timeout "$(at_most 120 $(($(left) / 2)))" $run "$nsys" profile --trace=cuda \
+            --sample=none --cpuctxsw=none --force-overwrite=true -o "$work/decode" \
+            "$bin" bench --offline --load-format dummy --model "$config" --tokenizer "$config" \
+            --ignore-eos --input-len 128 --output-len 128 --num-prompts 2 --max-concurrency 1 \
+            --num-warmups 1 --disable-tqdm --result-filename "$work/profile-decode.json" \
+            >"$work/profile.log" 2>&1 || say "profile failed or timed out (see profile.log)"
+        # The reports' names changed over nsys versions (and .qdrep became .nsys-rep).
+        rep=$(ls "$work"/decode.nsys-rep "$work"/decode.qdrep 2>/dev/null | head -1 || true)
+        for report in cuda_gpu_kern_sum:kernels cuda_api_sum:api gpukernsum:kernels \
+            cudaapisum:api; do
+            [ -n "$rep" ] || break
+            [ -s "$work/nsys-${report#*:}.csv" ] && continue
+            "$nsys" stats --report "${report%%:*}" --format csv "$rep" \
+                >"$work/nsys-${report#*:}.csv" 2>>"$work/profile.log" ||
+                rm -f "$work/nsys-${report#*:}.csv"
+        done
+        head -12 "$work/nsys-kernels.csv" >&2 2>/dev/null || say "no kernel summary (see profile.log)"
+        rm -f "$work"/decode.nsys-rep "$work"/decode.qdrep "$work"/decode.sqlite
+    fi
+fi
 has mma-off && runs_with_server mma-off "mma-off:$in_len:$out_len:1 mma-off:$in_len:$out_len:32" \
     CANDELA_ATTENTION_MMA=0
 has skinny-off && runs_with_server skinny-off \

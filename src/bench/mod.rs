@@ -226,6 +226,42 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// Values no run can use, named by their flag.
+    fn check(&self) -> Result<(), BenchError> {
+        // Written so that NaN fails too.
+        let positive = |x: f64| x > 0.0;
+        if !positive(self.request_rate) || !positive(self.burstiness) {
+            return Err(err("--request-rate and --burstiness must be positive"));
+        }
+        if !(self.random_range_ratio >= 0.0 && self.random_range_ratio < 1.0) {
+            return Err(err("--random-range-ratio must be in [0, 1)"));
+        }
+        if self.num_prompts == 0 {
+            return Err(err("--num-prompts must be at least 1"));
+        }
+        if self.max_concurrency == Some(0) {
+            return Err(err("--max-concurrency must be at least 1"));
+        }
+        let lengths = [
+            ("--input-len", self.input_len.unwrap_or(1)),
+            ("--output-len", self.output_len.unwrap_or(1)),
+            ("--random-input-len", self.random_input_len),
+            ("--random-output-len", self.random_output_len),
+            (
+                "--prefix-repetition-output-len",
+                self.prefix_repetition_output_len,
+            ),
+            (
+                "--prefix-repetition-num-prefixes",
+                self.prefix_repetition_num_prefixes,
+            ),
+        ];
+        match lengths.iter().find(|(_, n)| *n == 0) {
+            Some((flag, _)) => Err(err(format!("{flag} must be at least 1"))),
+            None => Ok(()),
+        }
+    }
+
     /// The server's root URL.
     fn base(&self) -> String {
         let url = match &self.base_url {
@@ -499,10 +535,13 @@ pub async fn run_until(
             .collect::<Result<_, _>>()?,
         goodput: parse_goodput(&args.goodput)?,
     };
-    // Written so that NaN fails too.
-    let positive = |x: f64| x > 0.0;
-    if !positive(args.request_rate) || !positive(args.burstiness) {
-        return Err(err("--request-rate and --burstiness must be positive"));
+    args.check()?;
+    if let Some(p) = reporting
+        .percentiles
+        .iter()
+        .find(|p| !(**p > 0.0 && **p <= 100.0))
+    {
+        return Err(err(format!("--metric-percentiles: {p} is not in (0, 100]")));
     }
     let base = args.base();
     let endpoint = args.endpoint()?;
@@ -943,6 +982,26 @@ mod tests {
             }
         ));
         assert!(parse(&["--dataset-name", "sharegpt"]).dataset().is_err());
+    }
+
+    #[test]
+    fn values_no_run_can_use_are_named() {
+        for (flags, named) in [
+            (&["--num-prompts", "0"][..], "--num-prompts"),
+            (&["--max-concurrency", "0"], "--max-concurrency"),
+            (&["--random-range-ratio", "1"], "--random-range-ratio"),
+            (&["--request-rate", "0"], "--request-rate"),
+            (&["--output-len", "0"], "--output-len"),
+            (&["--random-input-len", "0"], "--random-input-len"),
+        ] {
+            let e = parse(flags).check().unwrap_err().to_string();
+            assert!(e.contains(named), "{flags:?}: {e}");
+        }
+        assert!(
+            parse(&["--random-range-ratio", "0.5", "--request-rate", "4"])
+                .check()
+                .is_ok()
+        );
     }
 
     #[test]

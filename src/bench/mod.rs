@@ -615,7 +615,14 @@ pub async fn run_until(
                     .get(format!("{base}/v1/models"))
                     .send()
                     .await
-                    .map_err(|e| err(format!("{base}/v1/models: {e}")))?
+                    .map_err(|e| {
+                        let hint = if e.is_connect() {
+                            " (no server answers there; --ready-check-timeout-sec waits for one)"
+                        } else {
+                            ""
+                        };
+                        err(format!("{base}/v1/models: {e}{hint}"))
+                    })?
                     .json()
                     .await
                     .map_err(err)?;

@@ -104,6 +104,13 @@ pub struct BenchArgs {
     /// Output length for ShareGPT prompts (default: the length of the recorded reply).
     #[arg(long)]
     pub sharegpt_output_len: Option<usize>,
+    /// ShareGPT: take the conversations in the file's order rather than a seeded random one.
+    #[arg(long)]
+    pub disable_shuffle: bool,
+    /// ShareGPT: with fewer usable conversations than --num-prompts, run those rather than
+    /// repeat some at random to make up the number.
+    #[arg(long)]
+    pub no_oversample: bool,
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
     /// Requests per second (Poisson arrivals, or gamma with --burstiness); inf sends all at once.
@@ -317,6 +324,8 @@ impl BenchArgs {
                     .clone()
                     .ok_or_else(|| err("--dataset-name sharegpt needs --dataset-path"))?,
                 output_len: self.output_len.or(self.sharegpt_output_len),
+                shuffle: !self.disable_shuffle,
+                oversample: !self.no_oversample,
             },
             "prefix" => Dataset::Prefix {
                 prefix_len: self.prefix_len,

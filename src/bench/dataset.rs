@@ -23,9 +23,13 @@ pub enum Dataset {
         output_len: usize,
         range_ratio: f64,
     },
+    /// Conversations from a file, in seeded random order unless `shuffle` is off; with
+    /// `oversample`, repeated at random up to the number of prompts when too few are usable.
     ShareGpt {
         path: std::path::PathBuf,
         output_len: Option<usize>,
+        shuffle: bool,
+        oversample: bool,
     },
     /// `num_prefixes` random prefixes, each shared by an equal part of the prompts (in random
     /// order), followed by random suffixes of `input_len`.
@@ -142,8 +146,26 @@ pub fn build(
                 })
                 .collect()
         }
-        Dataset::ShareGpt { path, output_len } => {
-            sharegpt(path, tokenizer, num_prompts, *output_len, &mut rng)
+        Dataset::ShareGpt {
+            path,
+            output_len,
+            shuffle: shuffled,
+            oversample,
+        } => {
+            let mut out = sharegpt(
+                path,
+                tokenizer,
+                num_prompts,
+                *output_len,
+                *shuffled,
+                &mut rng,
+            )?;
+            // As vLLM does: repeat prompts drawn at random until there are enough.
+            let usable = out.len();
+            while *oversample && out.len() < num_prompts {
+                out.push(out[rng.random_range(0..usable)].clone());
+            }
+            Ok(out)
         }
     }
 }
@@ -201,6 +223,7 @@ fn sharegpt(
     tokenizer: &Tokenizer,
     num_prompts: usize,
     output_len: Option<usize>,
+    shuffled: bool,
     rng: &mut StdRng,
 ) -> Result<Vec<BenchRequest>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -229,7 +252,9 @@ fn sharegpt(
         })
         .collect();
     // --seed picks the sample.
-    shuffle(&mut pairs, rng);
+    if shuffled {
+        shuffle(&mut pairs, rng);
+    }
     let mut out = Vec::new();
     for (prompt, reply) in pairs {
         if out.len() == num_prompts {
@@ -291,6 +316,45 @@ mod tests {
             assert_eq!(head(&t, &r.prompt, 12), first);
         }
         assert_ne!(requests[0].prompt, requests[1].prompt, "suffixes differ");
+    }
+
+    #[test]
+    fn sharegpt_files_are_shuffled_and_oversampled_unless_told_not_to() {
+        let t = tokenizer();
+        let path =
+            std::env::temp_dir().join(format!("candela-sharegpt-{}.jsonl", std::process::id()));
+        let turn = |from: &str, words: &str| serde_json::json!({"from": from, "value": words});
+        let lines: Vec<String> = (0..3)
+            .map(|i| {
+                let prompt = format!("w{i} w1 w2 w3 w4");
+                serde_json::json!({"conversations": [turn("human", &prompt), turn("gpt", "w9 w8 w7 w6 w5 w4")]})
+                    .to_string()
+            })
+            .chain(["{\"conversations\": [{\"from\": \"human\", \"value\": \"w1\"}]}".into()])
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let dataset = |shuffle, oversample| Dataset::ShareGpt {
+            path: path.clone(),
+            output_len: None,
+            shuffle,
+            oversample,
+        };
+        let ordered = build(&dataset(false, false), &t, 7, 0).unwrap();
+        let firsts: Vec<&str> = ordered.iter().map(|r| &r.prompt[..2]).collect();
+        assert_eq!(
+            firsts,
+            ["w0", "w1", "w2"],
+            "file order, the unusable line skipped"
+        );
+        assert!(ordered
+            .iter()
+            .all(|r| r.prompt_len == 5 && r.output_len == 6));
+        let filled = build(&dataset(true, true), &t, 7, 0).unwrap();
+        assert_eq!(filled.len(), 7);
+        assert!(filled
+            .iter()
+            .all(|r| ordered.iter().any(|o| o.prompt == r.prompt)));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

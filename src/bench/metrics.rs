@@ -220,6 +220,13 @@ pub fn report(s: &Map<String, Value>, rep: &Reporting) -> String {
     if let Some(c) = s.get("max_concurrency").and_then(Value::as_u64) {
         line(&mut out, "Maximum request concurrency:", c.to_string());
     }
+    if let Some(rate) = s.get("request_rate").and_then(Value::as_f64) {
+        line(
+            &mut out,
+            "Request rate configured (RPS):",
+            format!("{rate:.2}"),
+        );
+    }
     line(
         &mut out,
         "Benchmark duration (s):",

@@ -399,6 +399,9 @@ pub async fn run_until(
         summary.extend(after.since(&before));
     }
     summary.insert("max_concurrency".into(), json!(args.max_concurrency));
+    if args.request_rate.is_finite() {
+        summary.insert("request_rate".into(), json!(args.request_rate));
+    }
     print!("{}", metrics::report(&summary, &reporting));
     if let Some(e) = results.iter().find(|r| !r.success) {
         eprintln!("first error: {}", e.error);

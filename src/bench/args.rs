@@ -148,9 +148,10 @@ pub struct BenchArgs {
     pub request_id_prefix: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// tokenizer.json, a GGUF file, or a model config.json served with `--load-format dummy`
-    /// (its synthetic tokenizer), used to make prompts of exact token lengths. Default: the
-    /// in-process model's own with --offline, else that of --model (a path, or a catalog id).
+    /// tokenizer.json, a GGUF file, a model directory holding a tokenizer.json, or a model
+    /// config.json served with `--load-format dummy` (its synthetic tokenizer), used to make
+    /// prompts of exact token lengths. Default: the in-process model's own with --offline, else
+    /// that of --model (a path, or a catalog id).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Accepted for vLLM's command lines; candela runs no model code, so it changes nothing.

@@ -286,7 +286,7 @@ pub async fn run_until(
         None => args.model.clone().unwrap_or_else(|| model_id.clone()),
     };
     let tokenizer = match (&args.tokenizer, &backend, &args.model) {
-        (Some(path), _, _) => load_tokenizer(path)?,
+        (Some(path), _, _) => path_tokenizer(path)?,
         (None, Backend::InProcess(chat), _) => chat.tokenizer().clone(),
         (None, _, Some(m)) if std::path::Path::new(m).exists() => {
             path_tokenizer(std::path::Path::new(m))?

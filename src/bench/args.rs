@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// ShareGPT-style JSON or JSONL file.
     #[arg(long)]
     pub dataset_path: Option<PathBuf>,
-    /// Input length for any workload (sets --random-input-len and --prefix-repetition-suffix-len).
+    /// Input length (sets --random-input-len, as vLLM's does).
     #[arg(long)]
     pub input_len: Option<usize>,
     /// Output length for any workload (sets --random-output-len, --sharegpt-output-len and
@@ -104,7 +104,8 @@ pub struct BenchArgs {
     /// Output length for ShareGPT prompts (default: the length of the recorded reply).
     #[arg(long)]
     pub sharegpt_output_len: Option<usize>,
-    /// ShareGPT: take the conversations in the file's order rather than a seeded random one.
+    /// ShareGPT and prefix workloads: keep the file's (or the prefixes') order rather than a
+    /// seeded random one.
     #[arg(long)]
     pub disable_shuffle: bool,
     /// ShareGPT: with fewer usable conversations than --num-prompts, run those rather than
@@ -122,23 +123,24 @@ pub struct BenchArgs {
     /// Most requests in flight at once.
     #[arg(long)]
     pub max_concurrency: Option<usize>,
-    /// Generate exactly the requested output length (ignore end-of-sequence).
+    /// Generate exactly the requested output length (ignore end-of-sequence). Always on with
+    /// --dataset-name random, as in vLLM's benchmark.
     #[arg(long)]
     pub ignore_eos: bool,
     /// Sampling temperature (default 0: greedy, as vLLM's benchmark sends).
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub temperature: Option<f64>,
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub top_p: Option<f64>,
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub top_k: Option<i64>,
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub min_p: Option<f64>,
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub frequency_penalty: Option<f64>,
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub presence_penalty: Option<f64>,
-    #[arg(long, help_heading = "Sampling")]
+    #[arg(long, allow_negative_numbers = true, help_heading = "Sampling")]
     pub repetition_penalty: Option<f64>,
     /// A JSON object merged into every request's body, e.g. `--extra-body '{"top_k": 20}'`.
     #[arg(long, value_name = "JSON", help_heading = "Sampling")]
@@ -176,8 +178,8 @@ pub struct BenchArgs {
     /// else to --result-dir/--result-filename or LABEL-RATEqps[-concurrencyN]-MODEL-DATE.json.
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
     pub save_result: Option<String>,
-    /// Also save the per-request lists (start_times, latencies, input_lens, output_lens, ttfts,
-    /// itls, generated_texts, errors).
+    /// Also save the per-request lists start_times, input_lens, output_lens, ttfts, itls,
+    /// generated_texts and errors (`latencies` are always saved, as vLLM saves them).
     #[arg(long)]
     pub save_detailed: bool,
     /// Append the result to the file as one JSON line, rather than replace it.
@@ -248,6 +250,10 @@ impl BenchArgs {
     pub(super) fn base(&self) -> String {
         let url = match &self.base_url {
             Some(u) => u.clone(),
+            // An IPv6 address goes in brackets.
+            None if self.host.contains(':') && !self.host.starts_with('[') => {
+                format!("http://[{}]:{}", self.host, self.port)
+            }
             None => format!("http://{}:{}", self.host, self.port),
         };
         url.trim_end_matches('/')
@@ -333,12 +339,14 @@ impl BenchArgs {
                 num_prefixes: 1,
                 input_len: random_input,
                 output_len: random_output,
+                shuffle: !self.disable_shuffle,
             },
             "prefix_repetition" => Dataset::Prefix {
                 prefix_len: self.prefix_repetition_prefix_len,
                 num_prefixes: self.prefix_repetition_num_prefixes,
-                input_len: self.input_len.unwrap_or(self.prefix_repetition_suffix_len),
+                input_len: self.prefix_repetition_suffix_len,
                 output_len: self.output_len.unwrap_or(self.prefix_repetition_output_len),
+                shuffle: !self.disable_shuffle,
             },
             _ => Dataset::Random {
                 prefix_len: self.random_prefix_len,
@@ -475,6 +483,24 @@ mod tests {
     }
 
     #[test]
+    fn negative_sampling_values_and_ipv6_hosts_parse() {
+        let a = parse(&[
+            "--top-k",
+            "-1",
+            "--presence-penalty",
+            "-0.5",
+            "--host",
+            "::1",
+        ]);
+        let body = a.request_body().unwrap();
+        assert_eq!(
+            (body["top_k"].clone(), body["presence_penalty"].clone()),
+            (json!(-1), json!(-0.5))
+        );
+        assert_eq!(a.base(), "http://[::1]:8080");
+    }
+
+    #[test]
     fn the_backend_picks_the_endpoint() {
         let chat = parse(&["--backend", "openai-chat"]);
         assert_eq!(chat.endpoint().unwrap(), "/v1/chat/completions");
@@ -508,9 +534,11 @@ mod tests {
                 num_prefixes,
                 input_len,
                 output_len,
+                ..
             } => assert_eq!(
                 (prefix_len, num_prefixes, input_len, output_len),
-                (256, 4, 30, 9)
+                (256, 4, 256, 9),
+                "--input-len sets only --random-input-len, as in vLLM"
             ),
             other => panic!("{other:?}"),
         }

@@ -38,6 +38,7 @@ pub enum Dataset {
         num_prefixes: usize,
         input_len: usize,
         output_len: usize,
+        shuffle: bool,
     },
 }
 
@@ -130,14 +131,17 @@ pub fn build(
             num_prefixes,
             input_len,
             output_len,
+            shuffle: shuffled,
         } => {
             let ids = plain_ids(tokenizer);
             let prefixes = (0..(*num_prefixes).max(1))
                 .map(|_| Ok(random_text(tokenizer, &ids, *prefix_len, &mut rng)?.0))
                 .collect::<Result<Vec<_>, String>>()?;
-            // Each prefix takes an equal share of the prompts; the order is shuffled.
+            // Each prefix takes an equal share of the prompts, in turn unless shuffled.
             let mut which: Vec<usize> = (0..num_prompts).map(|i| i % prefixes.len()).collect();
-            shuffle(&mut which, &mut rng);
+            if *shuffled {
+                shuffle(&mut which, &mut rng);
+            }
             which
                 .into_iter()
                 .map(|p| {
@@ -269,7 +273,9 @@ fn sharegpt(
             .map_err(|e| e.to_string())?
             .len();
         let out_len = output_len.unwrap_or(reply_len);
-        if prompt_len < 4 || out_len < 4 || prompt_len > 1024 || prompt_len + out_len > 2048 {
+        // As vLLM filters: a fixed output length is not checked against the minimum.
+        let too_short = prompt_len < 4 || (output_len.is_none() && out_len < 4);
+        if too_short || prompt_len > 1024 || prompt_len + out_len > 2048 {
             continue;
         }
         out.push(BenchRequest {
@@ -349,6 +355,18 @@ mod tests {
         assert!(ordered
             .iter()
             .all(|r| r.prompt_len == 5 && r.output_len == 6));
+        let short = Dataset::ShareGpt {
+            path: path.clone(),
+            output_len: Some(2),
+            shuffle: true,
+            oversample: false,
+        };
+        let short = build(&short, &t, 7, 0).unwrap();
+        assert_eq!(
+            short.len(),
+            3,
+            "a fixed output length may be under 4, as in vLLM"
+        );
         let filled = build(&dataset(true, true), &t, 7, 0).unwrap();
         assert_eq!(filled.len(), 7);
         assert!(filled
@@ -365,6 +383,7 @@ mod tests {
             num_prefixes: 3,
             input_len: 8,
             output_len: 5,
+            shuffle: true,
         };
         let requests = build(&dataset, &t, 10, 1).unwrap();
         let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();

@@ -25,9 +25,8 @@ pub use metrics::{percentile, summarize, Reporting, RequestResult};
 use crate::catalog::Catalog;
 
 /// Keys of the saved JSON that list a value per request; kept only with `--save-detailed`.
-const DETAILED_KEYS: [&str; 8] = [
+const DETAILED_KEYS: [&str; 7] = [
     "start_times",
-    "latencies",
     "input_lens",
     "output_lens",
     "ttfts",
@@ -45,11 +44,16 @@ async fn wait_until_ready(
 ) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let answer = client.get(format!("{base}/v1/models")).send().await;
-        let last = match answer {
-            Ok(r) if !matches!(r.status().as_u16(), 502..=504) => return Ok(()),
-            Ok(r) => format!("HTTP {}", r.status()),
-            Err(e) => e.to_string(),
+        // A server that takes the connection but never answers must not outlast the deadline.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let answer = tokio::time::timeout(wait, client.get(format!("{base}/v1/models")).send());
+        let last = match answer.await {
+            Ok(Ok(r)) if !matches!(r.status().as_u16(), 502..=504) => return Ok(()),
+            Ok(Ok(r)) => format!("HTTP {}", r.status()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer".to_string(),
         };
         if Instant::now() >= deadline {
             return Err(err(format!(
@@ -175,16 +179,18 @@ pub async fn run_until(
     if let Some(p) = reporting
         .percentiles
         .iter()
-        .find(|p| !(**p > 0.0 && **p <= 100.0))
+        .find(|p| !(**p >= 0.0 && **p <= 100.0))
     {
-        return Err(err(format!("--metric-percentiles: {p} is not in (0, 100]")));
+        return Err(err(format!("--metric-percentiles: {p} is not in [0, 100]")));
     }
     let base = args.base();
     let endpoint = args.endpoint()?;
     let dataset = args.dataset()?;
     let metadata = key_values("--metadata", &args.metadata)?;
     let opts = RequestOptions {
-        ignore_eos: args.ignore_eos,
+        // As vLLM's benchmark does: random tokens have no natural end, so random prompts
+        // always generate their full length.
+        ignore_eos: args.ignore_eos || args.dataset_name == "random",
         body: args.request_body()?,
         request_id_prefix: args.request_id_prefix.clone(),
     };
@@ -440,7 +446,7 @@ pub async fn run_until(
             ("date", json!(date)),
             ("backend", json!(backend)),
             ("endpoint_type", json!(backend)),
-            ("label", json!(label)),
+            ("label", json!(args.label)),
             ("model_id", json!(model_id)),
             ("tokenizer_id", json!(tokenizer_id)),
             ("num_prompts", json!(args.num_prompts)),

@@ -15,6 +15,7 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
                            candela at concurrency B over transformers' generate at batch B
   mma_off_vs_on            TTFT and throughput with the tensor-core prompt attention off / on
   skinny_off_vs_on         TPOT and throughput with the few-row matmul kernel off / on
+  pool_off_vs_on           the same with the memory pool handing freed memory back every step
 
     python3 scripts/gpu/summary.py DIR [DIR ...]
 """

@@ -112,8 +112,8 @@ pub fn load_dummy(path: &Path, device: &Device, dtype: DType) -> Result<TextMode
     })
 }
 
-/// The weights a Llama `config.json` declares.
-fn parameter_count(config: &serde_json::Value) -> Option<u64> {
+/// The weights a Llama `config.json` declares, and those of its largest matrix (the embeddings).
+fn weight_counts(config: &serde_json::Value) -> Option<(u64, u64)> {
     let get = |k: &str| config.get(k).and_then(|v| v.as_u64());
     let hidden = get("hidden_size")?;
     let heads = get("num_attention_heads")?;
@@ -128,7 +128,8 @@ fn parameter_count(config: &serde_json::Value) -> Option<u64> {
     let mlp = 3 * hidden * get("intermediate_size")?;
     let layer = attention + mlp + 2 * hidden;
     let embeddings = vocab * hidden * if tied { 1 } else { 2 };
-    Some(get("num_hidden_layers")? * layer + embeddings + hidden)
+    let total = get("num_hidden_layers")? * layer + embeddings + hidden;
+    Some((total, vocab * hidden))
 }
 
 /// Refuses, before allocating anything, random weights that the device's free memory cannot hold
@@ -139,21 +140,12 @@ fn check_fits(
     device: &Device,
     dtype: DType,
 ) -> Result<()> {
-    let (Some(params), Some(free)) = (
-        parameter_count(config),
-        candela_kernels::free_memory(device),
-    ) else {
+    let (Some((params, largest)), Some(free)) =
+        (weight_counts(config), candela_kernels::free_memory(device))
+    else {
         return Ok(());
     };
-    // Each matrix is drawn in f32 before it is converted: the largest (the embeddings) twice.
-    let largest = config
-        .get("vocab_size")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0)
-        * config
-            .get("hidden_size")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
+    // Each matrix is drawn in f32 before it is converted: the largest one is there twice.
     let need = params * dtype.size_in_bytes() as u64 + largest * 4;
     if need <= free {
         return Ok(());
@@ -218,7 +210,10 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("configs")
                 .join(name);
-            parameter_count(&crate::load::read_json(&path).unwrap()).unwrap() as f64 / 1e9
+            weight_counts(&crate::load::read_json(&path).unwrap())
+                .unwrap()
+                .0 as f64
+                / 1e9
         };
         assert!((count("llama-3.1-8b.json") - 8.03).abs() < 0.01);
         assert!((count("llama-3.2-1b.json") - 1.24).abs() < 0.01);

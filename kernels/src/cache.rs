@@ -43,6 +43,12 @@ pub fn reshape_and_cache(
     Ok(())
 }
 
+/// Whether the CUDA kernel writes `cache` at `slots` in place (see `rotary::rotary_and_cache`).
+#[cfg(feature = "cuda")]
+pub(crate) fn fits_cuda(cache: &Tensor, slots: &Tensor) -> bool {
+    cuda::fits(cache, slots)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;

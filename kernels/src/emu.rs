@@ -371,6 +371,125 @@ mod tests {
         Ok(())
     }
 
+    /// The fused kernel reads q, k and v from one row per token (`[q | k | v]`, a fused QKV
+    /// projection) and leaves in the caches what the rotary kernel then the cache write would:
+    /// rotated keys and the values in their slots, a slot past the caches skipped, nothing
+    /// else touched; q comes back rotated.
+    #[test]
+    fn rotary_and_cache_write_rotated_keys_and_values_to_their_slots() -> Result<()> {
+        let dev = Device::Cpu;
+        let positions = [3f32, 0., 4095., 9.];
+        let slots = [5u32, 0, 13, 99];
+        let num_slots = 16usize;
+        for dtype in DTYPES {
+            for head_dim in [64, 128] {
+                let inv: Vec<f32> = (0..head_dim / 2)
+                    .map(|i| 1. / 500_000f32.powf(2. * i as f32 / head_dim as f32))
+                    .collect();
+                let inv = Tensor::from_vec(inv, (1, head_dim / 2), &dev)?;
+                let pos = Tensor::new(&positions, &dev)?.reshape((positions.len(), 1))?;
+                let freqs = pos.broadcast_mul(&inv)?;
+                let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+                let (heads, kv_heads) = (4, 2);
+                let (qkv, qkv_ref) = randn(
+                    &[positions.len(), heads + 2 * kv_heads, head_dim],
+                    dtype,
+                    &dev,
+                )?;
+                let part = |t: &Tensor, at: usize, n: usize| t.narrow(1, at, n);
+                for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+                    let (q_want, k_want) = crate::rotary_embedding(
+                        &part(&qkv_ref, 0, heads)?,
+                        &part(&qkv_ref, heads, kv_heads)?,
+                        &cos,
+                        &sin,
+                        layout,
+                    )?;
+                    let v_want = part(&qkv_ref, heads + kv_heads, kv_heads)?;
+                    let what = format!("{dtype:?} {layout:?} head_dim {head_dim}");
+                    let (q_got, k_cache, v_cache) = dispatch!(
+                        dtype,
+                        rotary_cache(&qkv, heads, kv_heads, &cos, &sin, &slots, num_slots, layout)
+                    )?;
+                    assert_close(&q_got, &q_want, dtype, &what)?;
+                    let row_len = kv_heads * head_dim;
+                    for (cache, want) in [(&k_cache, &k_want), (&v_cache, &v_want)] {
+                        let cache = cache.reshape((num_slots, row_len))?;
+                        for (t, &slot) in slots.iter().enumerate() {
+                            if (slot as usize) < num_slots {
+                                let got = cache.get(slot as usize)?;
+                                let want = want.get(t)?.flatten_all()?;
+                                assert_close(&got, &want, dtype, &what)?;
+                            }
+                        }
+                        let written: Vec<usize> = slots.iter().map(|&s| s as usize).collect();
+                        for slot in (0..num_slots).filter(|s| !written.contains(s)) {
+                            let row = cache.get(slot)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                            assert!(row.iter().all(|&x| x == -1.0), "{what}: slot {slot}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused rotary and cache write, launched as `rotary::cuda` launches it over views of
+    /// one `[tokens, heads + 2 * kv_heads, head_dim]` row per token. Returns the rotated q and
+    /// the caches (`[num_slots, kv_heads, head_dim]`, -1 where nothing was written).
+    #[allow(clippy::too_many_arguments)]
+    fn rotary_cache<T: WithDType>(
+        qkv: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        slots: &[u32],
+        num_slots: usize,
+        layout: RopeLayout,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (tokens, width, head_dim) = qkv.dims3()?;
+        let stride = width * head_dim;
+        let xs = host::<T>(qkv)?;
+        let (cs, ss) = (host::<f32>(cos)?, host::<f32>(sin)?);
+        let row_len = kv_heads * head_dim;
+        let mut q_out = vec![T::zero(); tokens * heads * head_dim];
+        let mut k_cache = vec![T::from_f64(-1.0); num_slots * row_len];
+        let mut v_cache = k_cache.clone();
+        let units = (heads + kv_heads) * head_dim / pack_len(qkv.dtype());
+        let (name, units) = match layout {
+            RopeLayout::HalfSplit => ("rotary_cache", units / 2),
+            RopeLayout::Interleaved => ("rotary_interleaved_cache", units),
+        };
+        let args = [
+            ptr_mut(&mut q_out),
+            ptr_mut(&mut k_cache),
+            ptr_mut(&mut v_cache),
+            ptr(&xs),
+            ptr(&xs[heads * head_dim..]),
+            ptr(&xs[(heads + kv_heads) * head_dim..]),
+            ptr(&cs),
+            ptr(&ss),
+            ptr(slots),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::I32(stride as i32),
+            Arg::I32(stride as i32),
+            Arg::I32(stride as i32),
+            Arg::U32(num_slots as u32),
+        ];
+        let threads = units.next_multiple_of(32).min(256) as u32;
+        let name = format!("{name}_{}", type_name(qkv.dtype()));
+        launch(&name, [tokens as u32, 1, 1], [threads, 1, 1], &args);
+        let cache = |c: Vec<T>| Tensor::from_vec(c, (num_slots, kv_heads, head_dim), &Device::Cpu);
+        Ok((
+            Tensor::from_vec(q_out, (tokens, heads, head_dim), &Device::Cpu)?,
+            cache(k_cache)?,
+            cache(v_cache)?,
+        ))
+    }
+
     /// Rows land in their slots; a slot past the cache is skipped; nothing else is touched.
     /// The rows are read as v of a fused QKV projection: each in the middle of a wider row.
     #[test]

@@ -35,5 +35,5 @@ pub use paged_attention::{
 pub use quant_matmul::{
     has_vnni as quant_has_vnni, QMatMul as CpuQMatMul, QMatrix, BLOCK as QUANT_BLOCK,
 };
-pub use rotary::{rotary_embedding, RopeLayout};
+pub use rotary::{rotary_and_cache, rotary_embedding, RopeLayout};
 pub use sampling::{argmax, sample, sample_row, RowSampling};

@@ -77,6 +77,31 @@ pub fn rotary_embedding(
     Ok((rotate(q)?, rotate(k)?))
 }
 
+/// Rotates `q` and `k` as [`rotary_embedding`] does and writes the rotated `k` and `v`
+/// (`[tokens, kv_heads, head_dim]`) into their cache slots as [`crate::reshape_and_cache`]
+/// does; returns the rotated `q`. On CUDA one launch does all of it, the keys going straight
+/// from registers to the cache (a decode step otherwise spends two more launches a layer).
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_and_cache(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: RopeLayout,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    slots: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda::fused_fits(q, k, v, cos, sin, k_cache, v_cache, slots) {
+        return cuda::rotary_and_cache(q, k, v, cos, sin, layout, k_cache, v_cache, slots);
+    }
+    let (q, k) = rotary_embedding(q, k, cos, sin, layout)?;
+    crate::reshape_and_cache(&k, v, k_cache, v_cache, slots)?;
+    Ok(q)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -178,13 +203,135 @@ mod cuda {
             cu::tensor(k_out, dev, (tokens, kv_heads, head_dim)),
         ))
     }
+
+    /// The fused kernel takes what both kernels take, with the caches in q's dtype and shaped
+    /// for k and v.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fused_fits(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        slots: &Tensor,
+    ) -> bool {
+        // A cache is `[blocks, block_size, kv_heads, head_dim]`, k and v `[tokens, kv_heads,
+        // head_dim]`.
+        let holds_rows = |cache: &Tensor| cache.dims().get(2..) == k.dims().get(1..);
+        fits(q, k, cos, sin)
+            && crate::cache::fits_cuda(k_cache, slots)
+            && crate::cache::fits_cuda(v_cache, slots)
+            && [v.dtype(), k_cache.dtype(), v_cache.dtype()]
+                .iter()
+                .all(|&d| d == q.dtype())
+            && v.dims() == k.dims()
+            && holds_rows(k_cache)
+            && holds_rows(v_cache)
+            && slots.dims() == [k.dim(0).unwrap_or(0)]
+            && v.device().same_device(q.device())
+    }
+
+    /// A CTA per token: q's heads and k's rotated, k's and v's rows written to the token's slot.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rotary_and_cache(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: RopeLayout,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        slots: &Tensor,
+    ) -> Result<Tensor> {
+        let (q, k, v) = (cu::rows(q)?, cu::rows(k)?, cu::rows(v)?);
+        let (cos, sin, slots) = (cu::packed(cos)?, cu::packed(sin)?, slots.contiguous()?);
+        dispatch_float!(
+            q.dtype(),
+            launch_fused(&q, &k, &v, &cos, &sin, layout, k_cache, v_cache, &slots)
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_fused<T: CudaDType + DeviceRepr>(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layout: RopeLayout,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        slots: &Tensor,
+    ) -> Result<Tensor> {
+        let dev = q.device().as_cuda_device()?;
+        let (tokens, heads, head_dim) = q.dims3()?;
+        let kv_heads = k.dim(1)?;
+        let ty = cu::type_name(q.dtype()).expect("checked by fused_fits");
+        let name = match layout {
+            RopeLayout::HalfSplit => format!("rotary_cache_{ty}"),
+            RopeLayout::Interleaved => format!("rotary_interleaved_cache_{ty}"),
+        };
+        let func = cu::ROTARY.function(dev, &name)?;
+        let ((qs, ql), (ks, kl)) = (q.storage_and_layout(), k.storage_and_layout());
+        let (vs, vl) = v.storage_and_layout();
+        let ((cs, cl), (ss, sl)) = (cos.storage_and_layout(), sin.storage_and_layout());
+        let (slot_s, slot_l) = slots.storage_and_layout();
+        let ((kcs, kcl), (vcs, vcl)) = (k_cache.storage_and_layout(), v_cache.storage_and_layout());
+        let (q_view, k_view, v_view) = (
+            cu::view::<T>(&qs, ql)?,
+            cu::view::<T>(&ks, kl)?,
+            cu::view::<T>(&vs, vl)?,
+        );
+        let (cos_view, sin_view) = (cu::view::<f32>(&cs, cl)?, cu::view::<f32>(&ss, sl)?);
+        let slot_view = cu::view::<u32>(&slot_s, slot_l)?;
+        // The caches are written through views of their storage: they are the engine's own,
+        // touched only by kernels on this stream, and never by the host while a step runs.
+        let (k_cache_view, v_cache_view) = (cu::view::<T>(&kcs, kcl)?, cu::view::<T>(&vcs, vcl)?);
+        // SAFETY: the kernel writes every element of q_out.
+        let mut q_out = unsafe { dev.alloc::<T>(q.elem_count())? };
+        let units = (heads + kv_heads) * head_dim / cu::pack_len(q.dtype());
+        let units = match layout {
+            RopeLayout::HalfSplit => units / 2,
+            RopeLayout::Interleaved => units,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (cu::int(tokens)? as u32, 1, 1),
+            block_dim: (units.next_multiple_of(32).min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let row_len = kv_heads * head_dim;
+        // Every u32 slot is below a count past u32::MAX.
+        let num_slots = u32::try_from(k_cache.elem_count() / row_len).unwrap_or(u32::MAX);
+        let (heads_i, kv_heads_i, head_dim_i) =
+            (cu::int(heads)?, cu::int(kv_heads)?, cu::int(head_dim)?);
+        let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("cu::rows gave rows"));
+        let (q_stride, k_stride, v_stride) = (stride(q)?, stride(k)?, stride(v)?);
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&func);
+        args.arg(&mut q_out).arg(&k_cache_view).arg(&v_cache_view);
+        args.arg(&q_view).arg(&k_view).arg(&v_view);
+        args.arg(&cos_view).arg(&sin_view).arg(&slot_view);
+        args.arg(&heads_i).arg(&kv_heads_i).arg(&head_dim_i);
+        args.arg(&q_stride)
+            .arg(&k_stride)
+            .arg(&v_stride)
+            .arg(&num_slots);
+        // SAFETY: argument types and order match `rotary_*cache_*` in cuda/rotary.cu; the
+        // strides come from the layouts; the caches are packed `[num_slots, kv_heads *
+        // head_dim]` (checked by fused_fits) and the kernel skips slots past them.
+        unsafe { args.launch(cfg) }.w()?;
+        Ok(cu::tensor(q_out, dev, (tokens, heads, head_dim)))
+    }
 }
 
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests {
     use candle_core::{DType, Device, Result, Tensor};
 
-    use super::{rotary_embedding, RopeLayout};
+    use super::{rotary_and_cache, rotary_embedding, RopeLayout};
     use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
 
     /// Llama's tables at scattered positions: `[tokens, head_dim / 2]` each.
@@ -224,6 +371,61 @@ mod cuda_tests {
                         assert_close(&q_got, &q_want, dtype, &what)?;
                         assert_close(&k_got, &k_want, dtype, &what)?;
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused kernel leaves what the CPU's rotary then cache write leave: rotated q, and
+    /// rotated keys and the values in their slots (read in place from one fused row per token).
+    #[test]
+    fn fused_cache_write_matches_the_cpu() -> Result<()> {
+        let Some(dev) = cuda_device() else {
+            return Ok(());
+        };
+        let positions = [0u32, 1, 17, 5, 4095, 2];
+        let slots = [37u32, 0, 5, 63, 16, 9];
+        let tokens = positions.len();
+        for dtype in DTYPES {
+            for head_dim in [64, 128] {
+                let (cos, sin) = tables(&positions, head_dim)?;
+                let (qkv, qkv_ref) = randn(&[tokens, 12, head_dim], dtype, &dev)?;
+                let part = |t: &Tensor, at: usize, n: usize| t.narrow(1, at, n);
+                for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
+                    let caches = |d: &Device| -> Result<(Tensor, Tensor)> {
+                        let c = || Tensor::zeros((4, 16, 2, head_dim), dtype, d);
+                        Ok((c()?, c()?))
+                    };
+                    let (k_want, v_want) = caches(&Device::Cpu)?;
+                    let q_want = rotary_and_cache(
+                        &part(&qkv_ref, 0, 8)?,
+                        &part(&qkv_ref, 8, 2)?,
+                        &part(&qkv_ref, 10, 2)?,
+                        &cos,
+                        &sin,
+                        layout,
+                        &k_want,
+                        &v_want,
+                        &Tensor::new(&slots[..], &Device::Cpu)?,
+                    )?;
+                    let (k_got, v_got) = caches(&dev)?;
+                    let q_got = rotary_and_cache(
+                        &part(&qkv, 0, 8)?,
+                        &part(&qkv, 8, 2)?,
+                        &part(&qkv, 10, 2)?,
+                        &cos.to_device(&dev)?,
+                        &sin.to_device(&dev)?,
+                        layout,
+                        &k_got,
+                        &v_got,
+                        &Tensor::new(&slots[..], &dev)?,
+                    )?;
+                    let what = format!("{layout:?} head_dim {head_dim}");
+                    assert_close(&q_got, &q_want, dtype, &what)?;
+                    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                    assert_close(&k_got, &f32(&k_want)?, dtype, &what)?;
+                    assert_close(&v_got, &f32(&v_want)?, dtype, &what)?;
                 }
             }
         }

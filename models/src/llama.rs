@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use candela_kernels::{
-    add_rms_norm, paged_attention, prepare_attention, reshape_and_cache, rms_norm,
-    rotary_embedding, silu_and_mul, silu_mul, RopeLayout,
+    add_rms_norm, paged_attention, prepare_attention, rms_norm, rotary_and_cache, silu_and_mul,
+    silu_mul, RopeLayout,
 };
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
@@ -467,8 +467,17 @@ impl CausalLm for Llama {
         let mut h = rms_norm(&x, &self.layers[0].attn_norm, self.rms_eps)?;
         for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(&kv.layers).enumerate() {
             let (q, k, v) = layer.qkv.forward(&h, rows, c)?;
-            let (q, k) = rotary_embedding(&q, &k, &cos, &sin, self.rope_layout())?;
-            reshape_and_cache(&k, &v, k_cache, v_cache, &batch.slot_mapping)?;
+            let q = rotary_and_cache(
+                &q,
+                &k,
+                &v,
+                &cos,
+                &sin,
+                self.rope_layout(),
+                k_cache,
+                v_cache,
+                &batch.slot_mapping,
+            )?;
             let attn = paged_attention(&q, k_cache, v_cache, &batch.attention, scale)?;
             let attn = layer
                 .wo

@@ -4,10 +4,13 @@
 // A row's settings: temperature (<= 1e-5: greedy), top_k (0: off), top_p, min_p and a uniform
 // draw in [0, 1) made by the host from the sequence's own random stream. Weights are relative to
 // the top token's, w = exp((logit - max) / temperature) in [0, 1], so min_p is a threshold on
-// them. Every cut keeps the tokens at or above a weight threshold; instead of ranking the
-// vocabulary the CTA searches for that threshold over the bits of the float (positive floats
-// order as their bits do), one counting or summing pass per bit. The draw then walks the kept
-// tokens in index order, as the reference does.
+// them. Every cut keeps the tokens at or above a weight threshold. Instead of ranking the
+// vocabulary the CTA selects that threshold by radix over the bits of the float (positive floats
+// order as their bits do): three passes, each a histogram of the next ten bits among the
+// weights that share the digits chosen so far, counting tokens (top-k) or summing their mass
+// (top-p). Masses are fixed point (2^-40 of the top weight), so sums are exact whatever the
+// order the threads add in: a row samples the same token on every run. The draw then walks the
+// kept tokens in index order, as the reference does.
 #include <climits>
 
 #include "common.cuh"
@@ -16,25 +19,30 @@ using namespace candela;
 
 namespace {
 
+using u64 = unsigned long long;
+
 constexpr int THREADS = 1024;
 constexpr int WARPS = THREADS / 32;
-// The bits of 1.0f: no weight is larger.
-constexpr unsigned ONE_BITS = 0x3f800000u;
+// Bits a radix pass decides, and its buckets: one a thread.
+constexpr int DIGIT = 10;
+constexpr int BUCKETS = 1 << DIGIT;
+static_assert(BUCKETS == THREADS, "a thread scans one bucket");
+// A weight's mass in fixed point: w * 2^40, truncated (exact for any vocabulary below 2^23).
+constexpr float FIXED_ONE = 1099511627776.f;
 
 struct Row {
     float temperature, top_k, top_p, min_p, uniform;
 };
 
-// Sum over the CTA, returned to every thread. `scratch` is reusable once it returns.
-__device__ float block_sum(float x, float *scratch) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    x = warp_sum(x);
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    x = warp_sum(lane < WARPS ? scratch[lane] : 0.f);
-    __syncthreads();
-    return x;
-}
+struct Shared {
+    u64 hist[BUCKETS];
+    u64 warp_totals[WARPS];
+    u64 above;
+    unsigned prefix;
+    int found;
+};
+
+__device__ __forceinline__ u64 fixed(float w) { return (u64)(w * FIXED_ONE); }
 
 // The weight of a logit; NaN logits weigh nothing.
 __device__ __forceinline__ float weight(float logit, float max, float scale_log2) {
@@ -42,35 +50,84 @@ __device__ __forceinline__ float weight(float logit, float max, float scale_log2
     return w == w ? w : 0.f;
 }
 
-// Count (COUNT) or mass of the weights at or above `t`.
-template <bool COUNT>
-__device__ float at_or_above(const float *logits, int vocab, float max, float scale_log2, float t,
-                             float *scratch) {
-    float acc = 0.f;
-    for (int i = threadIdx.x; i < vocab; i += THREADS) {
-        const float w = weight(logits[i], max, scale_log2);
-        if (w >= t) acc += COUNT ? 1.f : w;
+// Inclusive scan of `x` over the CTA in thread order. `sh.warp_totals` is reusable once it
+// returns.
+__device__ u64 block_scan(u64 x, Shared &sh) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const u64 up = __shfl_up_sync(0xffffffffu, x, offset);
+        if (lane >= offset) x += up;
     }
-    return block_sum(acc, scratch);
+    if (lane == 31) sh.warp_totals[warp] = x;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) x += sh.warp_totals[w];
+    __syncthreads();
+    return x;
 }
 
-// The largest threshold in [lo, 1] whose count (COUNT) or mass of weights at or above it is at
-// least `need`, given that `lo` qualifies.
+// Sum over the CTA, returned to every thread.
+__device__ u64 block_sum(u64 x, Shared &sh) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    if (lane == 0) sh.warp_totals[warp] = x;
+    __syncthreads();
+    u64 total = 0;
+    for (int w = 0; w < WARPS; ++w) total += sh.warp_totals[w];
+    __syncthreads();
+    return total;
+}
+
+// Fixed-point mass of the weights at or above `t`.
+__device__ u64 mass_at_or_above(const float *logits, int vocab, float max, float scale_log2,
+                                float t, Shared &sh) {
+    u64 acc = 0;
+    for (int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float w = weight(logits[i], max, scale_log2);
+        if (w >= t) acc += fixed(w);
+    }
+    return block_sum(acc, sh);
+}
+
+// The largest weight threshold t >= lo (at most 1) whose measure, the count (COUNT) or the
+// fixed-point mass of the weights at or above it, is at least `need`; `lo` itself when the
+// weights at or above lo fall short. Such a t is always one of the weights: the radix passes
+// narrow down the bits of the one where the measure, summed from the top, first reaches need.
 template <bool COUNT>
 __device__ float largest_threshold(const float *logits, int vocab, float max, float scale_log2,
-                                   float lo_value, float need, float *scratch) {
-    unsigned lo = __float_as_uint(lo_value), hi = ONE_BITS + 1;
-    while (hi - lo > 1) {
-        const unsigned mid = lo + (hi - lo) / 2;
-        const float got =
-            at_or_above<COUNT>(logits, vocab, max, scale_log2, __uint_as_float(mid), scratch);
-        if (got >= need) {
-            lo = mid;
-        } else {
-            hi = mid;
+                                   float lo, u64 need, Shared &sh) {
+    if (need == 0) return 1.f;
+    unsigned prefix = 0;
+    u64 above = 0; // the measure of the weights above every bucket of this pass
+    for (int shift = 32 - 2 - DIGIT; shift >= 0; shift -= DIGIT) {
+        // Weights are at most 1.0 (0x3f800000): the two top bits are zero.
+        sh.hist[threadIdx.x] = 0;
+        if (threadIdx.x == 0) sh.found = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += THREADS) {
+            const float w = weight(logits[i], max, scale_log2);
+            const unsigned bits = __float_as_uint(w);
+            if (w >= lo && (bits >> shift >> DIGIT) == prefix)
+                atomicAdd(&sh.hist[(bits >> shift) % BUCKETS], COUNT ? 1ull : fixed(w));
         }
+        __syncthreads();
+        // Thread j takes bucket BUCKETS - 1 - j, so a scan in thread order sums from the top.
+        const int bucket = BUCKETS - 1 - threadIdx.x;
+        const u64 mine = sh.hist[bucket];
+        const u64 through = above + block_scan(mine, sh);
+        if (through >= need && through - mine < need) {
+            sh.prefix = prefix << DIGIT | bucket;
+            sh.above = through - mine;
+            sh.found = 1;
+        }
+        __syncthreads();
+        const bool found = sh.found;
+        prefix = sh.prefix, above = sh.above;
+        __syncthreads(); // before the next pass resets them
+        if (!found) return lo;
     }
-    return __uint_as_float(lo);
+    return fminf(__uint_as_float(prefix), 1.f);
 }
 
 } // namespace
@@ -79,10 +136,9 @@ __device__ float largest_threshold(const float *logits, int vocab, float max, fl
 extern "C" __global__ void __launch_bounds__(THREADS)
     sample_rows(unsigned *__restrict__ out, const float *__restrict__ all_logits,
                 const Row *__restrict__ rows, int vocab) {
-    __shared__ float scratch[WARPS];
+    __shared__ Shared sh;
     __shared__ float best_value[WARPS];
     __shared__ int best_index[WARPS];
-    __shared__ int chosen, fallback;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float *logits = all_logits + (size_t)blockIdx.x * vocab;
     const Row row = rows[blockIdx.x];
@@ -119,66 +175,47 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
     // top-k: the k-th largest weight; the mass it keeps is what top-p is a share of.
     const int top_k = (int)row.top_k;
-    float t = 0.f, total;
-    if (top_k > 0 && top_k < vocab) {
-        t = largest_threshold<true>(logits, vocab, max, scale_log2, 0.f, (float)top_k, scratch);
-        total = at_or_above<false>(logits, vocab, max, scale_log2, t, scratch);
-    } else {
-        total = at_or_above<false>(logits, vocab, max, scale_log2, 0.f, scratch);
-    }
-    t = fmaxf(t, row.min_p);
+    float t = 0.f;
+    if (top_k > 0 && top_k < vocab)
+        t = largest_threshold<true>(logits, vocab, max, scale_log2, 0.f, (u64)top_k, sh);
     if (row.top_p < 1.f) {
-        const float need = row.top_p * total;
-        if (at_or_above<false>(logits, vocab, max, scale_log2, t, scratch) >= need)
-            t = largest_threshold<false>(logits, vocab, max, scale_log2, t, need, scratch);
+        const u64 total = mass_at_or_above(logits, vocab, max, scale_log2, t, sh);
+        const u64 need = (u64)ceil((double)row.top_p * (double)total);
+        t = largest_threshold<false>(logits, vocab, max, scale_log2, fmaxf(t, row.min_p), need,
+                                     sh);
+    } else {
+        t = fmaxf(t, row.min_p);
     }
 
     // The draw, over the kept tokens in index order: each thread takes a contiguous chunk, a
-    // scan gives the mass before it, and the thread whose chunk holds the draw walks it.
+    // scan gives the mass before it, and the thread whose chunk holds the draw walks it. Masses
+    // are exact integers, so exactly one chunk holds it.
     const int chunk = (vocab + THREADS - 1) / THREADS;
     const int begin = min(vocab, (int)threadIdx.x * chunk), end = min(vocab, begin + chunk);
-    float mass = 0.f;
-    int last = -1;
+    u64 mass = 0;
     for (int i = begin; i < end; ++i) {
         const float w = weight(logits[i], max, scale_log2);
-        if (w >= t && w > 0.f) mass += w, last = i;
+        if (w >= t) mass += fixed(w);
     }
-    // Inclusive scan: within the warp, then over the warps' totals.
-    float before = mass;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-        const float up = __shfl_up_sync(0xffffffffu, before, offset);
-        if (lane >= offset) before += up;
-    }
-    if (lane == 31) scratch[warp] = before;
-    if (threadIdx.x == 0) chosen = INT_MAX, fallback = -1;
+    const u64 through = block_scan(mass, sh);
+    if (threadIdx.x == THREADS - 1) sh.above = through; // the kept mass
+    if (threadIdx.x == 0) sh.found = argmax;            // kept nothing (min_p above 1)
     __syncthreads();
-    float warp_before = 0.f, kept = 0.f;
-    for (int w = 0; w < WARPS; ++w) {
-        if (w < warp) warp_before += scratch[w];
-        kept += scratch[w];
-    }
-    before += warp_before - mass; // exclusive
-    const float target = row.uniform * kept;
-    if (mass > 0.f && before <= target && target < before + mass) {
-        float acc = before;
-        int pick = last;
+    const u64 kept = sh.above, before = through - mass;
+    const u64 target = (u64)floor((double)row.uniform * (double)kept);
+    if (before <= target && target < through) {
+        u64 acc = before;
         for (int i = begin; i < end; ++i) {
             const float w = weight(logits[i], max, scale_log2);
-            if (w >= t && w > 0.f) {
-                acc += w;
+            if (w >= t) {
+                acc += fixed(w);
                 if (target < acc) {
-                    pick = i;
+                    sh.found = i;
                     break;
                 }
             }
         }
-        // Rounding may let two neighbouring ranges overlap: the first token wins.
-        atomicMin(&chosen, pick);
     }
-    // A draw that falls past every range (rounding again) takes the last kept token below it.
-    if (last >= 0 && target >= before + mass) atomicMax(&fallback, last);
     __syncthreads();
-    if (threadIdx.x == 0)
-        out[blockIdx.x] = chosen != INT_MAX ? chosen : (fallback >= 0 ? fallback : argmax);
+    if (threadIdx.x == 0) out[blockIdx.x] = sh.found;
 }

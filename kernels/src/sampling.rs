@@ -6,10 +6,11 @@
 //! cuts follow the usual definitions: weights `exp((logit - max) / temperature)` are relative to
 //! the top token's, min-p keeps weights of at least `min_p`, top-k the `k` heaviest tokens, and
 //! top-p the heaviest tokens until they hold `top_p` of the mass top-k left. Each cut keeps the
-//! tokens at or above some weight; rather than rank the vocabulary, [`sample_row`] finds that
-//! weight by bisecting its float bits (one counting or summing pass per bit), which is how the
-//! CUDA kernel (`cuda/sampling.cu`, a CTA per row) does it too. The draw then walks the kept
-//! tokens in index order. Tokens tied at a threshold are all kept.
+//! tokens at or above some weight. The CUDA kernel (`cuda/sampling.cu`, a CTA per row) finds
+//! that weight without ranking the vocabulary, by radix selection over its float bits (three
+//! histogram passes a cut); [`sample_row`], its reference, ranks. Masses are summed in fixed
+//! point, exactly, so both take the same cut whatever order they add in. The draw then walks
+//! the kept tokens in index order. Tokens tied at a threshold are all kept.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -127,57 +128,55 @@ fn first_equal_loop(x: &[f32], v: f32) -> usize {
     tail_start + x[tail_start..].iter().position(|&l| l == v).unwrap_or(0)
 }
 
-/// One row on the CPU, step for step as the CUDA kernel does it.
+/// A weight's mass in fixed point, as the kernel sums it: `w * 2^40`, truncated. Sums of these
+/// are exact in any order (for a vocabulary below 2^23), so the cuts and the draw do not depend
+/// on the order a GPU's threads add in.
+fn fixed(w: f32) -> u64 {
+    (w * (1u64 << 40) as f32) as u64
+}
+
+/// One row on the CPU, with the CUDA kernel's definitions: the same weights, cuts, fixed-point
+/// masses and draw. The kernel finds each cut's threshold by radix selection; here it is found
+/// by ranking the weights, so that the two check each other.
 pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
     let (argmax, max) = argmax(logits);
     if row.is_greedy() || max.is_infinite() {
         return argmax as u32;
     }
     let scale_log2 = std::f32::consts::LOG2_E / row.temperature;
-    let weight = |l: f32| {
-        let w = ((l - max) * scale_log2).exp2();
-        if w.is_nan() {
-            0.0
-        } else {
-            w
-        }
-    };
-    let count_at = |t: f32| logits.iter().filter(|&&l| weight(l) >= t).count() as f32;
-    let mass_at = |t: f32| {
-        logits
-            .iter()
-            .map(|&l| weight(l))
-            .filter(|&w| w >= t)
-            .sum::<f32>()
-    };
-    let (mut t, total) = if row.top_k > 0 && row.top_k < logits.len() {
-        let t = largest_threshold(0.0, |t| count_at(t) >= row.top_k as f32);
-        (t, mass_at(t))
-    } else {
-        (0.0, mass_at(0.0))
-    };
-    t = t.max(row.min_p);
-    if row.top_p < 1.0 {
-        let need = row.top_p * total;
-        if mass_at(t) >= need {
-            t = largest_threshold(t, |t| mass_at(t) >= need);
-        }
+    let weights: Vec<f32> = logits
+        .iter()
+        .map(|&l| {
+            let w = ((l - max) * scale_log2).exp2();
+            if w.is_nan() {
+                0.0
+            } else {
+                w
+            }
+        })
+        .collect();
+    let mut t = 0.0;
+    if row.top_k > 0 && row.top_k < logits.len() {
+        t = largest_threshold(&weights, 0.0, row.top_k as u64, |_| 1);
     }
-    let kept = logits.iter().enumerate().filter_map(|(i, &l)| {
-        let w = weight(l);
-        (w >= t && w > 0.0).then_some((i, w))
-    });
-    let target = row.uniform * kept.clone().map(|(_, w)| w).sum::<f32>();
-    let mut acc = 0.0;
-    let mut last = argmax;
-    for (i, w) in kept {
-        acc += w;
-        last = i;
+    if row.top_p < 1.0 {
+        let total: u64 = weights.iter().filter(|&&w| w >= t).map(|&w| fixed(w)).sum();
+        let need = (row.top_p as f64 * total as f64).ceil() as u64;
+        t = largest_threshold(&weights, t.max(row.min_p), need, fixed);
+    } else {
+        t = t.max(row.min_p);
+    }
+    let kept = weights.iter().enumerate().filter(|(_, &w)| w >= t);
+    let total: u64 = kept.clone().map(|(_, &w)| fixed(w)).sum();
+    let target = (row.uniform as f64 * total as f64).floor() as u64;
+    let mut acc = 0;
+    for (i, &w) in kept {
+        acc += fixed(w);
         if target < acc {
             return i as u32;
         }
     }
-    last as u32
+    argmax as u32
 }
 
 /// Threads of the kernel's CTA: `THREADS` in cuda/sampling.cu.
@@ -196,19 +195,25 @@ fn kernel_settings(rows: &[RowSampling], vocab: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The largest weight threshold in `[lo, 1]` that `holds`, given that `lo` does: a bisection
-/// over the bits of positive floats, which order as the floats do.
-fn largest_threshold(lo: f32, holds: impl Fn(f32) -> bool) -> f32 {
-    let (mut lo, mut hi) = (lo.to_bits(), 1f32.to_bits() + 1);
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if holds(f32::from_bits(mid)) {
-            lo = mid;
-        } else {
-            hi = mid;
+/// The largest threshold `t >= lo` (at most 1) whose measure, the sum of `measure(w)` over the
+/// weights at or above it, is at least `need`; `lo` when the weights at or above `lo` fall
+/// short. Such a `t` is one of the weights: ranked from the top, the first whose running
+/// measure (its ties included) reaches `need`.
+fn largest_threshold(weights: &[f32], lo: f32, need: u64, measure: impl Fn(f32) -> u64) -> f32 {
+    if need == 0 {
+        return 1.0;
+    }
+    let mut ranked: Vec<f32> = weights.iter().copied().filter(|&w| w >= lo).collect();
+    ranked.sort_unstable_by(|a, b| b.total_cmp(a));
+    let mut acc = 0;
+    for (i, &w) in ranked.iter().enumerate() {
+        acc += measure(w);
+        let last_of_ties = ranked.get(i + 1) != Some(&w);
+        if acc >= need && last_of_ties {
+            return w;
         }
     }
-    f32::from_bits(lo)
+    lo
 }
 
 #[cfg(feature = "cuda")]
@@ -497,8 +502,8 @@ mod cuda_tests {
     use crate::test_util::cuda_device;
 
     /// The kernel picks the reference's token for the same draw, over rows of a Llama-3 sized
-    /// vocabulary with every kind of cut. The logits are well spread, so rounding differences
-    /// between the two sums only matter for a draw right at a boundary; a few such are allowed.
+    /// vocabulary with every kind of cut. The GPU's exp2 may round a weight differently from
+    /// the host's, which only matters for a draw right at a boundary; a few such are allowed.
     #[test]
     fn kernel_matches_the_reference() -> Result<()> {
         let Some(dev) = cuda_device() else {
@@ -567,29 +572,37 @@ mod emu_tests {
         out
     }
 
-    /// The kernel, run on the CPU emulator, picks the reference's token for the same draw with
-    /// every kind of cut (up to a draw on a rounding boundary).
+    /// The kernel, run on the CPU emulator (the same exp2 as the reference's), picks exactly
+    /// the reference's token for the same draw with every kind of cut: its radix selection
+    /// finds the thresholds that ranking finds, and fixed-point masses leave no rounding
+    /// boundary. Spread logits, then logits of a few values only, where every cut falls
+    /// among ties.
     #[test]
     fn kernel_matches_the_reference() {
         let vocab = 3000;
         let rows = super::tests::every_cut();
         let mut s = 0x1234_5678_9abc_def1u64;
-        let logits: Vec<f32> = (0..rows.len() * vocab)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 12.0 - 6.0
-            })
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let spread: Vec<f32> = (0..rows.len() * vocab)
+            .map(|_| next() * 12.0 - 6.0)
             .collect();
-        let got = kernel(&logits, &rows);
-        let want: Vec<u32> = logits
-            .chunks(vocab)
-            .zip(&rows)
-            .map(|(l, r)| sample_row(l, r))
+        let tied: Vec<f32> = (0..rows.len() * vocab)
+            .map(|_| (next() * 6.0).floor() * 0.5)
             .collect();
-        let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
-        assert!(differ <= 1, "{differ} rows differ: {got:?} vs {want:?}");
+        for logits in [spread, tied] {
+            let got = kernel(&logits, &rows);
+            let want: Vec<u32> = logits
+                .chunks(vocab)
+                .zip(&rows)
+                .map(|(l, r)| sample_row(l, r))
+                .collect();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -113,6 +113,11 @@ inline int atomicAdd(int *p, int v) {
     *p += v;
     return old;
 }
+inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) {
+    const unsigned long long old = *p;
+    *p += v;
+    return old;
+}
 inline float atomicAdd(float *p, float v) {
     const float old = *p;
     *p += v;

@@ -273,8 +273,23 @@ fn shorten_candle_pool_spin() {
     }
 }
 
+/// candle's CPU matmul asks for its thread count on every call, and unless `RAYON_NUM_THREADS`
+/// is set the answer counts physical cores by reading and parsing `/proc/cpuinfo` again (34 µs
+/// on a 2-core machine, far more on a large one; an embedding model's forward pass runs dozens
+/// of such matmuls). Setting the variable to the pool size rayon would pick anyway (the CPUs
+/// this process may use) leaves every pool as it was and makes the question an environment
+/// lookup. Set before any thread starts; a value in the environment wins.
+fn pin_rayon_thread_count() {
+    const VAR: &str = "RAYON_NUM_THREADS";
+    if std::env::var_os(VAR).is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var(VAR, n.to_string());
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     shorten_candle_pool_spin();
+    pin_rayon_thread_count();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

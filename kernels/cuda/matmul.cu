@@ -9,16 +9,19 @@ using namespace candela;
 
 // Rows of x a launch takes (one accumulator per row and output column in every lane).
 constexpr int SKINNY_MAX_ROWS = 8;
-// Output columns (rows of w) per warp: each load of x serves this many of them.
-constexpr int SKINNY_COLS = 2;
-// Packs of each row of w a lane loads before it uses them.
-constexpr int SKINNY_UNROLL = 4;
 constexpr int SKINNY_WARPS = 4;
 
-// Block b's warp v computes columns [(b * SKINNY_WARPS + v) * SKINNY_COLS, +SKINNY_COLS) for
-// every row of x. y: [m, n] contiguous; x: m rows of k values, x_stride apart; w: [n, k]
-// contiguous. k is a whole number of packs and every row starts 16-byte aligned.
-template <typename T>
+// Two shapes of the same kernel, both with eight 16-byte loads of w in flight per lane:
+// COLS output columns (rows of w) per warp, each load of x serving all of them, and UNROLL packs
+// of each of those rows loaded before they are used. Up to 4 rows of x, 2 columns by 4 packs
+// (more warps to hide the loads); past that the work per byte of w (an f32 FMA per value and
+// row, plus widening x) would leave the SM issue-bound, so 4 columns by 2 packs widen each pack
+// of x once for twice the columns. The host picks (`skinny_shape` in src/matmul.rs).
+//
+// Block b's warp v computes columns [(b * SKINNY_WARPS + v) * COLS, +COLS) for every row of x.
+// y: [m, n] contiguous; x: m rows of k values, x_stride apart; w: [n, k] contiguous. k is a
+// whole number of packs and every row starts 16-byte aligned.
+template <typename T, int SKINNY_COLS, int SKINNY_UNROLL>
 __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restrict__ x,
                                             const T *__restrict__ w, int m, int n, int k,
                                             int x_stride) {
@@ -82,7 +85,12 @@ __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restri
     extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
         skinny_gemm_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,             \
                            int x_stride) {                                                         \
-        skinny_gemm<TYPE>(y, x, w, m, n, k, x_stride);                                            \
+        skinny_gemm<TYPE, 2, 4>(y, x, w, m, n, k, x_stride);                                      \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
+        skinny_gemm_wide_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,        \
+                                int x_stride) {                                                    \
+        skinny_gemm<TYPE, 4, 2>(y, x, w, m, n, k, x_stride);                                      \
     }
 
 CANDELA_FOR_FLOAT_TYPES(SKINNY_GEMM)

@@ -213,18 +213,21 @@ mod tests {
             Arg::I32(x_stride as i32),
         ];
         let ty = type_name(x.dtype());
-        let grid = n.div_ceil(8) as u32;
+        let (entry, cols) = crate::matmul::skinny_shape(m);
+        let grid = n.div_ceil(crate::matmul::SKINNY_WARPS * cols) as u32;
+        let threads = (crate::matmul::SKINNY_WARPS * 32) as u32;
         launch(
-            &format!("skinny_gemm_{ty}"),
+            &format!("{entry}_{ty}"),
             [grid, 1, 1],
-            [128, 1, 1],
+            [threads, 1, 1],
             &args,
         );
         Tensor::from_vec(y, (m, n), &Device::Cpu)
     }
 
-    /// Every row count the kernel takes, output widths that leave warps and columns idle, inner
-    /// sizes below, at and past one pass of its unrolled loop, rows of `x` apart (a view).
+    /// Every row count the kernel takes (both of its shapes), output widths that leave warps and
+    /// columns idle, inner sizes below, at and past one pass of its unrolled loop, rows of `x`
+    /// apart (a view).
     #[test]
     fn skinny_gemm_matches_an_f32_product() -> Result<()> {
         for dtype in DTYPES {

@@ -12,6 +12,21 @@ use candle_core::{Result, Tensor};
 /// Rows of `x` the skinny kernel takes (`SKINNY_MAX_ROWS` in cuda/matmul.cu).
 pub const SKINNY_MAX_ROWS: usize = 8;
 
+/// Warps per block of the skinny kernel (`SKINNY_WARPS`).
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emu")))]
+pub(crate) const SKINNY_WARPS: usize = 4;
+
+/// The skinny kernel's entry (without its dtype) and output columns per warp for `m` rows:
+/// 2 columns up to 4 rows, 4 past that (see cuda/matmul.cu).
+#[cfg(any(feature = "cuda", all(test, feature = "cuda-emu")))]
+pub(crate) fn skinny_shape(m: usize) -> (&'static str, usize) {
+    if m > 4 {
+        ("skinny_gemm_wide", 4)
+    } else {
+        ("skinny_gemm", 2)
+    }
+}
+
 /// `x · wᵀ` for `x` of shape `[.., in]` and `w` of shape `[out, in]`: `[.., out]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -29,12 +44,8 @@ mod cuda {
     use candle_core::cuda::{CudaDType, WrapErr};
     use candle_core::{Result, Tensor, D};
 
-    use super::SKINNY_MAX_ROWS;
+    use super::{skinny_shape, SKINNY_MAX_ROWS, SKINNY_WARPS};
     use crate::cuda::{self as cu, dispatch_float};
-
-    /// Warps per block and output columns per warp (`SKINNY_WARPS`, `SKINNY_COLS`).
-    const WARPS: usize = 4;
-    const COLS: usize = 2;
 
     pub(super) fn enabled() -> bool {
         static ENABLED: OnceLock<bool> = OnceLock::new();
@@ -69,8 +80,9 @@ mod cuda {
         let m = x.elem_count() / k;
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("checked by fits") = n;
+        let (entry, cols) = skinny_shape(m);
         let name = format!(
-            "skinny_gemm_{}",
+            "{entry}_{}",
             cu::type_name(x.dtype()).expect("checked by fits")
         );
         let func = cu::MATMUL.function(dev, &name)?;
@@ -81,8 +93,8 @@ mod cuda {
         // SAFETY: the kernel writes all m × n outputs.
         let mut y = unsafe { dev.alloc::<T>(m * n)? };
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(WARPS * COLS) as u32, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
+            grid_dim: (n.div_ceil(SKINNY_WARPS * cols) as u32, 1, 1),
+            block_dim: ((SKINNY_WARPS * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let (m, n, k) = (cu::int(m)?, cu::int(n)?, cu::int(k)?);

@@ -21,19 +21,29 @@ constexpr int SKINNY_WARPS = 4;
 // Block b's warp v computes columns [(b * SKINNY_WARPS + v) * COLS, +COLS) for every row of x.
 // y: [m, n] contiguous; x: m rows of k values, x_stride apart; w: [n, k] contiguous. k is a
 // whole number of packs and every row starts 16-byte aligned.
-template <typename T, int SKINNY_COLS, int SKINNY_UNROLL>
+//
+// SILU: w stacks a gate projection over an up projection (n = 2 * half rows) and y is
+// silu(gate) * up, [m, half]: warp v takes outputs [(b * SKINNY_WARPS + v) * COLS / 2, +COLS / 2)
+// and the gate and up rows of each, so the MLP's activation needs no launch of its own.
+template <typename T, int SKINNY_COLS, int SKINNY_UNROLL, bool SILU>
 __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restrict__ x,
                                             const T *__restrict__ w, int m, int n, int k,
                                             int x_stride) {
     constexpr int VEC = pack_len<T>();
+    constexpr int OUTS = SILU ? SKINNY_COLS / 2 : SKINNY_COLS; // outputs per warp
+    static_assert(!SILU || SKINNY_COLS % 2 == 0, "a gate and an up row per output");
     const int lane = threadIdx.x % 32;
-    const int col0 = (blockIdx.x * SKINNY_WARPS + threadIdx.x / 32) * SKINNY_COLS;
-    if (col0 >= n) return;  // the whole warp: its shuffles below stay full
+    const int width = SILU ? n / 2 : n; // of y
+    const int out0 = (blockIdx.x * SKINNY_WARPS + threadIdx.x / 32) * OUTS;
+    if (out0 >= width) return;  // the whole warp: its shuffles below stay full
     const int packs = k / VEC;
-    // Columns past n read the last row again and are not written.
+    // Outputs past the width read the last row again and are not written.
     const T *rows[SKINNY_COLS];
 #pragma unroll
-    for (int c = 0; c < SKINNY_COLS; ++c) rows[c] = w + (size_t)min(col0 + c, n - 1) * k;
+    for (int c = 0; c < SKINNY_COLS; ++c) {
+        const int out = min(out0 + c % OUTS, width - 1);
+        rows[c] = w + (size_t)(SILU && c >= OUTS ? width + out : out) * k;
+    }
 
     float acc[SKINNY_COLS][SKINNY_MAX_ROWS];
 #pragma unroll
@@ -74,9 +84,11 @@ __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restri
     for (int r = 0; r < SKINNY_MAX_ROWS; ++r) {
         if (r >= m) break;
 #pragma unroll
-        for (int c = 0; c < SKINNY_COLS; ++c) {
-            const float sum = warp_sum(acc[c][r]);
-            if (lane == 0 && col0 + c < n) y[(size_t)r * n + col0 + c] = from_float<T>(sum);
+        for (int c = 0; c < OUTS; ++c) {
+            float sum = warp_sum(acc[c][r]);
+            if (SILU) sum = sum / (1.f + __expf(-sum)) * warp_sum(acc[c + OUTS][r]);
+            if (lane == 0 && out0 + c < width)
+                y[(size_t)r * width + out0 + c] = from_float<T>(sum);
         }
     }
 }
@@ -85,12 +97,22 @@ __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restri
     extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
         skinny_gemm_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,             \
                            int x_stride) {                                                         \
-        skinny_gemm<TYPE, 2, 4>(y, x, w, m, n, k, x_stride);                                      \
+        skinny_gemm<TYPE, 2, 4, false>(y, x, w, m, n, k, x_stride);                               \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
         skinny_gemm_wide_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,        \
                                 int x_stride) {                                                    \
-        skinny_gemm<TYPE, 4, 2>(y, x, w, m, n, k, x_stride);                                      \
+        skinny_gemm<TYPE, 4, 2, false>(y, x, w, m, n, k, x_stride);                               \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
+        skinny_gemm_silu_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,        \
+                                int x_stride) {                                                    \
+        skinny_gemm<TYPE, 2, 4, true>(y, x, w, m, n, k, x_stride);                                \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                                \
+        skinny_gemm_wide_silu_##NAME(TYPE *y, const TYPE *x, const TYPE *w, int m, int n, int k,   \
+                                     int x_stride) {                                               \
+        skinny_gemm<TYPE, 4, 2, true>(y, x, w, m, n, k, x_stride);                                \
     }
 
 CANDELA_FOR_FLOAT_TYPES(SKINNY_GEMM)

@@ -193,16 +193,22 @@ mod tests {
     }
 
     /// `x · wᵀ` through the skinny kernel, launched as `matmul::cuda` launches it, with `x`'s
-    /// rows `x_stride` values apart.
-    fn skinny_gemm<T: WithDType>(x: &Tensor, w: &Tensor, x_stride: usize) -> Result<Tensor> {
+    /// rows `x_stride` values apart; with `silu`, the activation of its two halves.
+    fn skinny_gemm<T: WithDType>(
+        x: &Tensor,
+        w: &Tensor,
+        x_stride: usize,
+        silu: bool,
+    ) -> Result<Tensor> {
         let (n, k) = w.dims2()?;
         let m = x.dim(0)?;
+        let width = if silu { n / 2 } else { n };
         let (mut xs, ws) = (Vec::new(), host::<T>(w)?);
         for row in host::<T>(x)?.chunks(k) {
             xs.extend_from_slice(row);
             xs.resize(xs.len() + x_stride - k, T::zero());
         }
-        let mut y = vec![T::zero(); m * n];
+        let mut y = vec![T::zero(); m * width];
         let args = [
             ptr_mut(&mut y),
             ptr(&xs),
@@ -216,13 +222,14 @@ mod tests {
         let (entry, cols) = crate::matmul::skinny_shape(m);
         let grid = n.div_ceil(crate::matmul::SKINNY_WARPS * cols) as u32;
         let threads = (crate::matmul::SKINNY_WARPS * 32) as u32;
+        let silu = if silu { "_silu" } else { "" };
         launch(
-            &format!("{entry}_{ty}"),
+            &format!("{entry}{silu}_{ty}"),
             [grid, 1, 1],
             [threads, 1, 1],
             &args,
         );
-        Tensor::from_vec(y, (m, n), &Device::Cpu)
+        Tensor::from_vec(y, (m, width), &Device::Cpu)
     }
 
     /// Every row count the kernel takes (both of its shapes), output widths that leave warps and
@@ -238,10 +245,32 @@ mod tests {
                     let (x, x_ref) = randn(&[m, k], dtype, &Device::Cpu)?;
                     let want = x_ref.matmul(&w_ref.t()?)?;
                     for x_stride in [k, k + 3 * pack] {
-                        let got = dispatch!(dtype, skinny_gemm(&x, &w, x_stride))?;
+                        let got = dispatch!(dtype, skinny_gemm(&x, &w, x_stride, false))?;
                         let what = format!("{m}x{k} by {n}, rows {x_stride} apart");
                         assert_close(&got, &want, dtype, &what)?;
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The activated form: `w` stacks gate rows over up rows, and each output is
+    /// silu(gate) * up of the f32 sums, for every row count and output widths that leave
+    /// warps and outputs idle. (x is scaled so that sums stay near 1: each factor's rounding
+    /// error is multiplied by the other.)
+    #[test]
+    fn skinny_gemm_with_silu_matches_silu_of_an_f32_product() -> Result<()> {
+        for dtype in DTYPES {
+            for (half, k) in [(1, 8), (37, 64), (19, 1032)] {
+                let (w, w_ref) = randn(&[2 * half, k], dtype, &Device::Cpu)?;
+                for m in 1..=crate::SKINNY_MAX_ROWS {
+                    let (_, x) = randn(&[m, k], dtype, &Device::Cpu)?;
+                    let x = (x / (k as f64).sqrt())?.to_dtype(dtype)?;
+                    let x_ref = x.to_dtype(DType::F32)?;
+                    let want = crate::silu_and_mul(&x_ref.matmul(&w_ref.t()?)?)?;
+                    let got = dispatch!(dtype, skinny_gemm(&x, &w, k, true))?;
+                    assert_close(&got, &want, dtype, &format!("{m}x{k} by 2x{half}"))?;
                 }
             }
         }

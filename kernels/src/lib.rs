@@ -27,7 +27,7 @@ pub use activation::{silu_and_mul, silu_mul};
 pub use cache::reshape_and_cache;
 pub use device::{cuda_device, cuda_if_available, free_memory, keep_freed_memory};
 pub use math::exp_nonpositive;
-pub use matmul::{linear, SKINNY_MAX_ROWS};
+pub use matmul::{linear, linear_silu_and_mul, SKINNY_MAX_ROWS};
 pub use norm::{add_rms_norm, rms_norm};
 pub use paged_attention::{
     paged_attention, paged_attention_reference, prepare_attention, AttentionMeta, SeqAttention,

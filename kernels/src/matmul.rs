@@ -31,9 +31,21 @@ pub(crate) fn skinny_shape(m: usize) -> (&'static str, usize) {
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda::fits(x, w)? {
-        return cuda::skinny_gemm(x, w);
+        return cuda::skinny_gemm(x, w, false);
     }
     x.broadcast_matmul(&w.t()?)
+}
+
+/// [`crate::silu_and_mul`] of [`linear`]: for `w` stacking a gate projection over an up
+/// projection (`[2 * out, in]`), `silu(x · gateᵀ) * (x · upᵀ)`, `[.., out]`. Where the skinny
+/// kernel takes the product, it applies the activation to its sums before it writes them (one
+/// launch and one write of the MLP's widest activations fewer a layer).
+pub fn linear_silu_and_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if w.dim(0)?.is_multiple_of(2) && cuda::fits(x, w)? {
+        return cuda::skinny_gemm(x, w, true);
+    }
+    crate::silu_and_mul(&linear(x, w)?)
 }
 
 #[cfg(feature = "cuda")]
@@ -69,20 +81,23 @@ mod cuda {
             && cu::is_packed(w))
     }
 
-    pub(super) fn skinny_gemm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    /// `x · wᵀ`, or with `silu` the activation of its halves (`w` has an even number of rows).
+    pub(super) fn skinny_gemm(x: &Tensor, w: &Tensor, silu: bool) -> Result<Tensor> {
         let x = cu::packed(x)?;
-        dispatch_float!(x.dtype(), launch(&x, w))
+        dispatch_float!(x.dtype(), launch(&x, w, silu))
     }
 
-    fn launch<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn launch<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, silu: bool) -> Result<Tensor> {
         let dev = x.device().as_cuda_device()?;
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
+        let width = if silu { n / 2 } else { n };
         let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("checked by fits") = n;
+        *shape.last_mut().expect("checked by fits") = width;
         let (entry, cols) = skinny_shape(m);
         let name = format!(
-            "{entry}_{}",
+            "{entry}{}_{}",
+            if silu { "_silu" } else { "" },
             cu::type_name(x.dtype()).expect("checked by fits")
         );
         let func = cu::MATMUL.function(dev, &name)?;
@@ -90,8 +105,8 @@ mod cuda {
         let (w_storage, w_layout) = w.storage_and_layout();
         let xs = cu::view::<T>(&x_storage, x_layout)?;
         let ws = cu::view::<T>(&w_storage, w_layout)?;
-        // SAFETY: the kernel writes all m × n outputs.
-        let mut y = unsafe { dev.alloc::<T>(m * n)? };
+        // SAFETY: the kernel writes all m × width outputs.
+        let mut y = unsafe { dev.alloc::<T>(m * width)? };
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(SKINNY_WARPS * cols) as u32, 1, 1),
             block_dim: ((SKINNY_WARPS * 32) as u32, 1, 1),
@@ -112,9 +127,9 @@ mod cuda {
 
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests {
-    use candle_core::{Device, Result};
+    use candle_core::{DType, Device, Result};
 
-    use super::{linear, SKINNY_MAX_ROWS};
+    use super::{linear, linear_silu_and_mul, SKINNY_MAX_ROWS};
     use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
 
     /// The skinny kernel against the same product in f32 on the CPU, for every row count it
@@ -138,6 +153,31 @@ mod cuda_tests {
                     );
                     let got = linear(&x, &w)?.to_device(&Device::Cpu)?;
                     assert_close(&got, &want, dtype, &format!("{dtype:?} {m}x{k} by {n}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The activated product (the skinny kernel's up to its row limit, cuBLAS then the
+    /// activation past it) against the activation of the f32 product on the CPU. x is scaled
+    /// so that sums stay near 1: each factor's rounding error is multiplied by the other.
+    #[test]
+    fn activated_products_match_the_cpu() -> Result<()> {
+        let Some(dev) = cuda_device() else {
+            return Ok(());
+        };
+        for dtype in DTYPES {
+            for (half, k) in [(37, 64), (1000, 4096)] {
+                let (w, w_ref) = randn(&[2 * half, k], dtype, &dev)?;
+                for m in (1..=SKINNY_MAX_ROWS + 1).step_by(2) {
+                    let (_, x) = randn(&[m, k], dtype, &Device::Cpu)?;
+                    let x = (x / (k as f64).sqrt())?.to_dtype(dtype)?;
+                    let x_ref = x.to_dtype(DType::F32)?;
+                    let want = crate::silu_and_mul(&x_ref.matmul(&w_ref.t()?)?)?;
+                    let got = linear_silu_and_mul(&x.to_device(&dev)?, &w)?;
+                    let what = format!("{dtype:?} {m}x{k} by 2x{half}");
+                    assert_close(&got.to_device(&Device::Cpu)?, &want, dtype, &what)?;
                 }
             }
         }

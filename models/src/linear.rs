@@ -88,4 +88,17 @@ impl Linear {
             Self::Quantized(q) => q.forward(x),
         }
     }
+
+    /// `silu(gate) * up` of [`Self::forward`] for a layer that stacks a gate projection over an
+    /// up projection; dense layers take it in one kernel where the product is skinny.
+    pub fn forward_silu_and_mul(
+        &self,
+        x: &Tensor,
+        precise_rows: &[bool],
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(w) => candela_kernels::linear_silu_and_mul(x, w),
+            _ => candela_kernels::silu_and_mul(&self.forward(x, precise_rows)?),
+        }
+    }
 }

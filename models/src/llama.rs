@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use candela_kernels::{
-    add_rms_norm, paged_attention, prepare_attention, rms_norm, rotary_and_cache, silu_and_mul,
-    silu_mul, RopeLayout,
+    add_rms_norm, paged_attention, prepare_attention, rms_norm, rotary_and_cache, silu_mul,
+    RopeLayout,
 };
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
@@ -88,7 +88,7 @@ impl GateUp {
     /// `silu(gate(h)) * up(h)`.
     fn forward(&self, h: &Tensor, rows: &[bool]) -> candle_core::Result<Tensor> {
         match self {
-            Self::Stacked(both) => silu_and_mul(&both.forward(h, rows)?),
+            Self::Stacked(both) => both.forward_silu_and_mul(h, rows),
             Self::Split { gate, up } => silu_mul(&gate.forward(h, rows)?, &up.forward(h, rows)?),
         }
     }

@@ -371,6 +371,18 @@ mod tests {
         ))
     }
 
+    /// Rotary tables (`[tokens, head_dim / 2]` cos and sin) for `positions` with frequency
+    /// base `base`.
+    fn rope_tables(positions: &[f32], head_dim: usize, base: f32) -> Result<(Tensor, Tensor)> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1. / base.powf(2. * i as f32 / head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, head_dim / 2), &Device::Cpu)?;
+        let pos = Tensor::new(positions, &Device::Cpu)?.reshape((positions.len(), 1))?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        Ok((freqs.cos()?, freqs.sin()?))
+    }
+
     #[test]
     fn rotary_both_layouts_match_candle() -> Result<()> {
         let dev = Device::Cpu;
@@ -378,13 +390,7 @@ mod tests {
         let tokens = positions.len();
         for dtype in DTYPES {
             for head_dim in [64, 128] {
-                let inv: Vec<f32> = (0..head_dim / 2)
-                    .map(|i| 1. / 10_000f32.powf(2. * i as f32 / head_dim as f32))
-                    .collect();
-                let inv = Tensor::from_vec(inv, (1, head_dim / 2), &dev)?;
-                let pos = Tensor::new(&positions, &dev)?.reshape((tokens, 1))?;
-                let freqs = pos.broadcast_mul(&inv)?;
-                let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+                let (cos, sin) = rope_tables(&positions, head_dim, 10_000.)?;
                 let (q, q_ref) = randn(&[tokens, 8, head_dim], dtype, &dev)?;
                 let (k, k_ref) = randn(&[tokens, 2, head_dim], dtype, &dev)?;
                 for layout in [RopeLayout::HalfSplit, RopeLayout::Interleaved] {
@@ -415,13 +421,7 @@ mod tests {
         let num_slots = 16usize;
         for dtype in DTYPES {
             for head_dim in [64, 128] {
-                let inv: Vec<f32> = (0..head_dim / 2)
-                    .map(|i| 1. / 500_000f32.powf(2. * i as f32 / head_dim as f32))
-                    .collect();
-                let inv = Tensor::from_vec(inv, (1, head_dim / 2), &dev)?;
-                let pos = Tensor::new(&positions, &dev)?.reshape((positions.len(), 1))?;
-                let freqs = pos.broadcast_mul(&inv)?;
-                let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+                let (cos, sin) = rope_tables(&positions, head_dim, 500_000.)?;
                 let (heads, kv_heads) = (4, 2);
                 let (qkv, qkv_ref) = randn(
                     &[positions.len(), heads + 2 * kv_heads, head_dim],

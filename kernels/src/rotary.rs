@@ -104,7 +104,9 @@ pub fn rotary_and_cache(
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::{
+        CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda::{CudaDType, WrapErr};
     use candle_core::{DType, Result, Tensor};
 
@@ -125,6 +127,34 @@ mod cuda {
             && on(cos)
             && on(sin)
             && half.is_multiple_of(cu::pack_len(q.dtype()))
+    }
+
+    /// The kernel for `layout` and q's dtype, plain or writing the caches.
+    fn function(q: &Tensor, layout: RopeLayout, cached: bool) -> Result<CudaFunction> {
+        let ty = cu::type_name(q.dtype()).expect("checked by fits");
+        let layout = match layout {
+            RopeLayout::HalfSplit => "",
+            RopeLayout::Interleaved => "_interleaved",
+        };
+        let cache = if cached { "_cache" } else { "" };
+        let dev = q.device().as_cuda_device()?;
+        cu::ROTARY.function(dev, &format!("rotary{layout}{cache}_{ty}"))
+    }
+
+    /// A CTA per token, a thread per unit of its work: a pack of one head of q or k (a pair of
+    /// packs when half-split), at most 256 threads.
+    fn config(q: &Tensor, kv_heads: usize, layout: RopeLayout) -> Result<LaunchConfig> {
+        let (tokens, heads, head_dim) = q.dims3()?;
+        let units = (heads + kv_heads) * head_dim / cu::pack_len(q.dtype());
+        let units = match layout {
+            RopeLayout::HalfSplit => units / 2,
+            RopeLayout::Interleaved => units,
+        };
+        Ok(LaunchConfig {
+            grid_dim: (cu::int(tokens)? as u32, 1, 1),
+            block_dim: (units.next_multiple_of(32).min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        })
     }
 
     pub(super) fn rotary_embedding(
@@ -150,12 +180,7 @@ mod cuda {
         let dev = q.device().as_cuda_device()?;
         let (tokens, heads, head_dim) = q.dims3()?;
         let kv_heads = k.dim(1)?;
-        let ty = cu::type_name(q.dtype()).expect("checked by fits");
-        let name = match layout {
-            RopeLayout::HalfSplit => format!("rotary_{ty}"),
-            RopeLayout::Interleaved => format!("rotary_interleaved_{ty}"),
-        };
-        let func = cu::ROTARY.function(dev, &name)?;
+        let func = function(q, layout, false)?;
         let (q_storage, q_layout) = q.storage_and_layout();
         let (k_storage, k_layout) = k.storage_and_layout();
         let (c_storage, c_layout) = cos.storage_and_layout();
@@ -171,17 +196,7 @@ mod cuda {
                 dev.alloc::<T>(k.elem_count())?,
             )
         };
-        // Units of work per token: packs of all heads (pairs of packs when half-split).
-        let units = (heads + kv_heads) * head_dim / cu::pack_len(q.dtype());
-        let units = match layout {
-            RopeLayout::HalfSplit => units / 2,
-            RopeLayout::Interleaved => units,
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (cu::int(tokens)? as u32, 1, 1),
-            block_dim: (units.next_multiple_of(32).min(256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(q, kv_heads, layout)?;
         let (heads_i, kv_heads_i, head_dim_i) =
             (cu::int(heads)?, cu::int(kv_heads)?, cu::int(head_dim)?);
         let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("cu::rows gave rows"));
@@ -269,12 +284,7 @@ mod cuda {
         let dev = q.device().as_cuda_device()?;
         let (tokens, heads, head_dim) = q.dims3()?;
         let kv_heads = k.dim(1)?;
-        let ty = cu::type_name(q.dtype()).expect("checked by fused_fits");
-        let name = match layout {
-            RopeLayout::HalfSplit => format!("rotary_cache_{ty}"),
-            RopeLayout::Interleaved => format!("rotary_interleaved_cache_{ty}"),
-        };
-        let func = cu::ROTARY.function(dev, &name)?;
+        let func = function(q, layout, true)?;
         let ((qs, ql), (ks, kl)) = (q.storage_and_layout(), k.storage_and_layout());
         let (vs, vl) = v.storage_and_layout();
         let ((cs, cl), (ss, sl)) = (cos.storage_and_layout(), sin.storage_and_layout());
@@ -292,16 +302,7 @@ mod cuda {
         let (k_cache_view, v_cache_view) = (cu::view::<T>(&kcs, kcl)?, cu::view::<T>(&vcs, vcl)?);
         // SAFETY: the kernel writes every element of q_out.
         let mut q_out = unsafe { dev.alloc::<T>(q.elem_count())? };
-        let units = (heads + kv_heads) * head_dim / cu::pack_len(q.dtype());
-        let units = match layout {
-            RopeLayout::HalfSplit => units / 2,
-            RopeLayout::Interleaved => units,
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (cu::int(tokens)? as u32, 1, 1),
-            block_dim: (units.next_multiple_of(32).min(256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(q, kv_heads, layout)?;
         let row_len = kv_heads * head_dim;
         // Every u32 slot is below a count past u32::MAX.
         let num_slots = u32::try_from(k_cache.elem_count() / row_len).unwrap_or(u32::MAX);

@@ -105,11 +105,16 @@ __device__ float largest_threshold(const float *logits, int vocab, float max, fl
         sh.hist[threadIdx.x] = 0;
         if (threadIdx.x == 0) sh.found = 0;
         __syncthreads();
+        // Weights of 0 (often most of the vocabulary at a low temperature) are left out rather
+        // than queued on bucket 0's one shared address, and so are masses of 0. That changes no
+        // answer: the threshold is never 0 unless the nonzero weights fall short, and then the
+        // search returns lo, which is 0 wherever zeros could count (top-k).
         for (int i = threadIdx.x; i < vocab; i += THREADS) {
             const float w = weight(logits[i], max, scale_log2);
             const unsigned bits = __float_as_uint(w);
-            if (w >= lo && (bits >> shift >> DIGIT) == prefix)
-                atomicAdd(&sh.hist[(bits >> shift) % BUCKETS], COUNT ? 1ull : fixed(w));
+            const u64 measure = COUNT ? 1ull : fixed(w);
+            if (w >= lo && bits != 0 && measure != 0 && (bits >> shift >> DIGIT) == prefix)
+                atomicAdd(&sh.hist[(bits >> shift) % BUCKETS], measure);
         }
         __syncthreads();
         // Thread j takes bucket BUCKETS - 1 - j, so a scan in thread order sums from the top.

@@ -41,22 +41,7 @@ pub fn rotary_embedding(
     sin: &Tensor,
     layout: RopeLayout,
 ) -> Result<(Tensor, Tensor)> {
-    let (tokens, _, head_dim) = q.dims3()?;
-    let (k_tokens, _, k_head_dim) = k.dims3()?;
-    if k_tokens != tokens
-        || k_head_dim != head_dim
-        || !head_dim.is_multiple_of(2)
-        || cos.dims2()? != (tokens, head_dim / 2)
-        || sin.dims2()? != (tokens, head_dim / 2)
-    {
-        candle_core::bail!(
-            "rotary_embedding: q {:?}, k {:?}, cos {:?}, sin {:?}",
-            q.shape(),
-            k.shape(),
-            cos.shape(),
-            sin.shape()
-        );
-    }
+    check_shapes("rotary_embedding", q, k, cos, sin)?;
     #[cfg(feature = "cuda")]
     if cuda::fits(q, k, cos, sin) {
         return cuda::rotary_embedding(q, k, cos, sin, layout);
@@ -77,6 +62,27 @@ pub fn rotary_embedding(
     Ok((rotate(q)?, rotate(k)?))
 }
 
+/// Refuses q, k, cos and sin that do not describe the same tokens and heads of one size.
+fn check_shapes(op: &str, q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
+    let (tokens, _, head_dim) = q.dims3()?;
+    let (k_tokens, _, k_head_dim) = k.dims3()?;
+    if k_tokens != tokens
+        || k_head_dim != head_dim
+        || !head_dim.is_multiple_of(2)
+        || cos.dims2()? != (tokens, head_dim / 2)
+        || sin.dims2()? != (tokens, head_dim / 2)
+    {
+        candle_core::bail!(
+            "{op}: q {:?}, k {:?}, cos {:?}, sin {:?}",
+            q.shape(),
+            k.shape(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    Ok(())
+}
+
 /// Rotates `q` and `k` as [`rotary_embedding`] does and writes the rotated `k` and `v`
 /// (`[tokens, kv_heads, head_dim]`) into their cache slots as [`crate::reshape_and_cache`]
 /// does; returns the rotated `q`. On CUDA one launch does all of it, the keys going straight
@@ -93,6 +99,16 @@ pub fn rotary_and_cache(
     v_cache: &Tensor,
     slots: &Tensor,
 ) -> Result<Tensor> {
+    check_shapes("rotary_and_cache", q, k, cos, sin)?;
+    if v.dims() != k.dims() || v_cache.dims() != k_cache.dims() {
+        candle_core::bail!(
+            "rotary_and_cache: k {:?}, v {:?}, k_cache {:?}, v_cache {:?}",
+            k.shape(),
+            v.shape(),
+            k_cache.shape(),
+            v_cache.shape()
+        );
+    }
     #[cfg(feature = "cuda")]
     if cuda::fused_fits(q, k, v, cos, sin, k_cache, v_cache, slots) {
         return cuda::rotary_and_cache(q, k, v, cos, sin, layout, k_cache, v_cache, slots);
@@ -297,8 +313,9 @@ mod cuda {
         );
         let (cos_view, sin_view) = (cu::view::<f32>(&cs, cl)?, cu::view::<f32>(&ss, sl)?);
         let slot_view = cu::view::<u32>(&slot_s, slot_l)?;
-        // The caches are written through views of their storage: they are the engine's own,
-        // touched only by kernels on this stream, and never by the host while a step runs.
+        // The caches are written through views of their storage (cudarc records a read): they
+        // are the engine's own, touched only by kernels on the device's one stream, and never by
+        // the host while a step runs. A second stream reading them would need an event here.
         let (k_cache_view, v_cache_view) = (cu::view::<T>(&kcs, kcl)?, cu::view::<T>(&vcs, vcl)?);
         // SAFETY: the kernel writes every element of q_out.
         let mut q_out = unsafe { dev.alloc::<T>(q.elem_count())? };

@@ -575,8 +575,8 @@ mod emu_tests {
     /// The kernel, run on the CPU emulator (the same exp2 as the reference's), picks exactly
     /// the reference's token for the same draw with every kind of cut: its radix selection
     /// finds the thresholds that ranking finds, and fixed-point masses leave no rounding
-    /// boundary. Spread logits, then logits of a few values only, where every cut falls
-    /// among ties.
+    /// boundary. Spread logits; logits of a few values only, where every cut falls among ties;
+    /// and logits so far apart that most weights underflow to 0 (counted apart in the kernel).
     #[test]
     fn kernel_matches_the_reference() {
         let vocab = 3000;
@@ -594,7 +594,10 @@ mod emu_tests {
         let tied: Vec<f32> = (0..rows.len() * vocab)
             .map(|_| (next() * 6.0).floor() * 0.5)
             .collect();
-        for logits in [spread, tied] {
+        let far: Vec<f32> = (0..rows.len() * vocab)
+            .map(|_| next() * 400.0 - 200.0)
+            .collect();
+        for logits in [spread, tied, far] {
             let got = kernel(&logits, &rows);
             let want: Vec<u32> = logits
                 .chunks(vocab)

@@ -313,9 +313,9 @@ mod cuda {
         );
         let (cos_view, sin_view) = (cu::view::<f32>(&cs, cl)?, cu::view::<f32>(&ss, sl)?);
         let slot_view = cu::view::<u32>(&slot_s, slot_l)?;
-        // The caches are written through views of their storage (cudarc records a read): they
-        // are the engine's own, touched only by kernels on the device's one stream, and never by
-        // the host while a step runs. A second stream reading them would need an event here.
+        // The caches are written through views of their storage: they are the engine's own,
+        // touched only by kernels on the device's one stream (see `cuda_device`, which turns
+        // cudarc's cross-stream event tracking off), and never by the host while a step runs.
         let (k_cache_view, v_cache_view) = (cu::view::<T>(&kcs, kcl)?, cu::view::<T>(&vcs, vcl)?);
         // SAFETY: the kernel writes every element of q_out.
         let mut q_out = unsafe { dev.alloc::<T>(q.elem_count())? };

@@ -345,6 +345,45 @@ mod cuda {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor};
+
+    use super::{rotary_and_cache, RopeLayout};
+
+    /// Shapes that do not describe the same tokens, heads and caches are refused before any
+    /// cache is written.
+    #[test]
+    fn rotary_and_cache_refuses_mismatched_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let t = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev);
+        let (q, k, v) = (t(&[3, 4, 8])?, t(&[3, 2, 8])?, t(&[3, 2, 8])?);
+        let (cos, sin) = (t(&[3, 4])?, t(&[3, 4])?);
+        let cache = t(&[2, 4, 2, 8])?;
+        let slots = Tensor::new(&[0u32, 1, 2], &dev)?;
+        let run = |q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, v_cache: &Tensor| {
+            let layout = RopeLayout::HalfSplit;
+            rotary_and_cache(q, k, v, cos, &sin, layout, &cache, v_cache, &slots)
+        };
+        assert_eq!(run(&q, &k, &v, &cos, &cache)?.dims(), [3, 4, 8]);
+        assert!(
+            run(&t(&[2, 4, 8])?, &k, &v, &cos, &cache).is_err(),
+            "tokens"
+        );
+        assert!(
+            run(&q, &t(&[3, 2, 6])?, &v, &cos, &cache).is_err(),
+            "head_dim"
+        );
+        assert!(run(&q, &k, &t(&[3, 1, 8])?, &cos, &cache).is_err(), "v");
+        assert!(run(&q, &k, &v, &t(&[3, 3])?, &cache).is_err(), "cos");
+        assert!(
+            run(&q, &k, &v, &cos, &t(&[1, 4, 2, 8])?).is_err(),
+            "v_cache"
+        );
+        Ok(())
+    }
+}
+
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests {
     use candle_core::{DType, Device, Result, Tensor};

@@ -50,15 +50,29 @@ __device__ __forceinline__ float weight(float logit, float max, float scale_log2
     return w == w ? w : 0.f;
 }
 
-// Inclusive scan of `x` over the CTA in thread order. `sh.warp_totals` is reusable once it
-// returns.
-__device__ u64 block_scan(u64 x, Shared &sh) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// Sum over the warp, returned to every lane.
+__device__ __forceinline__ u64 warp_total(u64 x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// Inclusive scan over the warp's lanes.
+__device__ __forceinline__ u64 warp_scan(u64 x) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int offset = 1; offset < 32; offset <<= 1) {
         const u64 up = __shfl_up_sync(0xffffffffu, x, offset);
         if (lane >= offset) x += up;
     }
+    return x;
+}
+
+// Inclusive scan of `x` over the CTA in thread order. `sh.warp_totals` is reusable once it
+// returns.
+__device__ u64 block_scan(u64 x, Shared &sh) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    x = warp_scan(x);
     if (lane == 31) sh.warp_totals[warp] = x;
     __syncthreads();
     for (int w = 0; w < warp; ++w) x += sh.warp_totals[w];
@@ -69,8 +83,7 @@ __device__ u64 block_scan(u64 x, Shared &sh) {
 // Sum over the CTA, returned to every thread.
 __device__ u64 block_sum(u64 x, Shared &sh) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    x = warp_total(x);
     if (lane == 0) sh.warp_totals[warp] = x;
     __syncthreads();
     u64 total = 0;
@@ -192,33 +205,42 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         t = fmaxf(t, row.min_p);
     }
 
-    // The draw, over the kept tokens in index order: each thread takes a contiguous chunk, a
-    // scan gives the mass before it, and the thread whose chunk holds the draw walks it. Masses
-    // are exact integers, so exactly one chunk holds it.
-    const int chunk = (vocab + THREADS - 1) / THREADS;
-    const int begin = min(vocab, (int)threadIdx.x * chunk), end = min(vocab, begin + chunk);
+    // The draw, over the kept tokens in index order. Each warp takes a contiguous segment of
+    // the vocabulary, its lanes reading consecutive tokens (one line per load); the warps' masses
+    // give each segment the mass before it, and the warp whose segment holds the draw walks it
+    // 32 tokens at a time, a scan over the lanes finding the token. Masses are exact integers,
+    // so exactly one segment, and in it one token, holds the draw.
+    const int seg = (vocab + WARPS - 1) / WARPS;
+    const int seg_begin = min(vocab, warp * seg), seg_end = min(vocab, seg_begin + seg);
     u64 mass = 0;
-    for (int i = begin; i < end; ++i) {
+    for (int i = seg_begin + lane; i < seg_end; i += 32) {
         const float w = weight(logits[i], max, scale_log2);
         if (w >= t) mass += fixed(w);
     }
-    const u64 through = block_scan(mass, sh);
-    if (threadIdx.x == THREADS - 1) sh.above = through; // the kept mass
-    if (threadIdx.x == 0) sh.found = argmax;            // kept nothing (min_p above 1)
+    mass = warp_total(mass);
+    if (lane == 0) sh.warp_totals[warp] = mass;
+    if (threadIdx.x == 0) sh.found = argmax; // kept nothing (min_p above 1)
     __syncthreads();
-    const u64 kept = sh.above, before = through - mass;
+    u64 before = 0, kept = 0;
+    for (int w = 0; w < WARPS; ++w) {
+        if (w < warp) before += sh.warp_totals[w];
+        kept += sh.warp_totals[w];
+    }
     const u64 target = (u64)floor((double)row.uniform * (double)kept);
-    if (before <= target && target < through) {
+    if (before <= target && target < before + mass) { // uniform within the warp
         u64 acc = before;
-        for (int i = begin; i < end; ++i) {
-            const float w = weight(logits[i], max, scale_log2);
-            if (w >= t) {
-                acc += fixed(w);
-                if (target < acc) {
-                    sh.found = i;
-                    break;
-                }
+        for (int base = seg_begin; base < seg_end; base += 32) {
+            const int i = base + lane;
+            u64 m = 0;
+            if (i < seg_end) {
+                const float w = weight(logits[i], max, scale_log2);
+                if (w >= t) m = fixed(w);
             }
+            const u64 through = acc + warp_scan(m);
+            if (through - m <= target && target < through) sh.found = i;
+            const u64 next = __shfl_sync(0xffffffffu, through, 31);
+            if (target < next) break;
+            acc = next;
         }
     }
     __syncthreads();

@@ -151,7 +151,10 @@ __device__ float largest_threshold(const float *logits, int vocab, float max, fl
 } // namespace
 
 // Grid: rows; block: THREADS. logits: [rows, vocab] f32; rows: [rows] settings; out: [rows].
-extern "C" __global__ void __launch_bounds__(THREADS)
+// One CTA an SM is allowed all the registers it wants (some 60; two CTAs an SM would cap it at
+// 32 and spill): a lone row, a decode step of one sequence, is the case to make fast, and a
+// batch of rows takes two waves on an H100 rather than one.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
     sample_rows(unsigned *__restrict__ out, const float *__restrict__ all_logits,
                 const Row *__restrict__ rows, int vocab) {
     __shared__ Shared sh;

@@ -45,7 +45,8 @@ pub fn linear_silu_and_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.dim(0)?.is_multiple_of(2) && cuda::fits(x, w)? {
         return cuda::skinny_gemm(x, w, true);
     }
-    crate::silu_and_mul(&linear(x, w)?)
+    // Past here the skinny kernel has been ruled out (or an odd width is refused below).
+    crate::silu_and_mul(&x.broadcast_matmul(&w.t()?)?)
 }
 
 #[cfg(feature = "cuda")]

@@ -183,18 +183,23 @@ mod tests {
         assert_eq!(t.decode(&[5, 6], false).unwrap(), "w5 w6");
     }
 
-    #[test]
-    fn a_tiny_config_loads_with_the_right_shapes() {
-        let dir = std::env::temp_dir().join(format!("candela-dummy-{}", std::process::id()));
+    /// `json` as config.json in a fresh temporary folder of its own: `(folder, file)`.
+    fn config_file(tag: &str, json: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("candela-dummy-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.json");
-        std::fs::write(
-            &path,
+        std::fs::write(&path, json).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_tiny_config_loads_with_the_right_shapes() {
+        let (dir, path) = config_file(
+            "tiny",
             r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "vocab_size": 300, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}"#,
-        )
-        .unwrap();
+        );
         let m = load_dummy(&path, &Device::Cpu, DType::F32).unwrap();
         let cfg = m.model.config();
         assert_eq!((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), (2, 2, 16));
@@ -221,16 +226,12 @@ mod tests {
 
     #[test]
     fn weights_beyond_free_memory_are_refused_before_loading() {
-        let dir = std::env::temp_dir().join(format!("candela-dummy-big-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config.json");
-        std::fs::write(
-            &path,
+        let (dir, path) = config_file(
+            "big",
             r#"{"model_type": "llama", "hidden_size": 65536, "intermediate_size": 262144,
                 "num_hidden_layers": 400, "num_attention_heads": 512,
                 "vocab_size": 1000000, "max_position_embeddings": 256}"#,
-        )
-        .unwrap();
+        );
         let started = std::time::Instant::now();
         let e = load_dummy(&path, &Device::Cpu, DType::F32)
             .err()

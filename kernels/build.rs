@@ -75,6 +75,24 @@ fn emulator() {
         .flag("-fno-strict-aliasing")
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wno-sign-compare");
+    // CANDELA_EMU_SANITIZE=address,undefined (any of g++'s -fsanitize= lists) builds the kernels
+    // with those sanitizers: an out-of-bounds or misaligned access that a GPU would turn into a
+    // wrong number or a fault stops the test here, naming the line.
+    println!("cargo:rerun-if-env-changed=CANDELA_EMU_SANITIZE");
+    if let Some(list) = env::var("CANDELA_EMU_SANITIZE")
+        .ok()
+        .filter(|l| !l.is_empty())
+    {
+        build
+            .flag(format!("-fsanitize={list}"))
+            .flag("-fno-sanitize-recover=all")
+            .flag("-fno-omit-frame-pointer");
+        for (sanitizer, runtime) in [("address", "asan"), ("undefined", "ubsan")] {
+            if list.split(',').any(|s| s == sanitizer) {
+                println!("cargo:rustc-link-lib=dylib={runtime}");
+            }
+        }
+    }
     for file in [
         "runtime",
         "kernels",

@@ -4,7 +4,8 @@
 #   1. Python venv at .venv with openai + numpy (installed only when missing)
 #   2. cargo build --release, then `candela fetch` (default models into $CANDELA_HOME)
 #   3. cargo test --release --workspace, then the CUDA kernels' tests on the CPU emulator
-#      (candela-kernels --features cuda-emu; needs a C++ compiler)
+#      (candela-kernels --features cuda-emu; needs a C++ compiler), in three thread orders, the
+#      last under AddressSanitizer + UBSan
 #   4. candela serve on a free local port, wait for /health, run scripts/sdk_smoke.py
 #
 # Environment:
@@ -59,6 +60,20 @@ if [ "${SMOKE_ONLY:-0}" != 1 ]; then
     step "the CUDA kernels on the CPU emulator (cargo test -p candela-kernels --features cuda-emu)"
     if command -v c++ >/dev/null || command -v g++ >/dev/null; then
         cargo test --release -p candela-kernels --features cuda-emu emu
+        # A GPU runs a block's threads in no fixed order: the same tests with the emulator
+        # resuming threads (and running blocks) last to first, and then in a random order under
+        # AddressSanitizer + UBSan (an out-of-bounds or misaligned access stops the test at its
+        # line). The sanitized build has its own target folder, so the others stay built.
+        step "the same, threads and blocks in reverse order (CANDELA_EMU_ORDER=reverse)"
+        CANDELA_EMU_ORDER=reverse cargo test --release -p candela-kernels --features cuda-emu emu
+        if [ -f "$(g++ -print-file-name=libasan.so 2>/dev/null)" ]; then
+            step "the same, in random order, under AddressSanitizer + UBSan"
+            CANDELA_EMU_ORDER=shuffle CANDELA_EMU_SANITIZE=address,undefined \
+                ASAN_OPTIONS=detect_leaks=0 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/sanitize" \
+                cargo test --release -p candela-kernels --features cuda-emu emu
+        else
+            echo "SKIPPED the sanitized run: g++ has no libasan"
+        fi
     else
         echo "SKIPPED: no C++ compiler (install g++ to run them)"
     fi

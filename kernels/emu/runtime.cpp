@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "emu.h"
@@ -58,6 +59,38 @@ struct Block {
 thread_local Block *block = nullptr;
 
 int warp_of(int f) { return f / 32; }
+
+// The order the scheduler resumes fibers in, and runs blocks in: CANDELA_EMU_ORDER=forward (the
+// default), reverse, or shuffle (a new random order every round). A kernel whose threads or
+// blocks communicate without a barrier (a race on a GPU) gives different results under
+// different orders, so the tests run under each catch it.
+enum class Order { Forward, Reverse, Shuffle };
+
+Order order() {
+    static const Order o = [] {
+        const char *v = std::getenv("CANDELA_EMU_ORDER");
+        const std::string s = v ? v : "";
+        if (s.empty() || s == "forward") return Order::Forward;
+        if (s == "reverse") return Order::Reverse;
+        if (s == "shuffle") return Order::Shuffle;
+        std::fprintf(stderr, "cuda emulator: CANDELA_EMU_ORDER=%s: forward, reverse or shuffle\n",
+                     s.c_str());
+        std::abort();
+    }();
+    return o;
+}
+
+// 0..n-1 in the configured order (a fresh shuffle at each call).
+void arrange(std::vector<int> &seq, int n) {
+    seq.resize(n);
+    for (int i = 0; i < n; ++i) seq[i] = order() == Order::Reverse ? n - 1 - i : i;
+    if (order() != Order::Shuffle) return;
+    thread_local uint64_t state = 0x9e3779b97f4a7c15u;
+    for (int i = n - 1; i > 0; --i) {
+        state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+        std::swap(seq[i], seq[state % (uint64_t)(i + 1)]);
+    }
+}
 
 [[noreturn]] void fail(const std::string &what) {
     // Unwinding across fibers is not possible: report and leave the process.
@@ -167,9 +200,11 @@ void run_block(Block &b) {
         fb.ctx.uc_link = &b.scheduler;
         makecontext(&fb.ctx, fiber_main, 0);
     }
+    std::vector<int> seq;
     while (b.running > 0) {
         bool progressed = false;
-        for (int f = 0; f < n; ++f) {
+        arrange(seq, n);
+        for (const int f : seq) {
             Fiber &fb = b.fibers[f];
             if (fb.state != State::Runnable) continue;
             b.current = f;
@@ -216,12 +251,12 @@ extern "C" int candela_emu_launch(const char *name, const unsigned grid[3],
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block_dim[0], block_dim[1], block_dim[2]};
     block = &b;
-    for (unsigned z = 0; z < grid[2]; ++z)
-        for (unsigned y = 0; y < grid[1]; ++y)
-            for (unsigned x = 0; x < grid[0]; ++x) {
-                blockIdx = dim3{x, y, z};
-                run_block(b);
-            }
+    std::vector<int> blocks;
+    arrange(blocks, (int)(grid[0] * grid[1] * grid[2]));
+    for (const int i : blocks) {
+        blockIdx = dim3{i % grid[0], i / grid[0] % grid[1], i / (grid[0] * grid[1])};
+        run_block(b);
+    }
     block = nullptr;
     return 0;
 }

@@ -53,6 +53,25 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", src.display());
+        if cap.parse::<u32>().is_ok_and(|c| c >= 90) {
+            check_waits(&ptx);
+        }
+    }
+}
+
+/// From sm_90 the host launches every kernel as a programmatic dependent launch, which is only
+/// safe if each kernel waits for the one before (`begin_kernel` in cuda/common.cuh): checks that
+/// every entry point of `ptx` has a `griddepcontrol.wait`.
+fn check_waits(ptx: &Path) {
+    let text = std::fs::read_to_string(ptx).expect("nvcc wrote the PTX");
+    for entry in text.split(".entry ").skip(1) {
+        let name = entry.split('(').next().unwrap_or(entry).trim();
+        assert!(
+            entry.contains("griddepcontrol.wait"),
+            "kernel {name} in {} does not call begin_kernel() (cuda/common.cuh) before touching \
+             memory, so it cannot be launched after another kernel as a dependent launch",
+            ptx.display()
+        );
     }
 }
 

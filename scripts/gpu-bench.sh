@@ -24,6 +24,8 @@
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
 #   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
 #                (CANDELA_SKINNY_GEMM=0): the A/B of the few-row matmul kernel
+#   pdl-off      long-output at concurrency 1 and 8 with each kernel launched only once the one
+#                before has completed (CANDELA_PDL=0): the A/B of programmatic dependent launch
 #   pool-off     long-prompt at concurrency 32 and long-output at 128 with the device memory
 #                pool handing freed memory back at every step, CUDA's default
 #                (CANDELA_KEEP_FREED_MEMORY=0)
@@ -50,7 +52,7 @@ deadline=$((started + ${BUDGET_S:-540}))
 out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
-phases=" ${PHASES:-tests torch long-prompt long-output profile mma-off skinny-off pool-off} "
+phases=" ${PHASES:-tests torch long-prompt long-output profile pdl-off skinny-off mma-off pool-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
 concurrency="${CONCURRENCY:-1 256 128 32 8}"
 per="${PROMPTS_PER_CONCURRENCY:-1}"
@@ -220,6 +222,8 @@ if has profile; then
         rm -f "$work"/decode.nsys-rep "$work"/decode.qdrep "$work"/decode.sqlite
     fi
 fi
+has pdl-off && runs_with_server pdl-off \
+    "pdl-off:$out_len:$in_len:1 pdl-off:$out_len:$in_len:8" CANDELA_PDL=0
 has mma-off && runs_with_server mma-off "mma-off:$in_len:$out_len:1 mma-off:$in_len:$out_len:32" \
     CANDELA_ATTENTION_MMA=0
 has skinny-off && runs_with_server skinny-off \

@@ -30,6 +30,7 @@ __device__ __forceinline__ void silu_mul(T *__restrict__ out, const T *__restric
 #define SILU_MUL(NAME, TYPE)                                                                       \
     extern "C" __global__ void silu_mul_##NAME(TYPE *out, const TYPE *a, const TYPE *b,           \
                                                int rows, int n, int a_stride, int b_stride) {     \
+        begin_kernel();                                                                           \
         silu_mul<TYPE>(out, a, b, rows, n, a_stride, b_stride);                                   \
     }
 

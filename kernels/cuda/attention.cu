@@ -529,6 +529,7 @@ __device__ __forceinline__ void paged_prefill_mma(
         const TYPE *v_cache, const uint32_t *seq_info, const uint32_t *block_tables,             \
         const uint32_t *work, int heads, int kv_heads, int block_size, int max_blocks,           \
         int part_len, int num_parts, float scale_log2) {                                          \
+        begin_kernel();                                                                          \
         paged_attention<TYPE, D>(out, part_out, part_ml, q, k_cache, v_cache, seq_info,          \
                                  block_tables, work, heads, kv_heads, block_size, max_blocks,     \
                                  part_len, num_parts, scale_log2);                                \
@@ -536,6 +537,7 @@ __device__ __forceinline__ void paged_prefill_mma(
     extern "C" __global__ void __launch_bounds__(THREADS) paged_attention_reduce_##NAME##_d##D(   \
         TYPE *out, const float *part_out, const float *part_ml, const uint32_t *token_pos,       \
         int heads, int part_len, int num_parts) {                                                 \
+        begin_kernel();                                                                          \
         paged_attention_reduce<TYPE, D>(out, part_out, part_ml, token_pos, heads, part_len,      \
                                         num_parts);                                               \
     }
@@ -554,6 +556,7 @@ CANDELA_FOR_FLOAT_TYPES(ATTENTION_HEAD_DIMS)
         const TYPE *v_cache, const uint32_t *seq_info, const uint32_t *block_tables,             \
         const uint32_t *work, int heads, int kv_heads, int block_size, int max_blocks,           \
         int part_len, int num_parts, float scale_log2) {                                          \
+        begin_kernel();                                                                          \
         paged_prefill_mma<TYPE, D>(out, part_out, part_ml, q, k_cache, v_cache, seq_info,        \
                                    block_tables, work, heads, kv_heads, block_size, max_blocks,  \
                                    part_len, num_parts, scale_log2);                              \

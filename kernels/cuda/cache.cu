@@ -21,6 +21,7 @@ __device__ __forceinline__ void write_cache(T *__restrict__ cache, const T *__re
     extern "C" __global__ void write_cache_##NAME(TYPE *cache, const TYPE *rows,                  \
                                                   const uint32_t *slots, int row_len,             \
                                                   int row_stride, uint32_t num_slots) {           \
+        begin_kernel();                                                                           \
         write_cache<TYPE>(cache, rows, slots, row_len, row_stride, num_slots);                    \
     }
 

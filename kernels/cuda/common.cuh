@@ -69,6 +69,30 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+// Every kernel calls this before it touches global memory. On sm_90 and later the host launches
+// the kernels as programmatic dependent launches (`dependent_launch` in src/cuda.rs): a kernel's
+// blocks may become resident while the kernel before it in the stream is still finishing, and
+// `griddepcontrol.wait` holds each thread until that kernel has completed and its writes are
+// visible. `launch_dependents` then lets the kernel after this one be scheduled likewise, once
+// every block of this one has begun. Where the PTX targets an older GPU, the host launches
+// plainly and both are left out. (Reads of memory no kernel writes, such as weights, may come
+// before; the skinny GEMM prefetches its first weights into L2 there.)
+__device__ __forceinline__ void begin_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the line holding `p`: a hint that writes no register and that nothing waits for.
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("prefetch.L2 [%0];" ::"l"(p));
+#else
+    (void)p;
+#endif
+}
+
 } // namespace candela
 
 // Instantiates `KERNEL(NAME_SUFFIX, TYPE)` for the three float types the kernels take.

@@ -44,6 +44,16 @@ __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restri
         const int out = min(out0 + c % OUTS, width - 1);
         rows[c] = w + (size_t)(SILU && c >= OUTS ? width + out : out) * k;
     }
+    // While the kernel before (which writes x) finishes, the first packs of w this warp will load
+    // are fetched into L2: a prefetch only warms the cache, so it may precede the wait.
+#pragma unroll
+    for (int u = 0; u < SKINNY_UNROLL; ++u) {
+        const int p = lane + u * 32;
+#pragma unroll
+        for (int c = 0; c < SKINNY_COLS; ++c)
+            if (p < packs) prefetch_l2(rows[c] + (size_t)p * VEC);
+    }
+    begin_kernel();
 
     float acc[SKINNY_COLS][SKINNY_MAX_ROWS];
 #pragma unroll

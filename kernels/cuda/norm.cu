@@ -66,11 +66,13 @@ __device__ __forceinline__ void rms_norm(T *__restrict__ out, T *__restrict__ su
 #define RMS_NORM(NAME, TYPE)                                                                       \
     extern "C" __global__ void __launch_bounds__(1024)                                             \
         rms_norm_##NAME(TYPE *out, const TYPE *x, const TYPE *weight, int hidden, float eps) {     \
+        begin_kernel();                                                                            \
         rms_norm<TYPE, false>(out, nullptr, x, nullptr, weight, hidden, eps);                      \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024)                                             \
         add_rms_norm_##NAME(TYPE *out, TYPE *sum_out, const TYPE *x, const TYPE *residual,         \
                             const TYPE *weight, int hidden, float eps) {                           \
+        begin_kernel();                                                                            \
         rms_norm<TYPE, true>(out, sum_out, x, residual, weight, hidden, eps);                      \
     }
 

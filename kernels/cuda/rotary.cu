@@ -99,12 +99,14 @@ __device__ __forceinline__ void rotary_cache(T *__restrict__ q_out, T *__restric
     extern "C" __global__ void rotary_##NAME(                                                     \
         TYPE *q_out, TYPE *k_out, const TYPE *q, const TYPE *k, const float *cos,                 \
         const float *sin, int heads, int kv_heads, int head_dim, int q_stride, int k_stride) {    \
+        begin_kernel();                                                                           \
         rotary<TYPE, false>(q_out, k_out, q, k, cos, sin, heads, kv_heads, head_dim, q_stride,    \
                             k_stride);                                                             \
     }                                                                                              \
     extern "C" __global__ void rotary_interleaved_##NAME(                                         \
         TYPE *q_out, TYPE *k_out, const TYPE *q, const TYPE *k, const float *cos,                 \
         const float *sin, int heads, int kv_heads, int head_dim, int q_stride, int k_stride) {    \
+        begin_kernel();                                                                           \
         rotary<TYPE, true>(q_out, k_out, q, k, cos, sin, heads, kv_heads, head_dim, q_stride,     \
                            k_stride);                                                              \
     }                                                                                              \
@@ -112,6 +114,7 @@ __device__ __forceinline__ void rotary_cache(T *__restrict__ q_out, T *__restric
         TYPE *q_out, TYPE *k_cache, TYPE *v_cache, const TYPE *q, const TYPE *k, const TYPE *v,   \
         const float *cos, const float *sin, const uint32_t *slots, int heads, int kv_heads,       \
         int head_dim, int q_stride, int k_stride, int v_stride, uint32_t num_slots) {             \
+        begin_kernel();                                                                           \
         rotary_cache<TYPE, false>(q_out, k_cache, v_cache, q, k, v, cos, sin, slots, heads,       \
                                   kv_heads, head_dim, q_stride, k_stride, v_stride, num_slots);   \
     }                                                                                              \
@@ -119,6 +122,7 @@ __device__ __forceinline__ void rotary_cache(T *__restrict__ q_out, T *__restric
         TYPE *q_out, TYPE *k_cache, TYPE *v_cache, const TYPE *q, const TYPE *k, const TYPE *v,   \
         const float *cos, const float *sin, const uint32_t *slots, int heads, int kv_heads,       \
         int head_dim, int q_stride, int k_stride, int v_stride, uint32_t num_slots) {             \
+        begin_kernel();                                                                           \
         rotary_cache<TYPE, true>(q_out, k_cache, v_cache, q, k, v, cos, sin, slots, heads,        \
                                  kv_heads, head_dim, q_stride, k_stride, v_stride, num_slots);    \
     }

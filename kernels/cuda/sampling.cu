@@ -160,6 +160,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     __shared__ Shared sh;
     __shared__ float best_value[WARPS];
     __shared__ int best_index[WARPS];
+    begin_kernel();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float *logits = all_logits + (size_t)blockIdx.x * vocab;
     const Row row = rows[blockIdx.x];

@@ -139,10 +139,8 @@ impl candle_core::CustomOp1 for CpuSiluAndMul {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+    use candle_core::cuda::CudaDType;
     use candle_core::{CudaDevice, DType, Result, Tensor, D};
 
     use crate::cuda::{self as cu, dispatch_float};
@@ -210,11 +208,11 @@ mod cuda {
         };
         let (rows, n, stride) = (cu::int(rows)?, cu::int(n)?, cu::int(stride)?);
         let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut out).arg(a).arg(b);
         args.arg(&rows).arg(&n).arg(&stride).arg(&stride);
         // SAFETY: argument types and order match `silu_mul_*` in cuda/activation.cu.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg) }?;
         Ok(out)
     }
 }

@@ -52,8 +52,8 @@ pub(crate) fn fits_cuda(cache: &Tensor, slots: &Tensor) -> bool {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig};
+    use candle_core::cuda::CudaDType;
     use candle_core::{
         CpuStorage, CudaStorage, DType, InplaceOp3, Layout, Result, Tensor, WithDType,
     };
@@ -159,7 +159,7 @@ mod cuda {
         let num_slots = u32::try_from(num_slots).unwrap_or(u32::MAX);
         let row_len = cu::int(row_len)?;
         let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut cache)
             .arg(&rows)
             .arg(&slots)
@@ -174,7 +174,7 @@ mod cuda {
         // SAFETY: argument types and order match `write_cache_*` in cuda/cache.cu; `write`
         // passed rows whose heads are contiguous, `row_stride` apart; the kernel skips slots
         // past the cache.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg) }?;
         Ok(())
     }
 }

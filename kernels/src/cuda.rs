@@ -3,7 +3,14 @@
 //!
 //! The kernels read and write 16 bytes at a time, so their operands go through [`packed`] first.
 
-use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaView};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use candle_core::cuda::cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    LaunchConfig, SyncOnDrop,
+};
 use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -37,6 +44,178 @@ impl Module {
         Ok(dev
             .get_or_load_custom_func(name, self.name, self.ptx)?
             .into_cuda_function())
+    }
+}
+
+/// The virtual architecture the PTX was built for (`CUDA_COMPUTE_CAP` at build time), e.g. 90.
+pub(crate) fn ptx_arch() -> u32 {
+    let digits: String = env!("CANDELA_CUDA_ARCH")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap_or(0)
+}
+
+/// Whether candela's kernels launch as programmatic dependent launches: the PTX was built for
+/// sm_90 or later (so every kernel starts with `griddepcontrol.wait`, see `begin_kernel` in
+/// cuda/common.cuh, and runs only on GPUs that have it) and `CANDELA_PDL` is not `0`.
+///
+/// A kernel so launched may be scheduled while the kernel before it in the stream is still
+/// finishing: its blocks become resident as the other's drain, and wait, before touching any
+/// memory, until that kernel has completed and its writes are visible. The launch latency and
+/// ramp of each kernel (some microseconds, against a decode step's few hundred launches) hide
+/// behind the tail of the one before, and the skinny GEMM meanwhile prefetches its first
+/// weights into L2.
+///
+/// Should the driver refuse the attribute, the launch is retried without it and no later launch
+/// asks for it (with a note on stderr).
+pub(crate) fn dependent_launch() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| {
+        ptx_arch() >= 90 && std::env::var("CANDELA_PDL").map_or(true, |v| v != "0")
+    });
+    enabled && !PDL_REFUSED.load(Ordering::Relaxed)
+}
+
+static PDL_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// One launch of a candela kernel, built like cudarc's `LaunchArgs` (the same `arg` calls, in the
+/// kernel's parameter order) and launched with `cuLaunchKernelEx`, so that it can carry the
+/// programmatic-dependent-launch attribute (see [`dependent_launch`]).
+pub(crate) struct Launch<'a> {
+    stream: &'a CudaStream,
+    func: &'a CudaFunction,
+    /// Each parameter's bytes (all of candela's parameters are pointers or 4-byte scalars).
+    values: Vec<u64>,
+    /// Held until the launch is queued: with cudarc's event tracking on, they record the
+    /// kernel's reads and writes on drop.
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+/// A kernel parameter: a device buffer or a scalar.
+pub(crate) trait KernelArg<'a> {
+    fn push(self, launch: &mut Launch<'a>);
+}
+
+impl<'a, T> KernelArg<'a> for &'a CudaSlice<T> {
+    fn push(self, launch: &mut Launch<'a>) {
+        let (ptr, guard) = self.device_ptr(launch.stream);
+        launch.values.push(ptr);
+        launch.guards.push(guard);
+    }
+}
+
+impl<'a, T> KernelArg<'a> for &'a mut CudaSlice<T> {
+    fn push(self, launch: &mut Launch<'a>) {
+        let (ptr, guard) = self.device_ptr_mut(launch.stream);
+        launch.values.push(ptr);
+        launch.guards.push(guard);
+    }
+}
+
+impl<'a, T> KernelArg<'a> for &'a CudaView<'_, T> {
+    fn push(self, launch: &mut Launch<'a>) {
+        let (ptr, guard) = self.device_ptr(launch.stream);
+        launch.values.push(ptr);
+        launch.guards.push(guard);
+    }
+}
+
+impl<'a, T> KernelArg<'a> for &'a mut CudaViewMut<'_, T> {
+    fn push(self, launch: &mut Launch<'a>) {
+        let (ptr, guard) = self.device_ptr_mut(launch.stream);
+        launch.values.push(ptr);
+        launch.guards.push(guard);
+    }
+}
+
+macro_rules! scalar_arg {
+    ($($ty:ty),*) => {$(
+        impl<'a> KernelArg<'a> for &$ty {
+            fn push(self, launch: &mut Launch<'a>) {
+                let mut value = 0u64;
+                // SAFETY: a value of at most 8 bytes into the start of a u64 (the kernel reads
+                // the parameter's size from the address it is given).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (self as *const $ty).cast::<u8>(),
+                        (&mut value as *mut u64).cast::<u8>(),
+                        size_of::<$ty>(),
+                    )
+                };
+                launch.values.push(value);
+            }
+        }
+    )*};
+}
+scalar_arg!(i32, u32, f32, u64);
+
+impl<'a> Launch<'a> {
+    pub(crate) fn new(stream: &'a CudaStream, func: &'a CudaFunction) -> Self {
+        Self {
+            stream,
+            func,
+            values: Vec::with_capacity(16),
+            guards: Vec::with_capacity(16),
+        }
+    }
+
+    /// The next parameter.
+    pub(crate) fn arg(&mut self, arg: impl KernelArg<'a>) -> &mut Self {
+        arg.push(self);
+        self
+    }
+
+    /// Queues the kernel on the stream.
+    ///
+    /// # Safety
+    /// The parameters must match the kernel's in number, order and type, and the kernel must
+    /// stay within the memory they give it.
+    pub(crate) unsafe fn launch(mut self, cfg: LaunchConfig) -> Result<()> {
+        let mut params: Vec<*mut c_void> = self
+            .values
+            .iter_mut()
+            .map(|v| (v as *mut u64).cast())
+            .collect();
+        // SAFETY: zeroed is a valid CUlaunchAttribute (a plain C struct).
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(dependent_launch()),
+        };
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(candle_core::Error::wrap)?;
+        let func = self.func.cu_function();
+        // SAFETY: the function and stream are live; `params` points at one value per kernel
+        // parameter (the caller's contract), all alive until the call returns.
+        let launch = |config: &sys::CUlaunchConfig, params: &mut [*mut c_void]| unsafe {
+            sys::cuLaunchKernelEx(config, func, params.as_mut_ptr(), std::ptr::null_mut()).result()
+        };
+        let mut result = launch(&config, &mut params);
+        if result.is_err() && config.numAttrs > 0 {
+            // A refused launch queued nothing: if it goes plainly, the attribute was the cause.
+            config.numAttrs = 0;
+            result = launch(&config, &mut params);
+            if result.is_ok() && !PDL_REFUSED.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "candela-kernels: the driver refused programmatic dependent launches; \
+                     launching kernels plainly"
+                );
+            }
+        }
+        result.map_err(candle_core::Error::wrap)
     }
 }
 

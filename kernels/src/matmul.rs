@@ -53,8 +53,8 @@ pub fn linear_silu_and_mul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 mod cuda {
     use std::sync::OnceLock;
 
-    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig};
+    use candle_core::cuda::CudaDType;
     use candle_core::{Result, Tensor, D};
 
     use super::{skinny_shape, SKINNY_MAX_ROWS, SKINNY_WARPS};
@@ -115,12 +115,12 @@ mod cuda {
         };
         let (m, n, k) = (cu::int(m)?, cu::int(n)?, cu::int(k)?);
         let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut y).arg(&xs).arg(&ws);
         args.arg(&m).arg(&n).arg(&k).arg(&k);
         // SAFETY: argument types and order match `skinny_gemm_*` in cuda/matmul.cu; x and w are
         // packed, so every row starts 16-byte aligned and k is a whole number of packs.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg) }?;
         drop((x_storage, w_storage));
         Ok(cu::tensor(y, dev, shape))
     }

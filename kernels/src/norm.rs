@@ -42,8 +42,8 @@ pub fn add_rms_norm(
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig};
+    use candle_core::cuda::CudaDType;
     use candle_core::{Result, Tensor, D};
 
     use crate::cuda::{self as cu, dispatch_float};
@@ -108,14 +108,14 @@ mod cuda {
         let sum = match residual {
             None => {
                 let func = cu::NORM.function(dev, &format!("rms_norm_{ty}"))?;
-                let mut args = stream.launch_builder(&func);
+                let mut args = cu::Launch::new(&stream, &func);
                 args.arg(&mut out)
                     .arg(&x_view)
                     .arg(&w_view)
                     .arg(&hidden)
                     .arg(&eps);
                 // SAFETY: argument types and order match `rms_norm_*` in cuda/norm.cu.
-                unsafe { args.launch(cfg) }.w()?;
+                unsafe { args.launch(cfg) }?;
                 None
             }
             Some(residual) => {
@@ -123,11 +123,11 @@ mod cuda {
                 let r_view = cu::view::<T>(&r_storage, r_layout)?;
                 let mut sum = unsafe { dev.alloc::<T>(x.elem_count())? };
                 let func = cu::NORM.function(dev, &format!("add_rms_norm_{ty}"))?;
-                let mut args = stream.launch_builder(&func);
+                let mut args = cu::Launch::new(&stream, &func);
                 args.arg(&mut out).arg(&mut sum).arg(&x_view).arg(&r_view);
                 args.arg(&w_view).arg(&hidden).arg(&eps);
                 // SAFETY: argument types and order match `add_rms_norm_*` in cuda/norm.cu.
-                unsafe { args.launch(cfg) }.w()?;
+                unsafe { args.launch(cfg) }?;
                 Some(cu::tensor(sum, dev, x.shape()))
             }
         };

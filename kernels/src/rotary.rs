@@ -120,10 +120,8 @@ pub fn rotary_and_cache(
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda::cudarc::driver::{
-        CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
+    use candle_core::cuda::CudaDType;
     use candle_core::{DType, Result, Tensor};
 
     use super::RopeLayout;
@@ -218,7 +216,7 @@ mod cuda {
         let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("cu::rows gave rows"));
         let (q_stride, k_stride) = (stride(q)?, stride(k)?);
         let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut q_out)
             .arg(&mut k_out)
             .arg(&q_view)
@@ -228,7 +226,7 @@ mod cuda {
         args.arg(&q_stride).arg(&k_stride);
         // SAFETY: argument types and order match `rotary_*` in cuda/rotary.cu; the strides come
         // from q's and k's layouts.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg) }?;
         Ok((
             cu::tensor(q_out, dev, (tokens, heads, head_dim)),
             cu::tensor(k_out, dev, (tokens, kv_heads, head_dim)),
@@ -328,7 +326,7 @@ mod cuda {
         let stride = |t: &Tensor| cu::int(cu::row_stride(t).expect("cu::rows gave rows"));
         let (q_stride, k_stride, v_stride) = (stride(q)?, stride(k)?, stride(v)?);
         let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut q_out).arg(&k_cache_view).arg(&v_cache_view);
         args.arg(&q_view).arg(&k_view).arg(&v_view);
         args.arg(&cos_view).arg(&sin_view).arg(&slot_view);
@@ -340,7 +338,7 @@ mod cuda {
         // SAFETY: argument types and order match `rotary_*cache_*` in cuda/rotary.cu; the
         // strides come from the layouts; the caches are packed `[num_slots, kv_heads *
         // head_dim]` (checked by fused_fits) and the kernel skips slots past them.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg) }?;
         Ok(cu::tensor(q_out, dev, (tokens, heads, head_dim)))
     }
 }

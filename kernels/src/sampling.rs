@@ -218,8 +218,8 @@ fn largest_threshold(weights: &[f32], lo: f32, need: u64, measure: impl Fn(f32) 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda::WrapErr;
+    use candle_core::cuda::cudarc::driver::LaunchConfig;
+
     use candle_core::{DType, Device, Result, Tensor};
 
     use super::{kernel_settings, RowSampling, THREADS};
@@ -241,7 +241,7 @@ mod cuda {
         let mut out = unsafe { dev.alloc::<u32>(n)? };
         let vocab = cu::int(vocab)?;
         let stream = dev.cuda_stream();
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut out).arg(&l_view).arg(&s_view).arg(&vocab);
         let cfg = LaunchConfig {
             grid_dim: (cu::int(n)? as u32, 1, 1),
@@ -249,7 +249,7 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         // SAFETY: argument types and order match `sample_rows` in cuda/sampling.cu.
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg) }?;
         drop((l_storage, s_storage));
         cu::tensor(out, dev, n).to_vec1::<u32>()
     }

@@ -13,6 +13,7 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
   prefill_tok_s            prompt tokens / mean TTFT of the one-stream run with the longer prompt
   output_throughput_vs_transformers
                            candela at concurrency B over transformers' generate at batch B
+  pdl_off_vs_on            TPOT and throughput with programmatic dependent launch off / on
   mma_off_vs_on            TTFT and throughput with the tensor-core prompt attention off / on
   skinny_off_vs_on         TPOT and throughput with the few-row matmul kernel off / on
   pool_off_vs_on           the same with the memory pool handing freed memory back every step
@@ -83,8 +84,8 @@ def main(dirs):
             ratios[f"batch_{g['batch']}"] = r["output_throughput"] / g["output_tok_s"]
     summary["output_throughput_vs_transformers"] = ratios
     # Each A/B run against the main run of the same lengths and concurrency.
-    for label, key in (("mma-off", "mma_off_vs_on"), ("skinny-off", "skinny_off_vs_on"),
-                       ("pool-off", "pool_off_vs_on")):
+    for label, key in (("pdl-off", "pdl_off_vs_on"), ("mma-off", "mma_off_vs_on"),
+                       ("skinny-off", "skinny_off_vs_on"), ("pool-off", "pool_off_vs_on")):
         ab = {}
         for r in runs.values():
             if r["label"] != label:

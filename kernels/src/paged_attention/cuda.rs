@@ -8,8 +8,8 @@
 
 use std::borrow::Cow;
 
-use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda::{CudaDType, WrapErr};
+use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig};
+use candle_core::cuda::CudaDType;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::plan::{max_rows, mma_tile_tokens, DeviceMeta, Launches, MetaKey, THREADS};
@@ -57,12 +57,7 @@ pub(super) fn paged_attention(
 fn mma_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
-        let arch: String = env!("CANDELA_CUDA_ARCH")
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        arch.parse::<u32>().is_ok_and(|a| a >= 80)
-            && std::env::var("CANDELA_ATTENTION_MMA").map_or(true, |v| v != "0")
+        cu::ptx_arch() >= 80 && std::env::var("CANDELA_ATTENTION_MMA").map_or(true, |v| v != "0")
     })
 }
 
@@ -175,7 +170,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     for (grid, kernel, items) in kernels {
         let Some(grid) = grid else { continue };
         let func = cu::ATTENTION.function(dev, &format!("{kernel}_{ty}_d{head_dim}"))?;
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut out);
         match &mut partials {
             Some((part_out, part_ml)) => args.arg(part_out).arg(part_ml),
@@ -192,19 +187,19 @@ fn launch<T: CudaDType + DeviceRepr>(
         // in cuda/attention.cu (the latter built for f16 and bf16, which `mma_tile_tokens`
         // requires, on sm_80 and later, which `mma_enabled` requires); DeviceMeta::new checked
         // every index the kernels derive from the metadata.
-        unsafe { args.launch(config(grid)) }.w()?;
+        unsafe { args.launch(config(grid)) }?;
     }
     if let (Some(grid), Some((part_out, part_ml))) = (plan.reduce, &partials) {
         let func =
             cu::ATTENTION.function(dev, &format!("paged_attention_reduce_{ty}_d{head_dim}"))?;
-        let mut args = stream.launch_builder(&func);
+        let mut args = cu::Launch::new(&stream, &func);
         args.arg(&mut out)
             .arg(part_out)
             .arg(part_ml)
             .arg(&positions);
         args.arg(&heads_i).arg(&part_len).arg(&num_parts);
         // SAFETY: argument types and order match `paged_attention_reduce_*`.
-        unsafe { args.launch(config(grid)) }.w()?;
+        unsafe { args.launch(config(grid)) }?;
     }
     Ok(cu::tensor(out, dev, (tokens, heads, head_dim)))
 }

@@ -18,6 +18,11 @@
 #   long-output  the same with the lengths swapped, on the same server; the two alternate, a
 #                concurrency at a time, in CONCURRENCY's order (one stream first, then the
 #                busiest), so that a short budget loses the least telling runs
+#   sharegpt-like  on the same server after the busiest pair: random prompts of ShareGPT's mean
+#                lengths as vLLM's benchmark sees them (SHAREGPT_LEN, "220:200" in:out), each
+#                drawn from ±90 % of it, SHAREGPT_PROMPTS (1000) of them at the highest of
+#                CONCURRENCY: the load of vLLM's published throughput (no ShareGPT file can be
+#                fetched there)
 #   profile      where a one-stream decode step's GPU time goes, per kernel (Nsight Systems, where
 #                the machine has it; nsys-kernels.csv and nsys-api.csv)
 #   mma-off      long-prompt at concurrency 1 and 32 with the tensor-core prompt attention off
@@ -36,6 +41,7 @@
 # python3 scripts/gpu/summary.py DIR... (each DIR an unpacked gpu-bench.tar.gz).
 #
 # Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 256 128 32 8"),
+# SHAREGPT_LEN ("220:200"), SHAREGPT_PROMPTS (1000),
 # PROMPTS_PER_CONCURRENCY (1; at least 2 prompts a run), INPUT_LEN (1024), OUTPUT_LEN (128),
 # BATCH_TORCH (128), TESTS_S (75: each crate's tests), TORCH_S (120), CANDELA_FLAGS (extra
 # `serve` flags), TORCH_FLAGS (extra torch_baseline.py flags). To try the script out without a
@@ -52,7 +58,7 @@ deadline=$((started + ${BUDGET_S:-540}))
 out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
-phases=" ${PHASES:-tests torch long-prompt long-output profile pdl-off skinny-off mma-off pool-off} "
+phases=" ${PHASES:-tests torch long-prompt long-output sharegpt-like profile pdl-off skinny-off mma-off pool-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
 concurrency="${CONCURRENCY:-1 256 128 32 8}"
 per="${PROMPTS_PER_CONCURRENCY:-1}"
@@ -144,9 +150,10 @@ stop_server() {
     wait "$server" 2>/dev/null || true
     server=
 }
-bench() { # label input_len output_len concurrency
+bench() { # label input_len output_len concurrency [range_ratio]
     local n=$(($4 * per)) budget=$(($(left) / runs_left)) name="candela-$1-$2-$3-c$4"
     [ "$n" -ge 2 ] || n=2
+    [ "$1" = sharegpt-like ] && n=${SHAREGPT_PROMPTS:-1000}
     runs_left=$((runs_left - 1))
     if [ "$budget" -lt 20 ]; then
         say "skipped $name: ${budget}s of budget for it"
@@ -156,6 +163,7 @@ bench() { # label input_len output_len concurrency
     # On timeout's SIGTERM the bench stops and reports the requests that finished.
     timeout "$budget" $run "$bin" bench --base-url "http://127.0.0.1:$port" --tokenizer "$config" \
         --ignore-eos --random-input-len "$2" --random-output-len "$3" --max-concurrency "$4" \
+        --random-range-ratio "${5:-0}" \
         --num-prompts "$n" --num-warmups 1 --result-filename "$work/$name.json" \
         >"$work/$name.log" 2>&1 || say "$name failed or ran out of time"
     grep -E "^interrupted|Output token throughput|Mean TTFT|P99 ITL|Launch share" \
@@ -171,10 +179,10 @@ runs_with_server() { # label "label:input_len:output_len:concurrency ..." [serve
         stop_server
         return
     fi
-    local r l i o c
+    local r l i o c ratio
     for r in $list; do
-        IFS=: read -r l i o c <<<"$r"
-        bench "$l" "$i" "$o" "$c"
+        IFS=: read -r l i o c ratio <<<"$r"
+        bench "$l" "$i" "$o" "$c" "$ratio"
     done
     stop_server
 }
@@ -182,9 +190,12 @@ runs_with_server() { # label "label:input_len:output_len:concurrency ..." [serve
 # The main runs share one server; each gets an equal share of what is left for the runs still to
 # come. The A/Bs then share what the main runs left.
 main=""
+busiest=$(tr ' ' '\n' <<<"$concurrency" | sort -n | tail -1)
 for c in $concurrency; do
     has long-prompt && main="$main long-prompt:$in_len:$out_len:$c"
     has long-output && main="$main long-output:$out_len:$in_len:$c"
+    [ "$c" = "$busiest" ] && has sharegpt-like &&
+        main="$main sharegpt-like:${SHAREGPT_LEN:-220:200}:$c:0.9"
 done
 runs_with_server main "$main"
 

@@ -13,6 +13,7 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
   prefill_tok_s            prompt tokens / mean TTFT of the one-stream run with the longer prompt
   output_throughput_vs_transformers
                            candela at concurrency B over transformers' generate at batch B
+  sharegpt_like            output tok/s (and P99 ITL) of the run at ShareGPT's mean lengths
   pdl_off_vs_on            TPOT and throughput with programmatic dependent launch off / on
   mma_off_vs_on            TTFT and throughput with the tensor-core prompt attention off / on
   skinny_off_vs_on         TPOT and throughput with the few-row matmul kernel off / on
@@ -76,6 +77,10 @@ def main(dirs):
             summary["fraction_of_ceiling"] = single / torch_res["ceiling_tok_s"]
     if long_in.get("mean_ttft_ms"):
         summary["prefill_tok_s"] = int(in_len) / (long_in["mean_ttft_ms"] / 1000.0)
+    for r in runs.values():
+        if r["label"] == "sharegpt-like" and r.get("output_throughput"):
+            summary["sharegpt_like"] = {k: r.get(k) for k in (
+                "input", "output", "conc", "output_throughput", "p99_itl_ms", "mean_ttft_ms")}
     ratios = {}
     for g in torch_res.get("generate", []):
         r = run("long-prompt", torch_res.get("input_len"), torch_res.get("output_len"),

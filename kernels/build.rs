@@ -53,25 +53,51 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
         assert!(status.success(), "nvcc failed on {}", src.display());
-        if cap.parse::<u32>().is_ok_and(|c| c >= 90) {
+        if arch_number(&cap) >= 90 {
             check_waits(&ptx);
         }
     }
 }
 
+/// The number at the head of an architecture name: 90 for `90` or `90a` (as src/cuda.rs reads
+/// `CANDELA_CUDA_ARCH`).
+fn arch_number(cap: &str) -> u32 {
+    let digits: String = cap.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or(0)
+}
+
 /// From sm_90 the host launches every kernel as a programmatic dependent launch, which is only
-/// safe if each kernel waits for the one before (`begin_kernel` in cuda/common.cuh): checks that
-/// every entry point of `ptx` has a `griddepcontrol.wait`.
+/// safe if each kernel waits for the one before (`begin_kernel` in cuda/common.cuh) before it
+/// touches memory: checks that every entry point of `ptx` has a `griddepcontrol.wait` and that
+/// no load (but of its parameters), store, atomic or async copy comes before it in the text.
+/// Prefetches may.
 fn check_waits(ptx: &Path) {
     let text = std::fs::read_to_string(ptx).expect("nvcc wrote the PTX");
     for entry in text.split(".entry ").skip(1) {
         let name = entry.split('(').next().unwrap_or(entry).trim();
-        assert!(
-            entry.contains("griddepcontrol.wait"),
-            "kernel {name} in {} does not call begin_kernel() (cuda/common.cuh) before touching \
-             memory, so it cannot be launched after another kernel as a dependent launch",
-            ptx.display()
-        );
+        let Some(wait) = entry.find("griddepcontrol.wait") else {
+            panic!(
+                "kernel {name} in {} does not call begin_kernel() (cuda/common.cuh), so it \
+                 cannot be launched after another kernel as a dependent launch",
+                ptx.display()
+            );
+        };
+        let early = entry[..wait].lines().map(str::trim).find(|line| {
+            let op = line.split_whitespace().next().unwrap_or("");
+            (op.starts_with("ld.") && !op.starts_with("ld.param"))
+                || [
+                    "ldu.", "st.", "atom.", "red.", "cp.", "tex.", "suld.", "sust.",
+                ]
+                .iter()
+                .any(|p| op.starts_with(p))
+        });
+        if let Some(line) = early {
+            panic!(
+                "kernel {name} in {} touches memory before begin_kernel() (cuda/common.cuh): \
+                 `{line}`",
+                ptx.display()
+            );
+        }
     }
 }
 

@@ -213,7 +213,9 @@ if has profile; then
     else
         say "profile: $nsys, one stream, offline"
         # shellcheck disable=SC2086
-        timeout "$(at_most 120 $(($(left) / 2)))" $run "$nsys" profile --trace=cuda \
+        # Kernels launched plainly (CANDELA_PDL=0): a dependent launch's time in the report
+        # would include its wait for the kernel before.
+        CANDELA_PDL=0 timeout "$(at_most 120 $(($(left) / 2)))" $run "$nsys" profile --trace=cuda \
             --sample=none --cpuctxsw=none --force-overwrite=true -o "$work/decode" \
             "$bin" bench --offline --load-format dummy --model "$config" --tokenizer "$config" \
             --ignore-eos --input-len 128 --output-len 128 --num-prompts 2 --max-concurrency 1 \

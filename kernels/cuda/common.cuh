@@ -75,8 +75,10 @@ __device__ __forceinline__ float warp_max(float x) {
 // `griddepcontrol.wait` holds each thread until that kernel has completed and its writes are
 // visible. `launch_dependents` then lets the kernel after this one be scheduled likewise, once
 // every block of this one has begun. Where the PTX targets an older GPU, the host launches
-// plainly and both are left out. (Reads of memory no kernel writes, such as weights, may come
-// before; the skinny GEMM prefetches its first weights into L2 there.)
+// plainly and both are left out. Only prefetches may come before it (the skinny GEMM warms L2
+// with its first weights there; build.rs rejects any other memory access before the wait in the
+// PTX), and some thread of every launch must reach it: the wait of the kernel after a grid that
+// all exited early would cover that grid alone, not the ones before it.
 __device__ __forceinline__ void begin_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

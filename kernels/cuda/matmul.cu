@@ -35,7 +35,9 @@ __device__ __forceinline__ void skinny_gemm(T *__restrict__ y, const T *__restri
     const int lane = threadIdx.x % 32;
     const int width = SILU ? n / 2 : n; // of y
     const int out0 = (blockIdx.x * SKINNY_WARPS + threadIdx.x / 32) * OUTS;
-    if (out0 >= width) return;  // the whole warp: its shuffles below stay full
+    // The whole warp leaves, so that its shuffles below stay full; warp 0 of block 0 always has
+    // work, so the launch reaches begin_kernel (see common.cuh).
+    if (out0 >= width) return;
     const int packs = k / VEC;
     // Outputs past the width read the last row again and are not written.
     const T *rows[SKINNY_COLS];

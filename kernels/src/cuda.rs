@@ -3,13 +3,14 @@
 //!
 //! The kernels read and write 16 bytes at a time, so their operands go through [`packed`] first.
 
+use std::collections::HashSet;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::cuda::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    LaunchConfig, SyncOnDrop,
+    DriverError, LaunchConfig, SyncOnDrop,
 };
 use candle_core::cuda::CudaDType;
 use candle_core::op::BackpropOp;
@@ -87,6 +88,8 @@ pub(crate) struct Launch<'a> {
     func: &'a CudaFunction,
     /// Each parameter's bytes (all of candela's parameters are pointers or 4-byte scalars).
     values: Vec<u64>,
+    /// Each parameter's size in bytes, checked against the kernel's (see [`check_params`]).
+    sizes: Vec<usize>,
     /// Held until the launch is queued: with cudarc's event tracking on, they record the
     /// kernel's reads and writes on drop.
     guards: Vec<SyncOnDrop<'a>>,
@@ -100,32 +103,28 @@ pub(crate) trait KernelArg<'a> {
 impl<'a, T> KernelArg<'a> for &'a CudaSlice<T> {
     fn push(self, launch: &mut Launch<'a>) {
         let (ptr, guard) = self.device_ptr(launch.stream);
-        launch.values.push(ptr);
-        launch.guards.push(guard);
+        launch.push_pointer(ptr, guard);
     }
 }
 
 impl<'a, T> KernelArg<'a> for &'a mut CudaSlice<T> {
     fn push(self, launch: &mut Launch<'a>) {
         let (ptr, guard) = self.device_ptr_mut(launch.stream);
-        launch.values.push(ptr);
-        launch.guards.push(guard);
+        launch.push_pointer(ptr, guard);
     }
 }
 
 impl<'a, T> KernelArg<'a> for &'a CudaView<'_, T> {
     fn push(self, launch: &mut Launch<'a>) {
         let (ptr, guard) = self.device_ptr(launch.stream);
-        launch.values.push(ptr);
-        launch.guards.push(guard);
+        launch.push_pointer(ptr, guard);
     }
 }
 
 impl<'a, T> KernelArg<'a> for &'a mut CudaViewMut<'_, T> {
     fn push(self, launch: &mut Launch<'a>) {
         let (ptr, guard) = self.device_ptr_mut(launch.stream);
-        launch.values.push(ptr);
-        launch.guards.push(guard);
+        launch.push_pointer(ptr, guard);
     }
 }
 
@@ -144,6 +143,7 @@ macro_rules! scalar_arg {
                     )
                 };
                 launch.values.push(value);
+                launch.sizes.push(size_of::<$ty>());
             }
         }
     )*};
@@ -156,8 +156,15 @@ impl<'a> Launch<'a> {
             stream,
             func,
             values: Vec::with_capacity(16),
+            sizes: Vec::with_capacity(16),
             guards: Vec::with_capacity(16),
         }
+    }
+
+    fn push_pointer(&mut self, ptr: sys::CUdeviceptr, guard: SyncOnDrop<'a>) {
+        self.values.push(ptr);
+        self.sizes.push(size_of::<sys::CUdeviceptr>());
+        self.guards.push(guard);
     }
 
     /// The next parameter.
@@ -198,25 +205,86 @@ impl<'a> Launch<'a> {
             .bind_to_thread()
             .map_err(candle_core::Error::wrap)?;
         let func = self.func.cu_function();
+        check_params(func, &self.sizes)?;
         // SAFETY: the function and stream are live; `params` points at one value per kernel
         // parameter (the caller's contract), all alive until the call returns.
         let launch = |config: &sys::CUlaunchConfig, params: &mut [*mut c_void]| unsafe {
             sys::cuLaunchKernelEx(config, func, params.as_mut_ptr(), std::ptr::null_mut()).result()
         };
-        let mut result = launch(&config, &mut params);
-        if result.is_err() && config.numAttrs > 0 {
+        let result = launch(&config, &mut params);
+        let refused = |e: &DriverError| {
+            matches!(
+                e.0,
+                sys::cudaError_enum::CUDA_ERROR_NOT_SUPPORTED
+                    | sys::cudaError_enum::CUDA_ERROR_INVALID_VALUE
+            )
+        };
+        match result {
             // A refused launch queued nothing: if it goes plainly, the attribute was the cause.
-            config.numAttrs = 0;
-            result = launch(&config, &mut params);
-            if result.is_ok() && !PDL_REFUSED.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "candela-kernels: the driver refused programmatic dependent launches; \
-                     launching kernels plainly"
-                );
+            Err(e) if config.numAttrs > 0 && refused(&e) => {
+                config.numAttrs = 0;
+                launch(&config, &mut params).map_err(|_| candle_core::Error::wrap(e))?;
+                if !PDL_REFUSED.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "candela-kernels: the driver refused programmatic dependent launches \
+                         ({e}); launching kernels plainly"
+                    );
+                }
+                Ok(())
+            }
+            result => result.map_err(candle_core::Error::wrap),
+        }
+    }
+}
+
+/// Checks, at the first launch of each kernel, that the launch passes as many parameters as the
+/// kernel takes, each of its size: a mismatch would otherwise read garbage on the device. Needs a
+/// driver of CUDA 12.4 or later (`cuFuncGetParamInfo`); older ones are not asked.
+fn check_params(func: sys::CUfunction, sizes: &[usize]) -> Result<()> {
+    static CHECKED: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
+    let checked = CHECKED.get_or_init(Default::default);
+    if checked
+        .lock()
+        .expect("not poisoned")
+        .contains(&(func as usize))
+    {
+        return Ok(());
+    }
+    let mut version = 0;
+    // SAFETY: writes one int.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(candle_core::Error::wrap)?;
+    if version >= 12040 {
+        let param_size = |index: usize| {
+            let (mut offset, mut size) = (0usize, 0usize);
+            // SAFETY: a live function; writes two usize.
+            unsafe { sys::cuFuncGetParamInfo(func, index, &mut offset, &mut size) }
+                .result()
+                .ok()
+                .map(|()| size)
+        };
+        for (index, &passed) in sizes.iter().enumerate() {
+            match param_size(index) {
+                Some(size) if size == passed => {}
+                Some(size) => candle_core::bail!(
+                    "kernel launch: parameter {index} takes {size} bytes, the launch passes {passed}"
+                ),
+                None => candle_core::bail!(
+                    "kernel launch: {} parameters passed to a kernel of {index}",
+                    sizes.len()
+                ),
             }
         }
-        result.map_err(candle_core::Error::wrap)
+        if param_size(sizes.len()).is_some() {
+            candle_core::bail!(
+                "kernel launch: {} parameters passed to a kernel of more",
+                sizes.len()
+            );
+        }
     }
+    checked.lock().expect("not poisoned").insert(func as usize);
+    Ok(())
 }
 
 /// The kernels' name suffix for `dtype`, if they take it.

@@ -44,6 +44,12 @@ def main(dirs):
                 results = [l.strip() for l in open(log, errors="replace")
                            if l.startswith("test result")]
                 summary["tests"][crate] = results[-1] if results else "did not finish"
+            # The rerun without programmatic dependent launch, after a failure with it.
+            log = os.path.join(d, f"{crate}-test-pdl-off.log")
+            if os.path.exists(log):
+                results = [l.strip() for l in open(log, errors="replace")
+                           if l.startswith("test result")]
+                summary["tests"][f"{crate}_pdl_off"] = results[-1] if results else "did not finish"
         torch_path = os.path.join(d, "torch.json")
         if os.path.exists(torch_path):
             summary["torch"] = json.load(open(torch_path))

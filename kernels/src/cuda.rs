@@ -41,11 +41,21 @@ pub(crate) const SAMPLING: Module = module!("sampling");
 
 impl Module {
     /// The kernel `name`, loading the module on first use on this device.
-    pub(crate) fn function(&self, dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-        Ok(dev
+    pub(crate) fn function(&self, dev: &CudaDevice, name: &str) -> Result<Kernel> {
+        let func = dev
             .get_or_load_custom_func(name, self.name, self.ptx)?
-            .into_cuda_function())
+            .into_cuda_function();
+        Ok(Kernel {
+            func,
+            name: name.to_string(),
+        })
     }
+}
+
+/// A loaded kernel and its name (for errors).
+pub(crate) struct Kernel {
+    func: CudaFunction,
+    name: String,
 }
 
 /// The virtual architecture the PTX was built for (`CUDA_COMPUTE_CAP` at build time), e.g. 90.
@@ -85,7 +95,7 @@ static PDL_REFUSED: AtomicBool = AtomicBool::new(false);
 /// programmatic-dependent-launch attribute (see [`dependent_launch`]).
 pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
-    func: &'a CudaFunction,
+    kernel: &'a Kernel,
     /// Each parameter's bytes (all of candela's parameters are pointers or 4-byte scalars).
     values: Vec<u64>,
     /// Each parameter's size in bytes, checked against the kernel's (see [`check_params`]).
@@ -151,10 +161,10 @@ macro_rules! scalar_arg {
 scalar_arg!(i32, u32, f32, u64);
 
 impl<'a> Launch<'a> {
-    pub(crate) fn new(stream: &'a CudaStream, func: &'a CudaFunction) -> Self {
+    pub(crate) fn new(stream: &'a CudaStream, kernel: &'a Kernel) -> Self {
         Self {
             stream,
-            func,
+            kernel,
             values: Vec::with_capacity(16),
             sizes: Vec::with_capacity(16),
             guards: Vec::with_capacity(16),
@@ -204,8 +214,9 @@ impl<'a> Launch<'a> {
             .context()
             .bind_to_thread()
             .map_err(candle_core::Error::wrap)?;
-        let func = self.func.cu_function();
-        check_params(func, &self.sizes)?;
+        let func = self.kernel.func.cu_function();
+        check_params(func, &self.sizes)
+            .map_err(|e| e.context(format!("launching {}", self.kernel.name)))?;
         // SAFETY: the function and stream are live; `params` points at one value per kernel
         // parameter (the caller's contract), all alive until the call returns.
         let launch = |config: &sys::CUlaunchConfig, params: &mut [*mut c_void]| unsafe {
@@ -223,7 +234,7 @@ impl<'a> Launch<'a> {
             // A refused launch queued nothing: if it goes plainly, the attribute was the cause.
             Err(e) if config.numAttrs > 0 && refused(&e) => {
                 config.numAttrs = 0;
-                launch(&config, &mut params).map_err(|_| candle_core::Error::wrap(e))?;
+                launch(&config, &mut params).map_err(|_| self.error(e))?;
                 if !PDL_REFUSED.swap(true, Ordering::Relaxed) {
                     eprintln!(
                         "candela-kernels: the driver refused programmatic dependent launches \
@@ -232,8 +243,12 @@ impl<'a> Launch<'a> {
                 }
                 Ok(())
             }
-            result => result.map_err(candle_core::Error::wrap),
+            result => result.map_err(|e| self.error(e)),
         }
+    }
+
+    fn error(&self, e: DriverError) -> candle_core::Error {
+        candle_core::Error::wrap(e).context(format!("launching {}", self.kernel.name))
     }
 }
 
@@ -268,19 +283,15 @@ fn check_params(func: sys::CUfunction, sizes: &[usize]) -> Result<()> {
             match param_size(index) {
                 Some(size) if size == passed => {}
                 Some(size) => candle_core::bail!(
-                    "kernel launch: parameter {index} takes {size} bytes, the launch passes {passed}"
+                    "parameter {index} takes {size} bytes, the launch passes {passed}"
                 ),
-                None => candle_core::bail!(
-                    "kernel launch: {} parameters passed to a kernel of {index}",
-                    sizes.len()
-                ),
+                None => {
+                    candle_core::bail!("{} parameters passed to a kernel of {index}", sizes.len())
+                }
             }
         }
         if param_size(sizes.len()).is_some() {
-            candle_core::bail!(
-                "kernel launch: {} parameters passed to a kernel of more",
-                sizes.len()
-            );
+            candle_core::bail!("{} parameters passed to a kernel of more", sizes.len());
         }
     }
     checked.lock().expect("not poisoned").insert(func as usize);

@@ -120,7 +120,7 @@ pub fn rotary_and_cache(
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
+    use candle_core::cuda::cudarc::driver::{DeviceRepr, LaunchConfig};
     use candle_core::cuda::CudaDType;
     use candle_core::{DType, Result, Tensor};
 
@@ -144,7 +144,7 @@ mod cuda {
     }
 
     /// The kernel for `layout` and q's dtype, plain or writing the caches.
-    fn function(q: &Tensor, layout: RopeLayout, cached: bool) -> Result<CudaFunction> {
+    fn function(q: &Tensor, layout: RopeLayout, cached: bool) -> Result<cu::Kernel> {
         let ty = cu::type_name(q.dtype()).expect("checked by fits");
         let layout = match layout {
             RopeLayout::HalfSplit => "",

@@ -66,6 +66,27 @@ impl Batch {
     }
 }
 
+/// A zeroed cache tensor. On the CPU a half-precision one comes from zeroed 16-bit integers,
+/// which the allocator takes from the kernel's zero pages (`calloc`) rather than writing every
+/// byte, as candle's `zeros` does for f16 and bf16: the cache (gigabytes, sized from the free
+/// memory) then costs neither the seconds of writing it at start nor resident memory before its
+/// blocks are used.
+fn zeros(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    use half::vec::HalfBitsVecExt;
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    Ok(match (device, dtype) {
+        (Device::Cpu, DType::F16) => {
+            Tensor::from_vec(vec![0u16; n].reinterpret_into::<half::f16>(), shape, device)?
+        }
+        (Device::Cpu, DType::BF16) => Tensor::from_vec(
+            vec![0u16; n].reinterpret_into::<half::bf16>(),
+            shape,
+            device,
+        )?,
+        _ => Tensor::zeros(shape, dtype, device)?,
+    })
+}
+
 /// The paged KV cache: per layer, keys and values as `[num_blocks, block_size, kv_heads, head_dim]`.
 pub struct KvCache {
     pub layers: Vec<(Tensor, Tensor)>,
@@ -83,12 +104,7 @@ impl KvCache {
     ) -> Result<Self> {
         let shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim);
         let layers = (0..cfg.num_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
-                ))
-            })
+            .map(|_| Ok((zeros(shape, dtype, device)?, zeros(shape, dtype, device)?)))
             .collect::<Result<_>>()?;
         Ok(Self {
             layers,
@@ -100,5 +116,46 @@ impl KvCache {
     /// Bytes one block takes across all layers (keys and values).
     pub fn bytes_per_block(cfg: &LmConfig, block_size: usize, dtype: DType) -> usize {
         2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.size_in_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::KvCache;
+    use crate::LmConfig;
+
+    /// Every dtype's cache comes out zeroed, in its dtype and shape (the half-precision ones
+    /// built from zeroed integers on the CPU).
+    #[test]
+    fn caches_start_zeroed() -> candle_core::Result<()> {
+        let cfg = LmConfig {
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            hidden_size: 32,
+            vocab_size: 10,
+            context_len: 64,
+            params: 0,
+            dtype: DType::F32,
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let kv = KvCache::new(&cfg, 3, 4, dtype, &Device::Cpu)?;
+            assert_eq!(kv.layers.len(), 2);
+            for (k, v) in &kv.layers {
+                for t in [k, v] {
+                    assert_eq!((t.dtype(), t.dims()), (dtype, &[3, 4, 2, 8][..]));
+                    let sum = t
+                        .to_dtype(DType::F32)?
+                        .abs()?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
+                    assert_eq!(sum, 0.0, "{dtype:?}");
+                }
+            }
+        }
+        Ok(())
     }
 }

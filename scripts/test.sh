@@ -66,13 +66,14 @@ if [ "${SMOKE_ONLY:-0}" != 1 ]; then
         # line). The sanitized build has its own target folder, so the others stay built.
         step "the same, threads and blocks in reverse order (CANDELA_EMU_ORDER=reverse)"
         CANDELA_EMU_ORDER=reverse cargo test --release -p candela-kernels --features cuda-emu emu
-        if [ -f "$(g++ -print-file-name=libasan.so 2>/dev/null)" ]; then
+        if [ -f "$(g++ -print-file-name=libasan.so 2>/dev/null)" ] &&
+            [ -f "$(g++ -print-file-name=libubsan.so 2>/dev/null)" ]; then
             step "the same, in random order, under AddressSanitizer + UBSan"
             CANDELA_EMU_ORDER=shuffle CANDELA_EMU_SANITIZE=address,undefined \
                 ASAN_OPTIONS=detect_leaks=0 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/sanitize" \
                 cargo test --release -p candela-kernels --features cuda-emu emu
         else
-            echo "SKIPPED the sanitized run: g++ has no libasan"
+            echo "SKIPPED the sanitized run: g++ has no libasan or libubsan"
         fi
     else
         echo "SKIPPED: no C++ compiler (install g++ to run them)"

@@ -4,6 +4,8 @@ reports them. Takes one or more result folders (the script's work folder, or an 
 gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one JSON object:
 
   tests                    the last `test result` line of each crate's CUDA tests
+  dependent_launch         whether the main runs launched kernels as programmatic dependent
+                           launches (on, or off and why)
   torch                    scripts/gpu/torch_baseline.py's result (bandwidth, ceiling, generate)
   runs                     per candela bench run: output tok/s, TTFT, ITL, engine step timings
                            ("interrupted": the run outlasted its time and covers the requests
@@ -61,6 +63,17 @@ def main(dirs):
             r = json.load(open(path))
             runs[name] = dict(m.groupdict(), **{k: r.get(k) for k in KEYS if k in r})
     summary["runs"] = runs
+    # Whether the kernels ran as programmatic dependent launches: off when the tests passed only
+    # without them (gpu-bench.sh then turned them off), or when a driver refused them.
+    pdl = "on"
+    for d in dirs:
+        for log in glob.glob(os.path.join(d, "gpu-bench.log")) + glob.glob(os.path.join(d, "serve-*.log")):
+            text = open(log, errors="replace").read()
+            if "pass with CANDELA_PDL=0 only" in text:
+                pdl = "off: the GPU tests passed only without it"
+            elif "refused programmatic dependent launches" in text and pdl == "on":
+                pdl = "off: the driver refused it"
+    summary["dependent_launch"] = pdl
     torch_res = summary["torch"]
 
     def run(label, input_len, output_len, conc):

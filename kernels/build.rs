@@ -31,7 +31,7 @@ fn main() {
     }
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     // The host launches kernels that need a newer architecture only where the PTX has them.
-    println!("cargo:rustc-env=CANDELA_CUDA_ARCH={cap}");
+    println!("cargo:rustc-env=CANDELA_CUDA_ARCH={}", arch_number(&cap));
     let nvcc = nvcc();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
@@ -59,8 +59,8 @@ fn main() {
     }
 }
 
-/// The number at the head of an architecture name: 90 for `90` or `90a` (as src/cuda.rs reads
-/// `CANDELA_CUDA_ARCH`).
+/// The number at the head of an architecture name: 90 for `90` or `90a` (src/cuda.rs gets it
+/// as `CANDELA_CUDA_ARCH`).
 fn arch_number(cap: &str) -> u32 {
     let digits: String = cap.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().unwrap_or(0)

@@ -60,11 +60,7 @@ pub(crate) struct Kernel {
 
 /// The virtual architecture the PTX was built for (`CUDA_COMPUTE_CAP` at build time), e.g. 90.
 pub(crate) fn ptx_arch() -> u32 {
-    let digits: String = env!("CANDELA_CUDA_ARCH")
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().unwrap_or(0)
+    env!("CANDELA_CUDA_ARCH").parse().unwrap_or(0)
 }
 
 /// Whether candela's kernels launch as programmatic dependent launches: the PTX was built for

@@ -102,6 +102,7 @@ pub fn paged_attention(
             seqs: meta.seqs(),
             scale,
             tier: cpu::best_tier(),
+            min_part: cpu::MIN_PART,
         };
         q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
     } else {

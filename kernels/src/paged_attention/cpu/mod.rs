@@ -1,5 +1,7 @@
 //! The CPU kernel: f32 queries over an f32 or f16 cache, one query token at a time over its
-//! sequence's blocks, rows in parallel.
+//! sequence's blocks, rows in parallel. Where a step has too few rows to keep every worker
+//! busy (a few streams decoding), long contexts are split into parts that workers take apart,
+//! and the parts' partial softmaxes are merged.
 
 use std::sync::OnceLock;
 
@@ -17,11 +19,35 @@ use simd::{Element, Portable, Rows, Simd};
 
 mod simd;
 
-/// The CPU kernel: rayon over batch rows, each row all heads over its context.
+/// The CPU kernel: rayon over batch rows, each row all heads over its context (or over a part
+/// of it, see [`part_len`]).
 pub(super) struct CpuPagedAttention<'a> {
     pub(super) seqs: &'a [SeqAttention],
     pub(super) scale: f32,
     pub(super) tier: Tier,
+    /// Fewest positions in a part of a split context ([`MIN_PART`]; tests take less).
+    pub(super) min_part: usize,
+}
+
+/// Fewest positions a context is split into: a part's fixed costs (a task, its row offsets,
+/// the merge) against the 5 µs or so that 128 positions of SmolLM2's 9 heads take.
+pub(super) const MIN_PART: usize = 128;
+
+/// Positions per part for a step whose query rows see `contexts` positions in all: enough
+/// parts for about two per worker, none shorter than `min_part`. Only a step of few rows and
+/// long contexts splits; one of many rows gets parts longer than any context, so each row
+/// stays whole.
+fn part_len(contexts: usize, workers: usize, min_part: usize) -> usize {
+    contexts.div_ceil(2 * workers.max(1)).max(min_part.max(1))
+}
+
+/// One task: batch row `row` of sequence `seq` over its context positions `start..end`.
+#[derive(Clone, Copy)]
+struct Part {
+    row: usize,
+    seq: usize,
+    start: usize,
+    end: usize,
 }
 
 /// The instruction-set tiers this CPU has for the kernel, widest first.
@@ -144,22 +170,71 @@ impl CpuPagedAttention<'_> {
             scale: self.scale,
         };
         let attend = kernel::<E>(head_dim / LANES, self.tier);
-        out.par_chunks_mut(row).enumerate().for_each_init(
-            Scratch::default,
-            |scratch, (t, out_row)| {
-                if let Some((si, pos)) = owner[t] {
-                    let query = Query {
-                        q: &q[t * row..][..row],
-                        k,
-                        v,
-                        table: &self.seqs[si].block_table,
-                        pos,
-                    };
-                    // SAFETY: `self.tier` is one this CPU has (`tiers`).
-                    unsafe { attend(&dims, &query, out_row, scratch) }
-                }
-            },
-        );
+        let query = |part: &Part| Query {
+            q: &q[part.row * row..][..row],
+            k,
+            v,
+            table: &self.seqs[part.seq].block_table,
+            start: part.start,
+            end: part.end,
+        };
+        let rows = owner.iter().flatten();
+        let contexts = rows.clone().map(|&(_, pos)| pos + 1).sum();
+        let len = part_len(contexts, rayon::current_num_threads(), self.min_part);
+        if rows.clone().all(|&(_, pos)| pos < len) {
+            // Whole rows: each task writes its row's output, normalized.
+            out.par_chunks_mut(row).enumerate().for_each_init(
+                Scratch::default,
+                |scratch, (t, out_row)| {
+                    if let Some((seq, pos)) = owner[t] {
+                        let part = Part {
+                            row: t,
+                            seq,
+                            start: 0,
+                            end: pos + 1,
+                        };
+                        // SAFETY: `self.tier` is one this CPU has (`tiers`).
+                        unsafe { attend(&dims, &query(&part), out_row, None, scratch) }
+                    }
+                },
+            );
+        } else {
+            let mut parts = Vec::new();
+            for (t, o) in owner.iter().enumerate() {
+                let Some((seq, pos)) = *o else { continue };
+                let n = pos + 1;
+                let size = n.div_ceil(n.div_ceil(len));
+                parts.extend((0..n).step_by(size).map(|start| Part {
+                    row: t,
+                    seq,
+                    start,
+                    end: (start + size).min(n),
+                }));
+            }
+            // Parts: each task leaves its weighted sums unnormalized, with each head's score
+            // maximum and softmax denominator; a row's parts are then merged.
+            let mut partial = vec![0f32; parts.len() * row];
+            let mut stats = vec![[0f32; 2]; parts.len() * heads];
+            partial
+                .par_chunks_mut(row)
+                .zip(stats.par_chunks_mut(heads))
+                .zip(parts.par_iter())
+                .for_each_init(Scratch::default, |scratch, ((out_part, stats), part)| {
+                    // SAFETY: as above.
+                    unsafe { attend(&dims, &query(part), out_part, Some(stats), scratch) }
+                });
+            let mut first = 0;
+            while first < parts.len() {
+                let t = parts[first].row;
+                let last = first + parts[first..].iter().take_while(|p| p.row == t).count();
+                merge(
+                    &partial[first * row..last * row],
+                    &stats[first * heads..last * heads],
+                    &mut out[t * row..][..row],
+                );
+                first = last;
+            }
+        }
         Ok((CpuStorage::F32(out), Shape::from((tokens, heads, head_dim))))
     }
 }
@@ -179,13 +254,40 @@ pub(super) fn supports(head_dim: usize) -> bool {
     head_dim.is_multiple_of(LANES) && (1..=16).contains(&(head_dim / LANES))
 }
 
-/// One query token: its heads, the caches, its sequence's block table and its position.
+/// Sums a row's parts (`partial`: each part's heads back to back, unnormalized; `stats`: each
+/// part's `[max score, softmax denominator]` per head) into its attention output `out`, as one
+/// softmax over all their positions.
+fn merge(partial: &[f32], stats: &[[f32; 2]], out: &mut [f32]) {
+    let row = out.len();
+    let parts = partial.len() / row;
+    let heads = stats.len() / parts;
+    let hd = row / heads;
+    for (h, out_head) in out.chunks_exact_mut(hd).enumerate() {
+        let max = (0..parts).fold(f32::NEG_INFINITY, |m, p| m.max(stats[p * heads + h][0]));
+        let mut denominator = 0.;
+        out_head.fill(0.);
+        for p in 0..parts {
+            let [part_max, part_sum] = stats[p * heads + h];
+            let w = exp_nonpositive(part_max - max);
+            denominator += w * part_sum;
+            for (o, &x) in out_head.iter_mut().zip(&partial[p * row + h * hd..][..hd]) {
+                *o += w * x;
+            }
+        }
+        let inv = 1. / denominator;
+        out_head.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// One query token: its heads, the caches, its sequence's block table, and the positions
+/// `start..end` of its context to attend over.
 struct Query<'a, E> {
     q: &'a [f32],
     k: &'a [E],
     v: &'a [E],
     table: &'a [u32],
-    pos: usize,
+    start: usize,
+    end: usize,
 }
 
 /// Buffers one worker reuses from token to token.
@@ -199,8 +301,8 @@ struct Scratch {
     inv: Vec<f32>,
 }
 
-/// `(dims, query, output heads, scratch)`.
-type AttendFn<E> = unsafe fn(&Dims, &Query<E>, &mut [f32], &mut Scratch);
+/// `(dims, query, output heads, per-head [max, denominator] of a part, scratch)`.
+type AttendFn<E> = unsafe fn(&Dims, &Query<E>, &mut [f32], Option<&mut [[f32; 2]]>, &mut Scratch);
 
 /// `attend_token::<C, _, E>` compiled for `tier`.
 fn kernel<E: Element>(chunks: usize, tier: Tier) -> AttendFn<E> {
@@ -244,9 +346,10 @@ macro_rules! attend_with {
             d: &Dims,
             query: &Query<E>,
             out: &mut [f32],
+            stats: Option<&mut [[f32; 2]]>,
             scratch: &mut Scratch,
         ) {
-            attend_token::<C, $simd, E>(d, query, out, scratch)
+            attend_token::<C, $simd, E>(d, query, out, stats, scratch)
         }
     };
 }
@@ -255,15 +358,17 @@ attend_with!(attend_avx512, Avx512, "avx512f,avx2,fma,f16c");
 attend_with!(attend_avx2, Avx2, "avx2,fma,f16c");
 attend_with!(attend_portable, Portable);
 
-/// One query token (all heads) over positions `0..=pos` of its sequence, walking the block
+/// One query token (all heads) over positions `start..end` of its sequence, walking the block
 /// table. Each KV head's group of query heads goes together: a run of keys is scored against
 /// the whole group while it is in L1, then each head's softmax, then the group's weighted sums
-/// of values.
+/// of values. Without `stats` the sums are normalized (the whole context); with it they are
+/// left as they are and each head's `[max score, denominator]` goes there, for [`merge`].
 #[inline(always)]
 unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
     d: &Dims,
     query: &Query<E>,
     out: &mut [f32],
+    mut stats: Option<&mut [[f32; 2]]>,
     scratch: &mut Scratch,
 ) {
     let Query {
@@ -271,19 +376,15 @@ unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
         k,
         v,
         table,
-        pos,
+        start,
+        end,
     } = *query;
     let (hd, bs) = (C * LANES, d.block_size);
     let group = d.heads / d.kv_heads;
-    let n = pos + 1;
+    let n = end - start;
     let Scratch { scores, rows, inv } = scratch;
     rows.clear();
-    rows.extend(
-        table
-            .iter()
-            .flat_map(|&b| (0..bs).map(move |i| (b as usize * bs + i) * d.kv_heads * hd))
-            .take(n),
-    );
+    rows.extend((start..end).map(|p| (table[p / bs] as usize * bs + p % bs) * d.kv_heads * hd));
     scores.clear();
     scores.resize(group * n, 0.);
     S::prefetch_start(
@@ -319,12 +420,16 @@ unsafe fn attend_token<const C: usize, S: Simd, E: Element>(
             );
         }
         inv.clear();
-        for s in scores.chunks_exact_mut(n) {
+        for (g, s) in scores.chunks_exact_mut(n).enumerate() {
             let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             for x in s.iter_mut() {
                 *x = exp_nonpositive(*x - max);
             }
-            inv.push(1.0 / sum(s));
+            let denominator = sum(s);
+            match stats.as_deref_mut() {
+                Some(stats) => stats[h * group + g] = [max, denominator],
+                None => inv.push(1.0 / denominator),
+            }
         }
         let out = &mut out[h * group * hd..][..group * hd];
         S::weigh::<C, E>(scores, group, values, out);
@@ -381,6 +486,50 @@ mod tests {
             for cache in [DType::F32, DType::F16] {
                 check(heads, kv_heads, d, bs, cache)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A lone decoding row over a long context is split into parts (with two workers or more)
+    /// and merged to the reference; many rows stay whole.
+    #[test]
+    fn long_contexts_split_across_workers() -> Result<()> {
+        assert_eq!(part_len(1001, 2, MIN_PART), 251);
+        assert_eq!(part_len(1001, 1, MIN_PART), 501);
+        assert_eq!(part_len(300, 2, MIN_PART), MIN_PART);
+        assert!(part_len(64 * 1001, 2, MIN_PART) > 1001);
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d, bs, n) = (9, 3, 64, 16, 1001usize);
+        let nb = n.div_ceil(bs) + 3;
+        // The sequence's blocks in reverse order, after three unused ones.
+        let table: Vec<u32> = (3..nb as u32).rev().collect();
+        let slots: Vec<u32> = (0..n)
+            .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+            .collect();
+        for cache in [DType::F32, DType::F16] {
+            let k_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+            let v_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+            let k = Tensor::randn(0f32, 1., (n, kv_heads, d), &dev)?;
+            let v = Tensor::randn(0f32, 1., (n, kv_heads, d), &dev)?;
+            let slots = Tensor::new(slots.as_slice(), &dev)?;
+            reshape_and_cache(&k, &v, &k_cache, &v_cache, &slots)?;
+            let seqs = vec![SeqAttention {
+                query_start: 0,
+                query_len: 1,
+                context_len: n,
+                block_table: table.clone(),
+            }];
+            let q = (Tensor::randn(0f32, 1., (1, heads, d), &dev)? * 3.)?;
+            let scale = 1. / (d as f32).sqrt();
+            let reference = paged_attention_reference(&q, &k_cache, &v_cache, &seqs, scale)?;
+            let meta = AttentionMeta::new(seqs);
+            let out = paged_attention(&q, &k_cache, &v_cache, &meta, scale)?;
+            let diff = (out - &reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{cache:?} cache: max abs diff {diff}");
         }
         Ok(())
     }
@@ -451,16 +600,23 @@ mod tests {
             "dispatch".to_string(),
             paged_attention(&q, &k_cache, &v_cache, &meta, scale)?,
         )];
+        // Sixteen workers and parts of at least 4 positions split every context into parts
+        // of a few positions, ending runs at every offset.
+        let many = rayon::ThreadPoolBuilder::new()
+            .num_threads(16)
+            .build()
+            .map_err(candle_core::Error::wrap)?;
         for tier in tiers() {
-            let op = CpuPagedAttention {
-                seqs: &seqs,
-                scale,
-                tier,
-            };
-            runs.push((
-                format!("{tier:?}"),
-                q.apply_op3_no_bwd(&k_cache, &v_cache, &op)?,
-            ));
+            for min_part in [MIN_PART, 4] {
+                let op = CpuPagedAttention {
+                    seqs: &seqs,
+                    scale,
+                    tier,
+                    min_part,
+                };
+                let out = many.install(|| q.apply_op3_no_bwd(&k_cache, &v_cache, &op))?;
+                runs.push((format!("{tier:?}, parts of {min_part}+"), out));
+            }
         }
         for (name, out) in runs {
             let diff = (out - &reference)?

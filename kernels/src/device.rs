@@ -42,12 +42,10 @@ pub fn keep_freed_memory(device: &Device) -> Result<()> {
         if !ctx.has_async_alloc() {
             return Ok(());
         }
-        ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let pool = default_pool(cuda)?;
         let mut threshold = u64::MAX;
-        // SAFETY: the device comes from a live context; the attribute takes a u64.
+        // SAFETY: the pool is the live context's; the attribute takes a u64.
         unsafe {
-            let pool = result::device::get_default_mem_pool(ctx.cu_device())
-                .map_err(candle_core::Error::wrap)?;
             result::mem_pool::set_attribute(
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -61,6 +59,19 @@ pub fn keep_freed_memory(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The memory pool that `cuMemAllocAsync` (cudarc's allocations) takes from on `cuda`'s device.
+#[cfg(feature = "cuda")]
+fn default_pool(
+    cuda: &candle_core::CudaDevice,
+) -> Result<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda::cudarc::driver::result;
+    let ctx = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    // SAFETY: the device comes from a live context.
+    unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
+        .map_err(candle_core::Error::wrap)
+}
+
 /// GPU 0 (see [`cuda_device`]) when this build and machine have one, else the CPU.
 pub fn cuda_if_available() -> Device {
     if candle_core::utils::cuda_is_available() {
@@ -72,6 +83,11 @@ pub fn cuda_if_available() -> Device {
 
 /// Memory free for new allocations on `device`, in bytes: the kernel's `MemAvailable` on the CPU,
 /// the driver's free device memory on a GPU. None where it cannot be read.
+///
+/// On a GPU the memory pool first hands back what it holds unused: what loading freed (random
+/// f32 matrices of the dummy format, unstacked projections) would otherwise count as taken until
+/// the next synchronization, or for good once [`keep_freed_memory`] has run for an earlier model,
+/// and the KV cache sized from this would come out gigabytes smaller.
 pub fn free_memory(device: &Device) -> Option<u64> {
     match device {
         Device::Cpu => {
@@ -82,7 +98,17 @@ pub fn free_memory(device: &Device) -> Option<u64> {
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => {
-            let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            let ctx = cuda.cuda_stream().context().clone();
+            if ctx.has_async_alloc() && cuda.cuda_stream().synchronize().is_ok() {
+                if let Ok(pool) = default_pool(cuda) {
+                    // SAFETY: the pool is the live context's; the stream is idle, so every
+                    // block freed into the pool is unused.
+                    let _ = unsafe {
+                        candle_core::cuda::cudarc::driver::result::mem_pool::trim_to(pool, 0)
+                    };
+                }
+            }
+            let (free, _total) = ctx.mem_get_info().ok()?;
             Some(free as u64)
         }
         _ => None,

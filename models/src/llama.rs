@@ -491,6 +491,12 @@ impl CausalLm for Llama {
                 None => x = (x + mlp)?,
             }
         }
+        // A step that samples nothing (only the first chunks of long prompts) has no logits.
+        // It returns them empty from the CPU: on a GPU, candle's ops fail on tensors of no
+        // elements (a launch of no blocks).
+        if batch.logits_rows_host.is_empty() {
+            return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &Device::Cpu)?);
+        }
         // Only the rows that will be sampled go through the final norm and the (large) output
         // projection (in a decode step that is every row, in order: nothing to select).
         let every_row = batch.logits_rows_host.len() == tokens
@@ -625,13 +631,29 @@ mod tests {
         let n = prompt_len as u32;
         let positions: Vec<u32> = (0..n).collect();
         let slots: Vec<u32> = positions.iter().map(|&p| slot(p)).collect();
+        // The prompt in two chunks, as a long prompt goes: the first samples nothing, so it has
+        // no logits; the second reads the first's keys and values from the cache.
+        let half = prompt_len / 2;
+        let chunk = Batch::new(
+            &prompt[..half],
+            &positions[..half],
+            &slots[..half],
+            vec![seq(0, half, half)],
+            &[],
+            vec![true; half],
+            &dev,
+        )
+        .unwrap();
+        let none = model.forward(&chunk, &kv).unwrap();
+        assert_eq!(none.dims(), [0, cfg.vocab_size]);
+        let rest = prompt_len - half;
         let prefill = Batch::new(
-            &prompt,
-            &positions,
-            &slots,
-            vec![seq(0, prompt_len, prompt_len)],
-            &[n - 1],
-            vec![true; prompt_len],
+            &prompt[half..],
+            &positions[half..],
+            &slots[half..],
+            vec![seq(0, rest, prompt_len)],
+            &[rest as u32 - 1],
+            vec![true; rest],
             &dev,
         )
         .unwrap();

@@ -20,22 +20,30 @@ use crate::cuda::{self as cu, dispatch_float};
 /// head group that fits a CTA, caches usable in place.
 pub(super) fn fits(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<bool> {
     let (tokens, heads, head_dim) = q.dims3()?;
-    let (_, block_size, kv_heads, cache_dim) = k_cache.dims4()?;
-    let in_place = |c: &Tensor| {
-        c.dtype() == q.dtype() && c.device().same_device(q.device()) && cu::is_packed(c)
-    };
+    let in_place = |c: &Tensor| c.device().same_device(q.device());
     Ok(cu::on_cuda(q)
         && tokens > 0
+        && k_cache.dim(3)? == head_dim
+        && k_cache.shape() == v_cache.shape()
+        && fits_cache(q.dtype(), heads, k_cache)?
+        && fits_cache(q.dtype(), heads, v_cache)?
+        && in_place(k_cache)
+        && in_place(v_cache))
+}
+
+/// Whether the kernels take queries of `heads` heads in `dtype` over `cache` (one of the two)
+/// in place.
+fn fits_cache(dtype: DType, heads: usize, cache: &Tensor) -> Result<bool> {
+    let (_, block_size, kv_heads, head_dim) = cache.dims4()?;
+    Ok(cu::on_cuda(cache)
+        && cache.dtype() == dtype
+        && cu::is_packed(cache)
         && block_size > 0
         && matches!(head_dim, 64 | 128)
-        && cache_dim == head_dim
-        && k_cache.shape() == v_cache.shape()
         && kv_heads > 0
         && heads >= kv_heads
         && heads.is_multiple_of(kv_heads)
-        && heads / kv_heads <= max_rows(q.dtype())
-        && in_place(k_cache)
-        && in_place(v_cache))
+        && heads / kv_heads <= max_rows(dtype))
 }
 
 pub(super) fn paged_attention(
@@ -80,8 +88,12 @@ pub(super) fn meta_key(
     })
 }
 
-/// Builds and uploads `meta`'s device copy for queries of `heads` heads in the cache's dtype.
+/// Builds and uploads `meta`'s device copy for queries of `heads` heads in the cache's dtype,
+/// where the kernels take such queries (others take the reference path, which needs none).
 pub(super) fn upload_meta(meta: &AttentionMeta, heads: usize, k_cache: &Tensor) -> Result<()> {
+    if !fits_cache(k_cache.dtype(), heads, k_cache)? {
+        return Ok(());
+    }
     let tokens = meta.seqs().iter().map(|s| s.query_len).sum();
     let key = meta_key(k_cache.dtype(), tokens, heads, k_cache)?;
     device_meta(meta, key, k_cache.device()).map(drop)

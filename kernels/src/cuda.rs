@@ -179,12 +179,17 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// Queues the kernel on the stream.
+    /// Queues the kernel on the stream. A grid of no blocks (an empty batch) queues nothing,
+    /// as there is nothing to do: the driver would refuse it.
     ///
     /// # Safety
     /// The parameters must match the kernel's in number, order and type, and the kernel must
     /// stay within the memory they give it.
     pub(crate) unsafe fn launch(mut self, cfg: LaunchConfig) -> Result<()> {
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return Ok(());
+        }
         let mut params: Vec<*mut c_void> = self
             .values
             .iter_mut()

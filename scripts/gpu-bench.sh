@@ -24,7 +24,8 @@
 #                CONCURRENCY: the load of vLLM's published throughput (no ShareGPT file can be
 #                fetched there)
 #   profile      where a one-stream decode step's GPU time goes, per kernel (Nsight Systems, where
-#                the machine has it; nsys-kernels.csv and nsys-api.csv)
+#                the machine has one that writes reports; nsys-kernels.csv and nsys-api.csv),
+#                else the same in-process run without it (`bench --offline`: step times)
 #   mma-off      long-prompt at concurrency 1 and 32 with the tensor-core prompt attention off
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
 #   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
@@ -37,7 +38,8 @@
 # Default PHASES: all of them. The A/B phases get only the time the others leave. The script stops
 # starting work when less than a run's share of BUDGET_S (default 540 s) is left, and says what it
 # skipped; a run that outlasts its share is stopped and reports the requests that finished (with
-# "interrupted" in its JSON). Several calls' folders merge here with
+# "interrupted" in its JSON). OUT_DIR gets what was measured so far after every run, so a call
+# killed at its limit still brings that back. Several calls' folders merge here with
 # python3 scripts/gpu/summary.py DIR... (each DIR an unpacked gpu-bench.tar.gz).
 #
 # Environment: MODEL_CONFIG (models/configs/llama-3.1-8b.json), CONCURRENCY ("1 256 128 32 8"),
@@ -58,6 +60,7 @@ deadline=$((started + ${BUDGET_S:-540}))
 out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
+server=
 phases=" ${PHASES:-tests torch long-prompt long-output sharegpt-like profile pdl-off skinny-off mma-off pool-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
 concurrency="${CONCURRENCY:-1 256 128 32 8}"
@@ -71,14 +74,23 @@ left() { echo $((deadline - $(date +%s))); }
 at_most() { echo $(($1 < $2 ? $1 : $2)); }
 has() { [[ $phases == *" $1 "* ]]; }
 
+# What has been measured so far goes to OUT_DIR after every run, not only at the end: a call
+# killed at its limit (the whole process group, this script's EXIT trap included) still brings
+# back everything up to its last checkpoint.
+checkpoint() {
+    timeout 60 "$python" scripts/gpu/summary.py "$work" >"$work/summary.json.new" \
+        2>>"$work/gpu-bench.log" && mv "$work/summary.json.new" "$work/summary.json" ||
+        say "summary failed"
+    cp "$work/summary.json" "$work/gpu-bench.log" "$out/" 2>/dev/null || true
+    tar -czf "$out/gpu-bench.tar.gz.new" -C "$work" --exclude ./home . 2>/dev/null &&
+        mv "$out/gpu-bench.tar.gz.new" "$out/gpu-bench.tar.gz"
+    return 0
+}
 finish() {
     trap - EXIT
-    [ -n "${server:-}" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
-    "$python" scripts/gpu/summary.py "$work" >"$work/summary.json" 2>>"$work/gpu-bench.log" ||
-        say "summary failed"
+    stop_server
+    checkpoint
     cat "$work/summary.json" >&2 || true
-    cp "$work/summary.json" "$work/gpu-bench.log" "$out/" 2>/dev/null || true
-    tar -czf "$out/gpu-bench.tar.gz" -C "$work" --exclude ./home .
 }
 trap finish EXIT
 
@@ -91,9 +103,11 @@ mkdir -p "$CUDA_CACHE_PATH"
 
 bin="${CANDELA_BIN:-}"
 if [ -z "$bin" ]; then
+    [ -f target/cuda/candela-gpu.gz ] ||
+        say "target/cuda/candela-gpu.gz was not carried: only the tests can run"
     bin=/tmp/candela-gpu
-    gunzip -c target/cuda/candela-gpu.gz >"$bin"
-    chmod +x "$bin"
+    gunzip -c target/cuda/candela-gpu.gz >"$bin" 2>/dev/null || rm -f "$bin"
+    [ ! -f "$bin" ] || chmod +x "$bin"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
     >"$work/gpu.txt" 2>&1 || true
@@ -104,6 +118,10 @@ if has tests; then
     for crate_filter in kernels:cuda_tests models:gpu_; do
         crate=${crate_filter%%:*}
         tests=/tmp/candela-$crate-test
+        if [ ! -f "target/cuda/$crate-test.gz" ]; then
+            say "target/cuda/$crate-test.gz was not carried: $crate tests skipped"
+            continue
+        fi
         gunzip -c "target/cuda/$crate-test.gz" >"$tests"
         chmod +x "$tests"
         say "$crate tests"
@@ -130,6 +148,7 @@ if has tests; then
             fi
         fi
     done
+    checkpoint
 fi
 
 if has torch; then
@@ -139,6 +158,7 @@ if has torch; then
         "$python" scripts/gpu/torch_baseline.py --config "$config" --batch 1 "${BATCH_TORCH:-128}" --input-len "$in_len" --output-len "$out_len" \
         --device "${device%%:*}" ${TORCH_FLAGS:-} --out "$work/torch.json" >"$work/torch.log" 2>&1 ||
         say "torch baseline failed or timed out (see torch.log)"
+    checkpoint
 fi
 
 port=18123
@@ -151,8 +171,18 @@ start_server() { # label, then env assignments for the server
         --model "$config" --load-format dummy --anonymous-rpm 0 ${CANDELA_FLAGS:-} \
         >"$work/serve-$label.log" 2>&1 &
     server=$!
+    local code
     for _ in $(seq "$(at_most 300 "$(left)")"); do
-        curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
+        code=$(health)
+        case $code in
+        200) return 0 ;;
+        # Up but unhealthy: a step failed (the start-up calibration's, say); waiting is futile.
+        503)
+            say "the server is up but unhealthy (see serve-$label.log)"
+            tail -5 "$work/serve-$label.log" >&2
+            return 1
+            ;;
+        esac
         kill -0 "$server" 2>/dev/null || break
         sleep 1
     done
@@ -160,9 +190,31 @@ start_server() { # label, then env assignments for the server
     tail -5 "$work/serve-$label.log" >&2
     return 1
 }
+# The HTTP status of the server's /health; 000 when nothing answers. curl where the machine has
+# it, else Python's standard library.
+health() {
+    if command -v curl >/dev/null; then
+        curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" || true
+        return
+    fi
+    "$python" - "$port" <<'PY' 2>/dev/null || echo 000
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+PY
+}
 stop_server() {
+    [ -n "$server" ] || return 0
     kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
+    for _ in $(seq 20); do
+        kill -0 "$server" 2>/dev/null || break
+        sleep 1
+    done
+    kill -9 "$server" 2>/dev/null || true
+    sleep 1
+    kill -0 "$server" 2>/dev/null || wait "$server" 2>/dev/null || true
     server=
 }
 bench() { # label input_len output_len concurrency [range_ratio]
@@ -183,6 +235,7 @@ bench() { # label input_len output_len concurrency [range_ratio]
         >"$work/$name.log" 2>&1 || say "$name failed or ran out of time"
     grep -E "^interrupted|Output token throughput|Mean TTFT|P99 ITL|Launch share" \
         "$work/$name.log" | tr -s ' ' | paste -sd';' >&2 || true
+    checkpoint
 }
 runs_with_server() { # label "label:input_len:output_len:concurrency ..." [server env...]
     local label=$1 list=$2
@@ -215,27 +268,33 @@ done
 runs_with_server main "$main"
 
 # Where a single-stream decode step's GPU time goes, per kernel: Nsight Systems (when the machine
-# has it) around an in-process engine (`bench --offline`, which exits by itself, so the report is
-# written whole) decoding two 128-token answers one at a time. Leaves nsys-kernels.csv (time per
-# kernel) and nsys-api.csv (host time per CUDA call).
+# has one that writes reports) around an in-process engine (`bench --offline`, which exits by
+# itself, so the report is written whole) decoding two 128-token answers one at a time. Leaves
+# nsys-kernels.csv (time per kernel) and nsys-api.csv (host time per CUDA call). Without nsys the
+# same offline run goes without it: the engine's own step times and launch share, in process.
 if has profile; then
     nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys \
         /usr/local/cuda*/nsight-systems-*/bin/nsys 2>/dev/null | head -1 || true)
-    if [ -z "$nsys" ]; then
-        say "no nsys on this machine: profile skipped"
-    elif [ "$(left)" -lt 90 ]; then
+    offline=("$bin" bench --offline --device "$device" --load-format dummy --model "$config"
+        --tokenizer "$config" --ignore-eos --input-len 128 --output-len 128 --num-prompts 2
+        --max-concurrency 1 --num-warmups 1 --disable-tqdm
+        --result-filename "$work/profile-decode.json")
+    if [ "$(left)" -lt 90 ]; then
         say "profile skipped ($(left)s left)"
+    elif [ -z "$nsys" ]; then
+        say "no nsys on this machine: one stream offline, without a profiler"
+        timeout "$(at_most 120 $(($(left) / 2)))" $run "${offline[@]}" >"$work/profile.log" 2>&1 ||
+            say "offline run failed or timed out (see profile.log)"
+        grep -E "Output token throughput|Mean TPOT|Mean step|Launch share" "$work/profile.log" |
+            tr -s ' ' | paste -sd';' >&2 || true
     else
         say "profile: $nsys, one stream, offline"
-        # shellcheck disable=SC2086
         # Kernels launched plainly (CANDELA_PDL=0): a dependent launch's time in the report
         # would include its wait for the kernel before.
         CANDELA_PDL=0 timeout "$(at_most 120 $(($(left) / 2)))" $run "$nsys" profile --trace=cuda \
             --sample=none --cpuctxsw=none --force-overwrite=true -o "$work/decode" \
-            "$bin" bench --offline --load-format dummy --model "$config" --tokenizer "$config" \
-            --ignore-eos --input-len 128 --output-len 128 --num-prompts 2 --max-concurrency 1 \
-            --num-warmups 1 --disable-tqdm --result-filename "$work/profile-decode.json" \
-            >"$work/profile.log" 2>&1 || say "profile failed or timed out (see profile.log)"
+            "${offline[@]}" >"$work/profile.log" 2>&1 ||
+            say "profile failed or timed out (see profile.log)"
         # The reports' names changed over nsys versions (and .qdrep became .nsys-rep).
         rep=$(ls "$work"/decode.nsys-rep "$work"/decode.qdrep 2>/dev/null | head -1 || true)
         for report in cuda_gpu_kern_sum:kernels cuda_api_sum:api gpukernsum:kernels \
@@ -249,6 +308,7 @@ if has profile; then
         head -12 "$work/nsys-kernels.csv" >&2 2>/dev/null || say "no kernel summary (see profile.log)"
         rm -f "$work"/decode.nsys-rep "$work"/decode.qdrep "$work"/decode.sqlite
     fi
+    checkpoint
 fi
 has pdl-off && runs_with_server pdl-off \
     "pdl-off:$out_len:$in_len:1 pdl-off:$out_len:$in_len:8" CANDELA_PDL=0

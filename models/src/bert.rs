@@ -14,6 +14,7 @@ pub struct BertEmbedder {
     device: Device,
     dim: usize,
     max_tokens: usize,
+    vocab_size: usize,
     params: u64,
 }
 
@@ -40,6 +41,7 @@ impl BertEmbedder {
             device: device.clone(),
             dim: config.hidden_size,
             max_tokens: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
             params,
         })
     }
@@ -52,6 +54,10 @@ impl Embedder for BertEmbedder {
 
     fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
     }
 
     fn params(&self) -> u64 {

@@ -63,6 +63,8 @@ pub trait Embedder: Send {
     fn dim(&self) -> usize;
     /// Longest input in tokens.
     fn max_tokens(&self) -> usize;
+    /// Rows of the token embeddings: every input id must be below it.
+    fn vocab_size(&self) -> usize;
     /// Embeds token sequences (one per input), returning L2-normalised vectors.
     fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// Parameter count, for the catalog.

@@ -14,11 +14,11 @@
 //! A row's result depends on its mark, never on the rows batched with it, so a request produces
 //! the same text alone or among many, and after a preemption recomputes its generated tokens
 //! exactly as they were first computed (they are never marked). On a GPU candle's quantized
-//! matmul serves every shape.
+//! matmul serves every shape, in f32.
 
 use candela_kernels::{CpuQMatMul, QMatrix};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::Result;
 
@@ -85,7 +85,22 @@ impl Linear {
                 weights: m,
                 precise_rows,
             }),
-            Self::Quantized(q) => q.forward(x),
+            Self::Quantized(q) => {
+                // candle's kernels for block types take f32 on every path (some take other
+                // dtypes too), and it keeps a GGUF's f32, f16 or bf16 matrices as plain tensors
+                // that multiply in their own dtype: a model computing in another converts
+                // around them.
+                let dtype = match q {
+                    QMatMul::QTensor(_) => DType::F32,
+                    QMatMul::Tensor(w) => w.dtype(),
+                    QMatMul::TensorF16(_) => x.dtype(),
+                };
+                if x.dtype() == dtype {
+                    q.forward(x)
+                } else {
+                    q.forward(&x.to_dtype(dtype)?)?.to_dtype(x.dtype())
+                }
+            }
         }
     }
 
@@ -100,5 +115,41 @@ impl Linear {
             Self::Dense(w) => candela_kernels::linear_silu_and_mul(x, w),
             _ => candela_kernels::silu_and_mul(&self.forward(x, precise_rows)?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// candle's quantized matmul (a GPU's, or the CPU's for widths candela's kernel cannot take)
+    /// takes activations of the model's dtype, whatever the weights' type: block types compute
+    /// in f32, a GGUF's f16 or f32 matrices (which candle keeps as plain tensors) in their own
+    /// dtype, and the result comes back in the activations' dtype.
+    #[test]
+    fn quantized_weights_take_any_activation_dtype() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (48, 96), &dev)?;
+        let x = Tensor::randn(0f32, 1., (3, 96), &dev)?;
+        for weights in [GgmlDType::Q4_1, GgmlDType::F16, GgmlDType::F32] {
+            let q = QTensor::quantize(&w, weights)?;
+            let linear = Linear::Quantized(QMatMul::from_qtensor(q)?);
+            let want = linear.forward(&x, &[false; 3])?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            for dtype in [DType::BF16, DType::F16] {
+                let got = linear.forward(&x.to_dtype(dtype)?, &[false; 3])?;
+                assert_eq!(got.dtype(), dtype);
+                let err = (got.to_dtype(DType::F32)? - &want)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                // bf16 rounds x going in and y coming out: about 2 × 2⁻⁸ of the largest value.
+                assert!(
+                    err <= 0.02 * scale,
+                    "{weights:?} by {dtype:?}: off by {err} of {scale}"
+                );
+            }
+        }
+        Ok(())
     }
 }

@@ -110,8 +110,15 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads a `llama`-architecture GGUF file.
-    pub fn from_gguf(gguf: &mut GgufFile, device: &Device) -> Result<Self> {
+    /// Loads a `llama`-architecture GGUF file whose activations (and KV cache, by default) are
+    /// `dtype`: its matrices stay quantized, its vectors and token embeddings are dequantized to
+    /// `dtype`. The CPU's quantized kernel takes f32 activations only.
+    pub fn from_gguf(gguf: &mut GgufFile, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() && dtype != DType::F32 {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF weights on the CPU compute in f32, not {dtype:?}"
+            )));
+        }
         let arch = gguf.get_str("general.architecture")?.to_string();
         if arch != "llama" {
             return Err(ModelError::Unsupported(format!(
@@ -141,7 +148,7 @@ impl Llama {
             vocab_size,
             context_len: gguf.get_u32(&key("context_length"))? as usize,
             params: 0,
-            dtype: DType::F32,
+            dtype,
         };
         let rope_base = gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.);
         let rms_eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
@@ -153,7 +160,10 @@ impl Llama {
             Linear::from_qtensor(t, device)
         };
         let vector = |gguf: &mut GgufFile, name: &str| -> Result<Tensor> {
-            Ok(gguf.tensor(name, device)?.dequantize(device)?)
+            Ok(gguf
+                .tensor(name, device)?
+                .dequantize(device)?
+                .to_dtype(dtype)?)
         };
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
@@ -172,7 +182,7 @@ impl Llama {
             });
         }
         let norm = vector(gguf, "output_norm.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(device)?, hidden_size);
+        let embed = Embedding::new(embed_q.dequantize(device)?.to_dtype(dtype)?, hidden_size);
         // Tied embeddings when the file has no separate output matrix.
         let lm_head = if gguf.has_tensor("output.weight") {
             matmul(gguf, "output.weight")?
@@ -565,14 +575,13 @@ mod tests {
         assert!(err.contains("yarn"), "{err}");
     }
 
-    /// A tiny checkpoint on disk: random weights saved as safetensors beside a config.json, of
-    /// `heads` heads (`kv_heads` kv heads) of `head_dim`.
-    fn tiny_checkpoint(
-        dir: &Path,
+    /// Random weights of a tiny two-layer Llama under their Hugging Face names, and its
+    /// config.json: `heads` heads (`kv_heads` kv heads) of `head_dim`.
+    fn tiny_weights(
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-    ) -> serde_json::Value {
+    ) -> (serde_json::Value, HashMap<String, Tensor>) {
         let (hidden, kv, ffn, vocab) = (heads * head_dim, kv_heads * head_dim, 128, 100);
         let config = serde_json::json!({
             "model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn,
@@ -607,9 +616,76 @@ mod tests {
             put(p("mlp.up_proj"), &[ffn, hidden]);
             put(p("mlp.down_proj"), &[hidden, ffn]);
         }
+        (config, weights)
+    }
+
+    /// A tiny checkpoint on disk: [`tiny_weights`] saved as safetensors beside a config.json.
+    fn tiny_checkpoint(
+        dir: &Path,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> serde_json::Value {
+        let (config, weights) = tiny_weights(heads, kv_heads, head_dim);
         std::fs::create_dir_all(dir).unwrap();
         candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
         config
+    }
+
+    /// [`tiny_weights`] as a GGUF file at `path`, as llama.cpp's converter lays them out: the
+    /// matrices in Q4_1, the token embeddings (tied to the output) in Q8_0, the norms in f32.
+    fn tiny_gguf(path: &Path, heads: usize, kv_heads: usize, head_dim: usize) {
+        use candle_core::quantized::gguf_file::{self, Value};
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (config, weights) = tiny_weights(heads, kv_heads, head_dim);
+        let mut names = vec![
+            ("token_embd".to_string(), "model.embed_tokens".to_string()),
+            ("output_norm".to_string(), "model.norm".to_string()),
+        ];
+        for i in 0..2 {
+            for (gguf, hf) in [
+                ("attn_norm", "input_layernorm"),
+                ("ffn_norm", "post_attention_layernorm"),
+                ("attn_q", "self_attn.q_proj"),
+                ("attn_k", "self_attn.k_proj"),
+                ("attn_v", "self_attn.v_proj"),
+                ("attn_output", "self_attn.o_proj"),
+                ("ffn_gate", "mlp.gate_proj"),
+                ("ffn_up", "mlp.up_proj"),
+                ("ffn_down", "mlp.down_proj"),
+            ] {
+                names.push((format!("blk.{i}.{gguf}"), format!("model.layers.{i}.{hf}")));
+            }
+        }
+        let tensors: Vec<(String, QTensor)> = names
+            .into_iter()
+            .map(|(gguf, hf)| {
+                let t = &weights[&format!("{hf}.weight")];
+                let kind = match (t.rank(), gguf.as_str()) {
+                    (1, _) => GgmlDType::F32,
+                    (_, "token_embd") => GgmlDType::Q8_0,
+                    _ => GgmlDType::Q4_1,
+                };
+                (
+                    format!("{gguf}.weight"),
+                    QTensor::quantize(t, kind).unwrap(),
+                )
+            })
+            .collect();
+        let n = |key: &str| Value::U32(config[key].as_u64().unwrap() as u32);
+        let metadata = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.attention.head_count", n("num_attention_heads")),
+            ("llama.attention.head_count_kv", n("num_key_value_heads")),
+            ("llama.embedding_length", n("hidden_size")),
+            ("llama.block_count", n("num_hidden_layers")),
+            ("llama.context_length", n("max_position_embeddings")),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &metadata, &tensors).unwrap();
     }
 
     /// Logits (on the host) of the last token of a `prompt_len`-token prompt and then of one
@@ -710,6 +786,18 @@ mod tests {
         }
     }
 
+    /// The first GPU; `None` without one (a test then passes without checking), but a panic with
+    /// `CANDELA_REQUIRE_GPU=1` (scripts/gpu-bench.sh), where a device that does not open fails.
+    fn gpu_or_skip() -> Option<Device> {
+        match candela_kernels::cuda_device(0) {
+            Ok(gpu) => Some(gpu),
+            Err(e) if std::env::var_os("CANDELA_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+                panic!("CANDELA_REQUIRE_GPU=1 but the CUDA device did not open: {e}")
+            }
+            Err(_) => None,
+        }
+    }
+
     fn checkpoint_dir(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("candela-llama-{name}-{}", std::process::id()))
     }
@@ -733,24 +821,55 @@ mod tests {
         }
     }
 
+    /// A GGUF model computes in f32 on the CPU (candela's quantized kernel takes f32
+    /// activations) and refuses another dtype there by name.
+    #[test]
+    fn gguf_computes_in_f32_on_the_cpu() {
+        let dir = checkpoint_dir("gguf-cpu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        tiny_gguf(&path, 4, 2, 64);
+        let mut gguf = GgufFile::open(&path).unwrap();
+        let err = Llama::from_gguf(&mut gguf, &Device::Cpu, DType::BF16).err();
+        assert!(
+            err.as_ref().is_some_and(|e| e.to_string().contains("BF16")),
+            "{err:?}"
+        );
+        let model = Llama::from_gguf(&mut gguf, &Device::Cpu, DType::F32).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(model.config().dtype, DType::F32);
+        let logits = run(&model, 40);
+        assert!(logits.iter().flatten().all(|x| x.is_finite()));
+    }
+
     /// The whole forward pass on a GPU (stacked projections read as views, the tensor-core
     /// prefill kernel, the decode kernel, fused norms and activations) in bf16, against f32 on
     /// the CPU. Skips without a GPU (fails instead with `CANDELA_REQUIRE_GPU=1`).
     #[test]
     fn gpu_bf16_follows_cpu_f32() {
-        let gpu = match candela_kernels::cuda_device(0) {
-            Ok(gpu) => gpu,
-            // CANDELA_REQUIRE_GPU=1 (scripts/gpu-bench.sh): a device that does not open fails.
-            Err(e) if std::env::var_os("CANDELA_REQUIRE_GPU").is_some_and(|v| v == "1") => {
-                panic!("CANDELA_REQUIRE_GPU=1 but the CUDA device did not open: {e}")
-            }
-            Err(_) => return,
-        };
+        let Some(gpu) = gpu_or_skip() else { return };
         let dir = checkpoint_dir("gpu");
         let config = tiny_checkpoint(&dir, 4, 2, 64);
         let cpu = Llama::from_safetensors(&dir, &config, &Device::Cpu, DType::F32).unwrap();
         let on_gpu = Llama::from_safetensors(&dir, &config, &gpu, DType::BF16).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_follows(&run(&cpu, 40), &run(&on_gpu, 40), "gpu");
+    }
+
+    /// A GGUF model on a GPU in bf16 (its matrices through candle's quantized kernels in f32,
+    /// everything else through candela's bf16 kernels) against the same file in f32 on the CPU.
+    #[test]
+    fn gpu_gguf_bf16_follows_cpu_f32() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let dir = checkpoint_dir("gguf-gpu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        tiny_gguf(&path, 4, 2, 64);
+        let mut gguf = GgufFile::open(&path).unwrap();
+        let cpu = Llama::from_gguf(&mut gguf, &Device::Cpu, DType::F32).unwrap();
+        let on_gpu = Llama::from_gguf(&mut gguf, &gpu, DType::BF16).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(on_gpu.config().dtype, DType::BF16);
+        assert_follows(&run(&cpu, 40), &run(&on_gpu, 40), "gguf on the gpu");
     }
 }

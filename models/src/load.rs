@@ -47,8 +47,9 @@ impl LoadedModel {
 
 /// Loads a GGUF file (Llama architecture) or a Hugging Face directory (BERT encoders or Llama
 /// safetensors) onto `device`. `dtype` is what a Llama checkpoint's dense weights, activations
-/// and KV cache use (see [`crate::default_dtype`]); GGUF files keep their quantized weights and
-/// compute in f32, and embedding models run in f32.
+/// and KV cache use (see [`crate::default_dtype`]). GGUF files keep their quantized weights; on
+/// the CPU they compute in f32 (candela's quantized kernel takes f32 activations), elsewhere in
+/// `dtype`. Embedding models run in f32.
 pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     if path.is_dir() {
         return load_hf_dir(path, device, dtype);
@@ -57,7 +58,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        return load_gguf(path, device);
+        return load_gguf(path, device, dtype);
     }
     if !path.exists() {
         return Err(ModelError::Io {
@@ -71,7 +72,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     )))
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let mut gguf = GgufFile::open(path)?;
     let tokenizer = gguf.tokenizer()?;
     let eos = gguf.get_u32("tokenizer.ggml.eos_token_id").ok();
@@ -85,7 +86,8 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
             }
         }
     }
-    let model = Llama::from_gguf(&mut gguf, device)?;
+    let dtype = if device.is_cpu() { DType::F32 } else { dtype };
+    let model = Llama::from_gguf(&mut gguf, device, dtype)?;
     Ok(LoadedModel::Text(TextModel {
         model: Box::new(model),
         chat_template: gguf.chat_template(),

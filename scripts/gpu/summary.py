@@ -20,6 +20,9 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
   mma_off_vs_on            TTFT and throughput with the tensor-core prompt attention off / on
   skinny_off_vs_on         TPOT and throughput with the few-row matmul kernel off / on
   pool_off_vs_on           the same with the memory pool handing freed memory back every step
+  offline_one_stream       the profile phase's in-process run (`bench --offline`, one stream):
+                           output tok/s, TPOT, engine step time and launch share
+  unreadable               result files that did not parse (a run cut off while writing)
 
     python3 scripts/gpu/summary.py DIR [DIR ...]
 """
@@ -38,6 +41,17 @@ KEYS = ("completed", "failed", "output_throughput", "total_token_throughput", "m
 
 def main(dirs):
     summary = {"tests": {}, "torch": {}, "runs": {}}
+    unreadable = []
+
+    def load(path):
+        """A result file's JSON, or None (noted) when it is cut off or not JSON."""
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            unreadable.append(path)
+            return None
+
     runs = {}
     for d in dirs:
         for crate in ("kernels", "models"):
@@ -54,13 +68,18 @@ def main(dirs):
                 summary["tests"][f"{crate}_pdl_off"] = results[-1] if results else "did not finish"
         torch_path = os.path.join(d, "torch.json")
         if os.path.exists(torch_path):
-            summary["torch"] = json.load(open(torch_path))
+            summary["torch"] = load(torch_path) or {}
+        offline = os.path.join(d, "profile-decode.json")
+        if os.path.exists(offline) and (r := load(offline)):
+            summary["offline_one_stream"] = {k: r.get(k) for k in KEYS if k in r}
         for path in sorted(glob.glob(os.path.join(d, "candela-*.json"))):
             name = os.path.basename(path)[:-5]
             m = RUN.match(name)
             if not m:
                 continue
-            r = json.load(open(path))
+            r = load(path)
+            if r is None:
+                continue
             runs[name] = dict(m.groupdict(), **{k: r.get(k) for k in KEYS if k in r})
     summary["runs"] = runs
     # Whether the kernels ran as programmatic dependent launches: off when the tests passed only
@@ -125,6 +144,8 @@ def main(dirs):
             }
         if ab:
             summary[key] = ab
+    if unreadable:
+        summary["unreadable"] = unreadable
     json.dump(summary, sys.stdout, indent=2)
     print()
 

@@ -55,7 +55,8 @@ def generate_throughput(model, vocab, batch, input_len, output_len, device):
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
                   do_sample=False, pad_token_id=0)
-    model.generate(ids[:, :16], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    warm = {**kwargs, "attention_mask": mask[:, :16], "max_new_tokens": 4, "min_new_tokens": 4}
+    model.generate(ids[:, :16], **warm)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, **kwargs)

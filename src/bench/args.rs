@@ -198,6 +198,10 @@ pub struct BenchArgs {
     /// Drive an engine in this process instead of a server (raw engine throughput, no HTTP).
     #[arg(long)]
     pub offline: bool,
+    /// Device for --offline: `auto` (the first CUDA GPU if this build has CUDA and the machine a
+    /// GPU, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     /// KV-cache memory for --offline, in GiB.
     #[arg(long, value_name = "GIB")]
     pub kv_cache_memory: Option<f64>,

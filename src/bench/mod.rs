@@ -79,25 +79,22 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `timeout` sends), so that a run cut short still reports.
-async fn interrupt() {
+/// The handlers are installed when this is called, not when the future is first polled: a
+/// signal during start-up (loading, the ready check, warm-ups) ends the run as one later does.
+fn interrupt() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = ctrl_c.await;
     }
 }
 
@@ -209,7 +206,7 @@ pub async fn run_until(
             .unwrap_or_else(|| "smollm2-135m-instruct".into());
         let opts = crate::serving::ServeOptions {
             sources: vec![source],
-            device: candela_kernels::cuda_if_available(),
+            device: crate::serving::parse_device(&args.device).map_err(err)?,
             home: home.clone(),
             kv_cache_bytes: args
                 .kv_cache_memory

@@ -36,6 +36,9 @@ impl EmbeddingModel {
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (max_tokens, dim) = (model.max_tokens(), model.dim());
+        // An id past the embeddings' rows is refused here: on a GPU the lookup's bounds check
+        // is a device assert, which leaves the device unusable for every later call.
+        let vocab_size = tokenizer.get_vocab_size(true).min(model.vocab_size()) as u32;
         std::thread::Builder::new()
             .name(format!("embed-{}", info.id))
             .spawn(move || {
@@ -73,7 +76,7 @@ impl EmbeddingModel {
             })?;
         Ok(Self {
             info,
-            vocab_size: tokenizer.get_vocab_size(true) as u32,
+            vocab_size,
             tokenizer: Arc::new(tokenizer),
             tx,
             max_tokens,

@@ -59,11 +59,15 @@ impl ChatModel {
         tokenizer: Tokenizer,
         template: ChatTemplate,
         eos_token_ids: Vec<TokenId>,
+        model_vocab_size: usize,
     ) -> Self {
         Self {
             info,
             engine,
-            vocab_size: tokenizer.get_vocab_size(true) as u32,
+            // An id past the embeddings' rows is refused at the edge: on a GPU the lookup's
+            // bounds check is a device assert, which leaves the device unusable for every
+            // later call.
+            vocab_size: tokenizer.get_vocab_size(true).min(model_vocab_size) as u32,
             tokenizer: Arc::new(tokenizer),
             template,
             eos_token_ids,
@@ -117,6 +121,17 @@ impl ChatModel {
         params: GenParams,
         prompt_param: &str,
     ) -> Result<Generation, ServingError> {
+        // Token-id prompts are checked where they are parsed; this also catches a tokenizer
+        // that knows more tokens than the model has embeddings for.
+        if let Some(id) = prompt.iter().find(|&&t| t >= self.vocab_size) {
+            return Err(ServingError::invalid(
+                prompt_param,
+                format!(
+                    "the {prompt_param} holds token id {id}, outside this model's vocabulary (size {}).",
+                    self.vocab_size
+                ),
+            ));
+        }
         // The catalog may declare a smaller context and output cap than the engine holds.
         let limit = self.engine.max_request_tokens.min(self.info.context_size);
         let max_tokens = params

@@ -405,7 +405,14 @@ fn serve_model(
                 },
             )
             .map_err(|e| LoadError(e.to_string()))?;
-            let mut m = ChatModel::new(info, engine, tokenizer, template, eos_token_ids);
+            let mut m = ChatModel::new(
+                info,
+                engine,
+                tokenizer,
+                template,
+                eos_token_ids,
+                cfg.vocab_size,
+            );
             if opts.calibrate {
                 m.info.tokens_per_second = calibrate::chat(&m);
             }

@@ -26,6 +26,8 @@
 #   profile      where a one-stream decode step's GPU time goes, per kernel (Nsight Systems, where
 #                the machine has one that writes reports; nsys-kernels.csv and nsys-api.csv),
 #                else the same in-process run without it (`bench --offline`: step times)
+#   kernels      each of candela's kernels in two steps of a one-stream decode, timed alone with
+#                the DRAM bytes it moved (Nsight Compute, where the machine has it; ncu-decode.csv)
 #   mma-off      long-prompt at concurrency 1 and 32 with the tensor-core prompt attention off
 #                (CANDELA_ATTENTION_MMA=0): the A/B of that kernel
 #   skinny-off   long-output at concurrency 1 and 8 with every matmul on cuBLAS
@@ -61,7 +63,7 @@ out="${1:-${OUT:-gpu-bench-out}}"
 mkdir -p "$out"
 work=$(mktemp -d /tmp/gpu-bench.XXXXXX)
 server=
-phases=" ${PHASES:-tests torch long-prompt long-output sharegpt-like profile pdl-off skinny-off mma-off pool-off} "
+phases=" ${PHASES:-tests torch long-prompt long-output sharegpt-like profile kernels pdl-off skinny-off mma-off pool-off} "
 config="${MODEL_CONFIG:-models/configs/llama-3.1-8b.json}"
 concurrency="${CONCURRENCY:-1 256 128 32 8}"
 per="${PROMPTS_PER_CONCURRENCY:-1}"
@@ -307,6 +309,39 @@ if has profile; then
         done
         head -12 "$work/nsys-kernels.csv" >&2 2>/dev/null || say "no kernel summary (see profile.log)"
         rm -f "$work"/decode.nsys-rep "$work"/decode.qdrep "$work"/decode.sqlite
+    fi
+    checkpoint
+fi
+# Each of candela's kernels in a one-stream decode step, timed alone, with the DRAM bytes it
+# moved (Nsight Compute, one pass per kernel; ncu-decode.csv): which kernels keep a step from the
+# bandwidth ceiling. Only candela's kernels are profiled (the others are few and small in a decode
+# step), over about two steps of steady decoding, past the prompt and the first steps.
+if has kernels; then
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu \
+        2>/dev/null | head -1 || true)
+    layers=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' \
+        "$config" 2>/dev/null || echo 32)
+    per_step=$((8 * layers + 4)) # 8 a layer, the first and last norms, the output head, sampling
+    if [ -z "$ncu" ]; then
+        say "no ncu on this machine: kernels skipped"
+    elif [ "$(left)" -lt 100 ]; then
+        say "kernels skipped ($(left)s left)"
+    else
+        say "kernels: $ncu, one stream, two decode steps"
+        CANDELA_PDL=0 timeout "$(at_most 150 $(($(left) / 2)))" $run "$ncu" --clock-control none \
+            --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+            --kernel-name "regex:^(skinny_gemm|paged_|rms_norm|add_rms_norm|rotary|sample_rows|silu_mul|write_cache)" \
+            --launch-skip $((4 * per_step)) --launch-count $((2 * per_step)) -f -o "$work/decode-ncu" \
+            "$bin" bench --offline --device "$device" --load-format dummy --model "$config" \
+            --tokenizer "$config" --ignore-eos --input-len 16 --output-len 12 --num-prompts 1 \
+            --max-concurrency 1 --num-warmups 0 --disable-tqdm >"$work/ncu.log" 2>&1 ||
+            say "ncu failed or timed out (see ncu.log)"
+        if [ -f "$work/decode-ncu.ncu-rep" ]; then
+            timeout 60 "$ncu" --import "$work/decode-ncu.ncu-rep" --csv --print-units base \
+                --page details >"$work/ncu-decode.csv" 2>>"$work/ncu.log" ||
+                say "ncu could not read its report (see ncu.log)"
+            rm -f "$work/decode-ncu.ncu-rep"
+        fi
     fi
     checkpoint
 fi

@@ -22,10 +22,15 @@ gpu-bench.tar.gz; several when the phases ran in separate calls) and prints one 
   pool_off_vs_on           the same with the memory pool handing freed memory back every step
   offline_one_stream       the profile phase's in-process run (`bench --offline`, one stream):
                            output tok/s, TPOT, engine step time and launch share
+  decode_kernels           per kernel (name and grid) of a one-stream decode step, from
+                           Nsight Compute: launches, microseconds and share of the step's
+                           kernel time, and DRAM GB/s (also as a fraction of PyTorch's read
+                           bandwidth)
   unreadable               result files that did not parse (a run cut off while writing)
 
     python3 scripts/gpu/summary.py DIR [DIR ...]
 """
+import csv
 import glob
 import json
 import os
@@ -37,6 +42,46 @@ KEYS = ("completed", "failed", "output_throughput", "total_token_throughput", "m
         "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "p99_itl_ms", "engine_steps",
         "mean_tokens_per_step", "mean_step_ms", "mean_step_launch_ms", "step_launch_fraction",
         "interrupted", "unfinished")
+
+
+# Nsight Compute's units, to seconds and bytes (reports print base units with --print-units base,
+# scaled ones without).
+UNITS = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0, "ns": 1e-9, "us": 1e-6,
+         "ms": 1e-3, "s": 1.0, "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3,
+         "MB": 1e6, "GB": 1e9, "B": 1.0}
+
+
+def decode_kernels(path, read_gbps):
+    """Per kernel and grid, per decode step, from Nsight Compute's details page as CSV (a row
+    per launch and metric). The steps are the sampling kernel's launches (one a step)."""
+    launches = {}
+    with open(path, newline="", errors="replace") as f:
+        # ncu may print lines of its own before the table.
+        lines = [l for l in f if l.startswith('"')]
+    for row in csv.DictReader(lines):
+        try:
+            value = float(row["Metric Value"].replace(",", ""))
+        except (KeyError, ValueError):
+            continue
+        launch = launches.setdefault(row.get("ID"), {
+            "kernel": row.get("Kernel Name", "?"), "grid": row.get("Grid Size", "")})
+        launch[row.get("Metric Name")] = value * UNITS.get(row.get("Metric Unit", ""), 1.0)
+    steps = sum(1 for l in launches.values() if l["kernel"].startswith("sample_rows")) or 1
+    groups = {}
+    for l in launches.values():
+        g = groups.setdefault((l["kernel"], l["grid"]), {"launches": 0, "s": 0.0, "bytes": 0.0})
+        g["launches"] += 1
+        g["s"] += l.get("gpu__time_duration.sum", 0.0)
+        g["bytes"] += l.get("dram__bytes_read.sum", 0.0) + l.get("dram__bytes_write.sum", 0.0)
+    total = sum(g["s"] for g in groups.values()) or 1.0
+    rows = []
+    for (kernel, grid), g in sorted(groups.items(), key=lambda kv: -kv[1]["s"]):
+        gbps = g["bytes"] / g["s"] / 1e9 if g["s"] else None
+        rows.append({
+            "kernel": kernel, "grid": grid, "launches_per_step": g["launches"] / steps,
+            "us_per_step": g["s"] / steps * 1e6, "share": g["s"] / total, "dram_gb_s": gbps,
+            "of_read_bandwidth": gbps / read_gbps if gbps and read_gbps else None})
+    return {"steps": steps, "kernel_us_per_step": total / steps * 1e6, "by_kernel": rows}
 
 
 def main(dirs):
@@ -144,6 +189,13 @@ def main(dirs):
             }
         if ab:
             summary[key] = ab
+    for d in dirs:
+        path = os.path.join(d, "ncu-decode.csv")
+        if os.path.exists(path):
+            try:
+                summary["decode_kernels"] = decode_kernels(path, torch_res.get("read_gbps"))
+            except (OSError, csv.Error) as e:
+                unreadable.append(f"{path}: {e}")
     if unreadable:
         summary["unreadable"] = unreadable
     json.dump(summary, sys.stdout, indent=2)

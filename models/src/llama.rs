@@ -632,12 +632,13 @@ mod tests {
         config
     }
 
-    /// [`tiny_weights`] as a GGUF file at `path`, as llama.cpp's converter lays them out: the
-    /// matrices in Q4_1, the token embeddings (tied to the output) in Q8_0, the norms in f32.
-    fn tiny_gguf(path: &Path, heads: usize, kv_heads: usize, head_dim: usize) {
+    /// [`tiny_weights`] (4 heads over 2 kv heads of 64) as a GGUF file in a fresh folder `name`
+    /// (returned, with the open file), as llama.cpp's converter lays them out: the matrices in
+    /// Q4_1, the token embeddings (tied to the output) in Q8_0, the norms in f32.
+    fn tiny_gguf(name: &str) -> (std::path::PathBuf, GgufFile) {
         use candle_core::quantized::gguf_file::{self, Value};
         use candle_core::quantized::{GgmlDType, QTensor};
-        let (config, weights) = tiny_weights(heads, kv_heads, head_dim);
+        let (config, weights) = tiny_weights(4, 2, 64);
         let mut names = vec![
             ("token_embd".to_string(), "model.embed_tokens".to_string()),
             ("output_norm".to_string(), "model.norm".to_string()),
@@ -684,8 +685,12 @@ mod tests {
         ];
         let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
         let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let mut file = std::fs::File::create(path).unwrap();
+        let dir = checkpoint_dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.gguf");
+        let mut file = std::fs::File::create(&path).unwrap();
         gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+        (dir, GgufFile::open(&path).unwrap())
     }
 
     /// Logits (on the host) of the last token of a `prompt_len`-token prompt and then of one
@@ -825,11 +830,7 @@ mod tests {
     /// activations) and refuses another dtype there by name.
     #[test]
     fn gguf_computes_in_f32_on_the_cpu() {
-        let dir = checkpoint_dir("gguf-cpu");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tiny.gguf");
-        tiny_gguf(&path, 4, 2, 64);
-        let mut gguf = GgufFile::open(&path).unwrap();
+        let (dir, mut gguf) = tiny_gguf("gguf-cpu");
         let err = Llama::from_gguf(&mut gguf, &Device::Cpu, DType::BF16).err();
         assert!(
             err.as_ref().is_some_and(|e| e.to_string().contains("BF16")),
@@ -861,11 +862,7 @@ mod tests {
     #[test]
     fn gpu_gguf_bf16_follows_cpu_f32() {
         let Some(gpu) = gpu_or_skip() else { return };
-        let dir = checkpoint_dir("gguf-gpu");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tiny.gguf");
-        tiny_gguf(&path, 4, 2, 64);
-        let mut gguf = GgufFile::open(&path).unwrap();
+        let (dir, mut gguf) = tiny_gguf("gguf-gpu");
         let cpu = Llama::from_gguf(&mut gguf, &Device::Cpu, DType::F32).unwrap();
         let on_gpu = Llama::from_gguf(&mut gguf, &gpu, DType::BF16).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

@@ -4,7 +4,7 @@
 #   1. Python venv at .venv with openai + numpy (installed only when missing)
 #   2. cargo build --release, then `candela fetch` (default models into $CANDELA_HOME)
 #   3. cargo test --release --workspace, then the CUDA kernels' tests on the CPU emulator
-#      (candela-kernels --features cuda-emu; needs a C++ compiler), in three thread orders, the
+#      (candela-kernels --features cuda-emu; needs a C++ compiler), in four thread orders, the
 #      last under AddressSanitizer + UBSan
 #   4. candela serve on a free local port, wait for /health, run scripts/sdk_smoke.py
 #
@@ -66,6 +66,10 @@ if [ "${SMOKE_ONLY:-0}" != 1 ]; then
         # line). The sanitized build has its own target folder, so the others stay built.
         step "the same, threads and blocks in reverse order (CANDELA_EMU_ORDER=reverse)"
         CANDELA_EMU_ORDER=reverse cargo test --release -p candela-kernels --features cuda-emu emu
+        # Warps drifting apart between block barriers (the other orders keep them in near
+        # lockstep, a shuffle or mma at a time): a missing __syncthreads between warps shows.
+        step "the same, each warp running ahead to its next block barrier (CANDELA_EMU_ORDER=warp)"
+        CANDELA_EMU_ORDER=warp cargo test --release -p candela-kernels --features cuda-emu emu
         if [ -f "$(g++ -print-file-name=libasan.so 2>/dev/null)" ] &&
             [ -f "$(g++ -print-file-name=libubsan.so 2>/dev/null)" ]; then
             step "the same, in random order, under AddressSanitizer + UBSan"

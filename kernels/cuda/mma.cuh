@@ -11,6 +11,9 @@
 #pragma once
 
 #include "common.cuh"
+#ifdef CANDELA_EMU
+#include <vector>
+#endif
 
 namespace candela {
 
@@ -56,10 +59,49 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
     }
 }
 
-// The copy lands at once; the waits have nothing left to wait for.
-inline void cp_async16(void *smem, const void *gmem) { std::memcpy(smem, gmem, 16); }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+// A copy lands only at the wait that covers its group (as cp.async.wait_group N guarantees: all
+// but the N most recent groups); until then its destination holds NaN bytes, so a read before
+// the right wait shows as a wrong (non-finite) result. Per thread, reset at each new block.
+struct EmuCopy {
+    void *dst;
+    const void *src;
+    int group; // -1 until committed
+};
+struct EmuCopies {
+    unsigned bx = ~0u, by = ~0u, bz = ~0u;
+    int committed = 0;
+    std::vector<EmuCopy> pending;
+};
+inline EmuCopies &emu_copies() {
+    static thread_local std::vector<EmuCopies> all(1024);
+    EmuCopies &c = all[threadIdx.x];
+    if (c.bx != blockIdx.x || c.by != blockIdx.y || c.bz != blockIdx.z) {
+        c = EmuCopies{};
+        c.bx = blockIdx.x, c.by = blockIdx.y, c.bz = blockIdx.z;
+    }
+    return c;
+}
+inline void cp_async16(void *smem, const void *gmem) {
+    std::memset(smem, 0xff, 16);
+    emu_copies().pending.push_back({smem, gmem, -1});
+}
+inline void cp_async_commit() {
+    EmuCopies &c = emu_copies();
+    for (auto &e : c.pending)
+        if (e.group < 0) e.group = c.committed;
+    ++c.committed;
+}
+template <int N> inline void cp_async_wait() {
+    EmuCopies &c = emu_copies();
+    std::vector<EmuCopy> left;
+    for (auto &e : c.pending) {
+        if (e.group >= 0 && e.group < c.committed - N)
+            std::memcpy(e.dst, e.src, 16);
+        else
+            left.push_back(e);
+    }
+    c.pending.swap(left);
+}
 
 #else
 

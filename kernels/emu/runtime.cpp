@@ -61,10 +61,14 @@ thread_local Block *block = nullptr;
 int warp_of(int f) { return f / 32; }
 
 // The order the scheduler resumes fibers in, and runs blocks in: CANDELA_EMU_ORDER=forward (the
-// default), reverse, or shuffle (a new random order every round). A kernel whose threads or
-// blocks communicate without a barrier (a race on a GPU) gives different results under
-// different orders, so the tests run under each catch it.
-enum class Order { Forward, Reverse, Shuffle };
+// default), reverse, shuffle (a new random order every round), or warp (blocks forward; each
+// warp in turn runs until all its threads wait at a block barrier or are done). A kernel whose
+// threads or blocks communicate without a barrier (a race on a GPU) gives different results
+// under different orders, so the tests run under each catch it. The first three resume every
+// thread once a round, so warps advance in near lockstep, one shuffle or mma at a time: a
+// missing __syncthreads between warps that only exchange through shared memory across such
+// steps shows only when warps drift apart between block barriers, as `warp` lets them.
+enum class Order { Forward, Reverse, Shuffle, Warp };
 
 Order order() {
     static const Order o = [] {
@@ -73,7 +77,8 @@ Order order() {
         if (s.empty() || s == "forward") return Order::Forward;
         if (s == "reverse") return Order::Reverse;
         if (s == "shuffle") return Order::Shuffle;
-        std::fprintf(stderr, "cuda emulator: CANDELA_EMU_ORDER=%s: forward, reverse or shuffle\n",
+        if (s == "warp") return Order::Warp;
+        std::fprintf(stderr, "cuda emulator: CANDELA_EMU_ORDER=%s: forward, reverse, shuffle or warp\n",
                      s.c_str());
         std::abort();
     }();
@@ -201,6 +206,32 @@ void run_block(Block &b) {
         makecontext(&fb.ctx, fiber_main, 0);
     }
     std::vector<int> seq;
+    if (order() == Order::Warp) {
+        // Each warp in turn runs until every thread of it waits at a block barrier or is done,
+        // so warps drift apart between block barriers as they may on a GPU.
+        while (b.running > 0) {
+            bool progressed = false;
+            for (int w0 = 0; w0 < n; w0 += 32) {
+                bool again = true;
+                while (again) {
+                    again = false;
+                    for (int f = w0; f < std::min(n, w0 + 32); ++f) {
+                        Fiber &fb = b.fibers[f];
+                        if (fb.state != State::Runnable) continue;
+                        b.current = f;
+                        threadIdx = fb.idx;
+                        swapcontext(&b.scheduler, &fb.ctx);
+                        progressed = again = true;
+                    }
+                }
+            }
+            if (!progressed) {
+                b.current = 0;
+                fail("deadlock: every running thread waits at a barrier that cannot release");
+            }
+        }
+        return;
+    }
     while (b.running > 0) {
         bool progressed = false;
         arrange(seq, n);

@@ -169,3 +169,32 @@ fn long_prompts_on_tensor_cores() -> Result<()> {
     }
     Ok(())
 }
+
+/// Prompt CTAs of several key tiles (partitions of 128 keys) whose last item leaves warps 1..3
+/// without work: the tensor-core kernel's double-buffered tiles, rescaled across tiles, with
+/// idle warps (the other cases split contexts into one-tile partitions).
+#[test]
+fn multi_tile_prompts_with_idle_warps() -> Result<()> {
+    let shapes: [&[(usize, usize)]; 1] = [&[(130, 2000)]];
+    for case in cases(&[DType::BF16], &[(128, 4, 16), (64, 8, 32)], &shapes) {
+        check_kernels(&case, true)?;
+    }
+    Ok(())
+}
+
+/// Enough CTAs that contexts are not split: every CTA walks its whole context, many key tiles,
+/// on both kernels.
+#[test]
+fn whole_contexts_of_many_tiles() -> Result<()> {
+    // 256 decode steps over 300 keys: 512 CTAs of the CUDA-core kernel, 10 tiles each.
+    let decode: Vec<(usize, usize)> = (0..256).map(|i| (1, 290 + i % 20)).collect();
+    for case in cases(&[DType::F32, DType::BF16], &[(64, 4, 16)], &[&decode[..]]) {
+        check_kernels(&case, true)?;
+    }
+    // A 512-token prompt over 700 keys, group 32: 256 tensor-core items of 2 tokens, 512 CTAs.
+    let prompt: [(usize, usize); 1] = [(511, 700)];
+    for case in cases(&[DType::F16], &[(64, 32, 16)], &[&prompt[..]]) {
+        check_kernels(&case, true)?;
+    }
+    Ok(())
+}

@@ -17,7 +17,7 @@
 //! matmul serves every shape, in f32.
 
 use candela_kernels::{CpuQMatMul, QMatrix};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::Result;
@@ -42,11 +42,13 @@ impl Linear {
         if !device.is_cpu() || cols % candela_kernels::QUANT_BLOCK != 0 {
             return Ok(Self::Quantized(QMatMul::from_qtensor(t)?));
         }
-        // Q4_1 blocks are used as they are; other types are requantized to int8 blocks.
-        Ok(Self::Blocks(match t.dtype() {
-            GgmlDType::Q4_1 => QMatrix::from_q4_1(&t.data()?, rows, cols)?,
-            _ => QMatrix::from_tensor(&t.dequantize(device)?)?,
-        }))
+        // 4-bit blocks stay 4-bit; other types are requantized to int8 blocks.
+        Ok(Self::Blocks(
+            match QMatrix::from_gguf_4bit(t.dtype(), &t.data()?, rows, cols)? {
+                Some(blocks) => blocks,
+                None => QMatrix::from_tensor(&t.dequantize(device)?)?,
+            },
+        ))
     }
 
     /// `parts` (weights of the same input width) stacked along their outputs into one matrix,
@@ -121,6 +123,7 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlDType;
 
     /// candle's quantized matmul (a GPU's, or the CPU's for widths candela's kernel cannot take)
     /// takes activations of the model's dtype, whatever the weights' type: block types compute

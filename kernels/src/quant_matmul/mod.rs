@@ -20,6 +20,7 @@
 
 use std::ops::Range;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -294,6 +295,26 @@ impl QMatrix {
             .flatten_all()?
             .to_vec1::<f32>()?;
         Self::quantize_q8(&data, rows, cols)
+    }
+
+    /// Takes GGUF 4-bit blocks as 4-bit blocks: Q4_1 and Q4_0 without changing a value, Q4_K with
+    /// its sub-blocks' scales and minimums rounded to f16 (see [`gguf`]). `None` for other types,
+    /// or where a scale does not fit an f16.
+    pub fn from_gguf_4bit(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>> {
+        let blocks = match dtype {
+            GgmlDType::Q4_1 => return Self::from_q4_1(bytes, rows, cols).map(Some),
+            GgmlDType::Q4_0 => gguf::q4_0_as_q4_1(bytes),
+            GgmlDType::Q4K => gguf::q4_k_as_q4_1(bytes),
+            _ => None,
+        };
+        blocks
+            .map(|blocks| Self::from_q4_1(&blocks, rows, cols))
+            .transpose()
     }
 
     /// Takes GGUF Q4_1 blocks (`rows * cols / 32` blocks of 20 bytes) without changing a value.
@@ -623,6 +644,7 @@ macro_rules! with_rows {
     };
 }
 
+mod gguf;
 mod scalar;
 
 #[cfg(target_arch = "x86_64")]

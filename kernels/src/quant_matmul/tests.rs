@@ -123,6 +123,83 @@ fn gguf_q4_1_blocks_match_their_dequantized_weights() -> Result<()> {
     Ok(())
 }
 
+/// Q4_1 blocks' values, `d·q + m`, as a `[rows, cols]` tensor.
+fn q4_1_values(bytes: &[u8], rows: usize, cols: usize) -> Result<Tensor> {
+    let f16_at = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let values: Vec<f32> = bytes
+        .chunks_exact(Q4_1_BYTES)
+        .flat_map(|block| {
+            let (d, m) = (f16_at(block), f16_at(&block[2..]));
+            let codes = &block[4..];
+            let lo = codes.iter().map(move |q| d * f32::from(q & 0xF) + m);
+            let hi = codes.iter().map(move |q| d * f32::from(q >> 4) + m);
+            lo.chain(hi).collect::<Vec<_>>()
+        })
+        .collect();
+    Tensor::from_vec(values, (rows, cols), &Device::Cpu)
+}
+
+/// Q4_0 and Q4_K files keep 4 bits a weight: their blocks become Q4_1 blocks of the same values
+/// (Q4_0 exactly, Q4_K within the f16 rounding of each sub-block's scale and minimum), which
+/// multiply as Q4_1 blocks do. Other types are left to the int8 path.
+#[test]
+fn gguf_q4_0_and_q4_k_blocks_keep_their_values() -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, cols) = (40, 512);
+    for scale in [1f32, 1e-3] {
+        let w = (Tensor::randn(0f32, 1., (rows, cols), &dev)? * f64::from(scale))?;
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4K] {
+            let qt = QTensor::quantize(&w, dtype)?;
+            let bytes = qt.data()?;
+            let want = qt.dequantize(&dev)?;
+            let blocks = match dtype {
+                GgmlDType::Q4_0 => gguf::q4_0_as_q4_1(&bytes),
+                _ => gguf::q4_k_as_q4_1(&bytes),
+            }
+            .expect("scales that fit f16");
+            let got = q4_1_values(&blocks, rows, cols)?;
+            let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let largest = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            if dtype == GgmlDType::Q4_0 {
+                assert_eq!(err, 0., "{dtype:?} at scale {scale}");
+            } else {
+                // A value is at most 15 steps of its scale plus its minimum: each rounded by
+                // at most 2⁻¹¹ relative.
+                assert!(
+                    err <= largest * 2f32.powi(-10),
+                    "{dtype:?} at scale {scale}: off by {err} of {largest}"
+                );
+                assert!(err > 0., "the f16 rounding shows somewhere");
+            }
+            let q = QMatrix::from_gguf_4bit(dtype, &bytes, rows, cols)?.expect("4-bit");
+            assert!(matches!(q.codes, Codes::Q4(_)));
+            let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
+            check(&q, &got, &x, [0.02, 2e-4])?;
+        }
+    }
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ] {
+        let qt = QTensor::quantize(&Tensor::randn(0f32, 1., (rows, cols), &dev)?, dtype)?;
+        assert!(QMatrix::from_gguf_4bit(dtype, &qt.data()?, rows, cols)?.is_none());
+    }
+    Ok(())
+}
+
+/// A Q4_0 scale whose `−8·d` overflows f16 is refused (and left to the int8 path), not turned
+/// into infinities.
+#[test]
+fn q4_0_scales_past_f16_are_refused() {
+    let mut block = vec![0u8; 18];
+    block[..2].copy_from_slice(&half::f16::from_f32(9000.).to_le_bytes());
+    assert!(gguf::q4_0_as_q4_1(&block).is_none());
+    block[..2].copy_from_slice(&half::f16::from_f32(8000.).to_le_bytes());
+    assert!(gguf::q4_0_as_q4_1(&block).is_some());
+}
+
 /// Stacked matrices multiply as their parts do, row for row and bit for bit; parts that
 /// cannot be stacked (a panel cut short before the last, other widths or block types) are
 /// refused.

@@ -1,0 +1,96 @@
+//! Other GGUF 4-bit block types rewritten as Q4_1 blocks, so that they keep 4 bits a weight in
+//! memory and go through the 4-bit kernel (rather than being requantized to int8 blocks, which
+//! take twice the bytes that a decode step reads).
+//!
+//! A Q4_1 block is 32 values `d·q + m`: an f16 scale `d`, an f16 minimum `m` and 16 bytes of
+//! codes `q` in 0..16 (byte `i` holds value `i` in its low nibble, value `i + 16` in its high one).
+//! - Q4_0 (`d·(q − 8)`, an f16 `d` then the same 16 bytes) is exactly `m = −8·d`.
+//! - Q4_K super-blocks hold 256 values in eight sub-blocks of 32, each `d·sc·q − dmin·mn` with
+//!   6-bit `sc` and `mn` and f16 `d`, `dmin` shared by the super-block. Each sub-block becomes a
+//!   Q4_1 block whose `d·sc` and `−dmin·mn` are rounded to f16 once: a relative error of at
+//!   most 2⁻¹¹ in a scale, under 1 % of a quantization step at the largest code (requantizing
+//!   the values to int8 errs by up to about 6 %).
+
+use half::f16;
+
+use super::BLOCK;
+
+/// Bytes of a GGUF Q4_0 block: f16 scale, 16 bytes of codes.
+const Q4_0_BYTES: usize = 18;
+/// Values and bytes of a GGUF Q4_K super-block: f16 `d`, f16 `dmin`, 12 bytes of packed 6-bit
+/// scales and minimums, 128 bytes of codes.
+const Q4_K_VALUES: usize = 256;
+const Q4_K_BYTES: usize = 144;
+
+/// A Q4_1 block: `d`, `m`, then the codes in Q4_1's order.
+fn q4_1_block(out: &mut Vec<u8>, d: f16, m: f16, codes: &[u8; BLOCK]) {
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend_from_slice(&m.to_le_bytes());
+    out.extend((0..BLOCK / 2).map(|i| codes[i] | (codes[i + BLOCK / 2] << 4)));
+}
+
+/// Q4_0 blocks as Q4_1 blocks of the same values; `None` where a block's `−8·d` overflows f16
+/// (a scale above 8188, which no quantizer writes).
+pub(super) fn q4_0_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.len().is_multiple_of(Q4_0_BYTES) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / Q4_0_BYTES * super::Q4_1_BYTES);
+    for block in bytes.chunks_exact(Q4_0_BYTES) {
+        let d = f16::from_le_bytes([block[0], block[1]]);
+        // ×8 is exact in f16 (a power of two) unless it overflows.
+        let m = f16::from_f32(-8. * d.to_f32());
+        if !m.is_finite() {
+            return None;
+        }
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&m.to_le_bytes());
+        out.extend_from_slice(&block[2..]);
+    }
+    Some(out)
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum from a Q4_K super-block's 12 packed bytes: the first
+/// four pairs in the low 6 bits of bytes `j` and `j + 4`; the last four in the nibbles of bytes
+/// 8 to 11, with their top 2 bits in the top bits of the first eight bytes.
+fn scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        (
+            (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4),
+            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K super-blocks as Q4_1 blocks, eight to a super-block; `None` where a scale or minimum
+/// overflows f16.
+pub(super) fn q4_k_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.len().is_multiple_of(Q4_K_BYTES) {
+        return None;
+    }
+    let blocks = bytes.len() / Q4_K_BYTES * (Q4_K_VALUES / BLOCK);
+    let mut out = Vec::with_capacity(blocks * super::Q4_1_BYTES);
+    let mut codes = [0u8; BLOCK];
+    for sb in bytes.chunks_exact(Q4_K_BYTES) {
+        let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+        let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+        let (packed, qs) = (&sb[4..16], &sb[16..]);
+        for j in 0..Q4_K_VALUES / BLOCK {
+            let (sc, mn) = scale_min(j, packed);
+            // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
+            let shift = 4 * (j % 2);
+            for (c, &q) in codes.iter_mut().zip(&qs[32 * (j / 2)..][..BLOCK]) {
+                *c = (q >> shift) & 0xF;
+            }
+            let scale = f16::from_f32(d * f32::from(sc));
+            let min = f16::from_f32(-dmin * f32::from(mn));
+            if !scale.is_finite() || !min.is_finite() {
+                return None;
+            }
+            q4_1_block(&mut out, scale, min, &codes);
+        }
+    }
+    Some(out)
+}

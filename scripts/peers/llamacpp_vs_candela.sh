@@ -12,7 +12,9 @@
 # (a Zen 3, say): llama.cpp built for AVX2 (in a build directory of its own), candela run with
 # CANDELA_CPU_KERNELS=avx2. QUANT=Q4_0 (or another type llama.cpp's `llama-quantize` writes)
 # compares both on the default model requantized to that type by llama.cpp (from its Q4_1
-# values, so for speed, not quality), served from that file by both. Needs a C++ compiler, curl
+# values, so for speed, not quality), served from that file by both; GGUF=FILE compares both on
+# FILE (e.g. a bigger shape made by scripts/peers/synth_gguf.py). PROMPTS="8 64" sets the
+# prompts of the one-stream and the 16-concurrent runs. Needs a C++ compiler, curl
 # and python3 (and cmake, which it takes from PyPI where the machine has none);
 # `cargo build --release` first.
 set -euo pipefail
@@ -25,7 +27,9 @@ threads="${THREADS:-$(nproc)}"
 candela=target/release/candela
 tier="${TIER:-native}"
 quant="${QUANT:-}"
-out=target/peers/$tier${quant:+-$quant}
+file="${GGUF:-}"
+read -r prompts_one prompts_many <<<"${PROMPTS:-8 64}"
+out=target/peers/$tier${quant:+-$quant}${file:+-$(basename "$file" .gguf)}
 say() { echo "peers: $*" >&2; }
 
 [ -x "$candela" ] || { say "build candela first: cargo build --release"; exit 1; }
@@ -94,6 +98,10 @@ if [ -n "$quant" ]; then
     gguf="$requantized"
     model="$gguf"
 fi
+if [ -n "$file" ]; then
+    gguf="$file"
+    model="$gguf"
+fi
 
 # 2. Alternate the servers under the same load.
 mkdir -p "$out"
@@ -126,8 +134,8 @@ for round in $(seq "$rounds"); do
     for s in candela llama.cpp; do
         say "round $round: $s"
         start "$s"
-        bench "$s" "$round" 1 8
-        bench "$s" "$round" 16 64
+        bench "$s" "$round" 1 "$prompts_one"
+        bench "$s" "$round" 16 "$prompts_many"
         kill "$pid"; wait "$pid" 2>/dev/null || true
     done
 done

@@ -116,22 +116,6 @@ pub fn rotary_and_cache(
     if let Some(rows) = cpu::Rows::of(q, k, v, cos, sin, k_cache, v_cache, slots) {
         return rows.rotate_and_cache(layout, k_cache, v_cache);
     }
-    plain_rotary_and_cache(q, k, v, cos, sin, layout, k_cache, v_cache, slots)
-}
-
-/// [`rotary_and_cache`] in candle's ops: the tests' reference.
-#[allow(clippy::too_many_arguments)]
-fn plain_rotary_and_cache(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    layout: RopeLayout,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    slots: &Tensor,
-) -> Result<Tensor> {
     let (q, k) = rotary_embedding(q, k, cos, sin, layout)?;
     crate::reshape_and_cache(&k, v, k_cache, v_cache, slots)?;
     Ok(q)
@@ -617,7 +601,8 @@ mod cuda {
 mod tests {
     use candle_core::{DType, Device, Result, Tensor};
 
-    use super::{cpu, plain_rotary_and_cache, rotary_and_cache, RopeLayout};
+    use super::{cpu, rotary_and_cache, rotary_embedding, RopeLayout};
+    use crate::reshape_and_cache;
 
     /// Llama's tables at scattered positions: `[tokens, head_dim / 2]` each.
     pub(super) fn tables(positions: &[u32], head_dim: usize) -> Result<(Tensor, Tensor)> {
@@ -662,9 +647,9 @@ mod tests {
                             Ok((c()?, c()?))
                         };
                         let ((k_want, v_want), (k_got, v_got)) = (caches()?, caches()?);
-                        let q_want = plain_rotary_and_cache(
-                            q, k, v, &cos, &sin, layout, &k_want, &v_want, &slots,
-                        )?;
+                        // candle's ops: the rotation, then the cache write.
+                        let (q_want, k_rotated) = rotary_embedding(q, k, &cos, &sin, layout)?;
+                        reshape_and_cache(&k_rotated, v, &k_want, &v_want, &slots)?;
                         assert!(
                             cpu::Rows::of(q, k, v, &cos, &sin, &k_got, &v_got, &slots).is_some(),
                             "the fused path takes these"
@@ -752,7 +737,8 @@ mod cuda_tests {
     use candle_core::{DType, Device, Result, Tensor};
 
     use super::tests::tables;
-    use super::{plain_rotary_and_cache, rotary_and_cache, rotary_embedding, RopeLayout};
+    use super::{rotary_and_cache, rotary_embedding, RopeLayout};
+    use crate::reshape_and_cache;
     use crate::test_util::{assert_close, cuda_device, randn, DTYPES};
 
     #[test]
@@ -806,13 +792,17 @@ mod cuda_tests {
                         Ok((c()?, c()?))
                     };
                     let (k_want, v_want) = caches(&Device::Cpu)?;
-                    let q_want = plain_rotary_and_cache(
+                    // On the CPU in candle's ops: the rotation, then the cache write.
+                    let (q_want, k_rotated) = rotary_embedding(
                         &part(&qkv_ref, 0, 8)?,
                         &part(&qkv_ref, 8, 2)?,
-                        &part(&qkv_ref, 10, 2)?,
                         &cos,
                         &sin,
                         layout,
+                    )?;
+                    reshape_and_cache(
+                        &k_rotated,
+                        &part(&qkv_ref, 10, 2)?,
                         &k_want,
                         &v_want,
                         &Tensor::new(&slots[..], &Device::Cpu)?,

@@ -298,7 +298,7 @@ impl QMatrix {
     }
 
     /// Takes GGUF 4-bit blocks as 4-bit blocks: Q4_1 and Q4_0 without changing a value, Q4_K with
-    /// its sub-blocks' scales and minimums rounded to f16 (see [`gguf`]). `None` for other types,
+    /// its sub-blocks' scales and minimums rounded to f16 (see `gguf.rs`). `None` for other types,
     /// or where a scale does not fit an f16.
     pub fn from_gguf_4bit(
         dtype: GgmlDType,

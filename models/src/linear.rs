@@ -1,7 +1,7 @@
 //! Linear layers over quantized or dense weights.
 //!
-//! On the CPU, quantized weights go through candela's own kernel ([`QMatrix`]: the GGUF's own
-//! Q4_1 blocks, or int8 blocks for other types) for every batch shape: it multiplies int8
+//! On the CPU, quantized weights go through candela's own kernel ([`QMatrix`]: 4-bit blocks for
+//! the GGUF's Q4_1, Q4_0 and Q4_K, int8 blocks for other types) for every batch shape: it multiplies int8
 //! activations by 4-bit or 8-bit weights with VNNI or AVX2 integer dot products, several
 //! sequences per weight load, and beats an f32 GEMM over dequantized weights even for prompt
 //! chunks. (candle's own CPU kernels for Q4_0/Q4_1 are scalar, and its Q8_0 kernel re-reads

@@ -13,11 +13,13 @@
 # CANDELA_CPU_KERNELS=avx2. QUANT=Q4_0 (or another type llama.cpp's `llama-quantize` writes)
 # compares both on the default model requantized to that type by llama.cpp (from its Q4_1
 # values, so for speed, not quality), served from that file by both; GGUF=FILE compares both on
-# FILE (e.g. a bigger shape made by scripts/peers/synth_gguf.py). PROMPTS="8 64" sets the
-# prompts of the one-stream and the 16-concurrent runs. Needs a C++ compiler, curl
+# FILE instead (e.g. a bigger shape made by scripts/peers/synth_gguf.py). PROMPTS="8 64" sets
+# the prompts of the one-stream and the 16-concurrent runs (one number: eight times it at 16). Needs a C++ compiler, curl
 # and python3 (and cmake, which it takes from PyPI where the machine has none);
 # `cargo build --release` first.
 set -euo pipefail
+# GGUF= is the caller's path: resolve it before moving to the repository.
+file="${GGUF:+$(realpath "$GGUF")}"
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 rounds="${1:-2}"
@@ -27,9 +29,10 @@ threads="${THREADS:-$(nproc)}"
 candela=target/release/candela
 tier="${TIER:-native}"
 quant="${QUANT:-}"
-file="${GGUF:-}"
 read -r prompts_one prompts_many <<<"${PROMPTS:-8 64}"
-out=target/peers/$tier${quant:+-$quant}${file:+-$(basename "$file" .gguf)}
+prompts_many="${prompts_many:-$((8 * prompts_one))}"
+out=target/peers/$tier
+if [ -n "$file" ]; then out+="-$(basename "$file" .gguf)"; elif [ -n "$quant" ]; then out+="-$quant"; fi
 say() { echo "peers: $*" >&2; }
 
 [ -x "$candela" ] || { say "build candela first: cargo build --release"; exit 1; }
@@ -83,7 +86,7 @@ if [ ! -x "$server" ]; then
 fi
 # Both serve the same file; candela names it by path, the bench asks for the model listed.
 model=smollm2-135m-instruct
-if [ -n "$quant" ]; then
+if [ -n "$quant" ] && [ -z "$file" ]; then
     quantize="$src/$build/bin/llama-quantize"
     if [ ! -x "$quantize" ]; then
         say "building llama-quantize ($tier, once)"
@@ -92,7 +95,12 @@ if [ -n "$quant" ]; then
     requantized="$cache/smollm2-135m-instruct-$quant.gguf"
     if [ ! -s "$requantized" ]; then
         say "requantizing the default model to $quant"
-        "$quantize" --allow-requantize "$gguf" "$requantized.part" "$quant" >/dev/null 2>&1
+        if ! "$quantize" --allow-requantize "$gguf" "$requantized.part" "$quant" \
+            >"$cache/quantize.log" 2>&1; then
+            tail -5 "$cache/quantize.log" >&2
+            say "llama-quantize failed (QUANT=$quant); its log: $cache/quantize.log"
+            exit 1
+        fi
         mv "$requantized.part" "$requantized"
     fi
     gguf="$requantized"

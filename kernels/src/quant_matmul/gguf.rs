@@ -8,8 +8,9 @@
 //! - Q4_K super-blocks hold 256 values in eight sub-blocks of 32, each `d·sc·q − dmin·mn` with
 //!   6-bit `sc` and `mn` and f16 `d`, `dmin` shared by the super-block. Each sub-block becomes a
 //!   Q4_1 block whose `d·sc` and `−dmin·mn` are rounded to f16 once: a relative error of at
-//!   most 2⁻¹¹ in a scale, under 1 % of a quantization step at the largest code (requantizing
-//!   the values to int8 errs by up to about 6 %).
+//!   most 2⁻¹¹ in each, about 1 % of a quantization step at the largest code from the scale,
+//!   plus 2⁻¹¹ of the minimum (requantizing the values to int8 errs by up to about 6 % of a
+//!   step).
 
 use half::f16;
 

@@ -106,7 +106,10 @@ impl<'a> Rows<'a> {
         {
             return None;
         }
-        let (tokens, _, head_dim) = q.dims3().ok()?;
+        let (tokens, heads, head_dim) = q.dims3().ok()?;
+        if heads == 0 || k.dim(1).ok()? == 0 || head_dim == 0 {
+            return None;
+        }
         let [(cs, cl), (ss, sl), (ps, pl)] = [cos, sin, slots].map(|t| t.storage_and_layout());
         let layouts = [cl.clone(), sl.clone(), pl.clone()];
         let rows = Self {
@@ -119,8 +122,25 @@ impl<'a> Rows<'a> {
             head_dim,
         };
         // The tables must be packed too.
-        rows.angles()?;
+        let (cos, sin) = rows.angles()?;
         contiguous::<u32>(&rows.tables[2], &rows.layouts[2])?;
+        // A cache that an input is a view of would be written while it is read, and its write
+        // lock would wait for the inputs' read locks forever: only an f32 cache can be one, and
+        // such calls take candle's ops, which refuse it.
+        let inputs = [rows.q.data(), rows.k.data(), rows.v.data(), cos, sin];
+        let read = |cache: &Tensor| {
+            let (storage, _) = cache.storage_and_layout();
+            match &*storage {
+                Storage::Cpu(CpuStorage::F32(data)) => {
+                    let range = data.as_ptr_range();
+                    inputs.iter().any(|i| range.contains(&i.as_ptr()))
+                }
+                _ => false,
+            }
+        };
+        if read(k_cache) || read(v_cache) {
+            return None;
+        }
         Some(rows)
     }
 

@@ -447,6 +447,25 @@ mod tests {
         Ok(())
     }
 
+    /// Inputs the fused path must not take go to candle's ops: values that are a view of their
+    /// own f32 cache (which the fused path would wait on forever) and heads of no elements.
+    #[test]
+    fn cpu_fused_path_leaves_odd_inputs_to_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let (cos, sin) = tables(&[0, 1, 2], 16)?;
+        let slots = Tensor::new(&[0u32, 5, 9], &dev)?;
+        let (q, k) = (&fused_part(0, 8)?, &fused_part(8, 2)?);
+        let k_cache = Tensor::zeros((1, 16, 2, 16), DType::F32, &dev)?;
+        let v_cache = Tensor::randn(0f32, 1., (1, 16, 2, 16), &dev)?;
+        let v = v_cache.reshape((16, 2, 16))?.narrow(0, 4, 3)?;
+        assert!(cpu::Rows::of(q, k, &v, &cos, &sin, &k_cache, &v_cache, &slots).is_none());
+        let layout = RopeLayout::HalfSplit;
+        let _ = rotary_and_cache(q, k, &v, &cos, &sin, layout, &k_cache, &v_cache, &slots);
+        let none = Tensor::zeros((3, 0, 16), DType::F32, &dev)?;
+        assert!(cpu::Rows::of(&none, k, k, &cos, &sin, &k_cache, &k_cache, &slots).is_none());
+        Ok(())
+    }
+
     /// `[3, n, 16]` of a fused f32 row per token.
     fn fused_part(at: usize, n: usize) -> Result<Tensor> {
         Tensor::randn(0f32, 1., (3, 12, 16), &Device::Cpu)?.narrow(1, at, n)

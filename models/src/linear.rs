@@ -1,7 +1,8 @@
 //! Linear layers over quantized or dense weights.
 //!
 //! On the CPU, quantized weights go through candela's own kernel ([`QMatrix`]: 4-bit blocks for
-//! the GGUF's Q4_1, Q4_0 and Q4_K, int8 blocks for other types) for every batch shape: it multiplies int8
+//! the GGUF's Q4_1, Q4_0 and Q4_K, 6-bit ones for Q6_K, int8 blocks for other types) for every
+//! batch shape: it multiplies int8
 //! activations by 4-bit or 8-bit weights with VNNI or AVX2 integer dot products, several
 //! sequences per weight load, and beats an f32 GEMM over dequantized weights even for prompt
 //! chunks. (candle's own CPU kernels for Q4_0/Q4_1 are scalar, and its Q8_0 kernel re-reads
@@ -42,9 +43,9 @@ impl Linear {
         if !device.is_cpu() || cols % candela_kernels::QUANT_BLOCK != 0 {
             return Ok(Self::Quantized(QMatMul::from_qtensor(t)?));
         }
-        // 4-bit blocks stay 4-bit; other types are requantized to int8 blocks.
+        // 4-bit and 6-bit blocks keep their bits; other types are requantized to int8 blocks.
         Ok(Self::Blocks(
-            match QMatrix::from_gguf_4bit(t.dtype(), &t.data()?, rows, cols)? {
+            match QMatrix::from_gguf_blocks(t.dtype(), &t.data()?, rows, cols)? {
                 Some(blocks) => blocks,
                 None => QMatrix::from_tensor(&t.dequantize(device)?)?,
             },

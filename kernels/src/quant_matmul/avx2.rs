@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use super::{
     prefetch, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
-    Q8_PANEL_BLOCK,
+    Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
 };
 
 /// [`super::quantize_row`], a block in four vectors, its rounding error kept in registers.
@@ -95,6 +95,17 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                     for i in (0..x.m).step_by(6) {
                         let n = (x.m - i).min(6);
                         with_rows!(n, 6, q4[T](data, p, h, x, i, out))
+                    }
+                }
+            }
+            Panels::Q6(data) => {
+                for h in 0..2 {
+                    // Two sums a row: three rows keep them in registers (four in two terms,
+                    // whose tiles hold whole input rows).
+                    let rows = if T == 2 { 4 } else { 3 };
+                    for i in (0..x.m).step_by(rows) {
+                        let n = (x.m - i).min(rows);
+                        with_rows!(n, 6, q6[T](data, p, h, x, i, out))
                     }
                 }
             }
@@ -238,6 +249,85 @@ unsafe fn q4<const T: usize, const R: usize>(
             let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones));
             *acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, dx), *acc);
             *acc = _mm256_fmadd_ps(mn, sx, *acc);
+        }
+    }
+    for r in (0..R).step_by(T) {
+        let sum = if T == 2 {
+            _mm256_add_ps(acc[r], acc[r + 1])
+        } else {
+            acc[r]
+        };
+        _mm256_storeu_ps(out.at(x.out_row_of::<T>(i0 + r), p).add(8 * h), sum);
+    }
+}
+
+/// 6-bit weights (stored `w + 32`) as 4-bit ones, each code's high 2 bits or-ed in from its
+/// step's nibble; `maddubs` pairs (at most 2 * 63 * 127) are widened every step, and the two
+/// halves of a block keep sums of their own (from the activations' `-32 * sum(x)` of that half)
+/// for their own scales. Half `h` of panel `p`: its 8 rows, against `R` int8 rows.
+#[inline(always)]
+unsafe fn q6<const T: usize, const R: usize>(
+    data: &[u8],
+    p: usize,
+    h: usize,
+    x: &Activations,
+    i0: usize,
+    out: Out,
+) {
+    let blocks = x.blocks();
+    let xq = x.quants.as_ptr().add(i0 * x.cols);
+    let ones = _mm256_set1_epi16(1);
+    let (low4, low2, mid2) = (
+        _mm256_set1_epi8(0x0f),
+        _mm256_set1_epi8(0x03),
+        _mm256_set1_epi8(0x0c),
+    );
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let pb = data.as_ptr().add((p * blocks + b) * Q6_PANEL_BLOCK);
+        if i0 == 0 && h == 0 {
+            prefetch(
+                pb.wrapping_add(blocks * Q6_PANEL_BLOCK),
+                Q6_PANEL_BLOCK / 64,
+            );
+        }
+        let mut lo_dots = [_mm256_setzero_si256(); R];
+        let mut hi_dots = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            let k = ((i0 + r) * blocks + b) * 2;
+            lo_dots[r] = _mm256_set1_epi32(*x.halves.get_unchecked(k));
+            hi_dots[r] = _mm256_set1_epi32(*x.halves.get_unchecked(k + 1));
+        }
+        for j in 0..4 {
+            let raw = _mm256_loadu_si256(pb.add(j * 4 * PANEL + 32 * h) as *const _);
+            let at = Q6_HIGH + (j / 2) * 4 * PANEL + 32 * h;
+            let mut high = _mm256_loadu_si256(pb.add(at) as *const _);
+            if j % 2 == 1 {
+                high = _mm256_srli_epi16(high, 4);
+            }
+            let top = _mm256_slli_epi16(_mm256_and_si256(high, low2), 4);
+            let lo = _mm256_or_si256(_mm256_and_si256(raw, low4), top);
+            let top = _mm256_slli_epi16(_mm256_and_si256(high, mid2), 2);
+            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), top);
+            for r in 0..R {
+                let xb = xq.add(r * x.cols + b * BLOCK + 4 * j);
+                let (vl, vh) = (broadcast4(xb), broadcast4(xb.add(BLOCK / 2)));
+                let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, vl), ones);
+                let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, vh), ones);
+                lo_dots[r] = _mm256_add_epi32(lo_dots[r], pl);
+                hi_dots[r] = _mm256_add_epi32(hi_dots[r], ph);
+            }
+        }
+        let s_lo = _mm_loadl_epi64(pb.add(Q6_SCALES + 8 * h) as *const _);
+        let s_hi = _mm_loadl_epi64(pb.add(Q6_SCALES + PANEL + 8 * h) as *const _);
+        let s_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s_lo));
+        let s_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s_hi));
+        let d = f16_half(pb.add(Q6_D + 16 * h));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let dx = _mm256_set1_ps(*x.scales.get_unchecked((i0 + r) * blocks + b));
+            let hi = _mm256_mul_ps(_mm256_cvtepi32_ps(hi_dots[r]), s_hi);
+            let both = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo_dots[r]), s_lo, hi);
+            *acc = _mm256_fmadd_ps(both, _mm256_mul_ps(d, dx), *acc);
         }
     }
     for r in (0..R).step_by(T) {

@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use super::{
     blocks_per_pass, prefetch, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_MINS,
-    Q4_PANEL_BLOCK, Q4_SCALES, Q8_PANEL_BLOCK,
+    Q4_PANEL_BLOCK, Q4_SCALES, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
 };
 
 /// Int8 activation rows per tile: six for rows in one term; four for rows in two, whose
@@ -83,6 +83,7 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
         _ if one_tile && T == 1 => blocks,
         Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
         Panels::Q4(_) => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
+        Panels::Q6(_) => blocks_per_pass(blocks, 2 * Q6_PANEL_BLOCK),
     };
     let mut p = 0;
     while p < panels {
@@ -105,6 +106,8 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                     }
                     (Panels::Q4(data), true) => with_rows!(n, 6, q4[2, T](data, x, &at, out)),
                     (Panels::Q4(data), false) => with_rows!(n, 6, q4[1, T](data, x, &at, out)),
+                    (Panels::Q6(data), true) => with_rows!(n, 6, q6[2, T](data, x, &at, out)),
+                    (Panels::Q6(data), false) => with_rows!(n, 6, q6[1, T](data, x, &at, out)),
                 }
             }
         }
@@ -290,6 +293,84 @@ unsafe fn q4<const P: usize, const T: usize, const R: usize>(
                 let dx = _mm512_set1_ps(*x.scales.get_unchecked(k));
                 *acc = _mm512_fmadd_ps(dots.get(p, r), _mm512_mul_ps(d, dx), *acc);
                 *acc = _mm512_fmadd_ps(mn, _mm512_set1_ps(*x.sums.get_unchecked(k)), *acc);
+            }
+        }
+    }
+    store::<P, T, R>(&acc, at, x, out);
+}
+
+/// 6-bit weights (stored `w + 32`), 4 steps per block as for 4-bit ones, each code's high 2 bits
+/// or-ed in from the step's nibble of the high-bit vectors; the two halves of a block keep sums
+/// of their own (each from the activations' `-32 * sum(x)` of that half) for their own scales.
+#[inline(always)]
+unsafe fn q6<const P: usize, const T: usize, const R: usize>(
+    data: &[u8],
+    x: &Activations,
+    at: &Tile,
+    out: Out,
+) {
+    let (p0, i0, blocks) = (at.p0, at.i0, x.blocks());
+    let xq = x.quants.as_ptr().add(i0 * x.cols);
+    let (low4, low2, mid2) = (
+        _mm512_set1_epi8(0x0f),
+        _mm512_set1_epi8(0x03),
+        _mm512_set1_epi8(0x0c),
+    );
+    let mut acc = resume::<P, T, R>(at, x, out);
+    for b in at.blocks.clone() {
+        if i0 == 0 {
+            for p in P..2 * P {
+                let next = ((p0 + p) * blocks + b) * Q6_PANEL_BLOCK;
+                prefetch(data.as_ptr().wrapping_add(next), Q6_PANEL_BLOCK / 64);
+            }
+        }
+        let half = |r: usize, h: usize| *x.halves.get_unchecked(((i0 + r) * blocks + b) * 2 + h);
+        let mut lo_dots = [[_mm512_setzero_si512(); R]; P];
+        let mut hi_dots = [[_mm512_setzero_si512(); R]; P];
+        for p in 0..P {
+            for r in 0..R {
+                lo_dots[p][r] = _mm512_set1_epi32(half(r, 0));
+                hi_dots[p][r] = _mm512_set1_epi32(half(r, 1));
+            }
+        }
+        // Loops, not closures, wherever intrinsics are (see `resume`).
+        let mut lo = [_mm512_setzero_si512(); P];
+        let mut hi = [_mm512_setzero_si512(); P];
+        for j in 0..4 {
+            for p in 0..P {
+                let pb = data.as_ptr().add(((p0 + p) * blocks + b) * Q6_PANEL_BLOCK);
+                let raw = _mm512_loadu_si512(pb.add(j * 4 * PANEL) as *const _);
+                let mut high =
+                    _mm512_loadu_si512(pb.add(Q6_HIGH + (j / 2) * 4 * PANEL) as *const _);
+                if j % 2 == 1 {
+                    high = _mm512_srli_epi16(high, 4);
+                }
+                let top = _mm512_slli_epi16(_mm512_and_si512(high, low2), 4);
+                lo[p] = _mm512_or_si512(_mm512_and_si512(raw, low4), top);
+                let top = _mm512_slli_epi16(_mm512_and_si512(high, mid2), 2);
+                hi[p] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), top);
+            }
+            for r in 0..R {
+                let xb = xq.add(r * x.cols + b * BLOCK + 4 * j);
+                let (vl, vh) = (broadcast4(xb), broadcast4(xb.add(BLOCK / 2)));
+                for p in 0..P {
+                    lo_dots[p][r] = _mm512_dpbusd_epi32(lo_dots[p][r], lo[p], vl);
+                    hi_dots[p][r] = _mm512_dpbusd_epi32(hi_dots[p][r], hi[p], vh);
+                }
+            }
+        }
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let pb = data.as_ptr().add(((p0 + p) * blocks + b) * Q6_PANEL_BLOCK);
+            let s_lo = _mm_loadu_si128(pb.add(Q6_SCALES) as *const _);
+            let s_hi = _mm_loadu_si128(pb.add(Q6_SCALES + PANEL) as *const _);
+            let s_lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s_lo));
+            let s_hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s_hi));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q6_D) as *const _));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let dx = _mm512_set1_ps(*x.scales.get_unchecked((i0 + r) * blocks + b));
+                let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi_dots[p][r]), s_hi);
+                let both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_dots[p][r]), s_lo, hi);
+                *acc = _mm512_fmadd_ps(both, _mm512_mul_ps(d, dx), *acc);
             }
         }
     }

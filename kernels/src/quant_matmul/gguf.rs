@@ -11,10 +11,13 @@
 //!   most 2⁻¹¹ in each, about 1 % of a quantization step at the largest code from the scale,
 //!   plus 2⁻¹¹ of the minimum (requantizing the values to int8 errs by up to about 6 % of a
 //!   step).
+//! - Q6_K super-blocks (256 values `d·sc·(q − 32)`, 6-bit `q`, an int8 `sc` per 16 values, an
+//!   f16 `d`) are kept as they are, in 6-bit panels of their own (see [`q6_k_panels`]).
 
+use candle_core::Result;
 use half::f16;
 
-use super::BLOCK;
+use super::{Codes, QMatrix, BLOCK, PANEL, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES};
 
 /// Bytes of a GGUF Q4_0 block: f16 scale, 16 bytes of codes.
 const Q4_0_BYTES: usize = 18;
@@ -94,4 +97,78 @@ pub(super) fn q4_k_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// Values and bytes of a GGUF Q6_K super-block: 128 bytes of low 4 bits, 64 of high 2 bits, 16
+/// int8 scales, f16 `d`.
+const Q6_K_VALUES: usize = 256;
+const Q6_K_BYTES: usize = 210;
+
+/// A Q6_K super-block's 256 codes (0..64), in order.
+fn q6_k_codes(sb: &[u8]) -> [u8; Q6_K_VALUES] {
+    let (ql, qh) = (&sb[..128], &sb[128..192]);
+    let mut q = [0u8; Q6_K_VALUES];
+    // Each half of 128 values: bytes `l` of its 64 low-bit bytes and 32 high-bit bytes hold
+    // values `l`, `l + 32`, `l + 64` and `l + 96`.
+    for half in 0..2 {
+        let (ql, qh, q) = (&ql[64 * half..], &qh[32 * half..], &mut q[128 * half..]);
+        for l in 0..32 {
+            q[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+            q[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    q
+}
+
+/// GGUF Q6_K blocks (`rows * cols / 256` super-blocks of 210 bytes) as 6-bit panels, without
+/// changing a value: each block of 32 keeps its codes, its two sub-blocks' int8 scales and its
+/// super-block's `d`.
+pub(super) fn q6_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMatrix> {
+    if rows == 0
+        || cols == 0
+        || !cols.is_multiple_of(Q6_K_VALUES)
+        || bytes.len() != rows * cols / Q6_K_VALUES * Q6_K_BYTES
+    {
+        candle_core::bail!(
+            "q6_k matrix: {rows}x{cols} does not match {} bytes of blocks",
+            bytes.len()
+        );
+    }
+    let blocks = cols / BLOCK;
+    // Padding rows: everything zero, so w = 0.
+    let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks * Q6_PANEL_BLOCK];
+    for (r, row) in bytes
+        .chunks_exact(cols / Q6_K_VALUES * Q6_K_BYTES)
+        .enumerate()
+    {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        for (s, sb) in row.chunks_exact(Q6_K_BYTES).enumerate() {
+            let codes = q6_k_codes(sb);
+            let (scales, d) = (&sb[192..208], &sb[208..210]);
+            for k in 0..Q6_K_VALUES / BLOCK {
+                let b = s * (Q6_K_VALUES / BLOCK) + k;
+                let q = &codes[BLOCK * k..][..BLOCK];
+                let dst = &mut out[(p * blocks + b) * Q6_PANEL_BLOCK..][..Q6_PANEL_BLOCK];
+                for j in 0..BLOCK / 8 {
+                    for i in 0..4 {
+                        let (lo, hi) = (q[4 * j + i], q[BLOCK / 2 + 4 * j + i]);
+                        dst[(j * PANEL + lane) * 4 + i] = (lo & 0xF) | ((hi & 0xF) << 4);
+                        // Step j's high bits: a nibble, steps 2i and 2i + 1 sharing a byte.
+                        let high = (lo >> 4) | ((hi >> 4) << 2);
+                        dst[Q6_HIGH + (j / 2) * 4 * PANEL + lane * 4 + i] |= high << (4 * (j % 2));
+                    }
+                }
+                dst[Q6_SCALES + lane] = scales[2 * k];
+                dst[Q6_SCALES + PANEL + lane] = scales[2 * k + 1];
+                dst[Q6_D + 2 * lane..][..2].copy_from_slice(d);
+            }
+        }
+    }
+    Ok(QMatrix {
+        rows,
+        cols,
+        codes: Codes::Q6(out),
+    })
 }

@@ -1,7 +1,8 @@
 //! A CPU matrix multiply over block-quantized weights, for every batch shape from one decoding
-//! sequence to a prompt chunk of hundreds of tokens: int8 blocks (32 values, one scale) or 4-bit
-//! blocks (GGUF's Q4_1: 32 values, a scale and a minimum), against activations quantized to int8
-//! per block of 32.
+//! sequence to a prompt chunk of hundreds of tokens: int8 blocks (32 values, one scale), 4-bit
+//! blocks (GGUF's Q4_1: 32 values, a scale and a minimum) or 6-bit ones (GGUF's Q6_K: an int8
+//! scale per 16 values and an f16 one per 256), against activations quantized to int8 per block
+//! of 32.
 //!
 //! Weights are repacked at load into panels of 16 rows: for each block, the rows' first four
 //! values side by side, then their next four, and so on ([`Codes`]); 4-bit blocks keep their
@@ -38,6 +39,12 @@ const Q4_CODES: usize = PANEL * BLOCK / 2;
 const Q4_SCALES: usize = Q4_CODES;
 const Q4_MINS: usize = Q4_SCALES + 2 * PANEL;
 const Q4_PANEL_BLOCK: usize = Q4_MINS + 2 * PANEL;
+/// A 6-bit panel-block: the codes' low 4 bits as a 4-bit one's, their high 2 bits (two steps a
+/// vector), each row's two int8 sub-block scales (`[half][row]`) and f16 scale: seven cache lines.
+const Q6_HIGH: usize = Q4_CODES;
+const Q6_SCALES: usize = Q6_HIGH + PANEL * BLOCK / 4;
+const Q6_D: usize = Q6_SCALES + 2 * PANEL;
+const Q6_PANEL_BLOCK: usize = Q6_D + 2 * PANEL;
 
 /// Codes in panel order, `[panel][block][step][16 rows][4 bytes]`.
 enum Codes {
@@ -50,6 +57,10 @@ enum Codes {
     /// `16 + i` in one byte too): `w = scale * q + min`. Each panel-block's codes are followed
     /// by its 16 scales and 16 minimums as GGUF's f16 (see [`Q4_PANEL_BLOCK`]).
     Q4(Vec<u8>),
+    /// GGUF's Q6_K: values 0..64 in the 4-bit layout, their high 2 bits beside them,
+    /// `w = d * scale * (q - 32)` with an int8 `scale` per 16 values (each half of a block) and
+    /// an f16 `d` (see [`Q6_PANEL_BLOCK`]).
+    Q6(Vec<u8>),
 }
 
 /// Weights `[rows, cols]` in quantized blocks along each row, repacked in panels of 16 rows
@@ -153,6 +164,9 @@ struct Activations {
     /// `[m, blocks]`: -128 * the sum of the block's values. Int8 weights go in offset by +128;
     /// starting each block's dot product from this takes the offset back out, exactly.
     offsets: Vec<i32>,
+    /// `[m, blocks, 2]`: -32 * the sum of each half of the block's values, for 6-bit weights
+    /// (stored `w + 32`, a scale per half); empty for other weights.
+    halves: Vec<i32>,
 }
 
 impl Activations {
@@ -163,6 +177,7 @@ impl Activations {
         out_rows: Vec<usize>,
         terms: usize,
         quantize: QuantizeKernel,
+        with_halves: bool,
     ) -> Self {
         let (m, blocks) = (terms * out_rows.len(), cols / BLOCK);
         let mut quants = vec![0i8; m * cols];
@@ -201,6 +216,12 @@ impl Activations {
                     unsafe { quantize(&x[r * cols..][..cols], first, rest) };
                 }
             });
+        let halves = if with_halves {
+            let half = |q: &[i8]| -32 * q.iter().map(|&q| i32::from(q)).sum::<i32>();
+            quants.chunks_exact(BLOCK / 2).map(half).collect()
+        } else {
+            Vec::new()
+        };
         Self {
             terms,
             m,
@@ -210,6 +231,7 @@ impl Activations {
             scales,
             sums,
             offsets,
+            halves,
         }
     }
 
@@ -297,10 +319,10 @@ impl QMatrix {
         Self::quantize_q8(&data, rows, cols)
     }
 
-    /// Takes GGUF 4-bit blocks as 4-bit blocks: Q4_1 and Q4_0 without changing a value, Q4_K with
-    /// its sub-blocks' scales and minimums rounded to f16 (see `gguf.rs`). `None` for other types,
-    /// or where a scale does not fit an f16.
-    pub fn from_gguf_4bit(
+    /// Takes GGUF blocks of 4 or 6 bits as they are: Q4_1, Q4_0 and Q6_K without changing a
+    /// value, Q4_K with its sub-blocks' scales and minimums rounded to f16 (see `gguf.rs`).
+    /// `None` for other types, or where a scale does not fit an f16.
+    pub fn from_gguf_blocks(
         dtype: GgmlDType,
         bytes: &[u8],
         rows: usize,
@@ -310,6 +332,7 @@ impl QMatrix {
             GgmlDType::Q4_1 => return Self::from_q4_1(bytes, rows, cols).map(Some),
             GgmlDType::Q4_0 => gguf::q4_0_as_q4_1(bytes),
             GgmlDType::Q4K => gguf::q4_k_as_q4_1(bytes),
+            GgmlDType::Q6K => return gguf::q6_k_panels(bytes, rows, cols).map(Some),
             _ => None,
         };
         blocks
@@ -362,7 +385,7 @@ impl QMatrix {
     pub fn bytes(&self) -> usize {
         match &self.codes {
             Codes::Q8 { codes, scales } => codes.len() + 4 * scales.len(),
-            Codes::Q4(data) => data.len(),
+            Codes::Q4(data) | Codes::Q6(data) => data.len(),
         }
     }
 
@@ -382,6 +405,7 @@ impl QMatrix {
                 scales: scales.clone(),
             },
             Codes::Q4(data) => Codes::Q4(data.clone()),
+            Codes::Q6(data) => Codes::Q6(data.clone()),
         };
         for m in rest {
             match (&mut codes, &m.codes) {
@@ -395,7 +419,9 @@ impl QMatrix {
                     codes.extend_from_slice(c);
                     scales.extend_from_slice(s);
                 }
-                (Codes::Q4(all), Codes::Q4(data)) => all.extend_from_slice(data),
+                (Codes::Q4(all), Codes::Q4(data)) | (Codes::Q6(all), Codes::Q6(data)) => {
+                    all.extend_from_slice(data)
+                }
                 _ => return None,
             }
         }
@@ -423,6 +449,7 @@ impl QMatrix {
                 scales: &scales[first * blocks * PANEL..],
             },
             Codes::Q4(data) => Panels::Q4(&data[first * blocks * Q4_PANEL_BLOCK..]),
+            Codes::Q6(data) => Panels::Q6(&data[first * blocks * Q6_PANEL_BLOCK..]),
         }
     }
 
@@ -465,7 +492,8 @@ impl QMatrix {
             if rows.is_empty() {
                 continue;
             }
-            let act = Activations::new(x, self.cols, rows, terms, kernels.quantize);
+            let six_bit = matches!(self.codes, Codes::Q6(_));
+            let act = Activations::new(x, self.cols, rows, terms, kernels.quantize, six_bit);
             // Even numbers of panels per task (the AVX-512 kernel takes them in pairs), a few
             // tasks per thread so that they balance.
             let per_task = panels
@@ -502,6 +530,8 @@ enum Panels<'a> {
     },
     /// Panel-blocks of [`Q4_PANEL_BLOCK`] bytes: codes, f16 scales, f16 minimums.
     Q4(&'a [u8]),
+    /// Panel-blocks of [`Q6_PANEL_BLOCK`] bytes: low codes, high bits, int8 scales, f16 scales.
+    Q6(&'a [u8]),
 }
 
 /// A tile's place: panels from `p0`, int8 rows from `i0` (the first term of an input row), and

@@ -3,8 +3,8 @@
 use half::f16;
 
 use super::{
-    Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
-    Q8_PANEL_BLOCK,
+    Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D,
+    Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
 };
 
 pub unsafe fn quantize(x: &[f32], first: RowOut, rest: Option<RowOut>) {
@@ -57,6 +57,28 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
                 .sum();
             dot as f32 * (half(Q4_SCALES).to_f32() * dx)
                 + half(Q4_MINS).to_f32() * x.sums[i * blocks + b]
+        }
+        Panels::Q6(data) => {
+            let c = &data[pb * Q6_PANEL_BLOCK..][..Q6_PANEL_BLOCK];
+            // Value v's code: its low 4 bits in the 4-bit layout, its high 2 bits in the nibble
+            // of its step.
+            let code = |v: usize| {
+                let (half, v) = (v / (BLOCK / 2), v % (BLOCK / 2));
+                let (step, i) = (v / 4, v % 4);
+                let low = c[(step * PANEL + lane) * 4 + i] >> (4 * half) & 15;
+                let nibble = c[Q6_HIGH + (step / 2) * 4 * PANEL + lane * 4 + i] >> (4 * (step % 2));
+                (low | ((nibble >> (2 * half)) & 3) << 4) as i32
+            };
+            // Each half's dot product, from -32 * the sum of its activations.
+            let dot = |h: usize| {
+                let x0 = h * BLOCK / 2;
+                (0..BLOCK / 2)
+                    .map(|v| code(x0 + v) * xb[x0 + v] as i32)
+                    .fold(x.halves[(i * blocks + b) * 2 + h], |a, d| a + d)
+            };
+            let scale = |h: usize| c[Q6_SCALES + h * PANEL + lane] as i8 as f32;
+            let d = f16::from_le_bytes([c[Q6_D + 2 * lane], c[Q6_D + 2 * lane + 1]]).to_f32();
+            (dot(0) as f32 * scale(0) + dot(1) as f32 * scale(1)) * (d * dx)
         }
     }
 }

@@ -62,7 +62,10 @@ fn check(q: &QMatrix, w: &Tensor, x: &Tensor, tolerance: [f32; 2]) -> Result<()>
     let kernels = candidates();
     let (_, reference) = kernels.last().expect("the scalar kernels");
     for terms in [1, 2] {
-        let act = |k: &Kernels| Activations::new(&x, q.cols, (0..m).collect(), terms, k.quantize);
+        let six_bit = matches!(q.codes, Codes::Q6(_));
+        let act = |k: &Kernels| {
+            Activations::new(&x, q.cols, (0..m).collect(), terms, k.quantize, six_bit)
+        };
         let want_act = act(reference);
         let want = with_kernels(q, reference, &want_act);
         for (name, k) in &kernels {
@@ -171,7 +174,7 @@ fn gguf_q4_0_and_q4_k_blocks_keep_their_values() -> Result<()> {
                 );
                 assert!(err > 0., "the f16 rounding shows somewhere");
             }
-            let q = QMatrix::from_gguf_4bit(dtype, &bytes, rows, cols)?.expect("4-bit");
+            let q = QMatrix::from_gguf_blocks(dtype, &bytes, rows, cols)?.expect("4-bit");
             assert!(matches!(q.codes, Codes::Q4(_)));
             let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
             check(&q, &got, &x, [0.02, 2e-4])?;
@@ -180,11 +183,53 @@ fn gguf_q4_0_and_q4_k_blocks_keep_their_values() -> Result<()> {
     for dtype in [
         GgmlDType::Q8_0,
         GgmlDType::Q5_0,
-        GgmlDType::Q6K,
+        GgmlDType::Q5K,
         GgmlDType::F16,
     ] {
         let qt = QTensor::quantize(&Tensor::randn(0f32, 1., (rows, cols), &dev)?, dtype)?;
-        assert!(QMatrix::from_gguf_4bit(dtype, &qt.data()?, rows, cols)?.is_none());
+        assert!(QMatrix::from_gguf_blocks(dtype, &qt.data()?, rows, cols)?.is_none());
+    }
+    Ok(())
+}
+
+/// Q6_K files keep their 6 bits: panels of their own codes, sub-block scales and `d`, which
+/// multiply as the file's values do (only the activations' rounding is left), on every kernel
+/// this CPU has, for rows in one and two terms, in tiles of every height.
+#[test]
+fn gguf_q6_k_blocks_match_their_dequantized_weights() -> Result<()> {
+    let dev = Device::Cpu;
+    // 70 rows: four panels and a padded one; 256 and 768 columns: one and three super-blocks.
+    for cols in [256, 768] {
+        for scale in [1f32, 3e-3] {
+            let w = (Tensor::randn(0f32, 1., (70, cols), &dev)? * f64::from(scale))?;
+            let qt = QTensor::quantize(&w, GgmlDType::Q6K)?;
+            let q = QMatrix::from_gguf_blocks(GgmlDType::Q6K, &qt.data()?, 70, cols)?
+                .expect("6-bit panels");
+            assert!(matches!(q.codes, Codes::Q6(_)));
+            assert_eq!(q.bytes(), 5 * (cols / BLOCK) * Q6_PANEL_BLOCK);
+            let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
+            check(&q, &qt.dequantize(&dev)?, &x, [0.02, 2e-4])?;
+        }
+    }
+    // Stacked as 6-bit panels too.
+    let part = |rows| -> Result<QMatrix> {
+        let w = Tensor::randn(0f32, 1., (rows, 256), &dev)?;
+        let bytes = QTensor::quantize(&w, GgmlDType::Q6K)?.data()?.to_vec();
+        Ok(QMatrix::from_gguf_blocks(GgmlDType::Q6K, &bytes, rows, 256)?.expect("6-bit"))
+    };
+    let (a, b) = (part(32)?, part(20)?);
+    let both = QMatrix::concat_rows(&[&a, &b]).expect("two 6-bit parts");
+    let x: Vec<f32> = (0..3 * 256)
+        .map(|i| ((i * 37 % 101) as f32 - 50.) / 25.)
+        .collect();
+    let (got, want_a, want_b) = (
+        both.matmul(&x, &[false; 3]),
+        a.matmul(&x, &[false; 3]),
+        b.matmul(&x, &[false; 3]),
+    );
+    for i in 0..3 {
+        assert_eq!(got[i * 52..][..32], want_a[i * 32..][..32]);
+        assert_eq!(got[i * 52 + 32..][..20], want_b[i * 20..][..20]);
     }
     Ok(())
 }

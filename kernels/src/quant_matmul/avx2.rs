@@ -153,6 +153,26 @@ unsafe fn store<const T: usize, const R: usize>(
     }
 }
 
+/// Half `h` of panel `p` (8 rows) for each input row, its terms added.
+#[inline(always)]
+unsafe fn store_half<const T: usize, const R: usize>(
+    acc: &[__m256; R],
+    p: usize,
+    h: usize,
+    i0: usize,
+    x: &Activations,
+    out: Out,
+) {
+    for r in (0..R).step_by(T) {
+        let sum = if T == 2 {
+            _mm256_add_ps(acc[r], acc[r + 1])
+        } else {
+            acc[r]
+        };
+        _mm256_storeu_ps(out.at(x.out_row_of::<T>(i0 + r), p).add(8 * h), sum);
+    }
+}
+
 /// Int8 weights: `maddubs` needs one unsigned operand, so it takes |w| and x with w's sign
 /// (|w|, |x| <= 127, so a pair of products cannot saturate 16 bits).
 #[inline(always)]
@@ -251,14 +271,7 @@ unsafe fn q4<const T: usize, const R: usize>(
             *acc = _mm256_fmadd_ps(mn, sx, *acc);
         }
     }
-    for r in (0..R).step_by(T) {
-        let sum = if T == 2 {
-            _mm256_add_ps(acc[r], acc[r + 1])
-        } else {
-            acc[r]
-        };
-        _mm256_storeu_ps(out.at(x.out_row_of::<T>(i0 + r), p).add(8 * h), sum);
-    }
+    store_half::<T, R>(&acc, p, h, i0, x, out);
 }
 
 /// 6-bit weights (stored `w + 32`) as 4-bit ones, each code's high 2 bits or-ed in from its
@@ -330,12 +343,5 @@ unsafe fn q6<const T: usize, const R: usize>(
             *acc = _mm256_fmadd_ps(both, _mm256_mul_ps(d, dx), *acc);
         }
     }
-    for r in (0..R).step_by(T) {
-        let sum = if T == 2 {
-            _mm256_add_ps(acc[r], acc[r + 1])
-        } else {
-            acc[r]
-        };
-        _mm256_storeu_ps(out.at(x.out_row_of::<T>(i0 + r), p).add(8 * h), sum);
-    }
+    store_half::<T, R>(&acc, p, h, i0, x, out);
 }

@@ -126,16 +126,7 @@ fn q6_k_codes(sb: &[u8]) -> [u8; Q6_K_VALUES] {
 /// changing a value: each block of 32 keeps its codes, its two sub-blocks' int8 scales and its
 /// super-block's `d`.
 pub(super) fn q6_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMatrix> {
-    if rows == 0
-        || cols == 0
-        || !cols.is_multiple_of(Q6_K_VALUES)
-        || bytes.len() != rows * cols / Q6_K_VALUES * Q6_K_BYTES
-    {
-        candle_core::bail!(
-            "q6_k matrix: {rows}x{cols} does not match {} bytes of blocks",
-            bytes.len()
-        );
-    }
+    super::check_block_bytes("q6_k", bytes, rows, cols, Q6_K_VALUES, Q6_K_BYTES)?;
     let blocks = cols / BLOCK;
     // Padding rows: everything zero, so w = 0.
     let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks * Q6_PANEL_BLOCK];

@@ -218,7 +218,12 @@ impl Activations {
             });
         let halves = if with_halves {
             let half = |q: &[i8]| -32 * q.iter().map(|&q| i32::from(q)).sum::<i32>();
-            quants.chunks_exact(BLOCK / 2).map(half).collect()
+            // In parallel for prompt chunks; a few rows stay one task on this thread.
+            quants
+                .par_chunks(BLOCK / 2)
+                .with_min_len(1 << 12)
+                .map(half)
+                .collect()
         } else {
             Vec::new()
         };
@@ -254,6 +259,29 @@ impl Activations {
         // SAFETY: kernels only ask for rows below `m`.
         unsafe { *self.out_rows.get_unchecked(i / T) }
     }
+}
+
+/// Refuses `bytes` that are not `rows x cols` values in GGUF blocks of `values` values and
+/// `block_bytes` bytes each, block by block along each row.
+fn check_block_bytes(
+    kind: &str,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    values: usize,
+    block_bytes: usize,
+) -> Result<()> {
+    if rows == 0
+        || cols == 0
+        || !cols.is_multiple_of(values)
+        || bytes.len() != rows * cols / values * block_bytes
+    {
+        candle_core::bail!(
+            "{kind} matrix: {rows}x{cols} does not match {} bytes of blocks",
+            bytes.len()
+        );
+    }
+    Ok(())
 }
 
 /// Row-major codes (`block_bytes` per block, `blocks` per row) in panel order: 4 bytes of each of
@@ -342,16 +370,7 @@ impl QMatrix {
 
     /// Takes GGUF Q4_1 blocks (`rows * cols / 32` blocks of 20 bytes) without changing a value.
     pub fn from_q4_1(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if rows == 0
-            || cols == 0
-            || !cols.is_multiple_of(BLOCK)
-            || bytes.len() != rows * cols / BLOCK * Q4_1_BYTES
-        {
-            candle_core::bail!(
-                "q4_1 matrix: {rows}x{cols} does not match {} bytes of blocks",
-                bytes.len()
-            );
-        }
+        check_block_bytes("q4_1", bytes, rows, cols, BLOCK, Q4_1_BYTES)?;
         let blocks = cols / BLOCK;
         // Padding rows: codes, scale and minimum all zero, so w = 0.
         let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks * Q4_PANEL_BLOCK];

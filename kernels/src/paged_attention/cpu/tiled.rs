@@ -28,9 +28,10 @@ const BLOCK_ROWS: usize = 64;
 const R: usize = 4;
 
 /// Query tokens per block for `tokens` query tokens of a sequence and `group` query heads per
-/// KV head: as few blocks as [`BLOCK_ROWS`] allows, of even sizes.
-pub(super) fn block_tokens(tokens: usize, group: usize) -> usize {
-    let most = (BLOCK_ROWS / group.max(1)).max(1);
+/// KV head: as few blocks as [`BLOCK_ROWS`] allows, of even sizes, and none of more than `most`
+/// tokens (where a step's blocks would be too few to keep every worker busy).
+pub(super) fn block_tokens(tokens: usize, group: usize, most: usize) -> usize {
+    let most = (BLOCK_ROWS / group.max(1)).clamp(1, most.max(1));
     tokens.div_ceil(tokens.div_ceil(most).max(1)).max(1)
 }
 

@@ -1,7 +1,8 @@
 //! The CPU kernel: f32 queries over an f32 or f16 cache, one query token at a time over its
 //! sequence's blocks, rows in parallel. Where a step has too few rows to keep every worker
 //! busy (a few streams decoding), long contexts are split into parts that workers take apart,
-//! and the parts' partial softmaxes are merged.
+//! and the parts' partial softmaxes are merged. Prompt chunks go in blocks of tokens over
+//! tiles of positions instead ([`tiled`]).
 
 use std::sync::OnceLock;
 

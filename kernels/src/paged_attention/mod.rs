@@ -41,6 +41,10 @@ pub struct SeqAttention {
     pub context_len: usize,
     /// Cache block ids holding positions `[i * block_size, (i + 1) * block_size)`.
     pub block_table: Vec<u32>,
+    /// Whether these tokens are (or begin in) the prompt. The CPU kernel takes a prompt's
+    /// tokens in tiles however few a step holds, so that its attention, and the greedy answer,
+    /// does not depend on how the prompt was chunked or how much of it was cached.
+    pub prompt: bool,
 }
 
 /// Uploads the batch layout that the CUDA kernels read (one host-to-device copy per forward
@@ -74,6 +78,7 @@ pub fn prepare_attention(meta: &AttentionMeta, heads: usize, k_cache: &Tensor) -
 ///     query_len: 1,
 ///     context_len: 3,
 ///     block_table: vec![2, 0],
+///     prompt: false,
 /// }]);
 /// let q = Tensor::randn(0f32, 1., (1, 2, 8), &dev)?;
 /// let out = paged_attention(&q, &k_cache, &v_cache, &meta, 8f32.powf(-0.5))?;

@@ -118,6 +118,7 @@ pub(super) fn batch(shape: &[(usize, usize)], block_size: usize) -> (Vec<SeqAtte
                     .by_ref()
                     .take(context_len.div_ceil(block_size))
                     .collect(),
+                prompt: query_len > 1,
             };
             row += query_len;
             s

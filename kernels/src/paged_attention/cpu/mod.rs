@@ -30,13 +30,15 @@ pub(super) struct CpuPagedAttention<'a> {
     pub(super) tier: Tier,
     /// Fewest positions in a part of a split context ([`MIN_PART`]; tests take less).
     pub(super) min_part: usize,
-    /// Fewest query tokens of a sequence that go in [`tiled`] blocks ([`MIN_TILED`]; tests
-    /// take every row one way and then the other).
+    /// Fewest query tokens of a sequence that go in [`tiled`] blocks where they are not a
+    /// prompt's, which always do ([`MIN_TILED`]; tests take every row one way and then the
+    /// other).
     pub(super) min_tiled: usize,
 }
 
-/// Fewest query tokens of a sequence (a prompt chunk) that go in blocks of tokens over tiles of
-/// positions ([`tiled`]); fewer go a token at a time.
+/// Fewest query tokens of a sequence that go in blocks of tokens over tiles of positions
+/// ([`tiled`]) where they are not a prompt's (tokens recomputed after a preemption); fewer go a
+/// token at a time, as decoding rows do.
 pub(super) const MIN_TILED: usize = 8;
 
 /// Fewest positions a context is split into: a part's fixed costs (a task, its row offsets,
@@ -181,7 +183,9 @@ impl CpuPagedAttention<'_> {
         };
         // Prompt chunks: blocks of tokens, one KV head's query heads each.
         let group = heads / kv_heads;
-        let tiled = |s: &&SeqAttention| s.query_len >= self.min_tiled.max(1);
+        let tiled = |s: &&SeqAttention| {
+            s.query_len > 0 && (s.prompt || s.query_len >= self.min_tiled.max(1))
+        };
         // About two blocks per worker at least, on a machine of many cores.
         let tiled_tokens: usize = self.seqs.iter().filter(tiled).map(|s| s.query_len).sum();
         let most = (tiled_tokens * kv_heads).div_ceil(2 * rayon::current_num_threads());
@@ -610,6 +614,7 @@ mod tests {
                 query_len: 1,
                 context_len: n,
                 block_table: table.clone(),
+                prompt: false,
             }];
             let q = (Tensor::randn(0f32, 1., (1, heads, d), &dev)? * 3.)?;
             let scale = 1. / (d as f32).sqrt();
@@ -639,6 +644,7 @@ mod tests {
                 query_len: 1,
                 context_len,
                 block_table: table.clone(),
+                prompt: false,
             }]);
             let got = paged_attention(&q, &cache, &cache, &meta, 0.25);
             assert!(got.is_err(), "table {table:?} for {context_len} positions");
@@ -659,7 +665,65 @@ mod tests {
         let shape = [(37, 150), (70, 70), (3, 40), (1, 90)];
         for (heads, kv_heads, d, bs) in [(9, 3, 64, 16), (8, 2, 128, 16), (7, 1, 32, 8)] {
             for cache in [DType::F32, DType::F16] {
-                check_batch(heads, kv_heads, d, bs, cache, &shape)?;
+                check_batch(heads, kv_heads, d, bs, cache, &shape, false)?;
+                check_batch(heads, kv_heads, d, bs, cache, &shape, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A prompt's attention is the same to the bit whether it goes in one step or in chunks of
+    /// any size (one token included, as where all but the last token was cached), beside a
+    /// decoding row or not: a greedy answer must not depend on the batch it was computed in.
+    #[test]
+    fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d, bs, n) = (9, 3, 64, 16, 150usize);
+        let nb = n.div_ceil(bs) + 2;
+        let table: Vec<u32> = (0..nb as u32).rev().collect();
+        for cache in [DType::F32, DType::F16] {
+            let k_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
+            let v_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
+            let q = (Tensor::randn(0f32, 1., (n, heads, d), &dev)? * 3.)?;
+            let scale = 1. / (d as f32).sqrt();
+            let step = |start: usize, end: usize, decoding: bool| -> Result<Tensor> {
+                let mut seqs = vec![SeqAttention {
+                    query_start: 0,
+                    query_len: end - start,
+                    context_len: end,
+                    block_table: table.clone(),
+                    prompt: true,
+                }];
+                let mut q_rows = q.narrow(0, start, end - start)?;
+                if decoding {
+                    seqs.push(SeqAttention {
+                        query_start: end - start,
+                        query_len: 1,
+                        context_len: 40,
+                        block_table: table.clone(),
+                        prompt: false,
+                    });
+                    q_rows = Tensor::cat(&[&q_rows, &q.narrow(0, 0, 1)?], 0)?;
+                }
+                let meta = AttentionMeta::new(seqs);
+                let out = paged_attention(&q_rows, &k_cache, &v_cache, &meta, scale)?;
+                out.narrow(0, 0, end - start)
+            };
+            let whole = step(0, n, false)?;
+            for cuts in [&[1usize, 2, 9, 73, 149][..], &[64, 128], &[33, 34, 140]] {
+                let mut parts = Vec::new();
+                let mut start = 0;
+                for (i, &end) in cuts.iter().chain([&n]).enumerate() {
+                    parts.push(step(start, end, i % 2 == 1)?);
+                    start = end;
+                }
+                let chunked = Tensor::cat(&parts, 0)?;
+                let same = whole
+                    .eq(&chunked)?
+                    .flatten_all()?
+                    .min(0)?
+                    .to_scalar::<u8>()?;
+                assert_eq!(same, 1, "{cache:?} cache, chunks ending at {cuts:?}");
             }
         }
         Ok(())
@@ -675,6 +739,7 @@ mod tests {
             bs,
             cache,
             &[(5, 5 * bs + 3), (1, bs + 2)],
+            false,
         )
     }
 
@@ -687,6 +752,7 @@ mod tests {
         bs: usize,
         cache: DType,
         shape: &[(usize, usize)],
+        prompts: bool,
     ) -> Result<()> {
         let dev = Device::Cpu;
         let needed: usize = shape.iter().map(|&(_, n)| n.div_ceil(bs)).sum();
@@ -731,11 +797,13 @@ mod tests {
             .zip(&tables)
             .map(|(&(query_len, context_len), table)| {
                 query_start += query_len;
+                let prompt = prompts && query_len > 1;
                 SeqAttention {
                     query_start: query_start - query_len,
                     query_len,
                     context_len,
                     block_table: table.clone(),
+                    prompt,
                 }
             })
             .collect();

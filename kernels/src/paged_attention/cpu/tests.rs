@@ -1,0 +1,301 @@
+//! The CPU kernel against the reference, per instruction set, path (a token at a time, split
+//! contexts, prompt tiles) and cache dtype.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::{paged_attention, paged_attention_reference, reshape_and_cache, AttentionMeta};
+
+/// Two sequences, one mid-prefill over a cached prefix and one decoding, blocks out of order,
+/// at several head sizes and GQA ratios (groups of 1 to 7 query heads), with every
+/// instruction set this CPU has. Contexts of 10 to 83 positions end runs of 8, 16 and 32
+/// positions at every offset.
+#[test]
+fn cpu_kernel_matches_reference() -> Result<()> {
+    for (heads, kv_heads, d, bs) in [
+        (3, 3, 16, 4),
+        (4, 2, 16, 4),
+        (7, 1, 32, 8),
+        (9, 3, 64, 16),
+        (8, 2, 128, 16),
+        (4, 1, 256, 8),
+    ] {
+        for cache in [DType::F32, DType::F16] {
+            check(heads, kv_heads, d, bs, cache)?;
+        }
+    }
+    Ok(())
+}
+
+/// A lone decoding row over a long context is split into parts (with two workers or more)
+/// and merged to the reference; many rows stay whole.
+#[test]
+fn long_contexts_split_across_workers() -> Result<()> {
+    assert_eq!(part_len(1001, 2, MIN_PART), 251);
+    assert_eq!(part_len(1001, 1, MIN_PART), 501);
+    assert_eq!(part_len(300, 2, MIN_PART), MIN_PART);
+    assert!(part_len(64 * 1001, 2, MIN_PART) > 1001);
+    let dev = Device::Cpu;
+    let (heads, kv_heads, d, bs, n) = (9, 3, 64, 16, 1001usize);
+    let nb = n.div_ceil(bs) + 3;
+    // The sequence's blocks in reverse order, after three unused ones.
+    let table: Vec<u32> = (3..nb as u32).rev().collect();
+    let slots: Vec<u32> = (0..n)
+        .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+        .collect();
+    for cache in [DType::F32, DType::F16] {
+        let k_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+        let v_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+        let k = Tensor::randn(0f32, 1., (n, kv_heads, d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (n, kv_heads, d), &dev)?;
+        let slots = Tensor::new(slots.as_slice(), &dev)?;
+        reshape_and_cache(&k, &v, &k_cache, &v_cache, &slots)?;
+        let seqs = vec![SeqAttention {
+            query_start: 0,
+            query_len: 1,
+            context_len: n,
+            block_table: table.clone(),
+            prompt: false,
+        }];
+        let q = (Tensor::randn(0f32, 1., (1, heads, d), &dev)? * 3.)?;
+        let scale = 1. / (d as f32).sqrt();
+        let reference = paged_attention_reference(&q, &k_cache, &v_cache, &seqs, scale)?;
+        let meta = AttentionMeta::new(seqs);
+        let out = paged_attention(&q, &k_cache, &v_cache, &meta, scale)?;
+        let diff = (out - &reference)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{cache:?} cache: max abs diff {diff}");
+    }
+    Ok(())
+}
+
+/// Tables that name blocks past the cache, or too few blocks, are refused: the kernels read
+/// rows through raw offsets.
+#[test]
+fn tables_outside_the_cache_are_refused() -> Result<()> {
+    let dev = Device::Cpu;
+    let cache = Tensor::zeros((4, 4, 1, 16), DType::F32, &dev)?;
+    let q = Tensor::zeros((1, 2, 16), DType::F32, &dev)?;
+    for (table, context_len) in [(vec![1u32, 4], 6), (vec![0u32], 6)] {
+        let meta = AttentionMeta::new(vec![SeqAttention {
+            query_start: 0,
+            query_len: 1,
+            context_len,
+            block_table: table.clone(),
+            prompt: false,
+        }]);
+        let got = paged_attention(&q, &cache, &cache, &meta, 0.25);
+        assert!(got.is_err(), "table {table:?} for {context_len} positions");
+    }
+    Ok(())
+}
+
+/// Prompt chunks long enough to go in blocks: one over a cached prefix (ending tiles of
+/// positions mid-way and crossing them with its causal edge), a whole prompt, a short one
+/// that goes a token at a time, and a decoding row, in one step.
+#[test]
+fn prompt_chunks_match_reference() -> Result<()> {
+    // Blocks of even sizes, as large as a block's query vectors or the workers allow.
+    assert_eq!(tiled::block_tokens(128, 3, usize::MAX), 19);
+    assert_eq!(tiled::block_tokens(128, 3, 4), 4);
+    assert_eq!(tiled::block_tokens(37, 8, usize::MAX), 8);
+    assert_eq!(tiled::block_tokens(5, 1, 0), 1);
+    let shape = [(37, 150), (70, 70), (3, 40), (1, 90)];
+    for (heads, kv_heads, d, bs) in [(9, 3, 64, 16), (8, 2, 128, 16), (7, 1, 32, 8)] {
+        for cache in [DType::F32, DType::F16] {
+            check_batch(heads, kv_heads, d, bs, cache, &shape, false)?;
+            check_batch(heads, kv_heads, d, bs, cache, &shape, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// A prompt's attention is the same to the bit whether it goes in one step or in chunks of
+/// any size (one token included, as where all but the last token was cached), beside a
+/// decoding row or not: a greedy answer must not depend on the batch it was computed in.
+#[test]
+fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
+    let dev = Device::Cpu;
+    let (heads, kv_heads, d, bs, n) = (9, 3, 64, 16, 150usize);
+    let nb = n.div_ceil(bs) + 2;
+    let table: Vec<u32> = (0..nb as u32).rev().collect();
+    for cache in [DType::F32, DType::F16] {
+        let k_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
+        let v_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
+        let q = (Tensor::randn(0f32, 1., (n, heads, d), &dev)? * 3.)?;
+        let scale = 1. / (d as f32).sqrt();
+        let step = |start: usize, end: usize, decoding: bool| -> Result<Tensor> {
+            let mut seqs = vec![SeqAttention {
+                query_start: 0,
+                query_len: end - start,
+                context_len: end,
+                block_table: table.clone(),
+                prompt: true,
+            }];
+            let mut q_rows = q.narrow(0, start, end - start)?;
+            if decoding {
+                seqs.push(SeqAttention {
+                    query_start: end - start,
+                    query_len: 1,
+                    context_len: 40,
+                    block_table: table.clone(),
+                    prompt: false,
+                });
+                q_rows = Tensor::cat(&[&q_rows, &q.narrow(0, 0, 1)?], 0)?;
+            }
+            let meta = AttentionMeta::new(seqs);
+            let out = paged_attention(&q_rows, &k_cache, &v_cache, &meta, scale)?;
+            out.narrow(0, 0, end - start)
+        };
+        let whole = step(0, n, false)?;
+        for cuts in [&[1usize, 2, 9, 73, 149][..], &[64, 128], &[33, 34, 140]] {
+            let mut parts = Vec::new();
+            let mut start = 0;
+            for (i, &end) in cuts.iter().chain([&n]).enumerate() {
+                parts.push(step(start, end, i % 2 == 1)?);
+                start = end;
+            }
+            let chunked = Tensor::cat(&parts, 0)?;
+            let same = whole
+                .eq(&chunked)?
+                .flatten_all()?
+                .min(0)?
+                .to_scalar::<u8>()?;
+            assert_eq!(same, 1, "{cache:?} cache, chunks ending at {cuts:?}");
+        }
+    }
+    Ok(())
+}
+
+/// The reference reads the same cache, widened to f32: the kernels must match it to f32
+/// rounding whatever the cache holds.
+fn check(heads: usize, kv_heads: usize, d: usize, bs: usize, cache: DType) -> Result<()> {
+    check_batch(
+        heads,
+        kv_heads,
+        d,
+        bs,
+        cache,
+        &[(5, 5 * bs + 3), (1, bs + 2)],
+        false,
+    )
+}
+
+/// [`check`] for sequences of `(query_len, context_len)`, their blocks spread out of order
+/// over a cache with unused blocks.
+fn check_batch(
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    bs: usize,
+    cache: DType,
+    shape: &[(usize, usize)],
+    prompts: bool,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let needed: usize = shape.iter().map(|&(_, n)| n.div_ceil(bs)).sum();
+    let nb = needed + 3;
+    // A stride coprime to the cache's size scatters the blocks.
+    let stride = (2..)
+        .find(|s| gcd(*s, nb) == 1 && *s > nb / 3)
+        .expect("a stride");
+    let mut next = 0;
+    let tables: Vec<Vec<u32>> = shape
+        .iter()
+        .map(|&(_, n)| {
+            (0..n.div_ceil(bs))
+                .map(|_| {
+                    next += 1;
+                    (next * stride % nb) as u32
+                })
+                .collect()
+        })
+        .collect();
+    let lens: Vec<usize> = shape.iter().map(|&(_, n)| n).collect();
+    let k_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+    let v_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
+    // Fill the caches with a full history for every sequence.
+    for (table, &len) in tables.iter().zip(&lens) {
+        let slots: Vec<u32> = (0..len)
+            .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+            .collect();
+        let k = Tensor::randn(0f32, 1., (len, kv_heads, d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (len, kv_heads, d), &dev)?;
+        reshape_and_cache(
+            &k,
+            &v,
+            &k_cache,
+            &v_cache,
+            &Tensor::new(slots.as_slice(), &dev)?,
+        )?;
+    }
+    let mut query_start = 0;
+    let seqs: Vec<SeqAttention> = shape
+        .iter()
+        .zip(&tables)
+        .map(|(&(query_len, context_len), table)| {
+            query_start += query_len;
+            let prompt = prompts && query_len > 1;
+            SeqAttention {
+                query_start: query_start - query_len,
+                query_len,
+                context_len,
+                block_table: table.clone(),
+                prompt,
+            }
+        })
+        .collect();
+    let q = (Tensor::randn(0f32, 1., (query_start, heads, d), &dev)? * 3.)?;
+    let scale = 1. / (d as f32).sqrt();
+    let reference = paged_attention_reference(&q, &k_cache, &v_cache, &seqs, scale)?;
+    let meta = AttentionMeta::new(seqs.clone());
+    let mut runs = vec![(
+        "dispatch".to_string(),
+        paged_attention(&q, &k_cache, &v_cache, &meta, scale)?,
+    )];
+    // Sixteen workers and parts of at least 4 positions split every context into parts
+    // of a few positions, ending runs at every offset.
+    let many = rayon::ThreadPoolBuilder::new()
+        .num_threads(16)
+        .build()
+        .map_err(candle_core::Error::wrap)?;
+    for tier in tiers() {
+        for (min_part, min_tiled) in [(MIN_PART, usize::MAX), (4, usize::MAX), (4, 1)] {
+            let op = CpuPagedAttention {
+                seqs: &seqs,
+                scale,
+                tier,
+                min_part,
+                min_tiled,
+            };
+            let out = many.install(|| q.apply_op3_no_bwd(&k_cache, &v_cache, &op))?;
+            runs.push((
+                format!("{tier:?}, parts of {min_part}+, tiled from {min_tiled}"),
+                out,
+            ));
+        }
+    }
+    for (name, out) in runs {
+        let diff = (out - &reference)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(
+            diff < 1e-5,
+            "{name}, {cache:?} cache, {heads}:{kv_heads} heads of {d}, {shape:?}: max abs diff {diff}"
+        );
+    }
+    Ok(())
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}

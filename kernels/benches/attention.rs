@@ -27,7 +27,7 @@ fn batch(seqs: usize, query_len: usize, context: usize) -> AttentionMeta {
                 query_len,
                 context_len: context,
                 block_table: (0..blocks).map(|b| (b * seqs + s) as u32).collect(),
-                prompt: query_len > 1,
+                prompt_len: if query_len > 1 { context } else { 0 },
             })
             .collect(),
     )
@@ -88,7 +88,7 @@ fn thirty_layers(
                 block_table: (0..blocks)
                     .map(|b| ((b * seqs + s) * 7 % pool) as u32)
                     .collect(),
-                prompt: false,
+                prompt_len: 0,
             })
             .collect(),
     );

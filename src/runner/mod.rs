@@ -121,7 +121,7 @@ impl ModelRunner {
                 query_len: s.num_new,
                 context_len: s.num_computed + s.num_new,
                 block_table: table,
-                prompt: s.num_computed < req.num_prompt,
+                prompt_len: req.num_prompt,
             });
         }
         let batch = Batch::new(

@@ -41,10 +41,12 @@ pub struct SeqAttention {
     pub context_len: usize,
     /// Cache block ids holding positions `[i * block_size, (i + 1) * block_size)`.
     pub block_table: Vec<u32>,
-    /// Whether these tokens are (or begin in) the prompt. The CPU kernel takes a prompt's
-    /// tokens in tiles however few a step holds, so that its attention, and the greedy answer,
-    /// does not depend on how the prompt was chunked or how much of it was cached.
-    pub prompt: bool,
+    /// Tokens in the sequence's prompt. The CPU kernel takes query tokens at positions below
+    /// it in tiles however few a step holds, and the tokens after it (generated ones, also
+    /// when a preempted sequence recomputes them) one at a time as when they were decoded, so
+    /// that no token's attention, nor the greedy answer, depends on how its sequence was
+    /// chunked, cached or batched.
+    pub prompt_len: usize,
 }
 
 /// Uploads the batch layout that the CUDA kernels read (one host-to-device copy per forward
@@ -78,7 +80,7 @@ pub fn prepare_attention(meta: &AttentionMeta, heads: usize, k_cache: &Tensor) -
 ///     query_len: 1,
 ///     context_len: 3,
 ///     block_table: vec![2, 0],
-///     prompt: false,
+///     prompt_len: 2,
 /// }]);
 /// let q = Tensor::randn(0f32, 1., (1, 2, 8), &dev)?;
 /// let out = paged_attention(&q, &k_cache, &v_cache, &meta, 8f32.powf(-0.5))?;
@@ -107,8 +109,8 @@ pub fn paged_attention(
             seqs: meta.seqs(),
             scale,
             tier: cpu::best_tier(),
-            min_part: cpu::MIN_PART,
-            min_tiled: cpu::MIN_TILED,
+            part: cpu::PART,
+            tile_all: false,
         };
         q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
     } else {

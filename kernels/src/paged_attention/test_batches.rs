@@ -118,7 +118,7 @@ pub(super) fn batch(shape: &[(usize, usize)], block_size: usize) -> (Vec<SeqAtte
                     .by_ref()
                     .take(context_len.div_ceil(block_size))
                     .collect(),
-                prompt: query_len > 1,
+                prompt_len: if query_len > 1 { context_len } else { 0 },
             };
             row += query_len;
             s

@@ -180,7 +180,7 @@ fn run(model: &Llama, prompt_len: usize) -> Vec<Vec<f32>> {
         query_len: len,
         context_len: ctx,
         block_table: table.clone(),
-        prompt: ctx <= prompt_len,
+        prompt_len,
     };
     let n = prompt_len as u32;
     let positions: Vec<u32> = (0..n).collect();

@@ -1,8 +1,7 @@
 //! The CPU kernel: f32 queries over an f32 or f16 cache, one query token at a time over its
-//! sequence's blocks, rows in parallel. Where a step has too few rows to keep every worker
-//! busy (a few streams decoding), long contexts are split into parts that workers take apart,
-//! and the parts' partial softmaxes are merged. Prompt chunks go in blocks of tokens over
-//! tiles of positions instead ([`tiled`]).
+//! sequence's blocks, rows in parallel. Long contexts are split into parts of fixed size
+//! ([`PART`]) that workers take apart, and the parts' partial softmaxes are merged. Prompt
+//! tokens go in blocks of tokens over tiles of positions instead ([`tiled`]).
 
 use std::sync::OnceLock;
 
@@ -23,35 +22,24 @@ mod simd;
 mod tiled;
 
 /// The CPU kernel: rayon over batch rows, each row all heads over its context (or over a part
-/// of it, see [`part_len`]).
+/// of it, see [`PART`]).
 pub(super) struct CpuPagedAttention<'a> {
     pub(super) seqs: &'a [SeqAttention],
     pub(super) scale: f32,
     pub(super) tier: Tier,
-    /// Fewest positions in a part of a split context ([`MIN_PART`]; tests take less).
-    pub(super) min_part: usize,
-    /// Fewest query tokens of a sequence that go in [`tiled`] blocks where they are not a
-    /// prompt's, which always do ([`MIN_TILED`]; tests take every row one way and then the
-    /// other).
-    pub(super) min_tiled: usize,
+    /// Most positions in a part of a split context ([`PART`]; tests take fewer).
+    pub(super) part: usize,
+    /// Every query token in [`tiled`] blocks, not only a prompt's (tests).
+    pub(super) tile_all: bool,
 }
 
-/// Fewest query tokens of a sequence that go in blocks of tokens over tiles of positions
-/// ([`tiled`]) where they are not a prompt's (tokens recomputed after a preemption); fewer go a
-/// token at a time, as decoding rows do.
-pub(super) const MIN_TILED: usize = 8;
-
-/// Fewest positions a context is split into: a part's fixed costs (a task, its row offsets,
-/// the merge) against the 5 µs or so that 128 positions of SmolLM2's 9 heads take.
-pub(super) const MIN_PART: usize = 128;
-
-/// Positions per part for a step whose query rows see `contexts` positions in all: enough
-/// parts for about two per worker, none shorter than `min_part`. Only a step of few rows and
-/// long contexts splits; one of many rows gets parts longer than any context, so each row
-/// stays whole.
-fn part_len(contexts: usize, workers: usize, min_part: usize) -> usize {
-    contexts.div_ceil(2 * workers.max(1)).max(min_part.max(1))
-}
+/// Most positions a decoding row reads in one task: a longer context is split into parts of
+/// even size, which workers take apart and which are then merged. The split depends on the
+/// row's context alone, never on the rest of the step, so a token's attention is the same to
+/// the bit alone or in a batch. A part's fixed costs (a task, its row offsets, the merge)
+/// are small against the 10 µs or so that 256 positions of SmolLM2's 9 heads take, and a
+/// lone stream at 1024 positions still keeps four workers busy.
+pub(super) const PART: usize = 256;
 
 /// One task: batch row `row` of sequence `seq` over its context positions `start..end`.
 #[derive(Clone, Copy)]
@@ -181,29 +169,35 @@ impl CpuPagedAttention<'_> {
             block_size,
             scale: self.scale,
         };
-        // Prompt chunks: blocks of tokens, one KV head's query heads each.
+        // Prompt tokens: blocks of tokens, one KV head's query heads each.
         let group = heads / kv_heads;
-        let tiled = |s: &&SeqAttention| {
-            s.query_len > 0 && (s.prompt || s.query_len >= self.min_tiled.max(1))
+        let tiled_len = |s: &SeqAttention| {
+            if self.tile_all {
+                s.query_len
+            } else {
+                let first_pos = s.context_len - s.query_len;
+                s.prompt_len.min(s.context_len).saturating_sub(first_pos)
+            }
         };
         // About two blocks per worker at least, on a machine of many cores.
-        let tiled_tokens: usize = self.seqs.iter().filter(tiled).map(|s| s.query_len).sum();
+        let tiled_tokens: usize = self.seqs.iter().map(tiled_len).sum();
         let most = (tiled_tokens * kv_heads).div_ceil(2 * rayon::current_num_threads());
         let mut blocks = Vec::new();
         for (seq, s) in self.seqs.iter().enumerate() {
-            if !tiled(&s) {
+            let n = tiled_len(s);
+            if n == 0 {
                 continue;
             }
-            let per_block = tiled::block_tokens(s.query_len, group, most);
-            owner[s.query_start..][..s.query_len].fill(None);
+            let per_block = tiled::block_tokens(n, group, most);
+            owner[s.query_start..][..n].fill(None);
             let pos0 = s.context_len - s.query_len;
             for kv_head in 0..kv_heads {
-                blocks.extend((0..s.query_len).step_by(per_block).map(|t| Block {
+                blocks.extend((0..n).step_by(per_block).map(|t| Block {
                     seq,
                     kv_head,
                     row: s.query_start + t,
                     pos0: pos0 + t,
-                    tokens: (s.query_len - t).min(per_block),
+                    tokens: (n - t).min(per_block),
                 }));
             }
         }
@@ -236,15 +230,15 @@ impl CpuPagedAttention<'_> {
             start: part.start,
             end: part.end,
         };
-        let rows = owner.iter().flatten();
-        let contexts = rows.clone().map(|&(_, pos)| pos + 1).sum();
-        let len = part_len(contexts, rayon::current_num_threads(), self.min_part);
-        if rows.clone().all(|&(_, pos)| pos < len) {
-            // Whole rows: each task writes its row's output, normalized.
+        // Other tokens one at a time: rows of at most `part` positions whole, each task
+        // writing its row's output normalized.
+        let part = self.part.max(1);
+        let whole = |t: usize| owner[t].filter(|&(_, pos)| pos < part);
+        if (0..tokens).any(|t| whole(t).is_some()) {
             out.par_chunks_mut(row).enumerate().for_each_init(
                 Scratch::default,
                 |scratch, (t, out_row)| {
-                    if let Some((seq, pos)) = owner[t] {
+                    if let Some((seq, pos)) = whole(t) {
                         let part = Part {
                             row: t,
                             seq,
@@ -256,21 +250,26 @@ impl CpuPagedAttention<'_> {
                     }
                 },
             );
-        } else {
-            let mut parts = Vec::new();
-            for (t, o) in owner.iter().enumerate() {
-                let Some((seq, pos)) = *o else { continue };
-                let n = pos + 1;
-                let size = n.div_ceil(n.div_ceil(len));
-                parts.extend((0..n).step_by(size).map(|start| Part {
-                    row: t,
-                    seq,
-                    start,
-                    end: (start + size).min(n),
-                }));
+        }
+        // Longer rows in parts of even size: each task leaves its weighted sums unnormalized,
+        // with each head's score maximum and softmax denominator; a row's parts are then
+        // merged.
+        let mut parts = Vec::new();
+        for (t, o) in owner.iter().enumerate() {
+            let Some((seq, pos)) = *o else { continue };
+            let n = pos + 1;
+            if n <= part {
+                continue;
             }
-            // Parts: each task leaves its weighted sums unnormalized, with each head's score
-            // maximum and softmax denominator; a row's parts are then merged.
+            let size = n.div_ceil(n.div_ceil(part));
+            parts.extend((0..n).step_by(size).map(|start| Part {
+                row: t,
+                seq,
+                start,
+                end: (start + size).min(n),
+            }));
+        }
+        if !parts.is_empty() {
             let mut partial = vec![0f32; parts.len() * row];
             let mut stats = vec![[0f32; 2]; parts.len() * heads];
             partial

@@ -27,14 +27,9 @@ fn cpu_kernel_matches_reference() -> Result<()> {
     Ok(())
 }
 
-/// A lone decoding row over a long context is split into parts (with two workers or more)
-/// and merged to the reference; many rows stay whole.
+/// A decoding row over a long context is split into parts, which merge to the reference.
 #[test]
-fn long_contexts_split_across_workers() -> Result<()> {
-    assert_eq!(part_len(1001, 2, MIN_PART), 251);
-    assert_eq!(part_len(1001, 1, MIN_PART), 501);
-    assert_eq!(part_len(300, 2, MIN_PART), MIN_PART);
-    assert!(part_len(64 * 1001, 2, MIN_PART) > 1001);
+fn long_contexts_split_into_parts() -> Result<()> {
     let dev = Device::Cpu;
     let (heads, kv_heads, d, bs, n) = (9, 3, 64, 16, 1001usize);
     let nb = n.div_ceil(bs) + 3;
@@ -55,7 +50,7 @@ fn long_contexts_split_across_workers() -> Result<()> {
             query_len: 1,
             context_len: n,
             block_table: table.clone(),
-            prompt: false,
+            prompt_len: 7,
         }];
         let q = (Tensor::randn(0f32, 1., (1, heads, d), &dev)? * 3.)?;
         let scale = 1. / (d as f32).sqrt();
@@ -85,7 +80,7 @@ fn tables_outside_the_cache_are_refused() -> Result<()> {
             query_len: 1,
             context_len,
             block_table: table.clone(),
-            prompt: false,
+            prompt_len: 0,
         }]);
         let got = paged_attention(&q, &cache, &cache, &meta, 0.25);
         assert!(got.is_err(), "table {table:?} for {context_len} positions");
@@ -93,9 +88,11 @@ fn tables_outside_the_cache_are_refused() -> Result<()> {
     Ok(())
 }
 
-/// Prompt chunks long enough to go in blocks: one over a cached prefix (ending tiles of
-/// positions mid-way and crossing them with its causal edge), a whole prompt, a short one
-/// that goes a token at a time, and a decoding row, in one step.
+/// Prompt chunks, which go in blocks: one over a cached prefix (ending tiles of positions
+/// mid-way and crossing them with its causal edge), a whole prompt and a short one; a
+/// preempted sequence recomputing the end of its prompt and tokens it had generated, which
+/// go a token at a time; and a decoding row, in one step. Then the same rows all a token at
+/// a time.
 #[test]
 fn prompt_chunks_match_reference() -> Result<()> {
     // Blocks of even sizes, as large as a block's query vectors or the workers allow.
@@ -103,11 +100,18 @@ fn prompt_chunks_match_reference() -> Result<()> {
     assert_eq!(tiled::block_tokens(128, 3, 4), 4);
     assert_eq!(tiled::block_tokens(37, 8, usize::MAX), 8);
     assert_eq!(tiled::block_tokens(5, 1, 0), 1);
-    let shape = [(37, 150), (70, 70), (3, 40), (1, 90)];
+    let prompts = [
+        (37, 150, 150),
+        (70, 70, 70),
+        (3, 40, 40),
+        (30, 120, 100),
+        (1, 90, 60),
+    ];
+    let tokens = prompts.map(|(query_len, context_len, _)| (query_len, context_len, 0));
     for (heads, kv_heads, d, bs) in [(9, 3, 64, 16), (8, 2, 128, 16), (7, 1, 32, 8)] {
         for cache in [DType::F32, DType::F16] {
-            check_batch(heads, kv_heads, d, bs, cache, &shape, false)?;
-            check_batch(heads, kv_heads, d, bs, cache, &shape, true)?;
+            check_batch(heads, kv_heads, d, bs, cache, &prompts)?;
+            check_batch(heads, kv_heads, d, bs, cache, &tokens)?;
         }
     }
     Ok(())
@@ -133,7 +137,7 @@ fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
                 query_len: end - start,
                 context_len: end,
                 block_table: table.clone(),
-                prompt: true,
+                prompt_len: n,
             }];
             let mut q_rows = q.narrow(0, start, end - start)?;
             if decoding {
@@ -142,7 +146,7 @@ fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
                     query_len: 1,
                     context_len: 40,
                     block_table: table.clone(),
-                    prompt: false,
+                    prompt_len: 20,
                 });
                 q_rows = Tensor::cat(&[&q_rows, &q.narrow(0, 0, 1)?], 0)?;
             }
@@ -170,33 +174,90 @@ fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
     Ok(())
 }
 
+/// A generated token's attention is the same to the bit decoded alone, beside fifteen long
+/// decoding rows, and recomputed after a preemption together with the end of its prompt:
+/// the recomputed text must be the text the sequence had. Its context's split into parts
+/// ([`PART`]) depends on nothing else in the step.
+#[test]
+fn a_tokens_attention_does_not_depend_on_its_batch() -> Result<()> {
+    let dev = Device::Cpu;
+    let (heads, kv_heads, d, bs, n, prompt_len) = (9, 3, 64, 16, 700usize, 100usize);
+    let nb = n.div_ceil(bs) + 2;
+    let table: Vec<u32> = (0..nb as u32).rev().collect();
+    for cache in [DType::F32, DType::F16] {
+        let k_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
+        let v_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
+        let q = (Tensor::randn(0f32, 1., (n, heads, d), &dev)? * 3.)?;
+        let scale = 1. / (d as f32).sqrt();
+        let seq = |query_start: usize, start: usize, end: usize| SeqAttention {
+            query_start,
+            query_len: end - start,
+            context_len: end,
+            block_table: table.clone(),
+            prompt_len,
+        };
+        // Sequence rows `start..end`, then `others` decoding rows at 600 positions.
+        let step = |start: usize, end: usize, others: usize| -> Result<Tensor> {
+            let mut seqs = vec![seq(0, start, end)];
+            let mut rows = vec![q.narrow(0, start, end - start)?];
+            for i in 0..others {
+                seqs.push(seq(end - start + i, 599, 600));
+                rows.push(q.narrow(0, i, 1)?);
+            }
+            let out = paged_attention(
+                &Tensor::cat(&rows, 0)?,
+                &k_cache,
+                &v_cache,
+                &AttentionMeta::new(seqs),
+                scale,
+            )?;
+            out.narrow(0, 0, end - start)
+        };
+        let recomputed = step(90, n, 1)?;
+        let prompt = step(0, prompt_len, 0)?;
+        let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
+            Ok(a.eq(b)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
+        };
+        assert!(
+            same(&recomputed.narrow(0, 0, 10)?, &prompt.narrow(0, 90, 10)?)?,
+            "{cache:?} cache: the prompt's end recomputed"
+        );
+        for p in [100, 101, 255, 256, 257, 511, 512, 600, 699] {
+            let alone = step(p, p + 1, 0)?;
+            let batched = step(p, p + 1, 15)?;
+            assert!(
+                same(&alone, &batched)?,
+                "{cache:?} cache: position {p} batched"
+            );
+            let again = recomputed.narrow(0, p - 90, 1)?;
+            assert!(
+                same(&alone, &again)?,
+                "{cache:?} cache: position {p} recomputed"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The reference reads the same cache, widened to f32: the kernels must match it to f32
 /// rounding whatever the cache holds.
 fn check(heads: usize, kv_heads: usize, d: usize, bs: usize, cache: DType) -> Result<()> {
-    check_batch(
-        heads,
-        kv_heads,
-        d,
-        bs,
-        cache,
-        &[(5, 5 * bs + 3), (1, bs + 2)],
-        false,
-    )
+    let shape = [(5, 5 * bs + 3, 0), (1, bs + 2, 3)];
+    check_batch(heads, kv_heads, d, bs, cache, &shape)
 }
 
-/// [`check`] for sequences of `(query_len, context_len)`, their blocks spread out of order
-/// over a cache with unused blocks.
+/// [`check`] for sequences of `(query_len, context_len, prompt_len)`, their blocks spread out
+/// of order over a cache with unused blocks.
 fn check_batch(
     heads: usize,
     kv_heads: usize,
     d: usize,
     bs: usize,
     cache: DType,
-    shape: &[(usize, usize)],
-    prompts: bool,
+    shape: &[(usize, usize, usize)],
 ) -> Result<()> {
     let dev = Device::Cpu;
-    let needed: usize = shape.iter().map(|&(_, n)| n.div_ceil(bs)).sum();
+    let needed: usize = shape.iter().map(|&(_, n, _)| n.div_ceil(bs)).sum();
     let nb = needed + 3;
     // A stride coprime to the cache's size scatters the blocks.
     let stride = (2..)
@@ -205,7 +266,7 @@ fn check_batch(
     let mut next = 0;
     let tables: Vec<Vec<u32>> = shape
         .iter()
-        .map(|&(_, n)| {
+        .map(|&(_, n, _)| {
             (0..n.div_ceil(bs))
                 .map(|_| {
                     next += 1;
@@ -214,7 +275,7 @@ fn check_batch(
                 .collect()
         })
         .collect();
-    let lens: Vec<usize> = shape.iter().map(|&(_, n)| n).collect();
+    let lens: Vec<usize> = shape.iter().map(|&(_, n, _)| n).collect();
     let k_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
     let v_cache = Tensor::zeros((nb, bs, kv_heads, d), cache, &dev)?;
     // Fill the caches with a full history for every sequence.
@@ -236,15 +297,14 @@ fn check_batch(
     let seqs: Vec<SeqAttention> = shape
         .iter()
         .zip(&tables)
-        .map(|(&(query_len, context_len), table)| {
+        .map(|(&(query_len, context_len, prompt_len), table)| {
             query_start += query_len;
-            let prompt = prompts && query_len > 1;
             SeqAttention {
                 query_start: query_start - query_len,
                 query_len,
                 context_len,
                 block_table: table.clone(),
-                prompt,
+                prompt_len,
             }
         })
         .collect();
@@ -256,24 +316,24 @@ fn check_batch(
         "dispatch".to_string(),
         paged_attention(&q, &k_cache, &v_cache, &meta, scale)?,
     )];
-    // Sixteen workers and parts of at least 4 positions split every context into parts
-    // of a few positions, ending runs at every offset.
+    // Parts of at most 4 positions split every context into parts of a few positions,
+    // ending runs at every offset; sixteen workers make tiled blocks of a token or two.
     let many = rayon::ThreadPoolBuilder::new()
         .num_threads(16)
         .build()
         .map_err(candle_core::Error::wrap)?;
     for tier in tiers() {
-        for (min_part, min_tiled) in [(MIN_PART, usize::MAX), (4, usize::MAX), (4, 1)] {
+        for (part, tile_all) in [(PART, false), (4, false), (4, true)] {
             let op = CpuPagedAttention {
                 seqs: &seqs,
                 scale,
                 tier,
-                min_part,
-                min_tiled,
+                part,
+                tile_all,
             };
             let out = many.install(|| q.apply_op3_no_bwd(&k_cache, &v_cache, &op))?;
             runs.push((
-                format!("{tier:?}, parts of {min_part}+, tiled from {min_tiled}"),
+                format!("{tier:?}, parts of {part}, all tiled: {tile_all}"),
                 out,
             ));
         }

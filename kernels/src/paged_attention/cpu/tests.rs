@@ -122,36 +122,30 @@ fn prompt_chunks_match_reference() -> Result<()> {
 /// decoding row or not: a greedy answer must not depend on the batch it was computed in.
 #[test]
 fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
-    let dev = Device::Cpu;
-    let (heads, kv_heads, d, bs, n) = (9, 3, 64, 16, 150usize);
-    let nb = n.div_ceil(bs) + 2;
-    let table: Vec<u32> = (0..nb as u32).rev().collect();
+    let n = 150;
     for cache in [DType::F32, DType::F16] {
-        let k_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
-        let v_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
-        let q = (Tensor::randn(0f32, 1., (n, heads, d), &dev)? * 3.)?;
-        let scale = 1. / (d as f32).sqrt();
+        let c = Sequence::random(n, cache)?;
         let step = |start: usize, end: usize, decoding: bool| -> Result<Tensor> {
             let mut seqs = vec![SeqAttention {
                 query_start: 0,
                 query_len: end - start,
                 context_len: end,
-                block_table: table.clone(),
+                block_table: c.table.clone(),
                 prompt_len: n,
             }];
-            let mut q_rows = q.narrow(0, start, end - start)?;
+            let mut q_rows = c.q.narrow(0, start, end - start)?;
             if decoding {
                 seqs.push(SeqAttention {
                     query_start: end - start,
                     query_len: 1,
                     context_len: 40,
-                    block_table: table.clone(),
+                    block_table: c.table.clone(),
                     prompt_len: 20,
                 });
-                q_rows = Tensor::cat(&[&q_rows, &q.narrow(0, 0, 1)?], 0)?;
+                q_rows = Tensor::cat(&[&q_rows, &c.q.narrow(0, 0, 1)?], 0)?;
             }
             let meta = AttentionMeta::new(seqs);
-            let out = paged_attention(&q_rows, &k_cache, &v_cache, &meta, scale)?;
+            let out = paged_attention(&q_rows, &c.k_cache, &c.v_cache, &meta, c.scale)?;
             out.narrow(0, 0, end - start)
         };
         let whole = step(0, n, false)?;
@@ -163,12 +157,10 @@ fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
                 start = end;
             }
             let chunked = Tensor::cat(&parts, 0)?;
-            let same = whole
-                .eq(&chunked)?
-                .flatten_all()?
-                .min(0)?
-                .to_scalar::<u8>()?;
-            assert_eq!(same, 1, "{cache:?} cache, chunks ending at {cuts:?}");
+            assert!(
+                bit_equal(&whole, &chunked)?,
+                "{cache:?} cache, chunks ending at {cuts:?}"
+            );
         }
     }
     Ok(())
@@ -180,63 +172,84 @@ fn prompt_attention_does_not_depend_on_chunking() -> Result<()> {
 /// ([`PART`]) depends on nothing else in the step.
 #[test]
 fn a_tokens_attention_does_not_depend_on_its_batch() -> Result<()> {
-    let dev = Device::Cpu;
-    let (heads, kv_heads, d, bs, n, prompt_len) = (9, 3, 64, 16, 700usize, 100usize);
-    let nb = n.div_ceil(bs) + 2;
-    let table: Vec<u32> = (0..nb as u32).rev().collect();
+    let (n, prompt_len) = (700, 100);
     for cache in [DType::F32, DType::F16] {
-        let k_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
-        let v_cache = Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache)?;
-        let q = (Tensor::randn(0f32, 1., (n, heads, d), &dev)? * 3.)?;
-        let scale = 1. / (d as f32).sqrt();
+        let c = Sequence::random(n, cache)?;
         let seq = |query_start: usize, start: usize, end: usize| SeqAttention {
             query_start,
             query_len: end - start,
             context_len: end,
-            block_table: table.clone(),
+            block_table: c.table.clone(),
             prompt_len,
         };
         // Sequence rows `start..end`, then `others` decoding rows at 600 positions.
         let step = |start: usize, end: usize, others: usize| -> Result<Tensor> {
             let mut seqs = vec![seq(0, start, end)];
-            let mut rows = vec![q.narrow(0, start, end - start)?];
+            let mut rows = vec![c.q.narrow(0, start, end - start)?];
             for i in 0..others {
                 seqs.push(seq(end - start + i, 599, 600));
-                rows.push(q.narrow(0, i, 1)?);
+                rows.push(c.q.narrow(0, i, 1)?);
             }
             let out = paged_attention(
                 &Tensor::cat(&rows, 0)?,
-                &k_cache,
-                &v_cache,
+                &c.k_cache,
+                &c.v_cache,
                 &AttentionMeta::new(seqs),
-                scale,
+                c.scale,
             )?;
             out.narrow(0, 0, end - start)
         };
         let recomputed = step(90, n, 1)?;
         let prompt = step(0, prompt_len, 0)?;
-        let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
-            Ok(a.eq(b)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
-        };
         assert!(
-            same(&recomputed.narrow(0, 0, 10)?, &prompt.narrow(0, 90, 10)?)?,
+            bit_equal(&recomputed.narrow(0, 0, 10)?, &prompt.narrow(0, 90, 10)?)?,
             "{cache:?} cache: the prompt's end recomputed"
         );
         for p in [100, 101, 255, 256, 257, 511, 512, 600, 699] {
             let alone = step(p, p + 1, 0)?;
             let batched = step(p, p + 1, 15)?;
             assert!(
-                same(&alone, &batched)?,
+                bit_equal(&alone, &batched)?,
                 "{cache:?} cache: position {p} batched"
             );
             let again = recomputed.narrow(0, p - 90, 1)?;
             assert!(
-                same(&alone, &again)?,
+                bit_equal(&alone, &again)?,
                 "{cache:?} cache: position {p} recomputed"
             );
         }
     }
     Ok(())
+}
+
+/// One sequence of SmolLM2's attention shape (9 heads over 3 KV heads of 64) over a random
+/// cache, its blocks in reverse order, with a query for each of its positions.
+struct Sequence {
+    table: Vec<u32>,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q: Tensor,
+    scale: f32,
+}
+
+impl Sequence {
+    fn random(positions: usize, cache: DType) -> Result<Self> {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, d, bs) = (9, 3, 64, 16);
+        let nb = positions.div_ceil(bs) + 2;
+        let random = || Tensor::randn(0f32, 1., (nb, bs, kv_heads, d), &dev)?.to_dtype(cache);
+        Ok(Self {
+            table: (0..nb as u32).rev().collect(),
+            k_cache: random()?,
+            v_cache: random()?,
+            q: (Tensor::randn(0f32, 1., (positions, heads, d), &dev)? * 3.)?,
+            scale: 1. / (d as f32).sqrt(),
+        })
+    }
+}
+
+fn bit_equal(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(a.eq(b)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
 }
 
 /// The reference reads the same cache, widened to f32: the kernels must match it to f32

@@ -3,9 +3,11 @@
 //! dequantized weights; then a decode step's projections through all 30 layers, whose weights
 //! come from memory (`HOT=1` repeats the first layer's instead, which stay in cache: the
 //! difference is the time spent waiting for memory); then GGUF's K-quants at Llama-3.2-1B's FFN
-//! shape, Q6_K in its 6-bit panels against int8 blocks of the same values.
+//! shape, Q6_K in its 6-bit panels against int8 blocks of the same values, and Q4_K in its own
+//! panels.
 //!
 //!     cargo bench -p candela-kernels --bench quant_matmul
+//!     COPIES=40 cargo bench -p candela-kernels --bench quant_matmul -- _k    (K-quants from memory)
 
 use candela_kernels::QMatrix;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -93,9 +95,11 @@ fn bench(c: &mut Criterion) {
     }
     // Llama-3.2-1B's FFN down projection (2048x8192) as a Q4_K_M file has it in half its layers,
     // Q6_K, in the 6-bit panels it keeps, against the same values in int8 blocks (how every type
-    // but Q4 went before), and in Q4_K (as 4-bit panels); four copies of each, 59-76 MB, read in
-    // turn so that they come from memory. Throughput in bytes read.
+    // but Q4 went before), and in Q4_K (in Q4_K panels); four copies of each, 39-76 MB, read in
+    // turn (`COPIES=N` sets how many: this machine's last-level cache may hold four). Throughput
+    // in bytes read.
     let (rows, cols) = (2048, 8192);
+    let copies: usize = std::env::var("COPIES").map_or(4, |v| v.parse().expect("COPIES: a count"));
     let w = Tensor::randn(0f32, 1., (rows, cols), &dev).unwrap();
     let q6 = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
     let q4 = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
@@ -107,23 +111,31 @@ fn bench(c: &mut Criterion) {
     };
     let int8 = |qt: &QTensor| QMatrix::from_tensor(&qt.dequantize(&dev).unwrap()).unwrap();
     let kinds: [(&str, Vec<QMatrix>); 3] = [
-        ("q6_k 2048x8192 x4", (0..4).map(|_| kept(&q6)).collect()),
+        (
+            "q6_k 2048x8192 x4",
+            (0..copies).map(|_| kept(&q6)).collect(),
+        ),
         (
             "q6_k as int8 2048x8192 x4",
-            (0..4).map(|_| int8(&q6)).collect(),
+            (0..copies).map(|_| int8(&q6)).collect(),
         ),
-        ("q4_k 2048x8192 x4", (0..4).map(|_| kept(&q4)).collect()),
+        (
+            "q4_k 2048x8192 x4",
+            (0..copies).map(|_| kept(&q4)).collect(),
+        ),
     ];
-    for (label, copies) in &kinds {
-        let bytes: usize = copies.iter().map(QMatrix::bytes).sum();
+    for (label, matrices) in &kinds {
+        let bytes: usize = matrices.iter().map(QMatrix::bytes).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
-        for m in [1usize, 16] {
+        // One decoding row, 16, and a 128-token prompt chunk (in two terms where VNNI makes
+        // them cheap, as `serve` takes prompts by default).
+        for m in [1usize, 16, 128] {
             let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.37).sin()).collect();
-            let precise = vec![false; m];
+            let precise = vec![m == 128 && candela_kernels::quant_has_vnni(); m];
             group.bench_with_input(BenchmarkId::new(*label, m), &m, |b, _| {
                 b.iter(|| {
                     rayon::scope(|_| {
-                        for q in copies {
+                        for q in matrices {
                             std::hint::black_box(q.matmul(&x, &precise));
                         }
                     })

@@ -7,8 +7,9 @@
 use std::arch::x86_64::*;
 
 use super::{
-    prefetch, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES,
-    Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
+    prefetch, q4k_at, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4K_D, Q4K_MN, Q4K_NEG_DMIN,
+    Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES,
+    Q8_PANEL_BLOCK, SUPER,
 };
 
 /// [`super::quantize_row`], a block in four vectors, its rounding error kept in registers.
@@ -94,7 +95,15 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                 for h in 0..2 {
                     for i in (0..x.m).step_by(6) {
                         let n = (x.m - i).min(6);
-                        with_rows!(n, 6, q4[T](data, p, h, x, i, out))
+                        with_rows!(n, 6, q4[T, false](data, p, h, x, i, out))
+                    }
+                }
+            }
+            Panels::Q4K(data) => {
+                for h in 0..2 {
+                    for i in (0..x.m).step_by(6) {
+                        let n = (x.m - i).min(6);
+                        with_rows!(n, 6, q4[T, true](data, p, h, x, i, out))
                     }
                 }
             }
@@ -129,6 +138,12 @@ unsafe fn halves(v: &[f32], at: usize) -> [__m256; 2] {
 #[inline(always)]
 unsafe fn f16_half(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const _))
+}
+
+/// Eight bytes (half a Q4_K panel-block's scales or minimums) as f32.
+#[inline(always)]
+unsafe fn bytes_half(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const _)))
 }
 
 /// Each input row's terms, added.
@@ -226,9 +241,10 @@ unsafe fn q8<const T: usize, const PREFETCH: bool, const R: usize>(
 
 /// 4-bit weights are unsigned, so `maddubs` takes them directly; a block's eight 16-bit pair
 /// sums stay within 16 bits (8 * 2 * 15 * 127 < 32768), so they are added before widening.
-/// Half `h` of panel `p`: its 8 rows, against `R` int8 rows.
+/// Half `h` of panel `p`: its 8 rows, against `R` int8 rows. `K`: Q4_K panels (byte scales and
+/// minimums times their super-block's f16 `d` and `-dmin`), else Q4_1 panel-blocks.
 #[inline(always)]
-unsafe fn q4<const T: usize, const R: usize>(
+unsafe fn q4<const T: usize, const K: bool, const R: usize>(
     data: &[u8],
     p: usize,
     h: usize,
@@ -239,14 +255,25 @@ unsafe fn q4<const T: usize, const R: usize>(
     let blocks = x.blocks();
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let (ones, low4) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
+    // Panel-block `pb`'s codes, and its scales' and minimums' super-block head.
+    let place = |pb: usize| {
+        if K {
+            q4k_at(pb)
+        } else {
+            (pb * Q4_PANEL_BLOCK, 0)
+        }
+    };
     let mut acc = [_mm256_setzero_ps(); R];
+    let mut heads = [_mm256_setzero_ps(); 2];
     for b in 0..blocks {
-        let pb = data.as_ptr().add((p * blocks + b) * Q4_PANEL_BLOCK);
+        let (at, head) = place(p * blocks + b);
+        let pb = data.as_ptr().add(at);
         if i0 == 0 && h == 0 {
-            prefetch(
-                pb.wrapping_add(blocks * Q4_PANEL_BLOCK),
-                Q4_PANEL_BLOCK / 64,
-            );
+            let (next, next_head) = place((p + 1) * blocks + b);
+            prefetch(data.as_ptr().wrapping_add(next), Q4_PANEL_BLOCK / 64);
+            if K && b % SUPER == 0 {
+                prefetch(data.as_ptr().wrapping_add(next_head), 1);
+            }
         }
         let mut pairs = [_mm256_setzero_si256(); R];
         for j in 0..4 {
@@ -260,8 +287,25 @@ unsafe fn q4<const T: usize, const R: usize>(
                 *pairs = _mm256_add_epi16(*pairs, _mm256_maddubs_epi16(hi, vh));
             }
         }
-        let d = f16_half(pb.add(Q4_SCALES + 16 * h));
-        let mn = f16_half(pb.add(Q4_MINS + 16 * h));
+        let (d, mn) = if K {
+            // The super-block's `d` and `-dmin`, once per super-block.
+            if b % SUPER == 0 {
+                let head = data.as_ptr().add(head);
+                heads = [
+                    f16_half(head.add(Q4K_D + 16 * h)),
+                    f16_half(head.add(Q4K_NEG_DMIN + 16 * h)),
+                ];
+            }
+            (
+                _mm256_mul_ps(bytes_half(pb.add(Q4K_SC + 8 * h)), heads[0]),
+                _mm256_mul_ps(bytes_half(pb.add(Q4K_MN + 8 * h)), heads[1]),
+            )
+        } else {
+            (
+                f16_half(pb.add(Q4_SCALES + 16 * h)),
+                f16_half(pb.add(Q4_MINS + 16 * h)),
+            )
+        };
         for (r, acc) in acc.iter_mut().enumerate() {
             let k = (i0 + r) * blocks + b;
             let dx = _mm256_set1_ps(*x.scales.get_unchecked(k));

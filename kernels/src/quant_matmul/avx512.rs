@@ -6,8 +6,9 @@
 use std::arch::x86_64::*;
 
 use super::{
-    blocks_per_pass, prefetch, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL, Q4_MINS,
-    Q4_PANEL_BLOCK, Q4_SCALES, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
+    blocks_per_pass, prefetch, q4k_at, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL,
+    Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN, Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D,
+    Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
 };
 
 /// Int8 activation rows per tile: six for rows in one term; four for rows in two, whose
@@ -83,13 +84,26 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
         _ if one_tile && T == 1 => blocks,
         Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
         Panels::Q4(_) => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
+        Panels::Q4K(_) => blocks_per_pass(blocks, 2 * Q4K_BLOCK).min(PASS_SCALES),
         Panels::Q6(_) => blocks_per_pass(blocks, 2 * Q6_PANEL_BLOCK),
     };
+    // Q4_K's scales and minimums as f32 vectors, for a pass's blocks of one or two panels
+    // (`[block][panel]`): made once for every tile of rows rather than by each (a 16-row decode
+    // made them three times, 9 % slower than Q4_1 blocks' f16 ones). The same values, so a row's
+    // result does not depend on whether its tile made them itself.
+    let mut scales = [[_mm512_setzero_ps(); 2]; 2 * PASS_SCALES];
     let mut p = 0;
     while p < panels {
         let pair = panels - p >= 2 && !one_tile;
         for k in (0..blocks).step_by(per_pass) {
             let kb = k..(k + per_pass).min(blocks);
+            if let (Panels::Q4K(data), false) = (w, one_tile) {
+                for b in kb.clone() {
+                    for q in 0..1 + pair as usize {
+                        scales[(b - k) * 2 + q] = q4k_scales(data, (p + q) * blocks + b);
+                    }
+                }
+            }
             for i in (0..x.m).step_by(rows) {
                 let n = (x.m - i).min(rows);
                 let at = Tile {
@@ -104,8 +118,21 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                     (Panels::Q8 { codes, scales }, false) => {
                         with_rows!(n, 6, q8[1, T](codes, scales, x, &at, out))
                     }
-                    (Panels::Q4(data), true) => with_rows!(n, 6, q4[2, T](data, x, &at, out)),
-                    (Panels::Q4(data), false) => with_rows!(n, 6, q4[1, T](data, x, &at, out)),
+                    (Panels::Q4(data), true) => {
+                        with_rows!(n, 6, q4[2, T, Q4_1](data, &[], x, &at, out))
+                    }
+                    (Panels::Q4(data), false) => {
+                        with_rows!(n, 6, q4[1, T, Q4_1](data, &[], x, &at, out))
+                    }
+                    (Panels::Q4K(data), true) => {
+                        with_rows!(n, 6, q4[2, T, Q4K_PASS](data, &scales, x, &at, out))
+                    }
+                    (Panels::Q4K(data), false) if one_tile => {
+                        with_rows!(n, 6, q4[1, T, Q4K](data, &[], x, &at, out))
+                    }
+                    (Panels::Q4K(data), false) => {
+                        with_rows!(n, 6, q4[1, T, Q4K_PASS](data, &scales, x, &at, out))
+                    }
                     (Panels::Q6(data), true) => with_rows!(n, 6, q6[2, T](data, x, &at, out)),
                     (Panels::Q6(data), false) => with_rows!(n, 6, q6[1, T](data, x, &at, out)),
                 }
@@ -115,10 +142,43 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
     }
 }
 
+/// Most blocks in a pass over Q4_K panels (see `tiles`).
+const PASS_SCALES: usize = 24;
+
+/// Which 4-bit panels [`q4`] reads: Q4_1 ones, Q4_K ones, or Q4_K ones whose scales and
+/// minimums the pass has made already.
+const Q4_1: u8 = 0;
+const Q4K: u8 = 1;
+const Q4K_PASS: u8 = 2;
+
+/// Q4_K panel-block `pb`'s scales and minimums in f32: each row's byte times its super-block's
+/// f16 `d` or `-dmin`.
+#[inline(always)]
+unsafe fn q4k_scales(data: &[u8], pb: usize) -> [__m512; 2] {
+    let (at, head) = q4k_at(pb);
+    let (pb, head) = (data.as_ptr().add(at), data.as_ptr().add(head));
+    [
+        _mm512_mul_ps(bytes16(pb.add(Q4K_SC)), f16x16(head.add(Q4K_D))),
+        _mm512_mul_ps(bytes16(pb.add(Q4K_MN)), f16x16(head.add(Q4K_NEG_DMIN))),
+    ]
+}
+
 /// Four activation bytes, as every 32-bit lane.
 #[inline(always)]
 unsafe fn broadcast4(p: *const i8) -> __m512i {
     _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+}
+
+/// 16 f16 values as f32.
+#[inline(always)]
+unsafe fn f16x16(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _))
+}
+
+/// 16 bytes as f32.
+#[inline(always)]
+unsafe fn bytes16(p: *const u8) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const _)))
 }
 
 /// Integer sums of a tile's blocks: with few accumulators, two sets (summed at the end of the
@@ -249,9 +309,11 @@ unsafe fn q8<const P: usize, const T: usize, const R: usize>(
 
 /// 4-bit weights, 4 steps per block: each 64-byte load gives values `4j..4j + 4` (low
 /// nibbles) and `16 + 4j..` (high nibbles) of 16 rows; the minimum adds `min * scale * sum(x)`.
+/// `K`: which panels (see [`Q4_1`]); `scales`, with [`Q4K_PASS`], the pass's.
 #[inline(always)]
-unsafe fn q4<const P: usize, const T: usize, const R: usize>(
+unsafe fn q4<const P: usize, const T: usize, const K: u8, const R: usize>(
     data: &[u8],
+    scales: &[[__m512; 2]],
     x: &Activations,
     at: &Tile,
     out: Out,
@@ -259,19 +321,31 @@ unsafe fn q4<const P: usize, const T: usize, const R: usize>(
     let (p0, i0, blocks) = (at.p0, at.i0, x.blocks());
     let xq = x.quants.as_ptr().add(i0 * x.cols);
     let low4 = _mm512_set1_epi8(0x0f);
+    // Panel-block `pb`'s codes, and its scales' and minimums' super-block head.
+    let place = |pb: usize| {
+        if K == Q4_1 {
+            (pb * Q4_PANEL_BLOCK, 0)
+        } else {
+            q4k_at(pb)
+        }
+    };
+    let mut heads = [[_mm512_setzero_ps(); 2]; P];
     let mut acc = resume::<P, T, R>(at, x, out);
     for b in at.blocks.clone() {
         if i0 == 0 {
             for p in P..2 * P {
-                let next = ((p0 + p) * blocks + b) * Q4_PANEL_BLOCK;
+                let (next, head) = place((p0 + p) * blocks + b);
                 prefetch(data.as_ptr().wrapping_add(next), Q4_PANEL_BLOCK / 64);
+                if K != Q4_1 && b % super::SUPER == 0 {
+                    prefetch(data.as_ptr().wrapping_add(head), 1);
+                }
             }
         }
         let mut dots = Dots::<P, R>::new(|_| _mm512_setzero_si512());
         for j in 0..4 {
             let raw: [__m512i; P] = std::array::from_fn(|p| {
-                let at = ((p0 + p) * blocks + b) * Q4_PANEL_BLOCK + j * 4 * PANEL;
-                _mm512_loadu_si512(data.as_ptr().add(at) as *const _)
+                let (at, _) = place((p0 + p) * blocks + b);
+                _mm512_loadu_si512(data.as_ptr().add(at + j * 4 * PANEL) as *const _)
             });
             let lo = raw.map(|v| _mm512_and_si512(v, low4));
             let hi = raw.map(|v| _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
@@ -285,9 +359,27 @@ unsafe fn q4<const P: usize, const T: usize, const R: usize>(
             }
         }
         for (p, acc) in acc.iter_mut().enumerate() {
-            let pb = data.as_ptr().add(((p0 + p) * blocks + b) * Q4_PANEL_BLOCK);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q4_SCALES) as *const _));
-            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q4_MINS) as *const _));
+            let pb = (p0 + p) * blocks + b;
+            let [d, mn] = match K {
+                Q4_1 => {
+                    let pb = data.as_ptr().add(place(pb).0);
+                    [f16x16(pb.add(Q4_SCALES)), f16x16(pb.add(Q4_MINS))]
+                }
+                Q4K => {
+                    // The super-block's `d` and `-dmin` once per super-block (each block's
+                    // products the same as `q4k_scales`').
+                    if b % super::SUPER == 0 || b == at.blocks.start {
+                        let head = data.as_ptr().add(place(pb).1);
+                        heads[p] = [f16x16(head.add(Q4K_D)), f16x16(head.add(Q4K_NEG_DMIN))];
+                    }
+                    let at = data.as_ptr().add(place(pb).0);
+                    [
+                        _mm512_mul_ps(bytes16(at.add(Q4K_SC)), heads[p][0]),
+                        _mm512_mul_ps(bytes16(at.add(Q4K_MN)), heads[p][1]),
+                    ]
+                }
+                _ => *scales.get_unchecked((b - at.blocks.start) * 2 + p),
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let k = (i0 + r) * blocks + b;
                 let dx = _mm512_set1_ps(*x.scales.get_unchecked(k));

@@ -1,23 +1,24 @@
-//! Other GGUF 4-bit block types rewritten as Q4_1 blocks, so that they keep 4 bits a weight in
-//! memory and go through the 4-bit kernel (rather than being requantized to int8 blocks, which
-//! take twice the bytes that a decode step reads).
+//! Other GGUF block types of 4 and 6 bits, kept at (about) their own size, rather than
+//! requantized to int8 blocks, which take twice the bytes that a decode step reads.
 //!
 //! A Q4_1 block is 32 values `d·q + m`: an f16 scale `d`, an f16 minimum `m` and 16 bytes of
 //! codes `q` in 0..16 (byte `i` holds value `i` in its low nibble, value `i + 16` in its high one).
-//! - Q4_0 (`d·(q − 8)`, an f16 `d` then the same 16 bytes) is exactly `m = −8·d`.
+//! - Q4_0 (`d·(q − 8)`, an f16 `d` then the same 16 bytes) becomes a Q4_1 block with exactly
+//!   `m = −8·d`.
 //! - Q4_K super-blocks hold 256 values in eight sub-blocks of 32, each `d·sc·q − dmin·mn` with
-//!   6-bit `sc` and `mn` and f16 `d`, `dmin` shared by the super-block. Each sub-block becomes a
-//!   Q4_1 block whose `d·sc` and `−dmin·mn` are rounded to f16 once: a relative error of at
-//!   most 2⁻¹¹ in each, about 1 % of a quantization step at the largest code from the scale,
-//!   plus 2⁻¹¹ of the minimum (requantizing the values to int8 errs by up to about 6 % of a
-//!   step).
+//!   6-bit `sc` and `mn` and f16 `d`, `dmin` shared by the super-block: kept as they are, in
+//!   panels of their own (see [`q4_k_panels`]), 4.625 bits a weight. (As Q4_1 blocks, with
+//!   `d·sc` and `−dmin·mn` in f16, they took 5: 8 % more bytes for a decode step to read.)
 //! - Q6_K super-blocks (256 values `d·sc·(q − 32)`, 6-bit `q`, an int8 `sc` per 16 values, an
 //!   f16 `d`) are kept as they are, in 6-bit panels of their own (see [`q6_k_panels`]).
 
 use candle_core::Result;
 use half::f16;
 
-use super::{Codes, QMatrix, BLOCK, PANEL, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES};
+use super::{
+    q4k_at, Codes, QMatrix, BLOCK, PANEL, Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN, Q4K_PANEL_SUPER,
+    Q4K_SC, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, SUPER,
+};
 
 /// Bytes of a GGUF Q4_0 block: f16 scale, 16 bytes of codes.
 const Q4_0_BYTES: usize = 18;
@@ -25,13 +26,6 @@ const Q4_0_BYTES: usize = 18;
 /// scales and minimums, 128 bytes of codes.
 const Q4_K_VALUES: usize = 256;
 const Q4_K_BYTES: usize = 144;
-
-/// A Q4_1 block: `d`, `m`, then the codes in Q4_1's order.
-fn q4_1_block(out: &mut Vec<u8>, d: f16, m: f16, codes: &[u8; BLOCK]) {
-    out.extend_from_slice(&d.to_le_bytes());
-    out.extend_from_slice(&m.to_le_bytes());
-    out.extend((0..BLOCK / 2).map(|i| codes[i] | (codes[i + BLOCK / 2] << 4)));
-}
 
 /// Q4_0 blocks as Q4_1 blocks of the same values; `None` where a block's `−8·d` overflows f16
 /// (a scale above 8188, which no quantizer writes).
@@ -68,35 +62,49 @@ fn scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Q4_K super-blocks as Q4_1 blocks, eight to a super-block; `None` where a scale or minimum
-/// overflows f16.
-pub(super) fn q4_k_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
-    if !bytes.len().is_multiple_of(Q4_K_BYTES) {
-        return None;
-    }
-    let blocks = bytes.len() / Q4_K_BYTES * (Q4_K_VALUES / BLOCK);
-    let mut out = Vec::with_capacity(blocks * super::Q4_1_BYTES);
-    let mut codes = [0u8; BLOCK];
-    for sb in bytes.chunks_exact(Q4_K_BYTES) {
-        let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
-        let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
-        let (packed, qs) = (&sb[4..16], &sb[16..]);
-        for j in 0..Q4_K_VALUES / BLOCK {
-            let (sc, mn) = scale_min(j, packed);
-            // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
-            let shift = 4 * (j % 2);
-            for (c, &q) in codes.iter_mut().zip(&qs[32 * (j / 2)..][..BLOCK]) {
-                *c = (q >> shift) & 0xF;
+/// GGUF Q4_K blocks (`rows * cols / 256` super-blocks of 144 bytes) as Q4_K panels, without
+/// changing a value: each block of 32 keeps its codes and its 6-bit scale and minimum (a byte
+/// each), each super-block its f16 `d` and `dmin` (the latter negated, which is exact).
+pub(super) fn q4_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMatrix> {
+    super::check_block_bytes("q4_k", bytes, rows, cols, Q4_K_VALUES, Q4_K_BYTES)?;
+    let blocks = cols / BLOCK;
+    // Padding rows: everything zero, so w = 0.
+    let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks / SUPER * Q4K_PANEL_SUPER];
+    for (r, row) in bytes
+        .chunks_exact(cols / Q4_K_VALUES * Q4_K_BYTES)
+        .enumerate()
+    {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        for (s, sb) in row.chunks_exact(Q4_K_BYTES).enumerate() {
+            let (packed, qs) = (&sb[4..16], &sb[16..]);
+            let first = p * blocks + s * SUPER;
+            let (_, head) = q4k_at(first);
+            out[head + Q4K_D + 2 * lane..][..2].copy_from_slice(&sb[0..2]);
+            let neg_dmin = -f16::from_le_bytes([sb[2], sb[3]]);
+            out[head + Q4K_NEG_DMIN + 2 * lane..][..2].copy_from_slice(&neg_dmin.to_le_bytes());
+            for j in 0..SUPER {
+                let (at, _) = q4k_at(first + j);
+                let dst = &mut out[at..][..Q4K_BLOCK];
+                // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
+                let shift = 4 * (j % 2);
+                let code = |v: usize| (qs[32 * (j / 2) + v] >> shift) & 0xF;
+                for step in 0..BLOCK / 8 {
+                    for i in 0..4 {
+                        let v = 4 * step + i;
+                        dst[(step * PANEL + lane) * 4 + i] = code(v) | (code(v + BLOCK / 2) << 4);
+                    }
+                }
+                let (sc, mn) = scale_min(j, packed);
+                dst[Q4K_SC + lane] = sc;
+                dst[Q4K_MN + lane] = mn;
             }
-            let scale = f16::from_f32(d * f32::from(sc));
-            let min = f16::from_f32(-dmin * f32::from(mn));
-            if !scale.is_finite() || !min.is_finite() {
-                return None;
-            }
-            q4_1_block(&mut out, scale, min, &codes);
         }
     }
-    Some(out)
+    Ok(QMatrix {
+        rows,
+        cols,
+        codes: Codes::Q4K(out),
+    })
 }
 
 /// Values and bytes of a GGUF Q6_K super-block: 128 bytes of low 4 bits, 64 of high 2 bits, 16

@@ -1,8 +1,8 @@
 //! A CPU matrix multiply over block-quantized weights, for every batch shape from one decoding
 //! sequence to a prompt chunk of hundreds of tokens: int8 blocks (32 values, one scale), 4-bit
-//! blocks (GGUF's Q4_1: 32 values, a scale and a minimum) or 6-bit ones (GGUF's Q6_K: an int8
-//! scale per 16 values and an f16 one per 256), against activations quantized to int8 per block
-//! of 32.
+//! blocks (GGUF's Q4_1: 32 values, a scale and a minimum; GGUF's Q4_K: 6-bit scales and minimums
+//! per 32 values, f16 ones per 256) or 6-bit ones (GGUF's Q6_K: an int8 scale per 16 values and
+//! an f16 one per 256), against activations quantized to int8 per block of 32.
 //!
 //! Weights are repacked at load into panels of 16 rows: for each block, the rows' first four
 //! values side by side, then their next four, and so on ([`Codes`]); 4-bit blocks keep their
@@ -45,6 +45,27 @@ const Q6_HIGH: usize = Q4_CODES;
 const Q6_SCALES: usize = Q6_HIGH + PANEL * BLOCK / 4;
 const Q6_D: usize = Q6_SCALES + 2 * PANEL;
 const Q6_PANEL_BLOCK: usize = Q6_D + 2 * PANEL;
+/// Blocks per K-quant super-block (256 values).
+const SUPER: usize = 8;
+/// A Q4_K panel-super-block: its 16 rows' f16 `d` and `-dmin` (one cache line), then eight
+/// panel-blocks of 4-bit codes (as a 4-bit panel-block's), each followed by its rows' 6-bit
+/// sub-block scales and minimums as bytes: 37 cache lines for 4096 weights, 4.625 bits a weight
+/// (GGUF's own 4.5; as Q4_1 blocks, 5).
+const Q4K_D: usize = 0;
+const Q4K_NEG_DMIN: usize = 2 * PANEL;
+const Q4K_HEAD: usize = 4 * PANEL;
+const Q4K_SC: usize = Q4_CODES;
+const Q4K_MN: usize = Q4K_SC + PANEL;
+const Q4K_BLOCK: usize = Q4K_MN + PANEL;
+const Q4K_PANEL_SUPER: usize = Q4K_HEAD + SUPER * Q4K_BLOCK;
+
+/// Where panel-block `pb` (`panel * blocks + block`) of a Q4_K matrix starts, and where its
+/// super-block's head does.
+#[inline(always)]
+fn q4k_at(pb: usize) -> (usize, usize) {
+    let head = pb / SUPER * Q4K_PANEL_SUPER;
+    (head + Q4K_HEAD + pb % SUPER * Q4K_BLOCK, head)
+}
 
 /// Codes in panel order, `[panel][block][step][16 rows][4 bytes]`.
 enum Codes {
@@ -57,6 +78,10 @@ enum Codes {
     /// `16 + i` in one byte too): `w = scale * q + min`. Each panel-block's codes are followed
     /// by its 16 scales and 16 minimums as GGUF's f16 (see [`Q4_PANEL_BLOCK`]).
     Q4(Vec<u8>),
+    /// GGUF's Q4_K, values unchanged: `w = d * sc * q - dmin * mn`, codes as [`Codes::Q4`]'s,
+    /// byte `sc` and `mn` per block, f16 `d` and `-dmin` per super-block (see
+    /// [`Q4K_PANEL_SUPER`]).
+    Q4K(Vec<u8>),
     /// GGUF's Q6_K: values 0..64 in the 4-bit layout, their high 2 bits beside them,
     /// `w = d * scale * (q - 32)` with an int8 `scale` per 16 values (each half of a block) and
     /// an f16 `d` (see [`Q6_PANEL_BLOCK`]).
@@ -347,9 +372,9 @@ impl QMatrix {
         Self::quantize_q8(&data, rows, cols)
     }
 
-    /// Takes GGUF blocks of 4 or 6 bits as they are: Q4_1, Q4_0 and Q6_K without changing a
-    /// value, Q4_K with its sub-blocks' scales and minimums rounded to f16 (see `gguf.rs`).
-    /// `None` for other types, or where a scale does not fit an f16.
+    /// Takes GGUF blocks of 4 or 6 bits as they are: Q4_1, Q4_0, Q4_K and Q6_K without changing
+    /// a value (see `gguf.rs`). `None` for other types, or where a Q4_0 scale does not fit an
+    /// f16.
     pub fn from_gguf_blocks(
         dtype: GgmlDType,
         bytes: &[u8],
@@ -359,7 +384,7 @@ impl QMatrix {
         let blocks = match dtype {
             GgmlDType::Q4_1 => return Self::from_q4_1(bytes, rows, cols).map(Some),
             GgmlDType::Q4_0 => gguf::q4_0_as_q4_1(bytes),
-            GgmlDType::Q4K => gguf::q4_k_as_q4_1(bytes),
+            GgmlDType::Q4K => return gguf::q4_k_panels(bytes, rows, cols).map(Some),
             GgmlDType::Q6K => return gguf::q6_k_panels(bytes, rows, cols).map(Some),
             _ => None,
         };
@@ -404,7 +429,7 @@ impl QMatrix {
     pub fn bytes(&self) -> usize {
         match &self.codes {
             Codes::Q8 { codes, scales } => codes.len() + 4 * scales.len(),
-            Codes::Q4(data) | Codes::Q6(data) => data.len(),
+            Codes::Q4(data) | Codes::Q4K(data) | Codes::Q6(data) => data.len(),
         }
     }
 
@@ -424,6 +449,7 @@ impl QMatrix {
                 scales: scales.clone(),
             },
             Codes::Q4(data) => Codes::Q4(data.clone()),
+            Codes::Q4K(data) => Codes::Q4K(data.clone()),
             Codes::Q6(data) => Codes::Q6(data.clone()),
         };
         for m in rest {
@@ -438,9 +464,9 @@ impl QMatrix {
                     codes.extend_from_slice(c);
                     scales.extend_from_slice(s);
                 }
-                (Codes::Q4(all), Codes::Q4(data)) | (Codes::Q6(all), Codes::Q6(data)) => {
-                    all.extend_from_slice(data)
-                }
+                (Codes::Q4(all), Codes::Q4(data))
+                | (Codes::Q4K(all), Codes::Q4K(data))
+                | (Codes::Q6(all), Codes::Q6(data)) => all.extend_from_slice(data),
                 _ => return None,
             }
         }
@@ -468,6 +494,7 @@ impl QMatrix {
                 scales: &scales[first * blocks * PANEL..],
             },
             Codes::Q4(data) => Panels::Q4(&data[first * blocks * Q4_PANEL_BLOCK..]),
+            Codes::Q4K(data) => Panels::Q4K(&data[first * blocks / SUPER * Q4K_PANEL_SUPER..]),
             Codes::Q6(data) => Panels::Q6(&data[first * blocks * Q6_PANEL_BLOCK..]),
         }
     }
@@ -549,6 +576,8 @@ enum Panels<'a> {
     },
     /// Panel-blocks of [`Q4_PANEL_BLOCK`] bytes: codes, f16 scales, f16 minimums.
     Q4(&'a [u8]),
+    /// Panel-super-blocks of [`Q4K_PANEL_SUPER`] bytes (see [`q4k_at`]).
+    Q4K(&'a [u8]),
     /// Panel-blocks of [`Q6_PANEL_BLOCK`] bytes: low codes, high bits, int8 scales, f16 scales.
     Q6(&'a [u8]),
 }

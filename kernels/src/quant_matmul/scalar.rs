@@ -3,8 +3,9 @@
 use half::f16;
 
 use super::{
-    Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D,
-    Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
+    q4k_at, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN,
+    Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES,
+    Q8_PANEL_BLOCK,
 };
 
 pub unsafe fn quantize(x: &[f32], first: RowOut, rest: Option<RowOut>) {
@@ -48,15 +49,19 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
         Panels::Q4(data) => {
             let c = &data[pb * Q4_PANEL_BLOCK..][..Q4_PANEL_BLOCK];
             let half = |at: usize| f16::from_le_bytes([c[at + 2 * lane], c[at + 2 * lane + 1]]);
-            let dot: i32 = (0..BLOCK / 2)
-                .map(|v| {
-                    let byte = c[(v / 4 * PANEL + lane) * 4 + v % 4];
-                    (byte & 15) as i32 * xb[v] as i32
-                        + (byte >> 4) as i32 * xb[BLOCK / 2 + v] as i32
-                })
-                .sum();
-            dot as f32 * (half(Q4_SCALES).to_f32() * dx)
+            dot4(c, lane, xb) as f32 * (half(Q4_SCALES).to_f32() * dx)
                 + half(Q4_MINS).to_f32() * x.sums[i * blocks + b]
+        }
+        Panels::Q4K(data) => {
+            let (at, head) = q4k_at(pb);
+            let c = &data[at..][..Q4K_BLOCK];
+            let half = |at: usize| {
+                f16::from_le_bytes([data[head + at + 2 * lane], data[head + at + 2 * lane + 1]])
+            };
+            // As the SIMD kernels round: each byte scale times its super-block's f16 first.
+            let d = f32::from(c[Q4K_SC + lane]) * half(Q4K_D).to_f32();
+            let neg_min = f32::from(c[Q4K_MN + lane]) * half(Q4K_NEG_DMIN).to_f32();
+            dot4(c, lane, xb) as f32 * (d * dx) + neg_min * x.sums[i * blocks + b]
         }
         Panels::Q6(data) => {
             let c = &data[pb * Q6_PANEL_BLOCK..][..Q6_PANEL_BLOCK];
@@ -81,4 +86,14 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
             (dot(0) as f32 * scale(0) + dot(1) as f32 * scale(1)) * (d * dx)
         }
     }
+}
+
+/// Row `lane` of a 4-bit panel-block's codes (`c`) against a block of activations.
+fn dot4(c: &[u8], lane: usize, xb: &[i8]) -> i32 {
+    (0..BLOCK / 2)
+        .map(|v| {
+            let byte = c[(v / 4 * PANEL + lane) * 4 + v % 4];
+            (byte & 15) as i32 * xb[v] as i32 + (byte >> 4) as i32 * xb[BLOCK / 2 + v] as i32
+        })
+        .sum()
 }

@@ -142,43 +142,25 @@ fn q4_1_values(bytes: &[u8], rows: usize, cols: usize) -> Result<Tensor> {
     Tensor::from_vec(values, (rows, cols), &Device::Cpu)
 }
 
-/// Q4_0 and Q4_K files keep 4 bits a weight: their blocks become Q4_1 blocks of the same values
-/// (Q4_0 exactly, Q4_K within the f16 rounding of each sub-block's scale and minimum), which
-/// multiply as Q4_1 blocks do. Other types are left to the int8 path.
+/// Q4_0 files keep 4 bits a weight: their blocks become Q4_1 blocks of exactly the same values,
+/// which multiply as Q4_1 blocks do. Types without a kernel of their own are left to the int8
+/// path.
 #[test]
-fn gguf_q4_0_and_q4_k_blocks_keep_their_values() -> Result<()> {
+fn gguf_q4_0_blocks_keep_their_values() -> Result<()> {
     let dev = Device::Cpu;
     let (rows, cols) = (40, 512);
     for scale in [1f32, 1e-3] {
         let w = (Tensor::randn(0f32, 1., (rows, cols), &dev)? * f64::from(scale))?;
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4K] {
-            let qt = QTensor::quantize(&w, dtype)?;
-            let bytes = qt.data()?;
-            let want = qt.dequantize(&dev)?;
-            let blocks = match dtype {
-                GgmlDType::Q4_0 => gguf::q4_0_as_q4_1(&bytes),
-                _ => gguf::q4_k_as_q4_1(&bytes),
-            }
-            .expect("scales that fit f16");
-            let got = q4_1_values(&blocks, rows, cols)?;
-            let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let largest = want.abs()?.max_all()?.to_scalar::<f32>()?;
-            if dtype == GgmlDType::Q4_0 {
-                assert_eq!(err, 0., "{dtype:?} at scale {scale}");
-            } else {
-                // A value is at most 15 steps of its scale plus its minimum: each rounded by
-                // at most 2⁻¹¹ relative.
-                assert!(
-                    err <= largest * 2f32.powi(-10),
-                    "{dtype:?} at scale {scale}: off by {err} of {largest}"
-                );
-                assert!(err > 0., "the f16 rounding shows somewhere");
-            }
-            let q = QMatrix::from_gguf_blocks(dtype, &bytes, rows, cols)?.expect("4-bit");
-            assert!(matches!(q.codes, Codes::Q4(_)));
-            let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
-            check(&q, &got, &x, [0.02, 2e-4])?;
-        }
+        let qt = QTensor::quantize(&w, GgmlDType::Q4_0)?;
+        let bytes = qt.data()?;
+        let blocks = gguf::q4_0_as_q4_1(&bytes).expect("scales that fit f16");
+        let got = q4_1_values(&blocks, rows, cols)?;
+        let err = (&got - &qt.dequantize(&dev)?)?.abs()?.max_all()?;
+        assert_eq!(err.to_scalar::<f32>()?, 0., "at scale {scale}");
+        let q = QMatrix::from_gguf_blocks(GgmlDType::Q4_0, &bytes, rows, cols)?.expect("4-bit");
+        assert!(matches!(q.codes, Codes::Q4(_)));
+        let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
+        check(&q, &got, &x, [0.02, 2e-4])?;
     }
     for dtype in [
         GgmlDType::Q8_0,
@@ -192,44 +174,52 @@ fn gguf_q4_0_and_q4_k_blocks_keep_their_values() -> Result<()> {
     Ok(())
 }
 
-/// Q6_K files keep their 6 bits: panels of their own codes, sub-block scales and `d`, which
-/// multiply as the file's values do (only the activations' rounding is left), on every kernel
-/// this CPU has, for rows in one and two terms, in tiles of every height.
+/// Q4_K and Q6_K files keep their bits: panels of their own codes, sub-block scales (and
+/// minimums) and super-block scales, which multiply as the file's values do (only the
+/// activations' rounding is left), on every kernel this CPU has, for rows in one and two
+/// terms, in tiles of every height.
 #[test]
-fn gguf_q6_k_blocks_match_their_dequantized_weights() -> Result<()> {
+fn gguf_k_quant_blocks_match_their_dequantized_weights() -> Result<()> {
     let dev = Device::Cpu;
-    // 70 rows: four panels and a padded one; 256 and 768 columns: one and three super-blocks.
-    for cols in [256, 768] {
-        for scale in [1f32, 3e-3] {
-            let w = (Tensor::randn(0f32, 1., (70, cols), &dev)? * f64::from(scale))?;
-            let qt = QTensor::quantize(&w, GgmlDType::Q6K)?;
-            let q = QMatrix::from_gguf_blocks(GgmlDType::Q6K, &qt.data()?, 70, cols)?
-                .expect("6-bit panels");
-            assert!(matches!(q.codes, Codes::Q6(_)));
-            assert_eq!(q.bytes(), 5 * (cols / BLOCK) * Q6_PANEL_BLOCK);
-            let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
-            check(&q, &qt.dequantize(&dev)?, &x, [0.02, 2e-4])?;
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        // 70 rows: four panels and a padded one; 256 and 768 columns: one and three
+        // super-blocks.
+        for cols in [256, 768] {
+            for scale in [1f32, 3e-3] {
+                let w = (Tensor::randn(0f32, 1., (70, cols), &dev)? * f64::from(scale))?;
+                let qt = QTensor::quantize(&w, dtype)?;
+                let q = QMatrix::from_gguf_blocks(dtype, &qt.data()?, 70, cols)?
+                    .expect("panels of its own");
+                let bytes = match q.codes {
+                    Codes::Q4K(_) => cols / 256 * Q4K_PANEL_SUPER,
+                    Codes::Q6(_) => cols / BLOCK * Q6_PANEL_BLOCK,
+                    _ => panic!("{dtype:?} became another type"),
+                };
+                assert_eq!(q.bytes(), 5 * bytes);
+                let x = Tensor::randn(0f32, 1., (19, cols), &dev)?;
+                check(&q, &qt.dequantize(&dev)?, &x, [0.02, 2e-4])?;
+            }
         }
-    }
-    // Stacked as 6-bit panels too.
-    let part = |rows| -> Result<QMatrix> {
-        let w = Tensor::randn(0f32, 1., (rows, 256), &dev)?;
-        let bytes = QTensor::quantize(&w, GgmlDType::Q6K)?.data()?.to_vec();
-        Ok(QMatrix::from_gguf_blocks(GgmlDType::Q6K, &bytes, rows, 256)?.expect("6-bit"))
-    };
-    let (a, b) = (part(32)?, part(20)?);
-    let both = QMatrix::concat_rows(&[&a, &b]).expect("two 6-bit parts");
-    let x: Vec<f32> = (0..3 * 256)
-        .map(|i| ((i * 37 % 101) as f32 - 50.) / 25.)
-        .collect();
-    let (got, want_a, want_b) = (
-        both.matmul(&x, &[false; 3]),
-        a.matmul(&x, &[false; 3]),
-        b.matmul(&x, &[false; 3]),
-    );
-    for i in 0..3 {
-        assert_eq!(got[i * 52..][..32], want_a[i * 32..][..32]);
-        assert_eq!(got[i * 52 + 32..][..20], want_b[i * 20..][..20]);
+        // Stacked as panels of their own too.
+        let part = |rows| -> Result<QMatrix> {
+            let w = Tensor::randn(0f32, 1., (rows, 512), &dev)?;
+            let bytes = QTensor::quantize(&w, dtype)?.data()?.to_vec();
+            Ok(QMatrix::from_gguf_blocks(dtype, &bytes, rows, 512)?.expect("K-quant"))
+        };
+        let (a, b) = (part(32)?, part(20)?);
+        let both = QMatrix::concat_rows(&[&a, &b]).expect("two parts of one type");
+        let x: Vec<f32> = (0..3 * 512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.) / 25.)
+            .collect();
+        let (got, want_a, want_b) = (
+            both.matmul(&x, &[false; 3]),
+            a.matmul(&x, &[false; 3]),
+            b.matmul(&x, &[false; 3]),
+        );
+        for i in 0..3 {
+            assert_eq!(got[i * 52..][..32], want_a[i * 32..][..32]);
+            assert_eq!(got[i * 52 + 32..][..20], want_b[i * 20..][..20]);
+        }
     }
     Ok(())
 }

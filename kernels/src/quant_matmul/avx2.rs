@@ -7,8 +7,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    prefetch, q4k_at, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4K_D, Q4K_MN, Q4K_NEG_DMIN,
-    Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES,
+    prefetch, q4k_at, q6_at, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4K_D, Q4K_MN,
+    Q4K_NEG_DMIN, Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_BLOCK, Q6_D, Q6_HIGH, Q6_SCALES,
     Q8_PANEL_BLOCK, SUPER,
 };
 
@@ -340,13 +340,20 @@ unsafe fn q6<const T: usize, const R: usize>(
         _mm256_set1_epi8(0x0c),
     );
     let mut acc = [_mm256_setzero_ps(); R];
+    let mut d = _mm256_setzero_ps();
     for b in 0..blocks {
-        let pb = data.as_ptr().add((p * blocks + b) * Q6_PANEL_BLOCK);
+        let (at, head) = q6_at(p * blocks + b);
+        let pb = data.as_ptr().add(at);
         if i0 == 0 && h == 0 {
-            prefetch(
-                pb.wrapping_add(blocks * Q6_PANEL_BLOCK),
-                Q6_PANEL_BLOCK / 64,
-            );
+            let (next, next_head) = q6_at((p + 1) * blocks + b);
+            prefetch(data.as_ptr().wrapping_add(next), Q6_BLOCK.div_ceil(64));
+            if b % SUPER == 0 {
+                prefetch(data.as_ptr().wrapping_add(next_head), 1);
+            }
+        }
+        // The super-block's `d`, once per super-block.
+        if b % SUPER == 0 {
+            d = f16_half(data.as_ptr().add(head + Q6_D + 16 * h));
         }
         let mut lo_dots = [_mm256_setzero_si256(); R];
         let mut hi_dots = [_mm256_setzero_si256(); R];
@@ -379,7 +386,6 @@ unsafe fn q6<const T: usize, const R: usize>(
         let s_hi = _mm_loadl_epi64(pb.add(Q6_SCALES + PANEL + 8 * h) as *const _);
         let s_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s_lo));
         let s_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s_hi));
-        let d = f16_half(pb.add(Q6_D + 16 * h));
         for (r, acc) in acc.iter_mut().enumerate() {
             let dx = _mm256_set1_ps(*x.scales.get_unchecked((i0 + r) * blocks + b));
             let hi = _mm256_mul_ps(_mm256_cvtepi32_ps(hi_dots[r]), s_hi);

@@ -6,9 +6,9 @@
 use std::arch::x86_64::*;
 
 use super::{
-    blocks_per_pass, prefetch, q4k_at, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL,
-    Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN, Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D,
-    Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, Q8_PANEL_BLOCK,
+    blocks_per_pass, prefetch, q4k_at, q6_at, Activations, Out, Panels, RowOut, Tile, BLOCK, PANEL,
+    Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN, Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_BLOCK,
+    Q6_D, Q6_HIGH, Q6_SCALES, Q8_PANEL_BLOCK, SUPER,
 };
 
 /// Int8 activation rows per tile: six for rows in one term; four for rows in two, whose
@@ -85,7 +85,7 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
         Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
         Panels::Q4(_) => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
         Panels::Q4K(_) => blocks_per_pass(blocks, 2 * Q4K_BLOCK).min(PASS_SCALES),
-        Panels::Q6(_) => blocks_per_pass(blocks, 2 * Q6_PANEL_BLOCK),
+        Panels::Q6(_) => blocks_per_pass(blocks, 2 * Q6_BLOCK),
     };
     // Q4_K's scales and minimums as f32 vectors, for a pass's blocks of one or two panels
     // (`[block][panel]`): made once for every tile of rows rather than by each (a 16-row decode
@@ -336,7 +336,7 @@ unsafe fn q4<const P: usize, const T: usize, const K: u8, const R: usize>(
             for p in P..2 * P {
                 let (next, head) = place((p0 + p) * blocks + b);
                 prefetch(data.as_ptr().wrapping_add(next), Q4_PANEL_BLOCK / 64);
-                if K != Q4_1 && b % super::SUPER == 0 {
+                if K != Q4_1 && b % SUPER == 0 {
                     prefetch(data.as_ptr().wrapping_add(head), 1);
                 }
             }
@@ -368,7 +368,7 @@ unsafe fn q4<const P: usize, const T: usize, const K: u8, const R: usize>(
                 Q4K => {
                     // The super-block's `d` and `-dmin` once per super-block (each block's
                     // products the same as `q4k_scales`').
-                    if b % super::SUPER == 0 || b == at.blocks.start {
+                    if b % SUPER == 0 || b == at.blocks.start {
                         let head = data.as_ptr().add(place(pb).1);
                         heads[p] = [f16x16(head.add(Q4K_D)), f16x16(head.add(Q4K_NEG_DMIN))];
                     }
@@ -409,11 +409,15 @@ unsafe fn q6<const P: usize, const T: usize, const R: usize>(
         _mm512_set1_epi8(0x0c),
     );
     let mut acc = resume::<P, T, R>(at, x, out);
+    let mut heads = [_mm512_setzero_ps(); P];
     for b in at.blocks.clone() {
         if i0 == 0 {
             for p in P..2 * P {
-                let next = ((p0 + p) * blocks + b) * Q6_PANEL_BLOCK;
-                prefetch(data.as_ptr().wrapping_add(next), Q6_PANEL_BLOCK / 64);
+                let (next, head) = q6_at((p0 + p) * blocks + b);
+                prefetch(data.as_ptr().wrapping_add(next), Q6_BLOCK.div_ceil(64));
+                if b % SUPER == 0 {
+                    prefetch(data.as_ptr().wrapping_add(head), 1);
+                }
             }
         }
         let half = |r: usize, h: usize| *x.halves.get_unchecked(((i0 + r) * blocks + b) * 2 + h);
@@ -430,7 +434,7 @@ unsafe fn q6<const P: usize, const T: usize, const R: usize>(
         let mut hi = [_mm512_setzero_si512(); P];
         for j in 0..4 {
             for p in 0..P {
-                let pb = data.as_ptr().add(((p0 + p) * blocks + b) * Q6_PANEL_BLOCK);
+                let pb = data.as_ptr().add(q6_at((p0 + p) * blocks + b).0);
                 let raw = _mm512_loadu_si512(pb.add(j * 4 * PANEL) as *const _);
                 let mut high =
                     _mm512_loadu_si512(pb.add(Q6_HIGH + (j / 2) * 4 * PANEL) as *const _);
@@ -452,12 +456,17 @@ unsafe fn q6<const P: usize, const T: usize, const R: usize>(
             }
         }
         for (p, acc) in acc.iter_mut().enumerate() {
-            let pb = data.as_ptr().add(((p0 + p) * blocks + b) * Q6_PANEL_BLOCK);
+            let (start, head) = q6_at((p0 + p) * blocks + b);
+            let pb = data.as_ptr().add(start);
+            // The super-block's `d`, once per super-block.
+            if b % SUPER == 0 || b == at.blocks.start {
+                heads[p] = f16x16(data.as_ptr().add(head + Q6_D));
+            }
+            let d = heads[p];
             let s_lo = _mm_loadu_si128(pb.add(Q6_SCALES) as *const _);
             let s_hi = _mm_loadu_si128(pb.add(Q6_SCALES + PANEL) as *const _);
             let s_lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s_lo));
             let s_hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s_hi));
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(pb.add(Q6_D) as *const _));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let dx = _mm512_set1_ps(*x.scales.get_unchecked((i0 + r) * blocks + b));
                 let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi_dots[p][r]), s_hi);

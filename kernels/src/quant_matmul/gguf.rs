@@ -16,8 +16,8 @@ use candle_core::Result;
 use half::f16;
 
 use super::{
-    q4k_at, Codes, QMatrix, BLOCK, PANEL, Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN, Q4K_PANEL_SUPER,
-    Q4K_SC, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES, SUPER,
+    q4k_at, q6_at, Codes, QMatrix, BLOCK, PANEL, Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN,
+    Q4K_PANEL_SUPER, Q4K_SC, Q6_BLOCK, Q6_D, Q6_HIGH, Q6_PANEL_SUPER, Q6_SCALES, SUPER,
 };
 
 /// Bytes of a GGUF Q4_0 block: f16 scale, 16 bytes of codes.
@@ -131,13 +131,13 @@ fn q6_k_codes(sb: &[u8]) -> [u8; Q6_K_VALUES] {
 }
 
 /// GGUF Q6_K blocks (`rows * cols / 256` super-blocks of 210 bytes) as 6-bit panels, without
-/// changing a value: each block of 32 keeps its codes, its two sub-blocks' int8 scales and its
-/// super-block's `d`.
+/// changing a value: each block of 32 keeps its codes and its two sub-blocks' int8 scales, each
+/// super-block its `d`.
 pub(super) fn q6_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMatrix> {
     super::check_block_bytes("q6_k", bytes, rows, cols, Q6_K_VALUES, Q6_K_BYTES)?;
     let blocks = cols / BLOCK;
     // Padding rows: everything zero, so w = 0.
-    let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks * Q6_PANEL_BLOCK];
+    let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks / SUPER * Q6_PANEL_SUPER];
     for (r, row) in bytes
         .chunks_exact(cols / Q6_K_VALUES * Q6_K_BYTES)
         .enumerate()
@@ -146,10 +146,13 @@ pub(super) fn q6_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMat
         for (s, sb) in row.chunks_exact(Q6_K_BYTES).enumerate() {
             let codes = q6_k_codes(sb);
             let (scales, d) = (&sb[192..208], &sb[208..210]);
-            for k in 0..Q6_K_VALUES / BLOCK {
-                let b = s * (Q6_K_VALUES / BLOCK) + k;
+            let first = p * blocks + s * SUPER;
+            let (_, head) = q6_at(first);
+            out[head + Q6_D + 2 * lane..][..2].copy_from_slice(d);
+            for k in 0..SUPER {
                 let q = &codes[BLOCK * k..][..BLOCK];
-                let dst = &mut out[(p * blocks + b) * Q6_PANEL_BLOCK..][..Q6_PANEL_BLOCK];
+                let (at, _) = q6_at(first + k);
+                let dst = &mut out[at..][..Q6_BLOCK];
                 for j in 0..BLOCK / 8 {
                     for i in 0..4 {
                         let (lo, hi) = (q[4 * j + i], q[BLOCK / 2 + 4 * j + i]);
@@ -161,7 +164,6 @@ pub(super) fn q6_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMat
                 }
                 dst[Q6_SCALES + lane] = scales[2 * k];
                 dst[Q6_SCALES + PANEL + lane] = scales[2 * k + 1];
-                dst[Q6_D + 2 * lane..][..2].copy_from_slice(d);
             }
         }
     }

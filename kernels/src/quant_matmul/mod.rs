@@ -39,14 +39,18 @@ const Q4_CODES: usize = PANEL * BLOCK / 2;
 const Q4_SCALES: usize = Q4_CODES;
 const Q4_MINS: usize = Q4_SCALES + 2 * PANEL;
 const Q4_PANEL_BLOCK: usize = Q4_MINS + 2 * PANEL;
-/// A 6-bit panel-block: the codes' low 4 bits as a 4-bit one's, their high 2 bits (two steps a
-/// vector), each row's two int8 sub-block scales (`[half][row]`) and f16 scale: seven cache lines.
-const Q6_HIGH: usize = Q4_CODES;
-const Q6_SCALES: usize = Q6_HIGH + PANEL * BLOCK / 4;
-const Q6_D: usize = Q6_SCALES + 2 * PANEL;
-const Q6_PANEL_BLOCK: usize = Q6_D + 2 * PANEL;
 /// Blocks per K-quant super-block (256 values).
 const SUPER: usize = 8;
+/// A 6-bit (Q6_K) panel-super-block: its 16 rows' f16 `d` (half a cache line), then eight
+/// panel-blocks: the codes' low 4 bits as a 4-bit one's, their high 2 bits (two steps a vector)
+/// and each row's two int8 sub-block scales (`[half][row]`), six and a half cache lines each:
+/// 6.5625 bits a weight, as in the GGUF file.
+const Q6_D: usize = 0;
+const Q6_HEAD: usize = 2 * PANEL;
+const Q6_HIGH: usize = Q4_CODES;
+const Q6_SCALES: usize = Q6_HIGH + PANEL * BLOCK / 4;
+const Q6_BLOCK: usize = Q6_SCALES + 2 * PANEL;
+const Q6_PANEL_SUPER: usize = Q6_HEAD + SUPER * Q6_BLOCK;
 /// A Q4_K panel-super-block: its 16 rows' f16 `d` and `-dmin` (one cache line), then eight
 /// panel-blocks of 4-bit codes (as a 4-bit panel-block's), each followed by its rows' 6-bit
 /// sub-block scales and minimums as bytes: 37 cache lines for 4096 weights, 4.625 bits a weight
@@ -67,6 +71,13 @@ fn q4k_at(pb: usize) -> (usize, usize) {
     (head + Q4K_HEAD + pb % SUPER * Q4K_BLOCK, head)
 }
 
+/// [`q4k_at`] for a 6-bit matrix.
+#[inline(always)]
+fn q6_at(pb: usize) -> (usize, usize) {
+    let head = pb / SUPER * Q6_PANEL_SUPER;
+    (head + Q6_HEAD + pb % SUPER * Q6_BLOCK, head)
+}
+
 /// Codes in panel order, `[panel][block][step][16 rows][4 bytes]`.
 enum Codes {
     /// `w + 128` as unsigned bytes, 8 steps per block: step `j` holds values `4j..4j + 4` of
@@ -84,7 +95,7 @@ enum Codes {
     Q4K(Vec<u8>),
     /// GGUF's Q6_K: values 0..64 in the 4-bit layout, their high 2 bits beside them,
     /// `w = d * scale * (q - 32)` with an int8 `scale` per 16 values (each half of a block) and
-    /// an f16 `d` (see [`Q6_PANEL_BLOCK`]).
+    /// an f16 `d` per super-block (see [`Q6_PANEL_SUPER`]).
     Q6(Vec<u8>),
 }
 
@@ -495,7 +506,7 @@ impl QMatrix {
             },
             Codes::Q4(data) => Panels::Q4(&data[first * blocks * Q4_PANEL_BLOCK..]),
             Codes::Q4K(data) => Panels::Q4K(&data[first * blocks / SUPER * Q4K_PANEL_SUPER..]),
-            Codes::Q6(data) => Panels::Q6(&data[first * blocks * Q6_PANEL_BLOCK..]),
+            Codes::Q6(data) => Panels::Q6(&data[first * blocks / SUPER * Q6_PANEL_SUPER..]),
         }
     }
 
@@ -578,7 +589,7 @@ enum Panels<'a> {
     Q4(&'a [u8]),
     /// Panel-super-blocks of [`Q4K_PANEL_SUPER`] bytes (see [`q4k_at`]).
     Q4K(&'a [u8]),
-    /// Panel-blocks of [`Q6_PANEL_BLOCK`] bytes: low codes, high bits, int8 scales, f16 scales.
+    /// Panel-super-blocks of [`Q6_PANEL_SUPER`] bytes (see [`q6_at`]).
     Q6(&'a [u8]),
 }
 

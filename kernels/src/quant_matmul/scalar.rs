@@ -3,8 +3,8 @@
 use half::f16;
 
 use super::{
-    q4k_at, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4K_BLOCK, Q4K_D, Q4K_MN, Q4K_NEG_DMIN,
-    Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_D, Q6_HIGH, Q6_PANEL_BLOCK, Q6_SCALES,
+    q4k_at, q6_at, Activations, Out, Panels, RowOut, BLOCK, PANEL, Q4K_BLOCK, Q4K_D, Q4K_MN,
+    Q4K_NEG_DMIN, Q4K_SC, Q4_MINS, Q4_PANEL_BLOCK, Q4_SCALES, Q6_BLOCK, Q6_D, Q6_HIGH, Q6_SCALES,
     Q8_PANEL_BLOCK,
 };
 
@@ -64,7 +64,8 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
             dot4(c, lane, xb) as f32 * (d * dx) + neg_min * x.sums[i * blocks + b]
         }
         Panels::Q6(data) => {
-            let c = &data[pb * Q6_PANEL_BLOCK..][..Q6_PANEL_BLOCK];
+            let (at, head) = q6_at(pb);
+            let c = &data[at..][..Q6_BLOCK];
             // Value v's code: its low 4 bits in the 4-bit layout, its high 2 bits in the nibble
             // of its step.
             let code = |v: usize| {
@@ -82,7 +83,8 @@ fn term(w: &Panels, pb: usize, lane: usize, x: &Activations, i: usize, b: usize)
                     .fold(x.halves[(i * blocks + b) * 2 + h], |a, d| a + d)
             };
             let scale = |h: usize| c[Q6_SCALES + h * PANEL + lane] as i8 as f32;
-            let d = f16::from_le_bytes([c[Q6_D + 2 * lane], c[Q6_D + 2 * lane + 1]]).to_f32();
+            let d = &data[head + Q6_D + 2 * lane..];
+            let d = f16::from_le_bytes([d[0], d[1]]).to_f32();
             (dot(0) as f32 * scale(0) + dot(1) as f32 * scale(1)) * (d * dx)
         }
     }

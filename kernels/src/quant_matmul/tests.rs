@@ -192,7 +192,7 @@ fn gguf_k_quant_blocks_match_their_dequantized_weights() -> Result<()> {
                     .expect("panels of its own");
                 let bytes = match q.codes {
                     Codes::Q4K(_) => cols / 256 * Q4K_PANEL_SUPER,
-                    Codes::Q6(_) => cols / BLOCK * Q6_PANEL_BLOCK,
+                    Codes::Q6(_) => cols / 256 * Q6_PANEL_SUPER,
                     _ => panic!("{dtype:?} became another type"),
                 };
                 assert_eq!(q.bytes(), 5 * bytes);

@@ -130,7 +130,10 @@ start() {
     case $1 in
         candela) env "${tier_env[@]}" "$candela" serve --port $port --anonymous-rpm 0 --no-calibrate \
             --model "$model" ${CANDELA_ARGS:-} >"$out/$1.log" 2>&1 & ;;
-        llama.cpp) "$server" -m "$gguf" --port $port -t "$threads" -np 16 -c 8192 \
+        # --load-mode none (not mapped): the weights in the server's own memory, as candela
+        # holds them. Mapped, they stay only while the machine keeps its page cache, which was
+        # seen dropped here between runs.
+        llama.cpp) "$server" -m "$gguf" --load-mode none --port $port -t "$threads" -np 16 -c 8192 \
             >"$out/$1.log" 2>&1 & ;;
     esac
     pid=$!

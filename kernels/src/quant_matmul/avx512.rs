@@ -91,7 +91,7 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
     // (`[block][panel]`): made once for every tile of rows rather than by each (a 16-row decode
     // made them three times, 9 % slower than Q4_1 blocks' f16 ones). The same values, so a row's
     // result does not depend on whether its tile made them itself.
-    let mut scales = [[_mm512_setzero_ps(); 2]; 2 * PASS_SCALES];
+    let mut pass_scales = [[_mm512_setzero_ps(); 2]; 2 * PASS_SCALES];
     let mut p = 0;
     while p < panels {
         let pair = panels - p >= 2 && !one_tile;
@@ -100,7 +100,7 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
             if let (Panels::Q4K(data), false) = (w, one_tile) {
                 for b in kb.clone() {
                     for q in 0..1 + pair as usize {
-                        scales[(b - k) * 2 + q] = q4k_scales(data, (p + q) * blocks + b);
+                        pass_scales[(b - k) * 2 + q] = q4k_scales(data, (p + q) * blocks + b);
                     }
                 }
             }
@@ -125,13 +125,13 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
                         with_rows!(n, 6, q4[1, T, Q4_1](data, &[], x, &at, out))
                     }
                     (Panels::Q4K(data), true) => {
-                        with_rows!(n, 6, q4[2, T, Q4K_PASS](data, &scales, x, &at, out))
+                        with_rows!(n, 6, q4[2, T, Q4K_PASS](data, &pass_scales, x, &at, out))
                     }
                     (Panels::Q4K(data), false) if one_tile => {
                         with_rows!(n, 6, q4[1, T, Q4K](data, &[], x, &at, out))
                     }
                     (Panels::Q4K(data), false) => {
-                        with_rows!(n, 6, q4[1, T, Q4K_PASS](data, &scales, x, &at, out))
+                        with_rows!(n, 6, q4[1, T, Q4K_PASS](data, &pass_scales, x, &at, out))
                     }
                     (Panels::Q6(data), true) => with_rows!(n, 6, q6[2, T](data, x, &at, out)),
                     (Panels::Q6(data), false) => with_rows!(n, 6, q6[1, T](data, x, &at, out)),

@@ -62,6 +62,25 @@ fn scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
     }
 }
 
+/// A K-quant matrix's super-blocks of `sb_bytes` bytes (256 values each, row by row), each with
+/// its row's lane in its panel and the panel-block of its first block of 32.
+fn super_blocks(
+    bytes: &[u8],
+    cols: usize,
+    sb_bytes: usize,
+) -> impl Iterator<Item = (usize, usize, &[u8])> {
+    let blocks = cols / BLOCK;
+    let row_bytes = cols / (SUPER * BLOCK) * sb_bytes;
+    bytes
+        .chunks_exact(row_bytes)
+        .enumerate()
+        .flat_map(move |(r, row)| {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            let sbs = row.chunks_exact(sb_bytes).enumerate();
+            sbs.map(move |(s, sb)| (lane, p * blocks + s * SUPER, sb))
+        })
+}
+
 /// GGUF Q4_K blocks (`rows * cols / 256` super-blocks of 144 bytes) as Q4_K panels, without
 /// changing a value: each block of 32 keeps its codes and its 6-bit scale and minimum (a byte
 /// each), each super-block its f16 `d` and `dmin` (the latter negated, which is exact).
@@ -70,34 +89,27 @@ pub(super) fn q4_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMat
     let blocks = cols / BLOCK;
     // Padding rows: everything zero, so w = 0.
     let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks / SUPER * Q4K_PANEL_SUPER];
-    for (r, row) in bytes
-        .chunks_exact(cols / Q4_K_VALUES * Q4_K_BYTES)
-        .enumerate()
-    {
-        let (p, lane) = (r / PANEL, r % PANEL);
-        for (s, sb) in row.chunks_exact(Q4_K_BYTES).enumerate() {
-            let (packed, qs) = (&sb[4..16], &sb[16..]);
-            let first = p * blocks + s * SUPER;
-            let (_, head) = q4k_at(first);
-            out[head + Q4K_D + 2 * lane..][..2].copy_from_slice(&sb[0..2]);
-            let neg_dmin = -f16::from_le_bytes([sb[2], sb[3]]);
-            out[head + Q4K_NEG_DMIN + 2 * lane..][..2].copy_from_slice(&neg_dmin.to_le_bytes());
-            for j in 0..SUPER {
-                let (at, _) = q4k_at(first + j);
-                let dst = &mut out[at..][..Q4K_BLOCK];
-                // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
-                let shift = 4 * (j % 2);
-                let code = |v: usize| (qs[32 * (j / 2) + v] >> shift) & 0xF;
-                for step in 0..BLOCK / 8 {
-                    for i in 0..4 {
-                        let v = 4 * step + i;
-                        dst[(step * PANEL + lane) * 4 + i] = code(v) | (code(v + BLOCK / 2) << 4);
-                    }
+    for (lane, first, sb) in super_blocks(bytes, cols, Q4_K_BYTES) {
+        let (packed, qs) = (&sb[4..16], &sb[16..]);
+        let (_, head) = q4k_at(first);
+        out[head + Q4K_D + 2 * lane..][..2].copy_from_slice(&sb[0..2]);
+        let neg_dmin = -f16::from_le_bytes([sb[2], sb[3]]);
+        out[head + Q4K_NEG_DMIN + 2 * lane..][..2].copy_from_slice(&neg_dmin.to_le_bytes());
+        for j in 0..SUPER {
+            let (at, _) = q4k_at(first + j);
+            let dst = &mut out[at..][..Q4K_BLOCK];
+            // Sub-blocks 2i and 2i + 1 share 32 bytes: the low nibbles, then the high ones.
+            let shift = 4 * (j % 2);
+            let code = |v: usize| (qs[32 * (j / 2) + v] >> shift) & 0xF;
+            for step in 0..BLOCK / 8 {
+                for i in 0..4 {
+                    let v = 4 * step + i;
+                    dst[(step * PANEL + lane) * 4 + i] = code(v) | (code(v + BLOCK / 2) << 4);
                 }
-                let (sc, mn) = scale_min(j, packed);
-                dst[Q4K_SC + lane] = sc;
-                dst[Q4K_MN + lane] = mn;
             }
+            let (sc, mn) = scale_min(j, packed);
+            dst[Q4K_SC + lane] = sc;
+            dst[Q4K_MN + lane] = mn;
         }
     }
     Ok(QMatrix {
@@ -138,33 +150,26 @@ pub(super) fn q6_k_panels(bytes: &[u8], rows: usize, cols: usize) -> Result<QMat
     let blocks = cols / BLOCK;
     // Padding rows: everything zero, so w = 0.
     let mut out = vec![0u8; rows.div_ceil(PANEL) * blocks / SUPER * Q6_PANEL_SUPER];
-    for (r, row) in bytes
-        .chunks_exact(cols / Q6_K_VALUES * Q6_K_BYTES)
-        .enumerate()
-    {
-        let (p, lane) = (r / PANEL, r % PANEL);
-        for (s, sb) in row.chunks_exact(Q6_K_BYTES).enumerate() {
-            let codes = q6_k_codes(sb);
-            let (scales, d) = (&sb[192..208], &sb[208..210]);
-            let first = p * blocks + s * SUPER;
-            let (_, head) = q6_at(first);
-            out[head + Q6_D + 2 * lane..][..2].copy_from_slice(d);
-            for k in 0..SUPER {
-                let q = &codes[BLOCK * k..][..BLOCK];
-                let (at, _) = q6_at(first + k);
-                let dst = &mut out[at..][..Q6_BLOCK];
-                for j in 0..BLOCK / 8 {
-                    for i in 0..4 {
-                        let (lo, hi) = (q[4 * j + i], q[BLOCK / 2 + 4 * j + i]);
-                        dst[(j * PANEL + lane) * 4 + i] = (lo & 0xF) | ((hi & 0xF) << 4);
-                        // Step j's high bits: a nibble, steps 2i and 2i + 1 sharing a byte.
-                        let high = (lo >> 4) | ((hi >> 4) << 2);
-                        dst[Q6_HIGH + (j / 2) * 4 * PANEL + lane * 4 + i] |= high << (4 * (j % 2));
-                    }
+    for (lane, first, sb) in super_blocks(bytes, cols, Q6_K_BYTES) {
+        let codes = q6_k_codes(sb);
+        let (scales, d) = (&sb[192..208], &sb[208..210]);
+        let (_, head) = q6_at(first);
+        out[head + Q6_D + 2 * lane..][..2].copy_from_slice(d);
+        for k in 0..SUPER {
+            let q = &codes[BLOCK * k..][..BLOCK];
+            let (at, _) = q6_at(first + k);
+            let dst = &mut out[at..][..Q6_BLOCK];
+            for j in 0..BLOCK / 8 {
+                for i in 0..4 {
+                    let (lo, hi) = (q[4 * j + i], q[BLOCK / 2 + 4 * j + i]);
+                    dst[(j * PANEL + lane) * 4 + i] = (lo & 0xF) | ((hi & 0xF) << 4);
+                    // Step j's high bits: a nibble, steps 2i and 2i + 1 sharing a byte.
+                    let high = (lo >> 4) | ((hi >> 4) << 2);
+                    dst[Q6_HIGH + (j / 2) * 4 * PANEL + lane * 4 + i] |= high << (4 * (j % 2));
                 }
-                dst[Q6_SCALES + lane] = scales[2 * k];
-                dst[Q6_SCALES + PANEL + lane] = scales[2 * k + 1];
             }
+            dst[Q6_SCALES + lane] = scales[2 * k];
+            dst[Q6_SCALES + PANEL + lane] = scales[2 * k + 1];
         }
     }
     Ok(QMatrix {

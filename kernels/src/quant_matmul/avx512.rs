@@ -84,14 +84,19 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
         _ if one_tile && T == 1 => blocks,
         Panels::Q8 { .. } => blocks_per_pass(blocks, 2 * Q8_PANEL_BLOCK),
         Panels::Q4(_) => blocks_per_pass(blocks, 2 * Q4_PANEL_BLOCK),
-        Panels::Q4K(_) => blocks_per_pass(blocks, 2 * Q4K_BLOCK).min(PASS_SCALES),
+        Panels::Q4K(_) => blocks_per_pass(blocks, 2 * Q4K_BLOCK),
         Panels::Q6(_) => blocks_per_pass(blocks, 2 * Q6_BLOCK),
     };
     // Q4_K's scales and minimums as f32 vectors, for a pass's blocks of one or two panels
     // (`[block][panel]`): made once for every tile of rows rather than by each (a 16-row decode
     // made them three times, 9 % slower than Q4_1 blocks' f16 ones). The same values, so a row's
     // result does not depend on whether its tile made them itself.
-    let mut pass_scales = [[_mm512_setzero_ps(); 2]; 2 * PASS_SCALES];
+    // (Allocated only where used: an array on the stack was zeroed by every call, 6 KB for each
+    // task of every matmul.)
+    let mut pass_scales = Vec::new();
+    if matches!(w, Panels::Q4K(_)) && !one_tile {
+        pass_scales = vec![[_mm512_setzero_ps(); 2]; 2 * per_pass];
+    }
     let mut p = 0;
     while p < panels {
         let pair = panels - p >= 2 && !one_tile;
@@ -141,9 +146,6 @@ unsafe fn tiles<const T: usize>(w: &Panels, panels: usize, x: &Activations, out:
         p += if pair { 2 } else { 1 };
     }
 }
-
-/// Most blocks in a pass over Q4_K panels (see `tiles`).
-const PASS_SCALES: usize = 24;
 
 /// Which 4-bit panels [`q4`] reads: Q4_1 ones, Q4_K ones, or Q4_K ones whose scales and
 /// minimums the pass has made already.

@@ -396,6 +396,73 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Tools, JSON output, logit bias, `best_of` and `suffix` are not implemented: a request that asks
+/// for them gets a 400 naming the field rather than an answer that silently ignores it, while
+/// values that ask for nothing (as some clients send by default) pass.
+#[tokio::test]
+async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
+    let base = &shared().base;
+    let chat_path = "/v1/chat/completions";
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    for (extra, param) in [
+        (json!({"tools": tool}), "tools"),
+        (json!({"tools": "f"}), "tools"),
+        (json!({"functions": [{"name": "f"}]}), "functions"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format",
+        ),
+        (json!({"response_format": {"type": "yaml"}}), "response_format.type"),
+        (json!({"response_format": "json"}), "response_format"),
+        (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+    ] {
+        expect_error(chat("hi", extra), chat_path, 400, Some(param)).await;
+    }
+    expect_error(
+        json!({"model": CHAT, "messages": [{"role": "user"}]}),
+        chat_path,
+        400,
+        Some("messages[0].content"),
+    )
+    .await;
+    let cmpl = "/v1/completions";
+    for (extra, param) in [
+        (json!({"best_of": 3}), "best_of"),
+        (json!({"best_of": 1, "n": 2}), "best_of"),
+        (json!({"suffix": "end"}), "suffix"),
+        (json!({"logit_bias": {"5": 1}}), "logit_bias"),
+    ] {
+        let mut body = json!({"model": CHAT, "prompt": "hi", "max_tokens": 2});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        expect_error(body, cmpl, 400, Some(param)).await;
+    }
+
+    // Values that ask for nothing are served.
+    let nothing = json!({
+        "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+        "logit_bias": {}, "functions": null, "max_tokens": 2,
+    });
+    let (status, body) = post(base, chat_path, chat("hi", nothing)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(
+        base,
+        cmpl,
+        json!({"model": CHAT, "prompt": "hi", "max_tokens": 2, "best_of": 1, "suffix": ""}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let assistant_only_called_tools = json!({"model": CHAT, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": null},
+        {"role": "user", "content": "again"},
+    ]});
+    let (status, body) = post(base, chat_path, assistant_only_called_tools).await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test]
 async fn stop_strings_are_never_emitted_even_across_chunks() {
     let base = &shared().base;

@@ -149,6 +149,7 @@ pub async fn chat_completions(
     let meter = meter.map(|Extension(m)| m);
     let mut req: ChatCompletionRequest = json::parse(body)?;
     let model = chat_model(&state, &req.model, meter.as_deref())?;
+    req.refuse_unsupported()?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(
@@ -201,6 +202,7 @@ pub async fn completions(
     let meter = meter.map(|Extension(m)| m);
     let mut req: CompletionRequest = json::parse(body)?;
     let model = chat_model(&state, &req.model, meter.as_deref())?;
+    req.refuse_unsupported()?;
     let logprobs = match req.logprobs {
         Some(k) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(

@@ -1,7 +1,11 @@
 //! OpenAI request and response bodies, and the validation that turns requests into serving's
-//! typed parameters. Unknown request fields are accepted and ignored, as OpenAI's servers do.
+//! typed parameters. Unknown request fields are accepted and ignored, as vLLM's server does; the
+//! OpenAI fields this server does not act on yet (tools, JSON output, logit bias, `best_of`,
+//! `suffix`) are refused with a 400 naming them wherever their value would change the answer,
+//! rather than ignored.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::error::ApiError;
 use crate::sampling::SamplingParams;
@@ -60,12 +64,131 @@ impl ChatCompletionRequest {
     pub fn sampling(&mut self) -> SamplingFields {
         sampling_fields!(self)
     }
+
+    /// A 400 for each field the server cannot honour yet, unless its value asks for nothing:
+    /// no tools (`null`, `[]`, `tool_choice` "none" or "auto"), plain text output
+    /// (`response_format` `{"type": "text"}`), no logit bias (`{}`).
+    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        for (field, value) in [("tools", &self.tools), ("functions", &self.functions)] {
+            match value {
+                None => {}
+                Some(Value::Array(list)) if list.is_empty() => {}
+                Some(Value::Array(_)) => {
+                    return Err(ApiError::invalid(
+                        Some(field),
+                        format!("Tool calling ('{field}') is not supported by this server yet."),
+                    ))
+                }
+                Some(other) => return Err(wrong_type(field, "an array", other)),
+            }
+        }
+        for (field, value) in [
+            ("tool_choice", &self.tool_choice),
+            ("function_call", &self.function_call),
+        ] {
+            match value {
+                None => {}
+                Some(Value::String(s)) if s == "none" || s == "auto" => {}
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        Some(field),
+                        format!(
+                            "Invalid value for '{field}': {other}; this server does not call \
+                             tools yet, so only \"none\" and \"auto\" are accepted."
+                        ),
+                    ))
+                }
+            }
+        }
+        match &self.response_format {
+            None => {}
+            Some(Value::Object(format)) => match format.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some(kind @ ("json_object" | "json_schema")) => {
+                    return Err(ApiError::invalid(
+                        Some("response_format"),
+                        format!(
+                            "'response_format' of type '{kind}' is not supported by this server \
+                             yet: it does not constrain its output to JSON."
+                        ),
+                    ))
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        Some("response_format.type"),
+                        "Invalid value for 'response_format.type': expected 'text', \
+                         'json_object' or 'json_schema'.",
+                    ))
+                }
+            },
+            Some(other) => return Err(wrong_type("response_format", "an object", other)),
+        }
+        refuse_logit_bias(&self.logit_bias)
+    }
 }
 
 impl CompletionRequest {
     pub fn sampling(&mut self) -> SamplingFields {
         sampling_fields!(self)
     }
+
+    /// As [`ChatCompletionRequest::refuse_unsupported`]: `best_of` beyond `n`, a `suffix`, a
+    /// logit bias.
+    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let n = self.n.unwrap_or(1);
+        match self.best_of {
+            Some(b) if b < n => {
+                return Err(ApiError::invalid(
+                    Some("best_of"),
+                    format!("Invalid value for 'best_of': {b}; it must be at least n ({n})."),
+                ))
+            }
+            Some(b) if b > n => {
+                return Err(ApiError::invalid(
+                    Some("best_of"),
+                    format!(
+                        "'best_of' greater than n ({b} > {n}) is not supported by this server."
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid(
+                Some("suffix"),
+                "'suffix' is not supported by this server.",
+            ));
+        }
+        refuse_logit_bias(&self.logit_bias)
+    }
+}
+
+fn refuse_logit_bias(bias: &Option<Value>) -> Result<(), ApiError> {
+    match bias {
+        None => Ok(()),
+        Some(Value::Object(map)) if map.is_empty() => Ok(()),
+        Some(Value::Object(_)) => Err(ApiError::invalid(
+            Some("logit_bias"),
+            "'logit_bias' is not supported by this server yet.",
+        )),
+        Some(other) => Err(wrong_type("logit_bias", "an object", other)),
+    }
+}
+
+/// OpenAI's message for a field of the wrong JSON type.
+fn wrong_type(field: &str, expected: &str, got: &Value) -> ApiError {
+    let got = match got {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    ApiError::invalid(
+        Some(field),
+        format!("Invalid type for '{field}': expected {expected}, but got {got} instead."),
+    )
 }
 
 fn check_range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
@@ -195,7 +318,16 @@ impl RequestMessage {
             ));
         }
         let content = match &self.content {
-            None => String::new(),
+            // An assistant turn may be empty (one that only called tools, say); the others
+            // say something.
+            None if self.role == "assistant" => String::new(),
+            None => {
+                let param = format!("messages[{index}].content");
+                return Err(ApiError::invalid(
+                    Some(&param),
+                    format!("Missing required parameter: '{param}'."),
+                ));
+            }
             Some(MessageContent::Text(t)) => t.clone(),
             Some(MessageContent::Parts(parts)) => {
                 let mut text = String::new();
@@ -246,6 +378,13 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    // Not acted on yet: see `refuse_unsupported`.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,6 +419,10 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    // Not acted on yet: see `refuse_unsupported`.
+    pub best_of: Option<i64>,
+    pub suffix: Option<String>,
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

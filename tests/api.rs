@@ -409,13 +409,22 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
         (json!({"tools": "f"}), "tools"),
         (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"tool_choice": "required"}), "tool_choice"),
-        (json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}), "tool_choice"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
         (
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
             "response_format",
         ),
-        (json!({"response_format": {"type": "yaml"}}), "response_format.type"),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format.type",
+        ),
         (json!({"response_format": "json"}), "response_format"),
         (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
     ] {
@@ -436,7 +445,9 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
         (json!({"logit_bias": {"5": 1}}), "logit_bias"),
     ] {
         let mut body = json!({"model": CHAT, "prompt": "hi", "max_tokens": 2});
-        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         expect_error(body, cmpl, 400, Some(param)).await;
     }
 

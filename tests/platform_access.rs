@@ -114,6 +114,21 @@ async fn admin_api_and_self_revocation() {
         .status,
         401
     );
+    let bad_name = json!({"project": "no spaces", "ttl": "1h"});
+    let refused = call(
+        &s.base,
+        "POST",
+        "/admin/v1/tokens",
+        Some(ADMIN),
+        Some(bad_name),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(
+        refused.body["error"]["param"], "project",
+        "{}",
+        refused.body
+    );
     let created = call(&s.base, "POST", "/admin/v1/tokens", Some(ADMIN), Some(body)).await;
     assert_eq!(created.status, 201, "{}", created.body);
     let secret = created.body["token"].as_str().unwrap().to_string();

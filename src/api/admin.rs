@@ -120,11 +120,15 @@ pub async fn create_token(
     let req: CreateToken = json::parse(body)?;
     let ttl = token::parse_ttl(req.ttl.as_deref().unwrap_or("30d"))
         .map_err(|e| ApiError::invalid(Some("ttl"), e))?;
-    let (record, secret) =
-        state
-            .platform
-            .store
-            .create_token(&req.project, req.name.as_deref(), ttl)?;
+    let (record, secret) = state
+        .platform
+        .store
+        .create_token(&req.project, req.name.as_deref(), ttl)
+        .map_err(|e| match e {
+            // The one value the store checks is the project's name.
+            StoreError::Invalid(msg) => ApiError::invalid(Some("project"), msg),
+            other => other.into(),
+        })?;
     state.platform.reload(true)?;
     tracing::info!(token_id = %record.id, project = %record.project, "token created");
     let mut body = token_json(&record);

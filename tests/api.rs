@@ -640,6 +640,10 @@ async fn bench_takes_vllm_command_lines() {
             "bench-",
             "--disable-tqdm",
             "--trust-remote-code",
+            "--tokenizer-mode",
+            "auto",
+            "--logprobs",
+            "2",
             "--metadata",
             "run=ci",
             "--save-detailed",
@@ -663,6 +667,27 @@ async fn bench_takes_vllm_command_lines() {
     assert_eq!(chat["total_output_tokens"], 16);
     let texts = chat["generated_texts"].as_array().unwrap();
     assert!(texts.iter().all(|t| !t.as_str().unwrap().is_empty()));
+
+    // A request rate that ramps up over the run, recorded as vLLM records it.
+    let mut ramp = flags("openai");
+    ramp.extend([
+        "--ramp-up-strategy",
+        "exponential",
+        "--ramp-up-start-rps",
+        "20",
+        "--ramp-up-end-rps",
+        "80",
+    ]);
+    let ramped = run_bench(&ramp).await;
+    assert_eq!(ramped["completed"], 4, "{ramped}");
+    assert_eq!(ramped["ramp_up_strategy"], "exponential");
+    assert_eq!(ramped["ramp_up_start_rps"], 20.0);
+    assert_eq!(ramped["ramp_up_end_rps"], 80.0);
+    let starts: Vec<f64> = serde_json::from_value(ramped["start_times"].clone()).unwrap();
+    assert!(
+        starts.windows(2).all(|w| w[0] <= w[1]) && starts[3] > starts[0],
+        "arrivals spread over time: {starts:?}"
+    );
 }
 
 /// A run cut short (Ctrl-C, or the SIGTERM of `timeout`) abandons the requests in flight and

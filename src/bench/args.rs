@@ -159,6 +159,27 @@ pub struct BenchArgs {
     /// Accepted for vLLM's command lines; candela runs no model code, so it changes nothing.
     #[arg(long, hide = true)]
     pub trust_remote_code: bool,
+    /// Accepted for vLLM's command lines; candela reads every tokenizer with the `tokenizers`
+    /// library, whatever the mode.
+    #[arg(long, hide = true)]
+    pub tokenizer_mode: Option<String>,
+    /// Ask for this many log-probabilities per generated token in every request (the top
+    /// alternatives; 0: the chosen token's own), as `logprobs` (completions) or `logprobs` +
+    /// `top_logprobs` (chat).
+    #[arg(long, value_name = "N")]
+    pub logprobs: Option<u32>,
+    /// Ramp the request rate over the run instead of a fixed --request-rate: from
+    /// --ramp-up-start-rps for the first request to --ramp-up-end-rps for the last, in even
+    /// steps (`linear`) or by a constant factor (`exponential`); arrivals stay Poisson (or gamma
+    /// with --burstiness) around the current rate.
+    #[arg(long, value_parser = ["linear", "exponential"])]
+    pub ramp_up_strategy: Option<String>,
+    /// The first request's rate with --ramp-up-strategy (requests per second).
+    #[arg(long, value_name = "RPS")]
+    pub ramp_up_start_rps: Option<f64>,
+    /// The last request's rate with --ramp-up-strategy (requests per second).
+    #[arg(long, value_name = "RPS")]
+    pub ramp_up_end_rps: Option<f64>,
     /// Requests sent (one at a time) before measuring.
     #[arg(long, default_value_t = 1)]
     pub num_warmups: usize,
@@ -221,6 +242,28 @@ impl BenchArgs {
         if !positive(self.request_rate) || !positive(self.burstiness) {
             return Err(err("--request-rate and --burstiness must be positive"));
         }
+        if let Some(strategy) = &self.ramp_up_strategy {
+            if self.request_rate.is_finite() {
+                return Err(err(
+                    "--ramp-up-strategy sets the request rate: leave out --request-rate",
+                ));
+            }
+            let (Some(start), Some(end)) = (self.ramp_up_start_rps, self.ramp_up_end_rps) else {
+                return Err(err(
+                    "--ramp-up-strategy needs --ramp-up-start-rps and --ramp-up-end-rps",
+                ));
+            };
+            if !(positive(start) && start.is_finite() && end.is_finite() && start <= end) {
+                return Err(err(format!(
+                    "--ramp-up-start-rps and --ramp-up-end-rps must be positive, the start no \
+                     more than the end (got {start} and {end}, {strategy})"
+                )));
+            }
+        } else if self.ramp_up_start_rps.is_some() || self.ramp_up_end_rps.is_some() {
+            return Err(err(
+                "--ramp-up-start-rps and --ramp-up-end-rps need --ramp-up-strategy",
+            ));
+        }
         if !(self.random_range_ratio >= 0.0 && self.random_range_ratio < 1.0) {
             return Err(err("--random-range-ratio must be in [0, 1)"));
         }
@@ -247,6 +290,23 @@ impl BenchArgs {
         match lengths.iter().find(|(_, n)| *n == 0) {
             Some((flag, _)) => Err(err(format!("{flag} must be at least 1"))),
             None => Ok(()),
+        }
+    }
+
+    /// The arrival rate for request `index` of `total` (requests per second; infinite: all at
+    /// once): --request-rate, or the ramp's rate at that point of the run.
+    pub(super) fn rate_at(&self, index: usize, total: usize) -> f64 {
+        let (Some(strategy), Some(start), Some(end)) = (
+            self.ramp_up_strategy.as_deref(),
+            self.ramp_up_start_rps,
+            self.ramp_up_end_rps,
+        ) else {
+            return self.request_rate;
+        };
+        let progress = index as f64 / total.saturating_sub(1).max(1) as f64;
+        match strategy {
+            "exponential" => start * (end / start).powf(progress),
+            _ => start + (end - start) * progress,
         }
     }
 
@@ -566,6 +626,43 @@ mod tests {
             (&["--request-rate", "0"], "--request-rate"),
             (&["--output-len", "0"], "--output-len"),
             (&["--random-input-len", "0"], "--random-input-len"),
+            (&["--ramp-up-strategy", "linear"], "--ramp-up-start-rps"),
+            (&["--ramp-up-start-rps", "1"], "--ramp-up-strategy"),
+            (
+                &[
+                    "--ramp-up-strategy",
+                    "linear",
+                    "--ramp-up-start-rps",
+                    "1",
+                    "--ramp-up-end-rps",
+                    "5",
+                    "--request-rate",
+                    "2",
+                ],
+                "--request-rate",
+            ),
+            (
+                &[
+                    "--ramp-up-strategy",
+                    "exponential",
+                    "--ramp-up-start-rps",
+                    "0",
+                    "--ramp-up-end-rps",
+                    "5",
+                ],
+                "--ramp-up-start-rps",
+            ),
+            (
+                &[
+                    "--ramp-up-strategy",
+                    "linear",
+                    "--ramp-up-start-rps",
+                    "9",
+                    "--ramp-up-end-rps",
+                    "5",
+                ],
+                "--ramp-up-start-rps",
+            ),
         ] {
             let e = parse(flags).check().unwrap_err().to_string();
             assert!(e.contains(named), "{flags:?}: {e}");
@@ -575,6 +672,32 @@ mod tests {
                 .check()
                 .is_ok()
         );
+    }
+
+    /// The first request arrives at the start rate, the last at the end rate; in between, even
+    /// steps (linear) or a constant factor (exponential). Without a ramp, --request-rate.
+    #[test]
+    fn ramps_go_from_the_start_rate_to_the_end_rate() {
+        let ramp = |strategy: &str| {
+            parse(&[
+                "--ramp-up-strategy",
+                strategy,
+                "--ramp-up-start-rps",
+                "1",
+                "--ramp-up-end-rps",
+                "16",
+            ])
+        };
+        let linear = ramp("linear");
+        assert!(linear.check().is_ok());
+        let rates: Vec<f64> = (0..6).map(|i| linear.rate_at(i, 6)).collect();
+        assert_eq!(rates, [1.0, 4.0, 7.0, 10.0, 13.0, 16.0]);
+        let exponential = ramp("exponential");
+        let rates: Vec<f64> = (0..5).map(|i| exponential.rate_at(i, 5)).collect();
+        assert_eq!(rates, [1.0, 2.0, 4.0, 8.0, 16.0]);
+        assert_eq!(linear.rate_at(0, 1), 1.0, "one request: the start rate");
+        assert_eq!(parse(&["--request-rate", "3"]).rate_at(7, 10), 3.0);
+        assert!(parse(&[]).rate_at(0, 10).is_infinite());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct RequestOptions {
     pub body: serde_json::Map<String, Value>,
     /// Each measured request is sent with `x-request-id: PREFIX<index>`.
     pub request_id_prefix: Option<String>,
+    /// Log-probabilities asked for per generated token (`--logprobs`).
+    pub logprobs: Option<u32>,
 }
 
 impl RequestOptions {
@@ -40,6 +42,7 @@ impl RequestOptions {
             presence_penalty: f("presence_penalty").unwrap_or(d.presence_penalty),
             frequency_penalty: f("frequency_penalty").unwrap_or(d.frequency_penalty),
             repetition_penalty: f("repetition_penalty").unwrap_or(d.repetition_penalty),
+            logprobs: self.logprobs.map(|n| n as usize),
             ..d
         }
     }
@@ -225,6 +228,14 @@ async fn http(
         body["messages"] = json!([{"role": "user", "content": req.prompt}]);
     } else {
         body["prompt"] = json!(req.prompt);
+    }
+    match (opts.logprobs, chat) {
+        (Some(n), true) => {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(n);
+        }
+        (Some(n), false) => body["logprobs"] = json!(n),
+        (None, _) => {}
     }
     let mut clock = Clock::new(req.prompt_len);
     let mut post = client.post(url).json(&body);

@@ -173,16 +173,17 @@ pub fn summarize(results: &[RequestResult], duration: f64, rep: &Reporting) -> M
     out
 }
 
-/// The busiest second of the run, as vLLM reports it: the most streamed chunks that arrived
-/// within one second, and the most requests in flight during one, over one-second bins from the
-/// first request's start (successful requests only).
+/// The run's peaks, as vLLM reports them (successful requests only): the most streamed chunks
+/// that arrived within one second, over one-second bins from the first request's start; and the
+/// most requests in flight at any instant, each over `[start, start + latency)` (so one that
+/// ends as another starts does not overlap it).
 fn peaks(ok: &[&RequestResult]) -> (f64, usize) {
     let Some(first) = ok.iter().map(|r| r.start).reduce(f64::min) else {
         return (0.0, 0);
     };
     let end = ok.iter().map(|r| r.start + r.latency).fold(first, f64::max);
     let bins = (end - first).ceil() as usize + 1;
-    let (mut tokens, mut requests) = (vec![0usize; bins], vec![0usize; bins]);
+    let mut tokens = vec![0usize; bins];
     let bin = |t: f64| ((t - first).max(0.0) as usize).min(bins - 1);
     for r in ok {
         let mut t = r.start + r.ttft;
@@ -191,12 +192,20 @@ fn peaks(ok: &[&RequestResult]) -> (f64, usize) {
             t += gap;
             tokens[bin(t)] += 1;
         }
-        for n in &mut requests[bin(r.start)..=bin(r.start + r.latency)] {
-            *n += 1;
-        }
     }
-    let max = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
-    (max(&tokens) as f64, max(&requests))
+    // Departures sort before arrivals at the same instant.
+    let mut events: Vec<(f64, i32)> = ok
+        .iter()
+        .flat_map(|r| [(r.start, 1), (r.start + r.latency, -1)])
+        .collect();
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut peak) = (0i32, 0i32);
+    for (_, step) in events {
+        now += step;
+        peak = peak.max(now);
+    }
+    let max_tokens = tokens.iter().copied().max().unwrap_or(0);
+    (max_tokens as f64, peak as usize)
 }
 
 /// The human-readable table, laid out as vLLM prints it.
@@ -380,7 +389,8 @@ mod tests {
     }
 
     /// Chunks at 0.5, 0.7 and 0.9 s, then 1.1 and 1.2 s: three in the first second; the
-    /// second request starts in the first second and ends in the next, beside the first.
+    /// second request starts at 0.8 s, while the first runs. A third starts at 1.3 s, as the
+    /// second ends: never three at once, though all three ran within the second second.
     #[test]
     fn peaks_count_chunks_and_requests_per_second() {
         let r = |start: f64, ttft: f64, itl: Vec<f64>, latency: f64| RequestResult {
@@ -401,6 +411,7 @@ mod tests {
             &[
                 r(0.0, 0.5, vec![0.2, 0.2], 0.9),
                 r(0.8, 0.3, vec![0.1], 0.5),
+                r(1.3, 0.6, vec![], 0.6),
                 failed,
             ],
             1.3,

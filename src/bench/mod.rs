@@ -190,6 +190,7 @@ pub async fn run_until(
         ignore_eos: args.ignore_eos || args.dataset_name == "random",
         body: args.request_body()?,
         request_id_prefix: args.request_id_prefix.clone(),
+        logprobs: args.logprobs,
     };
     // A fresh connection per request: servers that drop idle keep-alive connections (llama.cpp's does)
     // would otherwise fail requests sent on a stale one.
@@ -311,10 +312,17 @@ pub async fn run_until(
         }
     }
 
+    let rate = match (
+        &args.ramp_up_strategy,
+        args.ramp_up_start_rps,
+        args.ramp_up_end_rps,
+    ) {
+        (Some(strategy), Some(start), Some(end)) => format!("{strategy} ramp {start} -> {end}"),
+        _ => args.request_rate.to_string(),
+    };
     eprintln!(
-        "Benchmarking {model_id}: {} prompts, request rate {}, burstiness {}, max concurrency {}",
+        "Benchmarking {model_id}: {} prompts, request rate {rate}, burstiness {}, max concurrency {}",
         requests.len(),
-        args.request_rate,
         args.burstiness,
         args.max_concurrency
             .map_or("unlimited".to_string(), |c| c.to_string())
@@ -331,12 +339,17 @@ pub async fn run_until(
     let limit = args
         .max_concurrency
         .map(|c| Arc::new(tokio::sync::Semaphore::new(c.max(1))));
-    let gaps = (args.request_rate.is_finite())
-        .then(|| Gamma::new(args.burstiness, 1.0 / (args.request_rate * args.burstiness)))
-        .transpose()
-        .map_err(err)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let total = requests.len();
+    // The gap after request `i`: gamma-distributed around the rate at that point of the run.
+    let gap = |i: usize, rng: &mut rand::rngs::StdRng| -> Result<Option<f64>, BenchError> {
+        let rate = args.rate_at(i, total);
+        if !rate.is_finite() {
+            return Ok(None);
+        }
+        let gamma = Gamma::new(args.burstiness, 1.0 / (rate * args.burstiness)).map_err(err)?;
+        Ok(Some(gamma.sample(rng)))
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let counters_before = backend.engine_counters().await;
     let started = Instant::now();
     // Results land here as requests finish, so that an interrupted run still reports on those.
@@ -365,8 +378,8 @@ pub async fn run_until(
                 bar.inc(1);
                 lock(&finished).push(r);
             });
-            if let Some(g) = &gaps {
-                tokio::time::sleep(Duration::from_secs_f64(g.sample(&mut rng))).await;
+            if let Some(seconds) = gap(index, &mut rng)? {
+                tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
             }
         }
         while let Some(joined) = tasks.join_next().await {
@@ -452,6 +465,11 @@ pub async fn run_until(
         ] {
             summary.insert(k.into(), v);
         }
+        if let Some(strategy) = &args.ramp_up_strategy {
+            summary.insert("ramp_up_strategy".into(), json!(strategy));
+            summary.insert("ramp_up_start_rps".into(), json!(args.ramp_up_start_rps));
+            summary.insert("ramp_up_end_rps".into(), json!(args.ramp_up_end_rps));
+        }
         for (k, v) in metadata {
             summary.insert(k.into(), json!(v));
         }
@@ -461,6 +479,16 @@ pub async fn run_until(
                 .max_concurrency
                 .map_or(String::new(), |c| format!("-concurrency{c}"));
             let model = model_id.rsplit('/').next().unwrap_or(&model_id);
+            let rate = match (
+                &args.ramp_up_strategy,
+                args.ramp_up_start_rps,
+                args.ramp_up_end_rps,
+            ) {
+                (Some(strategy), Some(start), Some(end)) => {
+                    format!("ramp-up-{strategy}-{start}qps-{end}")
+                }
+                _ => rate,
+            };
             format!("{label}-{rate}qps{conc}-{model}-{date}.json")
         });
         let dir = args.result_dir.clone().unwrap_or_default();

@@ -396,7 +396,7 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
     assert_eq!(resp.status(), 200);
 }
 
-/// Tools, JSON output, logit bias, `best_of` and `suffix` are not implemented: a request that asks
+/// Tools, JSON output, `best_of` and `suffix` are not implemented: a request that asks
 /// for them gets a 400 naming the field rather than an answer that silently ignores it, while
 /// values that ask for nothing (as some clients send by default) pass.
 #[tokio::test]
@@ -426,7 +426,6 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
             "response_format.type",
         ),
         (json!({"response_format": "json"}), "response_format"),
-        (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
     ] {
         expect_error(chat("hi", extra), chat_path, 400, Some(param)).await;
     }
@@ -442,7 +441,6 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
         (json!({"best_of": 3}), "best_of"),
         (json!({"best_of": 1, "n": 2}), "best_of"),
         (json!({"suffix": "end"}), "suffix"),
-        (json!({"logit_bias": {"5": 1}}), "logit_bias"),
     ] {
         let mut body = json!({"model": CHAT, "prompt": "hi", "max_tokens": 2});
         body.as_object_mut()
@@ -472,6 +470,62 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
     ]});
     let (status, body) = post(base, chat_path, assistant_only_called_tools).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// `logit_bias` steers greedy decoding: +100 on a token makes every generated token that one
+/// (the reported log-probabilities stay the model's own); bad keys and values are 400s.
+#[tokio::test]
+async fn logit_bias_steers_the_tokens() {
+    let base = &shared().base;
+    let cmpl = "/v1/completions";
+    let run = |bias: Value| {
+        json!({"model": CHAT, "prompt": "The capital of France is", "max_tokens": 3,
+               "temperature": 0, "logprobs": 0, "logit_bias": bias})
+    };
+    let tokens = |body: &Value| -> Vec<String> {
+        serde_json::from_value(body["choices"][0]["logprobs"]["tokens"].clone()).unwrap()
+    };
+    let (status, plain) = post(base, cmpl, run(json!({}))).await;
+    assert_eq!(status, 200, "{plain}");
+    for token in ["1000", "2000"] {
+        let (status, biased) = post(base, cmpl, run(json!({ token: 100 }))).await;
+        assert_eq!(status, 200, "{biased}");
+        let got = tokens(&biased);
+        assert_eq!(got.len(), 3, "{biased}");
+        assert!(got.iter().all(|t| *t == got[0]), "{got:?}");
+        assert_ne!(got, tokens(&plain), "the bias changed the answer");
+        let lp = biased["choices"][0]["logprobs"]["token_logprobs"][0]
+            .as_f64()
+            .unwrap();
+        assert!(
+            lp < -1.0,
+            "the model's own log-probability, not the biased one: {lp}"
+        );
+    }
+    let chat_path = "/v1/chat/completions";
+    let (status, body) = post(
+        base,
+        chat_path,
+        chat("hi", json!({"max_tokens": 2, "logit_bias": {"1000": 100}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for bad in [
+        json!({"abc": 1}),
+        json!({"5": 500}),
+        json!({"5": "high"}),
+        json!({"99999999": 1}),
+        json!([5]),
+    ] {
+        expect_error(run(bad.clone()), cmpl, 400, Some("logit_bias")).await;
+        expect_error(
+            chat("hi", json!({ "logit_bias": bad })),
+            chat_path,
+            400,
+            Some("logit_bias"),
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use axum::Json;
 use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
-use super::types::{ChatCompletionRequest, CompletionRequest, Prompt, Usage};
+use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
@@ -171,7 +171,8 @@ pub async fn chat_completions(
         (None, Some(m)) => Some((m, "max_tokens")),
         (None, None) => None,
     };
-    let (params, n) = req.sampling().to_params(max_tokens, logprobs)?;
+    let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
+    params.sampling.logit_bias = logit_bias(&req.logit_bias, model.vocab_size())?;
     let messages = req
         .messages
         .iter()
@@ -217,8 +218,9 @@ pub async fn completions(
         return Err(ApiError::invalid(Some("echo"), "'echo' is not supported."));
     }
     let max_tokens = Some((req.max_tokens.unwrap_or(16), "max_tokens"));
-    let (params, n) = req.sampling().to_params(max_tokens, logprobs)?;
+    let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
     let vocab = model.vocab_size();
+    params.sampling.logit_bias = logit_bias(&req.logit_bias, vocab)?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         Prompt::Text(t) => vec![model.completion_prompt(t)?],
         Prompt::Texts(ts) => ts

@@ -1,8 +1,8 @@
 //! OpenAI request and response bodies, and the validation that turns requests into serving's
 //! typed parameters. Unknown request fields are accepted and ignored, as vLLM's server does; the
-//! OpenAI fields this server does not act on yet (tools, JSON output, logit bias, `best_of`,
-//! `suffix`) are refused with a 400 naming them wherever their value would change the answer,
-//! rather than ignored.
+//! OpenAI fields this server does not act on yet (tools, JSON output, `best_of`, `suffix`) are
+//! refused with a 400 naming them wherever their value would change the answer, rather than
+//! ignored.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -67,7 +67,7 @@ impl ChatCompletionRequest {
 
     /// A 400 for each field the server cannot honour yet, unless its value asks for nothing:
     /// no tools (`null`, `[]`, `tool_choice` "none" or "auto"), plain text output
-    /// (`response_format` `{"type": "text"}`), no logit bias (`{}`).
+    /// (`response_format` `{"type": "text"}`).
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
         for (field, value) in [("tools", &self.tools), ("functions", &self.functions)] {
             match value {
@@ -123,7 +123,7 @@ impl ChatCompletionRequest {
             },
             Some(other) => return Err(wrong_type("response_format", "an object", other)),
         }
-        refuse_logit_bias(&self.logit_bias)
+        Ok(())
     }
 }
 
@@ -132,8 +132,7 @@ impl CompletionRequest {
         sampling_fields!(self)
     }
 
-    /// As [`ChatCompletionRequest::refuse_unsupported`]: `best_of` beyond `n`, a `suffix`, a
-    /// logit bias.
+    /// As [`ChatCompletionRequest::refuse_unsupported`]: `best_of` beyond `n`, a `suffix`.
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
         let n = self.n.unwrap_or(1);
         match self.best_of {
@@ -159,20 +158,54 @@ impl CompletionRequest {
                 "'suffix' is not supported by this server.",
             ));
         }
-        refuse_logit_bias(&self.logit_bias)
+        Ok(())
     }
 }
 
-fn refuse_logit_bias(bias: &Option<Value>) -> Result<(), ApiError> {
-    match bias {
-        None => Ok(()),
-        Some(Value::Object(map)) if map.is_empty() => Ok(()),
-        Some(Value::Object(_)) => Err(ApiError::invalid(
+/// Most tokens one `logit_bias` may name.
+const MAX_LOGIT_BIAS: usize = 1024;
+
+/// OpenAI's `logit_bias`, `{"token id": bias}` with each bias in [-100, 100], as (token, bias)
+/// pairs; every id must be below `vocab`.
+pub fn logit_bias(bias: &Option<Value>, vocab: u32) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match bias {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(other) => return Err(wrong_type("logit_bias", "an object", other)),
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid(
             Some("logit_bias"),
-            "'logit_bias' is not supported by this server yet.",
-        )),
-        Some(other) => Err(wrong_type("logit_bias", "an object", other)),
+            format!(
+                "Invalid value for 'logit_bias': {} tokens; at most {MAX_LOGIT_BIAS} may be biased.",
+                map.len()
+            ),
+        ));
     }
+    map.iter()
+        .map(|(key, value)| {
+            let token = key.trim().parse::<u32>().ok().filter(|&t| t < vocab);
+            let Some(token) = token else {
+                return Err(ApiError::invalid(
+                    Some("logit_bias"),
+                    format!(
+                        "Invalid key in 'logit_bias': '{key}'; keys must be token ids below the \
+                         vocabulary size ({vocab})."
+                    ),
+                ));
+            };
+            match value.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((token, b as f32)),
+                _ => Err(ApiError::invalid(
+                    Some("logit_bias"),
+                    format!(
+                        "Invalid value for 'logit_bias' token {key}: {value}; it must be a number \
+                         between -100 and 100."
+                    ),
+                )),
+            }
+        })
+        .collect()
 }
 
 /// OpenAI's message for a field of the wrong JSON type.
@@ -271,6 +304,7 @@ impl SamplingFields {
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
             logprobs,
+            logit_bias: Vec::new(),
         };
         let params = GenParams {
             sampling,
@@ -384,6 +418,7 @@ pub struct ChatCompletionRequest {
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,
+    /// See [`logit_bias`].
     pub logit_bias: Option<Value>,
 }
 
@@ -422,6 +457,7 @@ pub struct CompletionRequest {
     // Not acted on yet: see `refuse_unsupported`.
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
+    /// See [`logit_bias`].
     pub logit_bias: Option<Value>,
 }
 

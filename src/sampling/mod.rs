@@ -24,6 +24,8 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Number of top alternatives to report per token, when log-probabilities are wanted.
     pub logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(TokenId, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +40,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -76,11 +79,12 @@ impl Sampler {
 
     /// This step's settings for sampling where the logits are (see `candela_kernels::sample`),
     /// with its draw taken from this sequence's random stream as [`Self::sample`] takes it; `None`
-    /// when the sequence needs its row on the host: for penalties, which read its tokens, or for
-    /// log-probabilities.
+    /// when the sequence needs its row on the host: for penalties, which read its tokens, for a
+    /// logit bias, or for log-probabilities.
     pub fn device_settings(&mut self) -> Option<RowSampling> {
         let p = &self.params;
         let host_only = p.logprobs.is_some()
+            || !p.logit_bias.is_empty()
             || p.repetition_penalty != 1.0
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0;
@@ -131,8 +135,15 @@ impl Sampler {
         }
     }
 
+    /// The penalties, then the logit bias (the log-probabilities reported are the model's own,
+    /// from before either).
     fn apply_penalties(&self, logits: &mut [f32], prompt: &[TokenId], output: &[TokenId]) {
         let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
             for &t in prompt.iter().chain(output) {
@@ -446,6 +457,10 @@ mod tests {
                 presence_penalty: 0.5,
                 ..Default::default()
             },
+            SamplingParams {
+                logit_bias: vec![(3, 1.0)],
+                ..Default::default()
+            },
         ] {
             let seeded = SamplingParams {
                 seed: Some(4),
@@ -457,6 +472,7 @@ mod tests {
                 logprobs: None,
                 repetition_penalty: 1.0,
                 presence_penalty: 0.0,
+                logit_bias: Vec::new(),
                 ..seeded
             };
             let mut fresh = Sampler::new(plain);
@@ -479,6 +495,35 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&mut logits(), &[1], &[]).token, 4);
+    }
+
+    /// A bias moves the choice: -100 rules the greedy token out, +100 forces another in; the
+    /// log-probabilities reported stay the model's own.
+    #[test]
+    fn logit_bias_moves_the_choice() {
+        let greedy = |bias: Vec<(TokenId, f32)>| SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(0),
+            logit_bias: bias,
+            ..Default::default()
+        };
+        let plain = Sampler::new(greedy(vec![])).sample(&mut logits(), &[], &[]);
+        let mut s = Sampler::new(greedy(vec![(plain.token, -100.0)]));
+        let avoided = s.sample(&mut logits(), &[], &[]);
+        assert_ne!(avoided.token, plain.token);
+        let mut s = Sampler::new(greedy(vec![(0, 100.0), (99_999, 5.0)]));
+        let forced = s.sample(&mut logits(), &[], &[]);
+        assert_eq!(forced.token, 0, "a token past the row's end is left alone");
+        // Token 0's own log-probability is 1 - ln(Σ e^l) = -2.91; biased, it would be about 0.
+        let lp = forced.logprob.unwrap();
+        assert!((-2.95..-2.85).contains(&lp), "{lp}");
+        let mut random = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(1),
+            logit_bias: vec![(2, 100.0)],
+            ..Default::default()
+        });
+        assert!((0..20).all(|_| random.sample(&mut logits(), &[], &[]).token == 2));
     }
 
     #[test]

@@ -528,6 +528,79 @@ async fn logit_bias_steers_the_tokens() {
     }
 }
 
+/// Legacy completions' `echo`: each choice's text starts with its prompt (as given, or decoded
+/// from token ids), streamed as each choice's first chunk; with `logprobs` it is a 400.
+#[tokio::test]
+async fn echo_puts_each_prompt_before_its_completion() {
+    let base = &shared().base;
+    let cmpl = "/v1/completions";
+    let prompts = ["The capital of France is", "One, two,"];
+    let (status, body) = post(
+        base,
+        cmpl,
+        json!({"model": CHAT, "prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0,
+               "echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for c in choices {
+        let i = c["index"].as_u64().unwrap() as usize;
+        let text = c["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(prompts[i / 2]) && text.len() > prompts[i / 2].len(),
+            "{c}"
+        );
+    }
+    assert_eq!(body["usage"]["completion_tokens"], 12, "{body}");
+
+    let (chunks, done) = stream(
+        base,
+        cmpl,
+        json!({"model": CHAT, "prompt": prompts[0], "max_tokens": 3, "temperature": 0,
+               "echo": true, "stream": true}),
+    )
+    .await;
+    assert!(done);
+    assert_eq!(chunks[0]["choices"][0]["text"], prompts[0], "{chunks:?}");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, choices[0]["text"].as_str().unwrap());
+
+    // Token ids are echoed as their text.
+    let (status, ids) = post(
+        base,
+        cmpl,
+        json!({"model": CHAT, "prompt": [504, 3575, 282], "max_tokens": 1, "temperature": 0,
+               "echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{ids}");
+    let (_, plain) = post(
+        base,
+        cmpl,
+        json!({"model": CHAT, "prompt": [504, 3575, 282], "max_tokens": 1, "temperature": 0}),
+    )
+    .await;
+    let echoed = ids["choices"][0]["text"].as_str().unwrap();
+    let generated = plain["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        echoed.len() > generated.len() && echoed.ends_with(generated),
+        "{echoed:?} is the prompt's text, then {generated:?}"
+    );
+
+    expect_error(
+        json!({"model": CHAT, "prompt": "hi", "echo": true, "logprobs": 1}),
+        cmpl,
+        400,
+        Some("echo"),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn stop_strings_are_never_emitted_even_across_chunks() {
     let base = &shared().base;

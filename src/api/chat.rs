@@ -38,6 +38,8 @@ struct Meta {
     /// Choices per prompt: the prefix cache serves the later ones, so only the first choice of
     /// each prompt reports its cached tokens.
     n: usize,
+    /// With legacy completions' `echo`, each prompt's text, which its choices' text starts with.
+    echo: Vec<String>,
 }
 
 impl Meta {
@@ -55,7 +57,13 @@ impl Meta {
             started: std::time::Instant::now(),
             meter,
             n: n.max(1),
+            echo: Vec::new(),
         }
+    }
+
+    /// The text choice `index` starts with: its prompt's, with `echo`.
+    fn echoed(&self, index: usize) -> &str {
+        self.echo.get(index / self.n).map_or("", String::as_str)
     }
 
     /// One line per finished request: ids, sizes and timings, never content.
@@ -214,8 +222,12 @@ pub async fn completions(
         Some(k) => Some(k as usize),
         None => None,
     };
-    if req.echo {
-        return Err(ApiError::invalid(Some("echo"), "'echo' is not supported."));
+    if req.echo && logprobs.is_some() {
+        return Err(ApiError::invalid(
+            Some("echo"),
+            "'echo' together with 'logprobs' is not supported: this server does not compute the \
+             prompt's log-probabilities.",
+        ));
     }
     let max_tokens = Some((req.max_tokens.unwrap_or(16), "max_tokens"));
     let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
@@ -252,7 +264,24 @@ pub async fn completions(
     if let Some(m) = &meter {
         m.set_tokens(prompt_tokens as u64, 0);
     }
-    let meta = Meta::new(Kind::Completion, &model.info.id, meter, n);
+    let mut meta = Meta::new(Kind::Completion, &model.info.id, meter, n);
+    if req.echo {
+        // The prompts as given, or decoded where they are token ids.
+        let decode = |ids: &[u32]| {
+            model.tokenizer().decode(ids, true).map_err(|e| {
+                ApiError::invalid(
+                    Some("prompt"),
+                    format!("'prompt' could not be decoded: {e}"),
+                )
+            })
+        };
+        meta.echo = match &req.prompt {
+            Prompt::Text(t) => vec![t.clone()],
+            Prompt::Texts(ts) => ts.clone(),
+            Prompt::Tokens(t) => vec![decode(t)?],
+            Prompt::TokenLists(ts) => ts.iter().map(|t| decode(t)).collect::<Result<_, _>>()?,
+        };
+    }
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt_tokens)
@@ -325,7 +354,7 @@ async fn full_response(
             }),
             Kind::Completion => json!({
                 "index": index,
-                "text": f.text,
+                "text": format!("{}{}", meta.echoed(index), f.text),
                 "logprobs": logprobs,
                 "finish_reason": f.finish.as_str(),
             }),
@@ -463,10 +492,15 @@ fn stream_response(
             v
         }
     };
-    // Chat streams open each choice with the assistant role.
+    // Chat streams open each choice with the assistant role; with `echo`, completion streams
+    // open each with its prompt.
     let opening: Vec<Value> = if meta.kind == Kind::Chat {
         (0..n)
             .map(|i| chunk(vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})]))
+            .collect()
+    } else if !meta.echo.is_empty() {
+        (0..n)
+            .map(|i| chunk(vec![json!({"index": i, "text": meta.echoed(i), "logprobs": null, "finish_reason": null})]))
             .collect()
     } else {
         Vec::new()

@@ -293,14 +293,19 @@ impl BenchArgs {
         }
     }
 
+    /// The ramp, when there is one: (strategy, start rate, end rate).
+    pub(super) fn ramp(&self) -> Option<(&str, f64, f64)> {
+        Some((
+            self.ramp_up_strategy.as_deref()?,
+            self.ramp_up_start_rps?,
+            self.ramp_up_end_rps?,
+        ))
+    }
+
     /// The arrival rate for request `index` of `total` (requests per second; infinite: all at
     /// once): --request-rate, or the ramp's rate at that point of the run.
     pub(super) fn rate_at(&self, index: usize, total: usize) -> f64 {
-        let (Some(strategy), Some(start), Some(end)) = (
-            self.ramp_up_strategy.as_deref(),
-            self.ramp_up_start_rps,
-            self.ramp_up_end_rps,
-        ) else {
+        let Some((strategy, start, end)) = self.ramp() else {
             return self.request_rate;
         };
         let progress = index as f64 / total.saturating_sub(1).max(1) as f64;

@@ -312,13 +312,9 @@ pub async fn run_until(
         }
     }
 
-    let rate = match (
-        &args.ramp_up_strategy,
-        args.ramp_up_start_rps,
-        args.ramp_up_end_rps,
-    ) {
-        (Some(strategy), Some(start), Some(end)) => format!("{strategy} ramp {start} -> {end}"),
-        _ => args.request_rate.to_string(),
+    let rate = match args.ramp() {
+        Some((strategy, start, end)) => format!("{strategy} ramp {start} -> {end}"),
+        None => args.request_rate.to_string(),
     };
     eprintln!(
         "Benchmarking {model_id}: {} prompts, request rate {rate}, burstiness {}, max concurrency {}",
@@ -465,10 +461,10 @@ pub async fn run_until(
         ] {
             summary.insert(k.into(), v);
         }
-        if let Some(strategy) = &args.ramp_up_strategy {
+        if let Some((strategy, start, end)) = args.ramp() {
             summary.insert("ramp_up_strategy".into(), json!(strategy));
-            summary.insert("ramp_up_start_rps".into(), json!(args.ramp_up_start_rps));
-            summary.insert("ramp_up_end_rps".into(), json!(args.ramp_up_end_rps));
+            summary.insert("ramp_up_start_rps".into(), json!(start));
+            summary.insert("ramp_up_end_rps".into(), json!(end));
         }
         for (k, v) in metadata {
             summary.insert(k.into(), json!(v));
@@ -479,15 +475,9 @@ pub async fn run_until(
                 .max_concurrency
                 .map_or(String::new(), |c| format!("-concurrency{c}"));
             let model = model_id.rsplit('/').next().unwrap_or(&model_id);
-            let rate = match (
-                &args.ramp_up_strategy,
-                args.ramp_up_start_rps,
-                args.ramp_up_end_rps,
-            ) {
-                (Some(strategy), Some(start), Some(end)) => {
-                    format!("ramp-up-{strategy}-{start}qps-{end}")
-                }
-                _ => rate,
+            let rate = match args.ramp() {
+                Some((strategy, start, end)) => format!("ramp-up-{strategy}-{start}qps-{end}"),
+                None => rate,
             };
             format!("{label}-{rate}qps{conc}-{model}-{date}.json")
         });

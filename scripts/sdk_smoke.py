@@ -426,6 +426,74 @@ def _():
     print(f"  16 concurrent streams done in {dt:.1f}s", flush=True)
 
 
+# --------------------------------------------------------------------------- responses
+
+
+@check("responses: create answers as chat does; retrieve, input items, delete")
+def _():
+    r = client.responses.create(model=CHAT, input=MSG[0]["content"], temperature=0, max_output_tokens=16)
+    expect(r.id.startswith("resp_"), f"id {r.id!r}")
+    eq(r.model, CHAT, "model")
+    eq(r.output_text, greedy().choices[0].message.content, "greedy text against chat")
+    eq(r.usage.input_tokens, greedy().usage.prompt_tokens, "input_tokens")
+    eq(r.usage.total_tokens, r.usage.input_tokens + r.usage.output_tokens, "total_tokens")
+    eq(client.responses.retrieve(r.id).output_text, r.output_text, "retrieved text")
+    items = client.responses.input_items.list(r.id).data
+    eq([(i.role, i.content[0].text) for i in items], [("user", MSG[0]["content"])], "input items")
+    client.responses.delete(r.id)
+    sdk_error(openai.NotFoundError, lambda: client.responses.retrieve(r.id), 404)
+
+
+@check("responses: previous_response_id continues the conversation; instructions")
+def _():
+    # The prompt must be that of the same conversation sent whole to chat completions (a 135M
+    # model need not remember the name, so the check is on tokens and text, not on "Ada").
+    first = client.responses.create(model=CHAT, input="My name is Ada. Reply with OK.",
+                                    temperature=0, max_output_tokens=8)
+    r = client.responses.create(model=CHAT, input="What is my name?", previous_response_id=first.id,
+                                instructions="Answer in one short sentence.", temperature=0,
+                                max_output_tokens=16)
+    eq(r.previous_response_id, first.id, "previous_response_id")
+    want = chat(messages=[{"role": "system", "content": "Answer in one short sentence."},
+                          {"role": "user", "content": "My name is Ada. Reply with OK."},
+                          {"role": "assistant", "content": first.output_text},
+                          {"role": "user", "content": "What is my name?"}], temperature=0, max_tokens=16)
+    eq(r.usage.input_tokens, want.usage.prompt_tokens, "input_tokens of the continued conversation")
+    eq(r.output_text, want.choices[0].message.content, "text against the same chat")
+
+
+@check("responses: streamed events add up to the response; SDK stream helper")
+def _():
+    with client.responses.stream(model=CHAT, input=MSG[0]["content"], temperature=0,
+                                 max_output_tokens=64) as stream:
+        kinds, text = [], ""
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = stream.get_final_response()
+    eq(kinds[:2], ["response.created", "response.in_progress"], "first events")
+    eq(kinds[-1], "response.completed", "last event")
+    eq(final.output_text, text, "final text against the deltas")
+    eq(final.status, "completed", "status")
+
+
+@check("responses: max_output_tokens -> incomplete; tools, JSON, images -> 400 naming the field")
+def _():
+    r = client.responses.create(model=CHAT, input=LONG_MSG[0]["content"], max_output_tokens=4, store=False)
+    eq((r.status, r.incomplete_details.reason, r.usage.output_tokens),
+       ("incomplete", "max_output_tokens", 4), "status, reason, output tokens")
+    sdk_error(openai.NotFoundError, lambda: client.responses.retrieve(r.id), 404)
+    for kw, param in [(dict(tools=[{"type": "web_search"}]), "tools"),
+                      (dict(text={"format": {"type": "json_object"}}), "text.format"),
+                      (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
+                       "input[0].content[0]")]:
+        args = dict(model=CHAT, input="Hi")
+        args.update(kw)
+        err = sdk_error(openai.BadRequestError, lambda: client.responses.create(**args), 400)
+        eq(err["param"], param, "param")
+
+
 # --------------------------------------------------------------------------- platform
 
 

@@ -38,7 +38,7 @@ fn client_ip(req: &Request) -> IpAddr {
 fn metered_class(path: &str) -> Option<Class> {
     match path {
         "/v1/embeddings" => Some(Class::Embeddings),
-        "/v1/chat/completions" | "/v1/completions" => Some(Class::Requests),
+        "/v1/chat/completions" | "/v1/completions" | "/v1/responses" => Some(Class::Requests),
         _ => None,
     }
 }

@@ -97,7 +97,7 @@ fn now() -> u64 {
 }
 
 /// The chat model that `model` names or resolves to, noted in the meter.
-fn chat_model(
+pub(super) fn chat_model(
     state: &AppState,
     model: &str,
     meter: Option<&Meter>,
@@ -119,7 +119,7 @@ fn chat_model(
 
 /// Reserves the call's tokens (its prompts, and `max_tokens` for each choice when given) under
 /// the project's tokens-per-minute limit.
-fn reserve(
+pub(super) fn reserve(
     meter: Option<&Meter>,
     prompt_tokens: usize,
     params: &GenParams,
@@ -292,15 +292,15 @@ pub async fn completions(
 }
 
 /// A generation run to its end.
-struct Finished {
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-    finish: FinishReason,
-    completion_tokens: usize,
-    cached_tokens: usize,
+pub(super) struct Finished {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: FinishReason,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
 }
 
-async fn run_to_end(
+pub(super) async fn run_to_end(
     mut gen: Generation,
     meter: Option<Arc<Meter>>,
 ) -> Result<Finished, ServingError> {

@@ -7,6 +7,7 @@ mod embeddings;
 mod error;
 mod json;
 mod models;
+mod responses;
 mod types;
 mod usage;
 
@@ -38,6 +39,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/v1/usage", get(usage::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), access::gate));
     let admin = Router::new()

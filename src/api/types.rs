@@ -209,7 +209,7 @@ pub fn logit_bias(bias: &Option<Value>, vocab: u32) -> Result<Vec<(u32, f32)>, A
 }
 
 /// OpenAI's message for a field of the wrong JSON type.
-fn wrong_type(field: &str, expected: &str, got: &Value) -> ApiError {
+pub fn wrong_type(field: &str, expected: &str, got: &Value) -> ApiError {
     let got = match got {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -239,7 +239,7 @@ impl SamplingFields {
     /// `logprobs` is the validated number of alternatives, when wanted.
     pub fn to_params(
         &self,
-        max_tokens: Option<(i64, &str)>,
+        max_tokens: Option<(i64, &'static str)>,
         logprobs: Option<usize>,
     ) -> Result<(GenParams, usize), ApiError> {
         check_range("temperature", self.temperature, 0.0, 2.0)?;
@@ -273,6 +273,7 @@ impl SamplingFields {
                 format!("Invalid value for 'n': {n}; it must be between 1 and 128."),
             ));
         }
+        let max_tokens_param = max_tokens.map_or("", |(_, param)| param);
         let max_tokens = match max_tokens {
             Some((m, param)) if m < 1 => {
                 return Err(ApiError::invalid(
@@ -309,6 +310,7 @@ impl SamplingFields {
         let params = GenParams {
             sampling,
             max_tokens,
+            max_tokens_param,
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             priority: Default::default(),

@@ -5,6 +5,7 @@
 pub mod metrics;
 pub mod query;
 pub mod ratelimit;
+pub mod responses;
 pub mod store;
 pub mod token;
 pub mod usage;

@@ -1,6 +1,7 @@
 //! The embedded SQLite database under the data directory: projects with their limits, access
-//! tokens (only a hash of each secret), and the usage log. The CLI and a running server open the
-//! same file; WAL mode lets them write while the other reads.
+//! tokens (only a hash of each secret), the usage log, and stored Responses API responses
+//! (`responses.rs`). The CLI and a running server open the same file; WAL mode lets them write
+//! while the other reads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -133,7 +134,7 @@ impl Store {
         &self.path
     }
 
-    fn with<T>(
+    pub(super) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
@@ -432,6 +433,15 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_project_time ON usage(project, at_ms);
 CREATE INDEX IF NOT EXISTS usage_time ON usage(at_ms);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    conversation TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_project ON responses(project, created_at);
 ";
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub struct GenParams {
     pub sampling: SamplingParams,
     /// `None`: up to the end of the context.
     pub max_tokens: Option<usize>,
+    /// The request field that set `max_tokens`, for errors (`max_tokens` when empty).
+    pub max_tokens_param: &'static str,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub priority: Priority,
@@ -132,8 +134,11 @@ impl ChatModel {
                 ),
             ));
         }
-        // The catalog may declare a smaller context and output cap than the engine holds.
-        let limit = self.engine.max_request_tokens.min(self.info.context_size);
+        let limit = self.context_limit();
+        let max_tokens_param = match params.max_tokens_param {
+            "" => "max_tokens",
+            named => named,
+        };
         let max_tokens = params
             .max_tokens
             .unwrap_or_else(|| limit.saturating_sub(prompt.len()).min(self.info.max_tokens));
@@ -149,14 +154,14 @@ impl ChatModel {
                     prompt.len() + max_tokens,
                     prompt.len(),
                 ),
-                param: Some(if params.max_tokens.is_some() { "max_tokens".into() } else { prompt_param.into() }),
+                param: Some(if params.max_tokens.is_some() { max_tokens_param.into() } else { prompt_param.into() }),
             });
         }
         if max_tokens > self.info.max_tokens {
             return Err(ServingError::invalid(
-                "max_tokens",
+                max_tokens_param,
                 format!(
-                    "max_tokens is too large: {max_tokens}. This model supports at most {} completion tokens.",
+                    "{max_tokens_param} is too large: {max_tokens}. This model supports at most {} completion tokens.",
                     self.info.max_tokens
                 ),
             ));
@@ -184,6 +189,12 @@ impl ChatModel {
             completion_tokens: 0,
             cached_tokens: 0,
         })
+    }
+
+    /// Most tokens of a prompt and its output: the catalog may declare a smaller context than
+    /// the engine holds.
+    pub fn context_limit(&self) -> usize {
+        self.engine.max_request_tokens.min(self.info.context_size)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

@@ -1,0 +1,537 @@
+//! The Responses API: `POST /v1/responses` (streamed as typed events or not), and for stored
+//! responses `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`,
+//! `GET /v1/responses/{id}/input_items`; `previous_response_id` continues a stored conversation.
+//! A response is stored (`store`, true by default, as OpenAI's are) in the platform's database,
+//! under the caller's project: another project's ids read as unknown.
+
+mod output;
+mod request;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::chat::{chat_model, reserve, run_to_end};
+use super::{json, ApiError, AppState};
+use crate::engine::FinishReason;
+use crate::platform::responses::StoredResponse;
+use crate::platform::store::StoreError;
+use crate::platform::usage::{Meter, TokenClock};
+use crate::platform::Caller;
+use crate::serving::{ChatMessage, ChatModel, Generation, ServingError};
+use output::{logprobs_json, status_of, text_part, usage_json, Events, Shape};
+use request::ResponsesRequest;
+
+/// An id of OpenAI's form: a prefix (`resp`, `msg`) and 32 hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn project(caller: &Caller) -> String {
+    caller.tag().project
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "response store");
+    ApiError {
+        status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        kind: "server_error",
+        ..ApiError::invalid(None, "The response store failed; see the server's log.")
+    }
+}
+
+/// Runs a database call off the async workers.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&crate::platform::store::Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = state.platform.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| store_error(StoreError::Invalid(e.to_string())))?
+        .map_err(store_error)
+}
+
+async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<StoredResponse, ApiError> {
+    let (project, key) = (project(caller), id.to_string());
+    blocking(state, move |s| s.response(&project, &key))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
+}
+
+/// Serving's errors with the prompt named as this API names it (`input`).
+fn as_input(e: ServingError) -> ApiError {
+    let mut err = ApiError::from(e);
+    if matches!(err.param.as_deref(), Some("messages" | "prompt")) {
+        err.param = Some("input".into());
+        err.message = err.message.replace("`messages`", "`input`");
+    }
+    err
+}
+
+/// The prompt: the instructions as a system message, then the conversation. With `truncate`,
+/// the oldest messages are dropped until the prompt leaves room for the output.
+fn prompt(
+    model: &ChatModel,
+    instructions: Option<&str>,
+    conversation: &[ChatMessage],
+    truncate: bool,
+    max_tokens: Option<usize>,
+) -> Result<Vec<u32>, ApiError> {
+    let system = instructions.filter(|i| !i.is_empty()).map(|i| ChatMessage {
+        role: "system".into(),
+        content: i.into(),
+    });
+    let mut skip = 0;
+    loop {
+        let messages: Vec<ChatMessage> = system
+            .iter()
+            .chain(&conversation[skip..])
+            .cloned()
+            .collect();
+        let prompt = model.chat_prompt(&messages).map_err(as_input)?;
+        let fits = prompt.len() + max_tokens.unwrap_or(1) <= model.context_limit();
+        if fits || !truncate || skip + 1 >= conversation.len() {
+            return Ok(prompt);
+        }
+        skip += 1;
+    }
+}
+
+/// A stored conversation's messages.
+fn messages_of(stored: &[Value]) -> Vec<ChatMessage> {
+    stored
+        .iter()
+        .filter_map(|m| {
+            Some(ChatMessage {
+                role: m.get("role")?.as_str()?.to_string(),
+                content: m.get("content")?.as_str()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// What is stored once the response is complete (when `store`).
+struct Record {
+    project: String,
+    items: Vec<Value>,
+    conversation: Vec<Value>,
+}
+
+impl Record {
+    fn finish(self, shape: &Shape, response: &Value, answer: &str) -> StoredResponse {
+        let mut conversation = self.conversation;
+        conversation.push(json!({"role": "assistant", "content": answer}));
+        StoredResponse {
+            id: shape.id.clone(),
+            project: self.project,
+            created_at: shape.created_at as i64,
+            response: response.clone(),
+            input_items: self.items,
+            conversation,
+        }
+    }
+}
+
+fn log(
+    shape: &Shape,
+    stream: bool,
+    tokens: (usize, usize, usize),
+    failed: bool,
+    started: std::time::Instant,
+) {
+    let (prompt_tokens, completion_tokens, cached_tokens) = tokens;
+    tracing::info!(
+        id = %shape.id,
+        model = %shape.model,
+        stream,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        failed,
+        ms = started.elapsed().as_millis() as u64,
+        "response"
+    );
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    meter: Option<Extension<Arc<Meter>>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let meter = meter.map(|Extension(m)| m);
+    let req: ResponsesRequest = json::parse(body)?;
+    let model = chat_model(&state, &req.model, meter.as_deref())?;
+    let parsed = req.parse()?;
+    let mut conversation = match &req.previous_response_id {
+        Some(id) => {
+            let previous = load(&state, &caller, id).await.map_err(|_| {
+                ApiError::invalid(
+                    Some("previous_response_id"),
+                    format!("Previous response with id '{id}' not found."),
+                )
+                .with_code("previous_response_not_found")
+            })?;
+            messages_of(&previous.conversation)
+        }
+        None => Vec::new(),
+    };
+    conversation.extend(parsed.messages);
+    let params = parsed.params;
+    let prompt = prompt(
+        &model,
+        req.instructions.as_deref(),
+        &conversation,
+        parsed.truncate,
+        params.max_tokens,
+    )?;
+    reserve(meter.as_deref(), prompt.len(), &params, 1)?;
+    let gen = model
+        .start(prompt.clone(), params, "input")
+        .map_err(as_input)?;
+    if let Some(m) = &meter {
+        m.set_tokens(prompt.len() as u64, 0);
+    }
+    let shape = Shape::new(&req, &model.info.id, parsed.store, parsed.metadata);
+    let record = parsed.store.then(|| Record {
+        project: project(&caller),
+        items: parsed.items,
+        conversation: conversation
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect(),
+    });
+    let run = Run {
+        state,
+        shape,
+        meter,
+        record,
+        prompt_tokens: prompt.len(),
+        started,
+    };
+    if req.stream {
+        Ok(run.stream(gen))
+    } else {
+        run.whole(gen).await
+    }
+}
+
+/// One response being generated.
+struct Run {
+    state: Arc<AppState>,
+    shape: Shape,
+    meter: Option<Arc<Meter>>,
+    record: Option<Record>,
+    prompt_tokens: usize,
+    started: std::time::Instant,
+}
+
+impl Run {
+    /// Stores the finished response (when asked to) and records its usage.
+    async fn settle(
+        &mut self,
+        stream: bool,
+        object: &Value,
+        answer: &str,
+        completion: usize,
+        cached: usize,
+    ) -> Result<(), ApiError> {
+        if let Some(m) = &self.meter {
+            m.set_tokens(self.prompt_tokens as u64, completion as u64);
+        }
+        log(
+            &self.shape,
+            stream,
+            (self.prompt_tokens, completion, cached),
+            false,
+            self.started,
+        );
+        if let Some(record) = self.record.take() {
+            let stored = record.finish(&self.shape, object, answer);
+            blocking(&self.state, move |s| s.put_response(&stored)).await?;
+        }
+        Ok(())
+    }
+
+    async fn whole(mut self, gen: Generation) -> Result<Response, ApiError> {
+        let f = run_to_end(gen, self.meter.clone()).await.map_err(|e| {
+            log(
+                &self.shape,
+                false,
+                (self.prompt_tokens, 0, 0),
+                true,
+                self.started,
+            );
+            ApiError::from(e)
+        })?;
+        let (status, incomplete) = status_of(f.finish);
+        let item = self
+            .shape
+            .message(status, Some(text_part(&f.text, &f.logprobs)));
+        let usage = usage_json(self.prompt_tokens, f.completion_tokens, f.cached_tokens);
+        let object = self
+            .shape
+            .object(status, vec![item], usage, incomplete, Value::Null);
+        self.settle(
+            false,
+            &object,
+            &f.text,
+            f.completion_tokens,
+            f.cached_tokens,
+        )
+        .await?;
+        Ok(Json(object).into_response())
+    }
+
+    fn stream(self, gen: Generation) -> Response {
+        if let Some(m) = &self.meter {
+            m.stream_started();
+        }
+        let (tx, rx) = mpsc::channel::<(String, Value)>(64);
+        tokio::spawn(self.events(gen, tx));
+        let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(kind, event)| {
+            Ok::<_, Infallible>(Event::default().event(kind).data(event.to_string()))
+        });
+        Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    }
+
+    /// Sends the stream's events; returns early (dropping the generation, which cancels it)
+    /// when the client has gone.
+    async fn events(mut self, mut gen: Generation, tx: mpsc::Sender<(String, Value)>) {
+        let mut numbered = Events::default();
+        macro_rules! send {
+            ($kind:expr, $fields:expr) => {
+                if tx.send(numbered.make($kind, $fields)).await.is_err() {
+                    return;
+                }
+            };
+        }
+        let shape = &self.shape;
+        let (item_id, at) = (
+            shape.message_id.clone(),
+            json!({"output_index": 0, "content_index": 0}),
+        );
+        let place = |mut fields: Value| {
+            fields["item_id"] = json!(item_id);
+            fields["output_index"] = at["output_index"].clone();
+            fields["content_index"] = at["content_index"].clone();
+            fields
+        };
+        let opened = shape.object(
+            "in_progress",
+            Vec::new(),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        );
+        send!("response.created", json!({"response": opened}));
+        send!("response.in_progress", json!({"response": opened}));
+        send!(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": shape.message("in_progress", None)})
+        );
+        send!(
+            "response.content_part.added",
+            place(json!({"part": text_part("", &[])}))
+        );
+        let (mut text, mut logprobs) = (String::new(), Vec::new());
+        let mut finish = FinishReason::Length;
+        let mut clock = TokenClock::default();
+        while let Some(chunk) = gen.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let err = ApiError::from(e);
+                    if let Some(m) = &self.meter {
+                        m.set_tokens(self.prompt_tokens as u64, gen.completion_tokens as u64);
+                        m.fail(err.status.as_u16());
+                        m.finish();
+                    }
+                    let tokens = (self.prompt_tokens, gen.completion_tokens, gen.cached_tokens);
+                    log(shape, true, tokens, true, self.started);
+                    let item = shape.message("incomplete", Some(text_part(&text, &logprobs)));
+                    let error = json!({"code": "server_error", "message": err.message});
+                    let failed =
+                        shape.object("failed", vec![item], Value::Null, Value::Null, error);
+                    send!("response.failed", json!({"response": failed}));
+                    return;
+                }
+            };
+            if let Some(m) = &self.meter {
+                clock.tick(m);
+            }
+            if !chunk.text.is_empty() || !chunk.logprobs.is_empty() {
+                let delta =
+                    json!({"delta": chunk.text, "logprobs": logprobs_json(&chunk.logprobs)});
+                send!("response.output_text.delta", place(delta));
+            }
+            text.push_str(&chunk.text);
+            logprobs.extend(chunk.logprobs);
+            if let Some(f) = chunk.finish {
+                finish = f;
+            }
+        }
+        let part = text_part(&text, &logprobs);
+        let done = json!({"text": text, "logprobs": part["logprobs"].clone()});
+        send!("response.output_text.done", place(done));
+        send!("response.content_part.done", place(json!({"part": part})));
+        let (status, incomplete) = status_of(finish);
+        let item = shape.message(status, Some(part));
+        send!(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item})
+        );
+        let usage = usage_json(self.prompt_tokens, gen.completion_tokens, gen.cached_tokens);
+        let object = shape.object(status, vec![item], usage, incomplete, Value::Null);
+        // Stored and metered before the last event, so that a client reading it back next
+        // finds it.
+        let settled = self
+            .settle(
+                true,
+                &object,
+                &text,
+                gen.completion_tokens,
+                gen.cached_tokens,
+            )
+            .await;
+        let shape = &self.shape;
+        if let Some(m) = &self.meter {
+            if let Err(e) = &settled {
+                m.fail(e.status.as_u16());
+            }
+            m.finish();
+        }
+        match settled {
+            Ok(()) => {
+                let kind = if status == "completed" {
+                    "response.completed"
+                } else {
+                    "response.incomplete"
+                };
+                send!(kind, json!({"response": object}));
+            }
+            Err(e) => {
+                let error = json!({"code": "server_error", "message": e.message});
+                let failed = shape.object(
+                    "failed",
+                    object["output"].as_array().cloned().unwrap_or_default(),
+                    object["usage"].clone(),
+                    Value::Null,
+                    error,
+                );
+                send!("response.failed", json!({"response": failed}));
+            }
+        }
+    }
+}
+
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    if query.get("stream").is_some_and(|s| s == "true") {
+        return Err(ApiError::invalid(
+            Some("stream"),
+            "Only background responses can be streamed again; this server runs none.",
+        ));
+    }
+    Ok(Json(load(&state, &caller, &id).await?.response))
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (owner, key) = (project(&caller), id.clone());
+    if blocking(&state, move |s| s.delete_response(&owner, &key)).await? {
+        Ok(Json(
+            json!({"id": id, "object": "response", "deleted": true}),
+        ))
+    } else {
+        Err(ApiError::not_found(format!(
+            "No response found with id '{id}'."
+        )))
+    }
+}
+
+/// `POST /v1/responses/{id}/cancel`: only background responses can be, and this server runs none.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    load(&state, &caller, &id).await?;
+    Err(ApiError::invalid(
+        None,
+        "Only responses created with background=true can be cancelled.",
+    ))
+}
+
+/// `GET /v1/responses/{id}/input_items`: `limit` (1 to 100, default 20), `order` (`desc`, the
+/// default, or `asc`), `after` (an item id).
+pub async fn input_items(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => 20,
+        Some(Ok(l)) if (1..=100).contains(&l) => l,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("limit"),
+                "Invalid value for 'limit': it must be an integer between 1 and 100.",
+            ))
+        }
+    };
+    let ascending = match query.get("order").map(String::as_str) {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("order"),
+                format!("Invalid value for 'order': '{other}'; expected 'asc' or 'desc'."),
+            ))
+        }
+    };
+    let mut items = load(&state, &caller, &id).await?.input_items;
+    if !ascending {
+        items.reverse();
+    }
+    if let Some(after) = query.get("after") {
+        let Some(at) = items.iter().position(|i| i["id"].as_str() == Some(after)) else {
+            return Err(ApiError::invalid(
+                Some("after"),
+                format!("Invalid value for 'after': no input item '{after}' in response '{id}'."),
+            ));
+        };
+        items.drain(..=at);
+    }
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    Ok(Json(json!({
+        "object": "list",
+        "data": items,
+        "first_id": items.first().map(|i| i["id"].clone()),
+        "last_id": items.last().map(|i| i["id"].clone()),
+        "has_more": has_more,
+    })))
+}

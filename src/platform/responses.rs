@@ -1,0 +1,120 @@
+//! Stored responses of the Responses API (`store: true`, OpenAI's default): what
+//! `GET /v1/responses/{id}`, its input items and `previous_response_id` read back. Each belongs to
+//! the project that created it; another project's id reads as unknown.
+
+use rusqlite::{params, OptionalExtension};
+use serde_json::Value;
+
+use super::store::{Store, StoreError};
+
+/// One stored response.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredResponse {
+    pub id: String,
+    pub project: String,
+    pub created_at: i64,
+    /// The response object as the API returned it.
+    pub response: Value,
+    /// The input items of this call (not of the responses it follows), as the API lists them.
+    pub input_items: Vec<Value>,
+    /// The whole conversation up to and including this response's output, as `{role, content}`
+    /// messages (instructions excluded: they do not carry over to a follow-up).
+    pub conversation: Vec<Value>,
+}
+
+impl Store {
+    pub fn put_response(&self, r: &StoredResponse) -> Result<(), StoreError> {
+        let response = r.response.to_string();
+        let items = Value::from(r.input_items.clone()).to_string();
+        let conversation = Value::from(r.conversation.clone()).to_string();
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO responses
+                 (id, project, created_at, response, input_items, conversation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.id, r.project, r.created_at, response, items, conversation],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The response `id` if `project` created it.
+    pub fn response(&self, project: &str, id: &str) -> Result<Option<StoredResponse>, StoreError> {
+        let row = self.with(|c| {
+            c.query_row(
+                "SELECT created_at, response, input_items, conversation FROM responses
+                 WHERE id = ?1 AND project = ?2",
+                params![id, project],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                },
+            )
+            .optional()
+        })?;
+        let Some((created_at, response, items, conversation)) = row else {
+            return Ok(None);
+        };
+        let parse = |text: &str| {
+            serde_json::from_str::<Value>(text).map_err(|e| {
+                StoreError::Invalid(format!("stored response {id} does not parse: {e}"))
+            })
+        };
+        let list = |v: Value| match v {
+            Value::Array(items) => items,
+            _ => Vec::new(),
+        };
+        Ok(Some(StoredResponse {
+            id: id.to_string(),
+            project: project.to_string(),
+            created_at,
+            response: parse(&response)?,
+            input_items: list(parse(&items)?),
+            conversation: list(parse(&conversation)?),
+        }))
+    }
+
+    /// Deletes the response `id` if `project` created it; whether there was one.
+    pub fn delete_response(&self, project: &str, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM responses WHERE id = ?1 AND project = ?2",
+                params![id, project],
+            )
+        })
+        .map(|n| n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_response_is_read_and_deleted_by_its_project_only() {
+        let dir = std::env::temp_dir().join(format!("candela-resp-{}", uuid::Uuid::new_v4()));
+        let store = Store::open_dir(&dir).unwrap();
+        let r = StoredResponse {
+            id: "resp_1".into(),
+            project: "a".into(),
+            created_at: 7,
+            response: json!({"id": "resp_1", "output": []}),
+            input_items: vec![json!({"id": "msg_1", "type": "message"})],
+            conversation: vec![json!({"role": "user", "content": "hi"})],
+        };
+        store.put_response(&r).unwrap();
+        assert_eq!(store.response("a", "resp_1").unwrap(), Some(r));
+        assert_eq!(store.response("b", "resp_1").unwrap(), None);
+        assert!(!store.delete_response("b", "resp_1").unwrap());
+        assert!(store.delete_response("a", "resp_1").unwrap());
+        assert_eq!(store.response("a", "resp_1").unwrap(), None);
+        assert!(!store.delete_response("a", "resp_1").unwrap());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,350 @@
+//! The Responses API through the real HTTP server and engine: answers that agree with chat
+//! completions, the event stream, stored responses and `previous_response_id`, input items,
+//! truncation, and stored responses kept to the project that made them.
+
+#[macro_use]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::platform::{call, create_token, gated};
+use common::{client, post, shared, CHAT};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn output_text(response: &Value) -> String {
+    response["output"][0]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["text"].as_str().unwrap())
+        .collect()
+}
+
+/// A streamed response's events, as (event name, data).
+async fn stream(base: &str, body: Value) -> Vec<(String, Value)> {
+    let resp = client()
+        .post(format!("{base}/v1/responses"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut bytes = resp.bytes_stream();
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    while let Some(Ok(chunk)) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+            if let (Some(name), Some(data)) = (name, data) {
+                events.push((name.to_string(), serde_json::from_str(data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn a_response_answers_as_chat_does_and_continues_a_stored_conversation() {
+    let s = shared();
+    let question = "What is the capital of France?";
+    let (status, r) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": question, "temperature": 0, "max_output_tokens": 40,
+               "metadata": {"ticket": "42"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("resp_"));
+    assert_eq!(
+        (r["object"].as_str(), r["status"].as_str()),
+        (Some("response"), Some("completed"))
+    );
+    assert_eq!(r["model"], CHAT);
+    assert_eq!(r["metadata"], json!({"ticket": "42"}));
+    assert_eq!(r["output"][0]["role"], "assistant");
+    // The same greedy answer and token counts as chat completions give the same message.
+    let (_, chat) = post(
+        &s.base,
+        "/v1/chat/completions",
+        common::chat(question, json!({"temperature": 0, "max_tokens": 40})),
+    )
+    .await;
+    let answer = output_text(&r);
+    assert_eq!(
+        answer,
+        chat["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(answer.contains("Paris"), "{answer}");
+    let usage = &r["usage"];
+    assert_eq!(usage["input_tokens"], chat["usage"]["prompt_tokens"]);
+    assert_eq!(usage["output_tokens"], chat["usage"]["completion_tokens"]);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap())
+    );
+
+    // Stored: read back whole, with its input items.
+    let id = r["id"].as_str().unwrap();
+    let got = call(&s.base, "GET", &format!("/v1/responses/{id}"), None, None).await;
+    assert_eq!((got.status, &got.body), (200, &r));
+
+    // A follow-up sees the first turn: the prompt is the three-message chat's.
+    let follow = "And of Germany?";
+    let (status, r2) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": [{"role": "user", "content": [{"type": "input_text", "text": follow}]}],
+               "previous_response_id": id, "temperature": 0, "max_output_tokens": 40}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r2}");
+    assert_eq!(r2["previous_response_id"], id);
+    let (_, chat2) = post(
+        &s.base,
+        "/v1/chat/completions",
+        json!({"model": CHAT, "temperature": 0, "max_tokens": 40, "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": follow}]}),
+    )
+    .await;
+    assert_eq!(r2["usage"]["input_tokens"], chat2["usage"]["prompt_tokens"]);
+    assert_eq!(
+        output_text(&r2),
+        chat2["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+
+    // Input items: this call's only, newest first by default.
+    let id2 = r2["id"].as_str().unwrap();
+    let items = call(
+        &s.base,
+        "GET",
+        &format!("/v1/responses/{id2}/input_items"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(items.status, 200, "{}", items.body);
+    let data = items.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(
+        data[0]["content"][0],
+        json!({"type": "input_text", "text": follow})
+    );
+    assert_eq!(items.body["first_id"], data[0]["id"]);
+    assert_eq!(items.body["has_more"], false);
+
+    // Deleted: gone, and no longer a conversation to continue.
+    let del = call(
+        &s.base,
+        "DELETE",
+        &format!("/v1/responses/{id}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        del.body,
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    for path in [
+        format!("/v1/responses/{id}"),
+        format!("/v1/responses/{id}/input_items"),
+    ] {
+        assert_eq!(
+            call(&s.base, "GET", &path, None, None).await.status,
+            404,
+            "{path}"
+        );
+    }
+    let (status, err) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "Hi", "previous_response_id": id}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["param"], "previous_response_id");
+    assert_eq!(err["error"]["code"], "previous_response_not_found");
+
+    // `store: false` keeps nothing.
+    let (_, r3) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "Hi", "max_output_tokens": 2, "store": false, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r3["status"], "incomplete");
+    assert_eq!(
+        r3["incomplete_details"],
+        json!({"reason": "max_output_tokens"})
+    );
+    let path = format!("/v1/responses/{}", r3["id"].as_str().unwrap());
+    assert_eq!(call(&s.base, "GET", &path, None, None).await.status, 404);
+}
+
+#[tokio::test]
+async fn a_streamed_response_sends_openais_events_in_order() {
+    let s = shared();
+    let body = json!({"model": CHAT, "input": "Count from one to five.", "temperature": 0,
+                      "max_output_tokens": 24, "include": ["message.output_text.logprobs"]});
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let events = stream(&s.base, streamed_body).await;
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let deltas = names
+        .iter()
+        .filter(|n| **n == "response.output_text.delta")
+        .count();
+    assert!(deltas > 0, "{names:?}");
+    let mut want = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    want.extend(std::iter::repeat_n("response.output_text.delta", deltas));
+    want.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]);
+    assert_eq!(names, want);
+    for (i, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], name.as_str());
+        assert_eq!(data["sequence_number"], i);
+    }
+    // The deltas add up to the final text, which is the unstreamed response's.
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    let last = &events.last().unwrap().1["response"];
+    assert_eq!(output_text(last), streamed);
+    assert_eq!(last["usage"]["output_tokens"], 24);
+    let logprobs = last["output"][0]["content"][0]["logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(logprobs.len(), 24);
+    let (_, whole) = post(&s.base, "/v1/responses", body).await;
+    assert_eq!(output_text(&whole), streamed);
+    // Stored before the last event: readable at once.
+    let id = last["id"].as_str().unwrap();
+    let got = call(&s.base, "GET", &format!("/v1/responses/{id}"), None, None).await;
+    assert_eq!(got.body["output"], last["output"]);
+}
+
+#[tokio::test]
+async fn truncation_auto_drops_the_oldest_messages_that_do_not_fit() {
+    let s = shared();
+    let long = "word ".repeat(9000);
+    let input = json!([
+        {"role": "user", "content": long},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Say hi."},
+    ]);
+    let (status, err) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": input, "max_output_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["code"], "context_length_exceeded");
+    let (status, r) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": input, "max_output_tokens": 4, "truncation": "auto"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["truncation"], "auto");
+    assert!(
+        r["usage"]["input_tokens"].as_u64().unwrap() < 100,
+        "{}",
+        r["usage"]
+    );
+}
+
+#[tokio::test]
+async fn stored_responses_belong_to_their_project() {
+    let s = gated();
+    let (_, mine) = create_token(s, "responses-a", "1h");
+    let (_, theirs) = create_token(s, "responses-b", "1h");
+    let body = json!({"model": CHAT, "input": "Say hi.", "max_output_tokens": 4});
+    let r = within!(Duration::from_secs(1), {
+        call(
+            &s.base,
+            "POST",
+            "/v1/responses",
+            Some(&mine),
+            Some(body.clone()),
+        )
+        .await
+        .status
+            == 200
+    });
+    assert!(r < Duration::from_secs(1));
+    let r = call(&s.base, "POST", "/v1/responses", Some(&mine), Some(body)).await;
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        r.headers
+            .get("x-candela-resolved-model")
+            .map(String::as_str),
+        Some(CHAT)
+    );
+    let paths = [
+        format!("/v1/responses/{id}"),
+        format!("/v1/responses/{id}/input_items"),
+    ];
+    for path in &paths {
+        assert_eq!(
+            call(&s.base, "GET", path, Some(&mine), None).await.status,
+            200
+        );
+        let other = call(&s.base, "GET", path, Some(&theirs), None).await;
+        assert_eq!(other.status, 404, "{path}: {}", other.body);
+    }
+    let follow = json!({"model": CHAT, "input": "Again.", "previous_response_id": id, "max_output_tokens": 2});
+    let other = call(
+        &s.base,
+        "POST",
+        "/v1/responses",
+        Some(&theirs),
+        Some(follow.clone()),
+    )
+    .await;
+    assert_eq!(other.status, 400);
+    assert_eq!(other.body["error"]["param"], "previous_response_id");
+    let del = format!("/v1/responses/{id}");
+    assert_eq!(
+        call(&s.base, "DELETE", &del, Some(&theirs), None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        call(&s.base, "POST", "/v1/responses", Some(&mine), Some(follow))
+            .await
+            .status,
+        200
+    );
+    // Metered as the project's calls on /v1/responses.
+    let usage = call(&s.base, "GET", "/v1/usage", Some(&mine), None).await;
+    assert!(
+        usage.body["total"]["requests"].as_u64().unwrap() >= 3,
+        "{}",
+        usage.body
+    );
+    assert!(
+        usage.body["total"]["output_tokens"].as_u64().unwrap() > 0,
+        "{}",
+        usage.body
+    );
+}

@@ -494,6 +494,74 @@ def _():
         eq(err["param"], param, "param")
 
 
+# --------------------------------------------------------------------------- files + batches
+
+
+def batch_file(lines):
+    import io
+    return client.files.create(file=("input.jsonl", io.BytesIO("".join(json.dumps(l) + "\n" for l in lines).encode())),
+                               purpose="batch")
+
+
+def wait_batch(batch_id, limit=300):
+    t0 = time.monotonic()
+    while True:
+        b = client.batches.retrieve(batch_id)
+        if b.status in ("completed", "failed", "cancelled", "expired"):
+            return b
+        expect(time.monotonic() - t0 < limit, f"batch still {b.status} after {limit}s: {b.request_counts}")
+        time.sleep(0.5)
+
+
+@check("batches: a JSONL file runs through chat completions; output and error files")
+def _():
+    body = dict(model=CHAT, messages=MSG, temperature=0, max_tokens=16)
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": body} for i in range(3)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+                  "body": dict(body, temperature=9)})
+    f = batch_file(lines)
+    eq((f.purpose, f.filename, f.status), ("batch", "input.jsonl", "processed"), "file object")
+    eq(client.files.retrieve(f.id).bytes, f.bytes, "bytes")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              metadata={"run": "smoke"})
+    eq((b.status, b.metadata), ("validating", {"run": "smoke"}), "new batch")
+    b = wait_batch(b.id)
+    eq(b.status, "completed", "status")
+    eq((b.request_counts.total, b.request_counts.completed, b.request_counts.failed), (4, 3, 1), "request_counts")
+    out = [json.loads(l) for l in client.files.content(b.output_file_id).text.splitlines()]
+    eq(sorted(o["custom_id"] for o in out), ["q0", "q1", "q2"], "output custom ids")
+    want = greedy().choices[0].message.content
+    for o in out:
+        eq(o["response"]["body"]["choices"][0]["message"]["content"], want, "batch answer against chat")
+    err = [json.loads(l) for l in client.files.content(b.error_file_id).text.splitlines()]
+    eq((err[0]["custom_id"], err[0]["response"]["status_code"], err[0]["response"]["body"]["error"]["param"]),
+       ("bad", 400, "temperature"), "error line")
+    expect(b.id in [x.id for x in client.batches.list(limit=100).data], "batch not listed")
+    expect(b.output_file_id in [x.id for x in client.files.list(purpose="batch_output").data], "output not listed")
+    eq(client.files.delete(f.id).deleted, True, "deleted")
+    sdk_error(openai.NotFoundError, lambda: client.files.retrieve(f.id), 404)
+
+
+@check("batches: cancel keeps the answers so far; a bad file fails with its lines named")
+def _():
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": CHAT, "prompt": f"Story {i}:", "max_tokens": 32, "ignore_eos": True}} for i in range(300)]
+    b = client.batches.create(input_file_id=batch_file(lines).id, endpoint="/v1/completions", completion_window="24h")
+    until(lambda: expect(client.batches.retrieve(b.id).request_counts.completed > 0, "no progress"), limit=60)
+    eq(client.batches.cancel(b.id).status, "cancelling", "cancel")
+    b = wait_batch(b.id, 60)
+    eq(b.status, "cancelled", "status")
+    done = b.request_counts.completed
+    expect(0 < done < 300, f"completed {done}")
+    eq(len(client.files.content(b.output_file_id).text.splitlines()), done, "output lines")
+    bad = batch_file([{"custom_id": "x", "method": "GET", "url": "/v1/completions", "body": {"model": CHAT}}])
+    b = wait_batch(client.batches.create(input_file_id=bad.id, endpoint="/v1/completions", completion_window="24h").id, 60)
+    eq((b.status, b.errors.data[0].code, b.errors.data[0].line), ("failed", "invalid_method", 1), "validation")
+    err = sdk_error(openai.BadRequestError, lambda: client.batches.create(
+        input_file_id=bad.id, endpoint="/v1/models", completion_window="24h"), 400)
+    eq(err["param"], "endpoint", "param")
+
+
 # --------------------------------------------------------------------------- platform
 
 

@@ -35,6 +35,8 @@ pub async fn serve(
     let state = Arc::new(api::AppState { registry, platform });
     let app =
         api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Batches left unfinished when the server last stopped run again.
+    tokio::spawn(api::resume_batches(state.clone()));
     let stopper = state.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -184,6 +184,9 @@ struct ServeArgs {
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 2 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Largest file uploaded to /v1/files (a batch's input), in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    max_file_bytes: u64,
     /// Most inputs in one embeddings request.
     #[arg(long, default_value_t = 25)]
     max_embedding_inputs: usize,
@@ -395,6 +398,7 @@ async fn serve(args: ServeArgs, home: PathBuf) -> anyhow::Result<()> {
         },
         admin_token: args.admin_token.filter(|t| !t.is_empty()),
         max_body_bytes: args.max_body_bytes,
+        max_file_bytes: args.max_file_bytes,
         max_embedding_inputs: args.max_embedding_inputs.max(1),
         ..PlatformConfig::new(opts.home.clone())
     })?;

@@ -16,6 +16,7 @@ use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt,
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
+use crate::scheduler::Priority;
 use crate::serving::{
     ChatModel, GenChunk, GenParams, Generation, Served, ServingError, TokenLogprob,
 };
@@ -149,9 +150,15 @@ fn start_n(
         .collect()
 }
 
+/// The scheduling lane of a request: interactive, unless a batch runs it.
+pub(super) fn lane(lane: Option<Extension<Priority>>) -> Priority {
+    lane.map_or_else(Priority::default, |Extension(p)| p)
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     meter: Option<Extension<Arc<Meter>>>,
+    priority: Option<Extension<Priority>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let meter = meter.map(|Extension(m)| m);
@@ -181,6 +188,7 @@ pub async fn chat_completions(
     };
     let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
     params.sampling.logit_bias = logit_bias(&req.logit_bias, model.vocab_size())?;
+    params.priority = lane(priority);
     let messages = req
         .messages
         .iter()
@@ -206,6 +214,7 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     meter: Option<Extension<Arc<Meter>>>,
+    priority: Option<Extension<Priority>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let meter = meter.map(|Extension(m)| m);
@@ -233,6 +242,7 @@ pub async fn completions(
     let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
     let vocab = model.vocab_size();
     params.sampling.logit_bias = logit_bias(&req.logit_bias, vocab)?;
+    params.priority = lane(priority);
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         Prompt::Text(t) => vec![model.completion_prompt(t)?],
         Prompt::Texts(ts) => ts

@@ -2,11 +2,14 @@
 
 mod access;
 mod admin;
+mod batches;
 mod chat;
 mod embeddings;
 mod error;
+mod files;
 mod json;
 mod models;
+mod page;
 mod responses;
 mod types;
 mod usage;
@@ -20,6 +23,7 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
+pub use batches::resume as resume_batches;
 pub use error::ApiError;
 
 use crate::platform::Platform;
@@ -30,16 +34,22 @@ pub struct AppState {
     pub platform: Arc<Platform>,
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    // Everything under /v1 that needs a caller: an access token, or anonymous when allowed.
-    let api = Router::new()
-        .route("/v1/models", get(models::list))
-        .route("/v1/models/resolve", get(models::resolve))
-        .route("/v1/models/{*id}", get(models::retrieve))
+/// The endpoints that run a model, without the gate: the public router puts them behind it, and
+/// batches call them in-process.
+fn model_endpoints() -> Router<Arc<AppState>> {
+    Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/responses", post(responses::create))
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    // Everything under /v1 that needs a caller: an access token, or anonymous when allowed.
+    let api = model_endpoints()
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/resolve", get(models::resolve))
+        .route("/v1/models/{*id}", get(models::retrieve))
         .route(
             "/v1/responses/{id}",
             get(responses::retrieve).delete(responses::delete),
@@ -49,6 +59,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/responses/{id}/input_items",
             get(responses::input_items),
         )
+        .route(
+            "/v1/files",
+            post(files::upload)
+                // Uploads are streamed to disk under their own limit (`max_file_bytes`).
+                .layer(DefaultBodyLimit::disable())
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/usage", get(usage::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), access::gate));
     let admin = Router::new()

@@ -5,7 +5,7 @@
 //! ignored.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::sampling::SamplingParams;
@@ -206,6 +206,50 @@ pub fn logit_bias(bias: &Option<Value>, vocab: u32) -> Result<Vec<(u32, f32)>, A
             }
         })
         .collect()
+}
+
+/// Most `metadata` pairs, and the longest key and value, as OpenAI allows.
+const METADATA_PAIRS: usize = 16;
+const METADATA_KEY: usize = 64;
+const METADATA_VALUE: usize = 512;
+
+/// `metadata`: at most 16 string values, keys up to 64 characters, values up to 512.
+pub fn metadata(value: Option<&Value>) -> Result<Value, ApiError> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(json!({})),
+        Some(Value::Object(map)) => map,
+        Some(other) => return Err(wrong_type("metadata", "an object", other)),
+    };
+    if map.len() > METADATA_PAIRS {
+        return Err(ApiError::invalid(
+            Some("metadata"),
+            format!(
+                "Invalid 'metadata': too many properties. Expected at most {METADATA_PAIRS}, but got {}.",
+                map.len()
+            ),
+        ));
+    }
+    for (key, value) in map {
+        if key.chars().count() > METADATA_KEY {
+            return Err(ApiError::invalid(
+                Some("metadata"),
+                format!(
+                    "Invalid 'metadata': key '{key}' is longer than {METADATA_KEY} characters."
+                ),
+            ));
+        }
+        match value {
+            Value::String(s) if s.chars().count() <= METADATA_VALUE => {}
+            Value::String(_) => {
+                return Err(ApiError::invalid(
+                    Some(&format!("metadata.{key}")),
+                    format!("Invalid 'metadata.{key}': longer than {METADATA_VALUE} characters."),
+                ))
+            }
+            other => return Err(wrong_type(&format!("metadata.{key}"), "a string", other)),
+        }
+    }
+    Ok(Value::Object(map.clone()))
 }
 
 /// OpenAI's message for a field of the wrong JSON type.

@@ -2,6 +2,8 @@
 //! token), how often (rate limits), what it cost (usage metering), how the server is doing
 //! (metrics), and which model a query such as `chat@fastest` means (virtual models).
 
+pub mod batches;
+pub mod files;
 pub mod metrics;
 pub mod query;
 pub mod ratelimit;
@@ -35,7 +37,7 @@ pub struct DefaultLimits {
 /// How the platform runs (from `candela serve`'s flags).
 #[derive(Clone, Debug)]
 pub struct PlatformConfig {
-    /// Holds the database (`candela.db`).
+    /// Holds the database (`candela.db`) and the uploaded and batch-output files (`files/`).
     pub data_dir: PathBuf,
     pub allow_anonymous: bool,
     /// Limits of each anonymous client address.
@@ -47,6 +49,8 @@ pub struct PlatformConfig {
     /// The rate-limit window (a minute; shorter in tests).
     pub window: Duration,
     pub max_body_bytes: usize,
+    /// Largest upload to `/v1/files`.
+    pub max_file_bytes: u64,
     pub max_embedding_inputs: usize,
 }
 
@@ -68,6 +72,7 @@ impl PlatformConfig {
             admin_token: None,
             window: Duration::from_secs(60),
             max_body_bytes: 2 * 1024 * 1024,
+            max_file_bytes: 512 * 1024 * 1024,
             max_embedding_inputs: 25,
         }
     }

@@ -1,6 +1,6 @@
 //! The embedded SQLite database under the data directory: projects with their limits, access
-//! tokens (only a hash of each secret), the usage log, and stored Responses API responses
-//! (`responses.rs`). The CLI and a running server open the same file; WAL mode lets them write
+//! tokens (only a hash of each secret), the usage log, stored Responses API responses
+//! (`responses.rs`), files and batches (`files.rs`, `batches.rs`). The CLI and a running server open the same file; WAL mode lets them write
 //! while the other reads.
 
 use std::path::{Path, PathBuf};
@@ -442,6 +442,23 @@ CREATE TABLE IF NOT EXISTS responses (
     conversation TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_project ON responses(project, created_at);
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_project ON files(project);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    token_id TEXT,
+    status TEXT NOT NULL,
+    object TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_project ON batches(project);
 ";
 
 #[cfg(test)]

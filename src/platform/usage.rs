@@ -160,6 +160,9 @@ pub struct Meter {
     done: AtomicBool,
     /// The response is a stream, so the handler's return does not end the call.
     streaming: AtomicBool,
+    /// Whether its tokens count against the caller's tokens-per-minute budget (batch work's do
+    /// not: it must not crowd out the project's interactive calls).
+    limited: bool,
 }
 
 impl Meter {
@@ -185,7 +188,20 @@ impl Meter {
             }),
             done: AtomicBool::new(false),
             streaming: AtomicBool::new(false),
+            limited: true,
         }
+    }
+
+    /// A meter for one request of a batch: recorded as usage, outside the rate limits.
+    pub fn for_batch(
+        platform: Arc<Platform>,
+        caller: CallerTag,
+        endpoint: &str,
+        class: Class,
+    ) -> Self {
+        let mut meter = Self::new(platform, caller, endpoint, class, None);
+        meter.limited = false;
+        meter
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -288,6 +304,7 @@ impl Meter {
             0
         };
         match s.ticket {
+            _ if !self.limited => {}
             Some(ticket) => p
                 .limiter
                 .settle(&self.caller.subject, self.class, ticket, used),

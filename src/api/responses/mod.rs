@@ -21,11 +21,11 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::chat::{chat_model, reserve, run_to_end};
+use super::chat::{chat_model, lane, reserve, run_to_end};
+use super::files::blocking;
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::responses::StoredResponse;
-use crate::platform::store::StoreError;
 use crate::platform::usage::{Meter, TokenClock};
 use crate::platform::Caller;
 use crate::serving::{ChatMessage, ChatModel, Generation, ServingError};
@@ -39,27 +39,6 @@ pub fn new_id(prefix: &str) -> String {
 
 fn project(caller: &Caller) -> String {
     caller.tag().project
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "response store");
-    ApiError {
-        status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-        kind: "server_error",
-        ..ApiError::invalid(None, "The response store failed; see the server's log.")
-    }
-}
-
-/// Runs a database call off the async workers.
-async fn blocking<T: Send + 'static>(
-    state: &AppState,
-    f: impl FnOnce(&crate::platform::store::Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let store = state.platform.store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|e| store_error(StoreError::Invalid(e.to_string())))?
-        .map_err(store_error)
 }
 
 async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<StoredResponse, ApiError> {
@@ -168,6 +147,7 @@ pub async fn create(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     meter: Option<Extension<Arc<Meter>>>,
+    priority: Option<Extension<crate::scheduler::Priority>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
@@ -189,7 +169,8 @@ pub async fn create(
         None => Vec::new(),
     };
     conversation.extend(parsed.messages);
-    let params = parsed.params;
+    let mut params = parsed.params;
+    params.priority = lane(priority);
     let prompt = prompt(
         &model,
         req.instructions.as_deref(),
@@ -492,46 +473,10 @@ pub async fn input_items(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
-        None => 20,
-        Some(Ok(l)) if (1..=100).contains(&l) => l,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                Some("limit"),
-                "Invalid value for 'limit': it must be an integer between 1 and 100.",
-            ))
-        }
-    };
-    let ascending = match query.get("order").map(String::as_str) {
-        None | Some("desc") => false,
-        Some("asc") => true,
-        Some(other) => {
-            return Err(ApiError::invalid(
-                Some("order"),
-                format!("Invalid value for 'order': '{other}'; expected 'asc' or 'desc'."),
-            ))
-        }
-    };
+    let page = super::page::Page::from_query(&query, 20, 100)?;
     let mut items = load(&state, &caller, &id).await?.input_items;
-    if !ascending {
+    if !page.ascending {
         items.reverse();
     }
-    if let Some(after) = query.get("after") {
-        let Some(at) = items.iter().position(|i| i["id"].as_str() == Some(after)) else {
-            return Err(ApiError::invalid(
-                Some("after"),
-                format!("Invalid value for 'after': no input item '{after}' in response '{id}'."),
-            ));
-        };
-        items.drain(..=at);
-    }
-    let has_more = items.len() > limit;
-    items.truncate(limit);
-    Ok(Json(json!({
-        "object": "list",
-        "data": items,
-        "first_id": items.first().map(|i| i["id"].clone()),
-        "last_id": items.last().map(|i| i["id"].clone()),
-        "has_more": has_more,
-    })))
+    Ok(Json(page.list(items)?))
 }

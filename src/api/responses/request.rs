@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::super::types::{wrong_type, SamplingFields};
+use super::super::types::{metadata, wrong_type, SamplingFields};
 use super::super::ApiError;
 use crate::serving::{ChatMessage, GenParams};
 
@@ -55,11 +55,6 @@ const INCLUDES: [&str; 8] = [
     "web_search_call.action.sources",
     "web_search_call.results",
 ];
-
-/// Most `metadata` pairs, and the longest key and value, as OpenAI allows.
-const METADATA_PAIRS: usize = 16;
-const METADATA_KEY: usize = 64;
-const METADATA_VALUE: usize = 512;
 
 /// A validated request.
 pub struct Parsed {
@@ -363,45 +358,6 @@ fn content_texts(i: usize, fields: &Map<String, Value>) -> Result<Vec<String>, A
         )),
         Some(other) => Err(wrong_type(&param, "a string or an array", other)),
     }
-}
-
-/// `metadata`: at most 16 string values, keys up to 64 characters, values up to 512.
-fn metadata(value: Option<&Value>) -> Result<Value, ApiError> {
-    let map = match value {
-        None | Some(Value::Null) => return Ok(json!({})),
-        Some(Value::Object(map)) => map,
-        Some(other) => return Err(wrong_type("metadata", "an object", other)),
-    };
-    if map.len() > METADATA_PAIRS {
-        return Err(ApiError::invalid(
-            Some("metadata"),
-            format!(
-                "Invalid 'metadata': too many properties. Expected at most {METADATA_PAIRS}, but got {}.",
-                map.len()
-            ),
-        ));
-    }
-    for (key, value) in map {
-        if key.chars().count() > METADATA_KEY {
-            return Err(ApiError::invalid(
-                Some("metadata"),
-                format!(
-                    "Invalid 'metadata': key '{key}' is longer than {METADATA_KEY} characters."
-                ),
-            ));
-        }
-        match value {
-            Value::String(s) if s.chars().count() <= METADATA_VALUE => {}
-            Value::String(_) => {
-                return Err(ApiError::invalid(
-                    Some(&format!("metadata.{key}")),
-                    format!("Invalid 'metadata.{key}': longer than {METADATA_VALUE} characters."),
-                ))
-            }
-            other => return Err(wrong_type(&format!("metadata.{key}"), "a string", other)),
-        }
-    }
-    Ok(Value::Object(map.clone()))
 }
 
 #[cfg(test)]

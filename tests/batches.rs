@@ -56,7 +56,8 @@ fn chat_line(id: &str, body: Value) -> Value {
 }
 
 /// Polls a batch until it reaches a final status.
-async fn wait(base: &str, token: Option<&str>, id: &str, limit: Duration) -> Value {
+async fn wait(base: &str, token: Option<&str>, id: &str, secs: u64) -> Value {
+    let limit = Duration::from_secs(secs);
     let started = Instant::now();
     loop {
         let b = call(base, "GET", &format!("/v1/batches/{id}"), token, None)
@@ -119,13 +120,8 @@ async fn a_batch_answers_as_the_endpoint_does_and_lists_its_failures() {
     let batch = create_batch(&s.base, None, &file, "/v1/chat/completions").await;
     assert!(batch["id"].as_str().unwrap().starts_with("batch_"));
     assert_eq!(batch["status"], "validating");
-    let done = wait(
-        &s.base,
-        None,
-        batch["id"].as_str().unwrap(),
-        Duration::from_secs(120),
-    )
-    .await;
+    let id = batch["id"].as_str().unwrap();
+    let done = wait(&s.base, None, id, 120).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         done["request_counts"],
@@ -197,13 +193,8 @@ async fn a_bad_input_file_fails_the_batch_with_each_line_named() {
     bytes.extend_from_slice(b"{oops\n");
     let (_, file) = upload(&s.base, None, "batch", "in.jsonl", &bytes).await;
     let batch = create_batch(&s.base, None, &file, "/v1/chat/completions").await;
-    let done = wait(
-        &s.base,
-        None,
-        batch["id"].as_str().unwrap(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let id = batch["id"].as_str().unwrap();
+    let done = wait(&s.base, None, id, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     let errors: Vec<(&str, i64)> = done["errors"]["data"]
         .as_array()
@@ -282,7 +273,7 @@ async fn a_cancelled_batch_keeps_its_answers_and_lists_what_did_not_run() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "cancelling");
-    let done = wait(&s.base, None, id, Duration::from_secs(30)).await;
+    let done = wait(&s.base, None, id, 30).await;
     assert_eq!(done["status"], "cancelled", "{done}");
     let completed = done["request_counts"]["completed"].as_u64().unwrap() as usize;
     assert!(completed > 0 && completed < 300, "{done}");
@@ -337,7 +328,7 @@ async fn a_batch_runs_again_after_a_restart() {
     assert_eq!(stored.status(), "in_progress", "{}", stored.object);
     drop(store);
     let second = common::start_with(common::options(64 << 20), config);
-    let done = wait(&second.base, None, &id, Duration::from_secs(300)).await;
+    let done = wait(&second.base, None, &id, 300).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         done["request_counts"],
@@ -434,7 +425,7 @@ async fn files_and_batches_belong_to_their_project() {
             .status,
         403
     );
-    let done = wait(&s.base, Some(&mine), bid, Duration::from_secs(60)).await;
+    let done = wait(&s.base, Some(&mine), bid, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     // A batch's requests are the project's usage.
     let usage = call(&s.base, "GET", "/v1/usage", Some(&mine), None)

@@ -8,8 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::platform::{call, create_token, gated};
-use common::{client, post, shared, CHAT};
-use futures::StreamExt;
+use common::{post, shared, CHAT};
 use serde_json::{json, Value};
 
 fn output_text(response: &Value) -> String {
@@ -23,27 +22,16 @@ fn output_text(response: &Value) -> String {
 
 /// A streamed response's events, as (event name, data).
 async fn stream(base: &str, body: Value) -> Vec<(String, Value)> {
-    let resp = client()
-        .post(format!("{base}/v1/responses"))
-        .json(&body)
-        .send()
+    common::sse(base, "/v1/responses", body)
         .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut bytes = resp.bytes_stream();
-    let (mut buf, mut events) = (String::new(), Vec::new());
-    while let Some(Ok(chunk)) = bytes.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let name = block.lines().find_map(|l| l.strip_prefix("event: "));
-            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
-            if let (Some(name), Some(data)) = (name, data) {
-                events.push((name.to_string(), serde_json::from_str(data).unwrap()));
-            }
-        }
-    }
-    events
+        .into_iter()
+        .map(|(name, data)| {
+            (
+                name.unwrap_or_default(),
+                serde_json::from_str(&data).unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test]

@@ -251,15 +251,23 @@ pub async fn content(
             (header::CONTENT_LENGTH, record.bytes.to_string()),
             (
                 header::CONTENT_DISPOSITION,
-                format!(
-                    "attachment; filename=\"{}\"",
-                    record.filename.replace('"', "")
-                ),
+                format!("attachment; filename=\"{}\"", header_safe(&record.filename)),
             ),
         ],
         body,
     )
         .into_response())
+}
+
+/// A filename as a header may carry it: printable ASCII without quotes or backslashes.
+fn header_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '"' | '\\' => '_',
+            ' '..='~' => c,
+            _ => '_',
+        })
+        .collect()
 }
 
 pub async fn delete(

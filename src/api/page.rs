@@ -23,12 +23,14 @@ impl Page {
         let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
             None => default_limit,
             Some(Ok(l)) if (1..=max_limit).contains(&l) => l,
-            Some(_) => return Err(ApiError::invalid(
-                Some("limit"),
-                format!(
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("limit"),
+                    format!(
                     "Invalid value for 'limit': it must be an integer between 1 and {max_limit}."
                 ),
-            )),
+                ))
+            }
         };
         let ascending = match query.get("order").map(String::as_str) {
             None | Some("desc") => false,

@@ -173,9 +173,8 @@ pub fn chat(content: &str, extra: Value) -> Value {
     body
 }
 
-/// Runs a streaming request and returns every `data:` payload (without the final `[DONE]`),
-/// and whether `[DONE]` came.
-pub async fn stream(base: &str, path: &str, body: Value) -> (Vec<Value>, bool) {
+/// Runs a streaming request and returns its server-sent events as (`event:` name, `data:`).
+pub async fn sse(base: &str, path: &str, body: Value) -> Vec<(Option<String>, String)> {
     let resp = client()
         .post(format!("{base}{path}"))
         .json(&body)
@@ -186,21 +185,30 @@ pub async fn stream(base: &str, path: &str, body: Value) -> (Vec<Value>, bool) {
     let mut bytes = resp.bytes_stream();
     let mut buf = String::new();
     let mut events = Vec::new();
-    let mut done = false;
     while let Some(chunk) = bytes.next().await {
         let Ok(chunk) = chunk else { break };
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
-            for line in event.lines() {
-                if let Some(data) = line.strip_prefix("data: ") {
-                    if data == "[DONE]" {
-                        done = true;
-                    } else {
-                        events.push(serde_json::from_str(data).unwrap());
-                    }
-                }
+            let name = event.lines().find_map(|l| l.strip_prefix("event: "));
+            if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                events.push((name.map(str::to_string), data.to_string()));
             }
+        }
+    }
+    events
+}
+
+/// Runs a streaming request and returns every `data:` payload (without the final `[DONE]`),
+/// and whether `[DONE]` came.
+pub async fn stream(base: &str, path: &str, body: Value) -> (Vec<Value>, bool) {
+    let mut done = false;
+    let mut events = Vec::new();
+    for (_, data) in sse(base, path, body).await {
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            events.push(serde_json::from_str(&data).unwrap());
         }
     }
     (events, done)

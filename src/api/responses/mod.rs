@@ -157,13 +157,16 @@ pub async fn create(
     let parsed = req.parse()?;
     let mut conversation = match &req.previous_response_id {
         Some(id) => {
-            let previous = load(&state, &caller, id).await.map_err(|_| {
-                ApiError::invalid(
-                    Some("previous_response_id"),
-                    format!("Previous response with id '{id}' not found."),
-                )
-                .with_code("previous_response_not_found")
-            })?;
+            let previous = load(&state, &caller, id)
+                .await
+                .map_err(|e| match e.status {
+                    axum::http::StatusCode::NOT_FOUND => ApiError::invalid(
+                        Some("previous_response_id"),
+                        format!("Previous response with id '{id}' not found."),
+                    )
+                    .with_code("previous_response_not_found"),
+                    _ => e,
+                })?;
             messages_of(&previous.conversation)
         }
         None => Vec::new(),
@@ -178,12 +181,11 @@ pub async fn create(
         parsed.truncate,
         params.max_tokens,
     )?;
-    reserve(meter.as_deref(), prompt.len(), &params, 1)?;
-    let gen = model
-        .start(prompt.clone(), params, "input")
-        .map_err(as_input)?;
+    let prompt_tokens = prompt.len();
+    reserve(meter.as_deref(), prompt_tokens, &params, 1)?;
+    let gen = model.start(prompt, params, "input").map_err(as_input)?;
     if let Some(m) = &meter {
-        m.set_tokens(prompt.len() as u64, 0);
+        m.set_tokens(prompt_tokens as u64, 0);
     }
     let shape = Shape::new(&req, &model.info.id, parsed.store, parsed.metadata);
     let record = parsed.store.then(|| Record {
@@ -199,7 +201,7 @@ pub async fn create(
         shape,
         meter,
         record,
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
         started,
     };
     if req.stream {

@@ -4,8 +4,10 @@
 //! token count (prompt + generated); a step gives each scheduled request `num_new` tokens, so
 //! prefill, chunked prefill, decode and prefix-cache hits are one code path. Running requests go
 //! first (oldest first); waiting ones are admitted while the token budgets (all tokens, and prompt
-//! tokens apart), the sequence limit and free blocks allow. When blocks run out, the newest running request of the lowest priority is
-//! preempted: its blocks are freed and it waits to be recomputed.
+//! tokens apart), the sequence limit and free blocks allow. When blocks run out, the newest running
+//! request of the lowest priority is preempted: its blocks are freed and it waits to be
+//! recomputed. An interactive request never waits behind batch work: when the sequence limit or
+//! the free blocks would keep it out, the newest running batch requests give way to it.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -159,6 +161,9 @@ impl Scheduler {
 
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
+        self.make_room_for_interactive(&mut out);
+        // Preemptions for running requests' blocks (memory short this step) hold back admission.
+        let mut short = false;
         let mut budget = self.cfg.max_batched_tokens;
         // The prompt cap keeps the streams that decode in this step moving; with none decoding,
         // no one waits on the step, and prompts take all of it (fewer, fuller steps).
@@ -192,11 +197,25 @@ impl Scheduler {
             let mut scheduled = true;
             while !self.kv.allocate(id, total, &[]) {
                 let victim = self.pick_victim();
+                let at = self.running.iter().position(|r| *r == victim);
                 self.preempt(victim);
                 out.preempted.push(victim);
+                short = true;
                 if victim == id {
                     scheduled = false;
                     break;
+                }
+                // A victim scheduled earlier in this step (an older request of a lower
+                // priority) leaves the step, and its tokens go back to the budgets.
+                if at.is_some_and(|at| at < i) {
+                    i -= 1;
+                    if let Some(k) = out.seqs.iter().position(|s| s.id == victim) {
+                        let gone = out.seqs.remove(k);
+                        budget += gone.num_new;
+                        if self.requests[&victim].tokens.len() - gone.num_computed > 1 {
+                            prefill_budget += gone.num_new;
+                        }
+                    }
                 }
             }
             if scheduled {
@@ -216,7 +235,7 @@ impl Scheduler {
         }
 
         // Admit waiting requests, unless memory was short this step.
-        while out.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        while !short && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
@@ -253,6 +272,32 @@ impl Scheduler {
         out
     }
 
+    /// Preempts the newest running batch requests while the sequence limit or the free blocks
+    /// would keep the interactive request at the head of the queue waiting (its first chunk's
+    /// blocks, counted without its cached prefix: at worst a batch request recomputes early).
+    fn make_room_for_interactive(&mut self, out: &mut SchedulerOutput) {
+        let Some(front) = self.waiting.front().map(|id| &self.requests[id]) else {
+            return;
+        };
+        if front.priority != Priority::Interactive {
+            return;
+        }
+        let first_chunk = front.tokens.len().min(self.cfg.max_batched_tokens);
+        let blocks = first_chunk.div_ceil(self.cfg.block_size);
+        while self.running.len() >= self.cfg.max_num_seqs || self.kv.num_free_blocks() < blocks {
+            let newest_batch = self
+                .running
+                .iter()
+                .rev()
+                .find(|r| self.requests[r].priority == Priority::Batch);
+            let Some(&victim) = newest_batch else {
+                return;
+            };
+            self.preempt(victim);
+            out.preempted.push(victim);
+        }
+    }
+
     /// The newest running request of the lowest priority.
     fn pick_victim(&self) -> RequestId {
         let lowest = self
@@ -272,10 +317,18 @@ impl Scheduler {
     fn preempt(&mut self, id: RequestId) {
         self.kv.free(id);
         self.running.retain(|r| *r != id);
-        if let Some(req) = self.requests.get_mut(&id) {
-            req.num_computed = 0;
-        }
-        self.waiting.push_front(id);
+        let Some(req) = self.requests.get_mut(&id) else {
+            return;
+        };
+        req.num_computed = 0;
+        // First of its lane: behind waiting requests of a higher priority, before its peers.
+        let priority = req.priority;
+        let pos = self
+            .waiting
+            .iter()
+            .position(|w| self.requests[w].priority >= priority)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(pos, id);
         self.num_preemptions += 1;
     }
 

@@ -273,3 +273,101 @@ fn removing_a_request_frees_its_blocks_at_once() {
     assert_eq!(s.kv().num_free_blocks(), 16);
     assert!(!s.has_work());
 }
+
+#[test]
+fn an_interactive_request_takes_the_slot_of_the_newest_batch_request() {
+    // Two sequences at most, both batch work: an interactive arrival runs in the next step, in
+    // the place of the newer batch request, which then waits first among the batch work.
+    let mut s = sched(64, 64, 2);
+    for id in 1..=3 {
+        s.add(SchedRequest::new(
+            RequestId(id),
+            prompt(4, id as u32),
+            Priority::Batch,
+        ));
+    }
+    step(&mut s);
+    s.add(SchedRequest::new(
+        RequestId(9),
+        prompt(4, 9),
+        Priority::Interactive,
+    ));
+    let out = step(&mut s);
+    assert_eq!(out.preempted, [RequestId(2)]);
+    let ids: Vec<RequestId> = out.seqs.iter().map(|q| q.id).collect();
+    assert_eq!(ids, [RequestId(1), RequestId(9)]);
+    assert_eq!(
+        s.waiting.iter().copied().collect::<Vec<_>>(),
+        [RequestId(2), RequestId(3)]
+    );
+
+    // Interactive requests do not preempt one another for a slot.
+    let mut s = sched(64, 64, 1);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(4, 1),
+        Priority::Interactive,
+    ));
+    step(&mut s);
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(4, 2),
+        Priority::Interactive,
+    ));
+    let out = step(&mut s);
+    assert!(out.preempted.is_empty());
+    assert_eq!(out.seqs.len(), 1);
+}
+
+#[test]
+fn an_interactive_request_takes_the_blocks_of_batch_requests() {
+    // Eight blocks of 4 tokens, held by two batch requests of 16 tokens; an interactive prompt
+    // of 8 tokens needs two: the newest batch request gives them up in the same step.
+    let mut s = sched(8, 64, 8);
+    for id in 1..=2 {
+        s.add(SchedRequest::new(
+            RequestId(id),
+            prompt(15, id as u32),
+            Priority::Batch,
+        ));
+    }
+    step(&mut s);
+    assert_eq!(s.kv().num_free_blocks(), 0);
+    s.add(SchedRequest::new(
+        RequestId(9),
+        prompt(8, 9),
+        Priority::Interactive,
+    ));
+    let out = step(&mut s);
+    assert_eq!(out.preempted, [RequestId(2)]);
+    assert!(out
+        .seqs
+        .iter()
+        .any(|q| q.id == RequestId(9) && q.num_new == 8));
+}
+
+#[test]
+fn a_victim_scheduled_earlier_in_the_step_leaves_it() {
+    // Two blocks of 4 tokens. The older request is batch work whose next token fits its block,
+    // so it is scheduled first; the newer interactive one then needs a second block: the batch
+    // request gives its block up and leaves the step (its tokens back in the budget) rather
+    // than running on freed blocks.
+    let mut s = sched(2, 64, 8);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        prompt(2, 1),
+        Priority::Batch,
+    ));
+    step(&mut s);
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(4, 2),
+        Priority::Interactive,
+    ));
+    step(&mut s);
+    assert_eq!(s.kv().num_free_blocks(), 0);
+    let out = step(&mut s);
+    assert_eq!(out.preempted, [RequestId(1)]);
+    let ids: Vec<RequestId> = out.seqs.iter().map(|q| q.id).collect();
+    assert_eq!(ids, [RequestId(2)]);
+}

@@ -69,61 +69,65 @@ impl ChatCompletionRequest {
     /// no tools (`null`, `[]`, `tool_choice` "none" or "auto"), plain text output
     /// (`response_format` `{"type": "text"}`).
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        for (field, value) in [("tools", &self.tools), ("functions", &self.functions)] {
-            match value {
-                None => {}
-                Some(Value::Array(list)) if list.is_empty() => {}
-                Some(Value::Array(_)) => {
-                    return Err(ApiError::invalid(
-                        Some(field),
-                        format!("Tool calling ('{field}') is not supported by this server yet."),
-                    ))
-                }
-                Some(other) => return Err(wrong_type(field, "an array", other)),
-            }
-        }
-        for (field, value) in [
-            ("tool_choice", &self.tool_choice),
-            ("function_call", &self.function_call),
-        ] {
-            match value {
-                None => {}
-                Some(Value::String(s)) if s == "none" || s == "auto" => {}
-                Some(other) => {
-                    return Err(ApiError::invalid(
-                        Some(field),
-                        format!(
-                            "Invalid value for '{field}': {other}; this server does not call \
-                             tools yet, so only \"none\" and \"auto\" are accepted."
-                        ),
-                    ))
-                }
-            }
-        }
+        refuse_tools("tools", &self.tools)?;
+        refuse_tools("functions", &self.functions)?;
+        refuse_tool_choice("tool_choice", &self.tool_choice)?;
+        refuse_tool_choice("function_call", &self.function_call)?;
         match &self.response_format {
-            None => {}
-            Some(Value::Object(format)) => match format.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some(kind @ ("json_object" | "json_schema")) => {
-                    return Err(ApiError::invalid(
-                        Some("response_format"),
-                        format!(
-                            "'response_format' of type '{kind}' is not supported by this server \
-                             yet: it does not constrain its output to JSON."
-                        ),
-                    ))
-                }
-                _ => {
-                    return Err(ApiError::invalid(
-                        Some("response_format.type"),
-                        "Invalid value for 'response_format.type': expected 'text', \
-                         'json_object' or 'json_schema'.",
-                    ))
-                }
-            },
-            Some(other) => return Err(wrong_type("response_format", "an object", other)),
+            None => Ok(()),
+            Some(format @ Value::Object(_)) => refuse_json_output("response_format", format),
+            Some(other) => Err(wrong_type("response_format", "an object", other)),
         }
-        Ok(())
+    }
+}
+
+/// A 400 for a non-empty list of tools (`field`): this server calls none yet.
+pub fn refuse_tools(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
+    match value {
+        None => Ok(()),
+        Some(Value::Array(list)) if list.is_empty() => Ok(()),
+        Some(Value::Array(_)) => Err(ApiError::invalid(
+            Some(field),
+            format!("Tool calling ('{field}') is not supported by this server yet."),
+        )),
+        Some(other) => Err(wrong_type(field, "an array", other)),
+    }
+}
+
+/// A 400 for a tool choice (`field`) other than "none" or "auto".
+pub fn refuse_tool_choice(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
+    match value {
+        None => Ok(()),
+        Some(Value::String(s)) if s == "none" || s == "auto" => Ok(()),
+        Some(other) => Err(ApiError::invalid(
+            Some(field),
+            format!(
+                "Invalid value for '{field}': {other}; this server does not call tools yet, so                  only \"none\" and \"auto\" are accepted."
+            ),
+        )),
+    }
+}
+
+/// A 400 for an output format (`field`, an object with a `type`) other than plain text.
+pub fn refuse_json_output(field: &str, format: &Value) -> Result<(), ApiError> {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(()),
+        Some(kind @ ("json_object" | "json_schema")) => Err(ApiError::invalid(
+            Some(field),
+            format!(
+                "'{field}' of type '{kind}' is not supported by this server yet: it does not \
+                 constrain its output to JSON."
+            ),
+        )),
+        _ => {
+            let param = format!("{field}.type");
+            Err(ApiError::invalid(
+                Some(&param),
+                format!(
+                    "Invalid value for '{param}': expected 'text', 'json_object' or 'json_schema'."
+                ),
+            ))
+        }
     }
 }
 

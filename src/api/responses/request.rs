@@ -5,7 +5,9 @@
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::super::types::{metadata, wrong_type, SamplingFields};
+use super::super::types::{
+    metadata, refuse_json_output, refuse_tool_choice, refuse_tools, wrong_type, SamplingFields,
+};
 use super::super::ApiError;
 use crate::serving::{ChatMessage, GenParams};
 
@@ -149,53 +151,11 @@ impl ResponsesRequest {
 
     /// A 400 for each field whose value asks for what this server cannot do.
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        match &self.tools {
-            None => {}
-            Some(Value::Array(list)) if list.is_empty() => {}
-            Some(Value::Array(_)) => {
-                return Err(ApiError::invalid(
-                    Some("tools"),
-                    "Tools ('tools') are not supported by this server yet.",
-                ))
-            }
-            Some(other) => return Err(wrong_type("tools", "an array", other)),
-        }
-        match &self.tool_choice {
-            None => {}
-            Some(Value::String(s)) if s == "none" || s == "auto" => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    Some("tool_choice"),
-                    format!(
-                        "Invalid value for 'tool_choice': {other}; this server does not call \
-                         tools yet, so only \"none\" and \"auto\" are accepted."
-                    ),
-                ))
-            }
-        }
+        refuse_tools("tools", &self.tools)?;
+        refuse_tool_choice("tool_choice", &self.tool_choice)?;
         match self.text.as_ref().map(|t| (t, t.get("format"))) {
             None | Some((_, None | Some(Value::Null))) => {}
-            Some((Value::Object(_), Some(format))) => {
-                match format.get("type").and_then(Value::as_str) {
-                    Some("text") => {}
-                    Some(kind @ ("json_object" | "json_schema")) => {
-                        return Err(ApiError::invalid(
-                            Some("text.format"),
-                            format!(
-                                "'text.format' of type '{kind}' is not supported by this server \
-                                 yet: it does not constrain its output to JSON."
-                            ),
-                        ))
-                    }
-                    _ => {
-                        return Err(ApiError::invalid(
-                            Some("text.format.type"),
-                            "Invalid value for 'text.format.type': expected 'text', \
-                             'json_object' or 'json_schema'.",
-                        ))
-                    }
-                }
-            }
+            Some((Value::Object(_), Some(format))) => refuse_json_output("text.format", format)?,
             Some((other, _)) => return Err(wrong_type("text", "an object", other)),
         }
         if let Some(reasoning) = &self.reasoning {

@@ -389,20 +389,22 @@ async fn full_response(
     .into_response())
 }
 
+/// Log-probabilities as chat and the Responses API list them: token, logprob, bytes, and the
+/// alternatives.
+pub(super) fn token_logprobs(lps: &[TokenLogprob]) -> Vec<Value> {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    lps.iter()
+        .map(|lp| {
+            let mut e = entry(&lp.token, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|(t, l)| entry(t, *l)).collect();
+            e
+        })
+        .collect()
+}
+
 fn logprobs_json(kind: Kind, lps: &[TokenLogprob], text_offset: usize) -> Value {
     match kind {
-        Kind::Chat => {
-            let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
-            let content: Vec<Value> = lps
-                .iter()
-                .map(|lp| {
-                    let mut e = entry(&lp.token, lp.logprob);
-                    e["top_logprobs"] = lp.top.iter().map(|(t, l)| entry(t, *l)).collect();
-                    e
-                })
-                .collect();
-            json!({"content": content})
-        }
+        Kind::Chat => json!({"content": token_logprobs(lps)}),
         Kind::Completion => {
             let mut offsets = Vec::with_capacity(lps.len());
             let mut offset = text_offset;

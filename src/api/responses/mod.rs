@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::chat::{chat_model, lane, reserve, run_to_end};
+use super::chat::{chat_model, lane, reserve, run_to_end, token_logprobs};
 use super::files::blocking;
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
@@ -29,7 +29,7 @@ use crate::platform::responses::StoredResponse;
 use crate::platform::usage::{Meter, TokenClock};
 use crate::platform::Caller;
 use crate::serving::{ChatMessage, ChatModel, Generation, ServingError};
-use output::{logprobs_json, status_of, text_part, usage_json, Events, Shape};
+use output::{status_of, text_part, usage_json, Events, Shape};
 use request::ResponsesRequest;
 
 /// An id of OpenAI's form: a prefix (`resp`, `msg`) and 32 hex digits.
@@ -359,7 +359,7 @@ impl Run {
             }
             if !chunk.text.is_empty() || !chunk.logprobs.is_empty() {
                 let delta =
-                    json!({"delta": chunk.text, "logprobs": logprobs_json(&chunk.logprobs)});
+                    json!({"delta": chunk.text, "logprobs": token_logprobs(&chunk.logprobs)});
                 send!("response.output_text.delta", place(delta));
             }
             text.push_str(&chunk.text);

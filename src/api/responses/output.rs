@@ -2,6 +2,7 @@
 
 use serde_json::{json, Value};
 
+use super::super::chat::token_logprobs;
 use super::request::ResponsesRequest;
 use crate::engine::FinishReason;
 use crate::serving::TokenLogprob;
@@ -114,19 +115,7 @@ impl Shape {
 }
 
 pub fn text_part(text: &str, logprobs: &[TokenLogprob]) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs_json(logprobs)})
-}
-
-/// Log-probabilities as the Responses API lists them: token, logprob, bytes, alternatives.
-pub fn logprobs_json(lps: &[TokenLogprob]) -> Vec<Value> {
-    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
-    lps.iter()
-        .map(|lp| {
-            let mut e = entry(&lp.token, lp.logprob);
-            e["top_logprobs"] = lp.top.iter().map(|(t, l)| entry(t, *l)).collect();
-            e
-        })
-        .collect()
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": token_logprobs(logprobs)})
 }
 
 pub fn usage_json(input: usize, output: usize, cached: usize) -> Value {

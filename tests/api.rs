@@ -67,6 +67,7 @@ async fn greedy_decoding_matches_the_reference() {
                 max_tokens: expected.len(),
                 stop_token_ids: vec![],
                 priority: Default::default(),
+                constraint: None,
             })
             .unwrap();
         let mut got = Vec::new();

@@ -13,7 +13,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
-use super::{json, ApiError, AppState};
+use super::{formats, json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
 use crate::scheduler::Priority;
@@ -189,6 +189,7 @@ pub async fn chat_completions(
     let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
     params.sampling.logit_bias = logit_bias(&req.logit_bias, model.vocab_size())?;
     params.priority = lane(priority);
+    params.format = formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
     let messages = req
         .messages
         .iter()
@@ -243,6 +244,7 @@ pub async fn completions(
     let vocab = model.vocab_size();
     params.sampling.logit_bias = logit_bias(&req.logit_bias, vocab)?;
     params.priority = lane(priority);
+    params.format = formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         Prompt::Text(t) => vec![model.completion_prompt(t)?],
         Prompt::Texts(ts) => ts

@@ -7,6 +7,7 @@ mod chat;
 mod embeddings;
 mod error;
 mod files;
+mod formats;
 mod json;
 mod models;
 mod page;

@@ -1,6 +1,6 @@
 //! OpenAI request and response bodies, and the validation that turns requests into serving's
 //! typed parameters. Unknown request fields are accepted and ignored, as vLLM's server does; the
-//! OpenAI fields this server does not act on yet (tools, JSON output, `best_of`, `suffix`) are
+//! OpenAI fields this server does not act on yet (tools, `best_of`, `suffix`) are
 //! refused with a 400 naming them wherever their value would change the answer, rather than
 //! ignored.
 
@@ -66,18 +66,12 @@ impl ChatCompletionRequest {
     }
 
     /// A 400 for each field the server cannot honour yet, unless its value asks for nothing:
-    /// no tools (`null`, `[]`, `tool_choice` "none" or "auto"), plain text output
-    /// (`response_format` `{"type": "text"}`).
+    /// no tools (`null`, `[]`, `tool_choice` "none" or "auto").
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
         refuse_tools("tools", &self.tools)?;
         refuse_tools("functions", &self.functions)?;
         refuse_tool_choice("tool_choice", &self.tool_choice)?;
-        refuse_tool_choice("function_call", &self.function_call)?;
-        match &self.response_format {
-            None => Ok(()),
-            Some(format @ Value::Object(_)) => refuse_json_output("response_format", format),
-            Some(other) => Err(wrong_type("response_format", "an object", other)),
-        }
+        refuse_tool_choice("function_call", &self.function_call)
     }
 }
 
@@ -105,29 +99,6 @@ pub fn refuse_tool_choice(field: &str, value: &Option<Value>) -> Result<(), ApiE
                 "Invalid value for '{field}': {other}; this server does not call tools yet, so                  only \"none\" and \"auto\" are accepted."
             ),
         )),
-    }
-}
-
-/// A 400 for an output format (`field`, an object with a `type`) other than plain text.
-pub fn refuse_json_output(field: &str, format: &Value) -> Result<(), ApiError> {
-    match format.get("type").and_then(Value::as_str) {
-        Some("text") => Ok(()),
-        Some(kind @ ("json_object" | "json_schema")) => Err(ApiError::invalid(
-            Some(field),
-            format!(
-                "'{field}' of type '{kind}' is not supported by this server yet: it does not \
-                 constrain its output to JSON."
-            ),
-        )),
-        _ => {
-            let param = format!("{field}.type");
-            Err(ApiError::invalid(
-                Some(&param),
-                format!(
-                    "Invalid value for '{param}': expected 'text', 'json_object' or 'json_schema'."
-                ),
-            ))
-        }
     }
 }
 
@@ -362,6 +333,7 @@ impl SamplingFields {
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             priority: Default::default(),
+            format: None,
         };
         Ok((params, n as usize))
     }
@@ -468,6 +440,12 @@ pub struct ChatCompletionRequest {
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,
+    /// vLLM's structured outputs (see `formats::VllmGuided`).
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
     /// See [`logit_bias`].
     pub logit_bias: Option<Value>,
 }
@@ -507,6 +485,14 @@ pub struct CompletionRequest {
     // Not acted on yet: see `refuse_unsupported`.
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
+    /// JSON output, as in chat (vLLM's extension of this API).
+    pub response_format: Option<Value>,
+    /// vLLM's structured outputs (see `formats::VllmGuided`).
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
     /// See [`logit_bias`].
     pub logit_bias: Option<Value>,
 }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::ids::RequestId;
 use crate::runner::ModelRunner;
-use crate::sampling::{Sampled, Sampler};
+use crate::sampling::{Progress, Sampled, Sampler, TokenConstraint};
 use crate::scheduler::{SchedRequest, Scheduler, SchedulerConfig, SchedulerOutput};
 
 /// Engine sizing, fixed at start.
@@ -24,6 +24,8 @@ pub struct EngineConfig {
 struct Active {
     req: EngineRequest,
     sampler: Sampler,
+    /// Structured output: masks each row before sampling (on the host).
+    constraint: Option<Box<dyn TokenConstraint>>,
     out: tokio_mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
     cached_prompt_tokens: Option<usize>,
 }
@@ -106,7 +108,7 @@ impl EngineCore {
     /// Returns false when the engine should stop.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Add { id, req, out } => {
+            Command::Add { id, mut req, out } => {
                 if !self.healthy.load(Ordering::Relaxed) {
                     let _ = out.send(Err(EngineError::Stopped(
                         "an earlier failure stopped the engine".into(),
@@ -116,11 +118,13 @@ impl EngineCore {
                 self.scheduler
                     .add(SchedRequest::new(id, req.prompt.clone(), req.priority));
                 let sampler = Sampler::new(req.sampling.clone());
+                let constraint = req.constraint.take().map(|c| c.0);
                 self.active.insert(
                     id,
                     Active {
                         req,
                         sampler,
+                        constraint,
                         out,
                         cached_prompt_tokens: None,
                     },
@@ -200,9 +204,28 @@ impl EngineCore {
             else {
                 continue;
             };
+            let sampled = match sampled {
+                Ok(sampled) => sampled,
+                Err(e) => {
+                    let _ = active.out.send(Err(EngineError::Constraint(e)));
+                    done.push(id);
+                    continue;
+                }
+            };
+            let progress = match active.constraint.as_mut().map(|c| c.commit(sampled.token)) {
+                None | Some(Ok(Progress::Continue)) => Progress::Continue,
+                Some(Ok(Progress::Done)) => Progress::Done,
+                Some(Err(e)) => {
+                    let _ = active.out.send(Err(EngineError::Constraint(e)));
+                    done.push(id);
+                    continue;
+                }
+            };
             let generated = req.num_generated() + 1;
             let total = req.tokens.len() + 1;
-            let finish = if active.req.stop_token_ids.contains(&sampled.token) {
+            let finish = if active.req.stop_token_ids.contains(&sampled.token)
+                || progress == Progress::Done
+            {
                 Some(FinishReason::Stop)
             } else if generated >= active.req.max_tokens
                 || total >= self.scheduler.max_tokens_per_request()
@@ -249,12 +272,14 @@ impl EngineCore {
     /// The next token of each sampling sequence of `out` still active, from its row of `logits`.
     /// On the CPU every row is sampled here. Elsewhere a kernel samples the rows where the
     /// logits are and only token ids come back; rows that need the host (penalties,
-    /// log-probabilities) are copied over together.
+    /// log-probabilities, a constraint's mask) are copied over together. A constraint that fails
+    /// fails its request only.
+    #[allow(clippy::type_complexity)]
     fn sample(
         &mut self,
         out: &SchedulerOutput,
         logits: &Tensor,
-    ) -> candela_models::Result<Vec<(RequestId, Sampled)>> {
+    ) -> candela_models::Result<Vec<(RequestId, Result<Sampled, String>)>> {
         let ids: Vec<RequestId> = out
             .seqs
             .iter()
@@ -267,7 +292,13 @@ impl EngineCore {
         } else {
             let settings: Vec<Option<RowSampling>> = ids
                 .iter()
-                .map(|id| self.active.get_mut(id)?.sampler.device_settings())
+                .map(|id| {
+                    let active = self.active.get_mut(id)?;
+                    match active.constraint {
+                        Some(_) => None,
+                        None => active.sampler.device_settings(),
+                    }
+                })
                 .collect();
             let rows: Vec<RowSampling> = settings
                 .iter()
@@ -313,15 +344,21 @@ impl EngineCore {
                     logprob: None,
                     top_logprobs: Vec::new(),
                 };
-                sampled.push((id, sampled_token));
+                sampled.push((id, Ok(sampled_token)));
                 continue;
             }
             let mut row = match host_rows.get_mut(i).and_then(Option::take) {
                 Some(row) => row,
                 None => logits.get(i)?.to_vec1::<f32>()?,
             };
+            if let Some(constraint) = active.constraint.as_mut() {
+                if let Err(e) = constraint.restrict(&mut row) {
+                    sampled.push((id, Err(e)));
+                    continue;
+                }
+            }
             let (prompt, output) = req.tokens.split_at(req.num_prompt);
-            sampled.push((id, active.sampler.sample(&mut row, prompt, output)));
+            sampled.push((id, Ok(active.sampler.sample(&mut row, prompt, output))));
         }
         Ok(sampled)
     }

@@ -15,11 +15,11 @@ pub use self::core::{spawn, EngineConfig};
 pub use stats::EngineStats;
 
 use crate::ids::{RequestId, TokenId};
-use crate::sampling::{Sampled, SamplingParams};
+use crate::sampling::{Constraint, Sampled, SamplingParams};
 use crate::scheduler::Priority;
 
 /// A validated generation request, in token ids.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct EngineRequest {
     pub prompt: Vec<TokenId>,
     pub sampling: SamplingParams,
@@ -28,6 +28,8 @@ pub struct EngineRequest {
     /// Tokens that end generation (EOS); empty to ignore EOS.
     pub stop_token_ids: Vec<TokenId>,
     pub priority: Priority,
+    /// Structured output: which tokens may come next.
+    pub constraint: Option<Constraint>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +67,9 @@ pub enum EngineError {
     Model(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The request's structured-output grammar could not go on; other requests are unaffected.
+    #[error("the output grammar failed: {0}")]
+    Constraint(String),
 }
 
 pub(crate) enum Command {

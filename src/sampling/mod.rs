@@ -8,6 +8,9 @@ use candela_kernels::{argmax, exp_nonpositive, RowSampling};
 
 use crate::ids::TokenId;
 
+mod constraint;
+pub use constraint::{Constraint, Progress, TokenConstraint};
+
 /// Validated sampling settings of one sequence.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {

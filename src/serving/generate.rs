@@ -7,6 +7,7 @@ use tokenizers::Tokenizer;
 
 use super::detokenizer::Detokenizer;
 use super::stop::StopMatcher;
+use super::structured::{Grammars, OutputFormat};
 use super::template::{ChatMessage, ChatTemplate};
 use super::{ModelInfo, ServingError};
 use crate::engine::{EngineError, EngineHandle, EngineRequest, FinishReason, RequestStream};
@@ -25,6 +26,8 @@ pub struct GenParams {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub priority: Priority,
+    /// Structured output: a JSON schema or grammar the text must follow.
+    pub format: Option<OutputFormat>,
 }
 
 pub struct ChatModel {
@@ -35,6 +38,7 @@ pub struct ChatModel {
     vocab_size: u32,
     template: ChatTemplate,
     eos_token_ids: Vec<TokenId>,
+    grammars: Grammars,
 }
 
 /// One log-probability entry, as OpenAI reports it.
@@ -63,14 +67,16 @@ impl ChatModel {
         eos_token_ids: Vec<TokenId>,
         model_vocab_size: usize,
     ) -> Self {
+        let tokenizer = Arc::new(tokenizer);
         Self {
             info,
             engine,
+            grammars: Grammars::new(tokenizer.clone(), eos_token_ids.clone()),
             // An id past the embeddings' rows is refused at the edge: on a GPU the lookup's
             // bounds check is a device assert, which leaves the device unusable for every
             // later call.
             vocab_size: tokenizer.get_vocab_size(true).min(model_vocab_size) as u32,
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             template,
             eos_token_ids,
         }
@@ -166,6 +172,10 @@ impl ChatModel {
                 ),
             ));
         }
+        let constraint = match &params.format {
+            Some(format) => Some(self.grammars.constraint(format)?),
+            None => None,
+        };
         let prompt_tokens = prompt.len();
         let logprobs = params.sampling.logprobs.is_some();
         let stream = self.engine.add(EngineRequest {
@@ -178,6 +188,7 @@ impl ChatModel {
                 self.eos_token_ids.clone()
             },
             priority: params.priority,
+            constraint,
         })?;
         Ok(Generation {
             stream: Some(stream),

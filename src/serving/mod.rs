@@ -9,6 +9,7 @@ mod error;
 mod generate;
 mod registry;
 mod stop;
+mod structured;
 mod template;
 
 pub use detokenizer::Detokenizer;
@@ -16,6 +17,7 @@ pub use embed::EmbeddingModel;
 pub use error::ServingError;
 pub use generate::{ChatModel, GenChunk, GenParams, Generation, TokenLogprob};
 pub use registry::{load_registry, ModelInfo, Registry, ServeOptions, Served, Want};
+pub use structured::{Grammar, OutputFormat};
 pub use template::ChatMessage;
 
 use candle_core::Device;

@@ -20,6 +20,8 @@ pub struct Shape {
     top_p: f32,
     top_logprobs: i64,
     tool_choice: Value,
+    /// `text` as the response echoes it: the output format asked for.
+    text: Value,
     parallel_tool_calls: bool,
     truncation: &'static str,
     store: bool,
@@ -51,6 +53,10 @@ impl Shape {
             top_p: req.top_p.unwrap_or(1.0),
             top_logprobs: req.top_logprobs.unwrap_or(0),
             tool_choice: req.tool_choice.clone().unwrap_or_else(|| json!("auto")),
+            text: match req.text.as_ref().and_then(|t| t.get("format")) {
+                Some(format @ Value::Object(_)) => json!({ "format": format }),
+                _ => json!({"format": {"type": "text"}}),
+            },
             parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
             truncation: if req.truncation.as_deref() == Some("auto") {
                 "auto"
@@ -89,7 +95,7 @@ impl Shape {
             "reasoning": {"effort": null, "summary": null},
             "store": self.store,
             "temperature": self.temperature,
-            "text": {"format": {"type": "text"}},
+            "text": self.text,
             "tool_choice": self.tool_choice,
             "tools": [],
             "top_logprobs": self.top_logprobs,

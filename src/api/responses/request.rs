@@ -1,13 +1,14 @@
 //! The body of `POST /v1/responses`, and its validation: input items into chat messages, sampling
-//! fields into serving's parameters. What this server cannot honour (tools, JSON output,
+//! fields into serving's parameters. What this server cannot honour (tools,
 //! background runs, reasoning effort, images) is a 400 naming the field, as in chat completions.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::super::types::{
-    metadata, refuse_json_output, refuse_tool_choice, refuse_tools, wrong_type, SamplingFields,
+    metadata, refuse_tool_choice, refuse_tools, wrong_type, SamplingFields,
 };
+use super::super::formats;
 use super::super::ApiError;
 use crate::serving::{ChatMessage, GenParams};
 
@@ -109,7 +110,11 @@ impl ResponsesRequest {
             ..SamplingFields::default()
         };
         let max_tokens = self.max_output_tokens.map(|m| (m, "max_output_tokens"));
-        let (params, _) = sampling.to_params(max_tokens, logprobs.then_some(top_logprobs))?;
+        let (mut params, _) = sampling.to_params(max_tokens, logprobs.then_some(top_logprobs))?;
+        params.format = match self.text.as_ref().and_then(|t| t.get("format")) {
+            None | Some(Value::Null) => None,
+            Some(format) => formats::text_format(format)?,
+        };
         let truncate = match self.truncation.as_deref() {
             None | Some("disabled") => false,
             Some("auto") => true,
@@ -153,10 +158,9 @@ impl ResponsesRequest {
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
         refuse_tools("tools", &self.tools)?;
         refuse_tool_choice("tool_choice", &self.tool_choice)?;
-        match self.text.as_ref().map(|t| (t, t.get("format"))) {
-            None | Some((_, None | Some(Value::Null))) => {}
-            Some((Value::Object(_), Some(format))) => refuse_json_output("text.format", format)?,
-            Some((other, _)) => return Err(wrong_type("text", "an object", other)),
+        match &self.text {
+            None | Some(Value::Null | Value::Object(_)) => {}
+            Some(other) => return Err(wrong_type("text", "an object", other)),
         }
         if let Some(reasoning) = &self.reasoning {
             match reasoning {

@@ -13,6 +13,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
 use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
+use super::tools::{self, CallStream, Dialect, ToolUse};
 use super::{formats, json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
@@ -41,6 +42,8 @@ struct Meta {
     n: usize,
     /// With legacy completions' `echo`, each prompt's text, which its choices' text starts with.
     echo: Vec<String>,
+    /// Chat with tools: an answer may be calls.
+    tools: bool,
 }
 
 impl Meta {
@@ -59,6 +62,7 @@ impl Meta {
             meter,
             n: n.max(1),
             echo: Vec::new(),
+            tools: false,
         }
     }
 
@@ -190,19 +194,39 @@ pub async fn chat_completions(
     params.sampling.logit_bias = logit_bias(&req.logit_bias, model.vocab_size())?;
     params.priority = lane(priority);
     params.format = formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
-    let messages = req
+    let tool_use = ToolUse::parse(
+        Dialect::Chat,
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let mut messages = req
         .messages
         .iter()
         .enumerate()
         .map(|(i, m)| m.to_chat(i))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(tool_use) = &tool_use {
+        if let Some(format) = &params.format {
+            return Err(ApiError::invalid(
+                Some(&format.param),
+                format!(
+                    "'{}' cannot be combined with 'tools' on this server; pass                      \"tool_choice\": \"none\" to use it.",
+                    format.param
+                ),
+            ));
+        }
+        tool_use.instruct(&mut messages);
+        params.format = Some(tool_use.grammar());
+    }
     let prompt = model.chat_prompt(&messages)?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;
     if let Some(m) = &meter {
         m.set_tokens(prompt.len() as u64, 0);
     }
-    let meta = Meta::new(Kind::Chat, &model.info.id, meter, n);
+    let mut meta = Meta::new(Kind::Chat, &model.info.id, meter, n);
+    meta.tools = tool_use.is_some();
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt.len())
@@ -358,12 +382,14 @@ async fn full_response(
         }
         let logprobs = (!f.logprobs.is_empty()).then(|| logprobs_json(meta.kind, &f.logprobs, 0));
         choices.push(match meta.kind {
-            Kind::Chat => json!({
-                "index": index,
-                "message": {"role": "assistant", "content": f.text},
-                "logprobs": logprobs,
-                "finish_reason": f.finish.as_str(),
-            }),
+            Kind::Chat => {
+                let (message, finish) = if meta.tools {
+                    tools::chat_answer(f.text, f.finish)
+                } else {
+                    (json!({"role": "assistant", "content": f.text}), f.finish.as_str())
+                };
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            }
             Kind::Completion => json!({
                 "index": index,
                 "text": format!("{}{}", meta.echoed(index), f.text),
@@ -520,6 +546,8 @@ fn stream_response(
         Vec::new()
     };
     let mut offsets = vec![0usize; n];
+    let mut calls: Vec<CallStream> = (0..n).map(|_| CallStream::default()).collect();
+    let tooled = meta.tools;
     // (completion tokens, cached tokens, failure status): the usage chunk needs totals known only
     // at the end.
     let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize, None::<u16>)));
@@ -529,6 +557,15 @@ fn stream_response(
         let mut t = body_totals.lock().unwrap_or_else(|p| p.into_inner());
         let out: Option<Value> = match item {
             _ if t.2.is_some() => None,
+            Item::Chunk(i, Ok(c)) if kind == Kind::Chat && tooled => {
+                let (delta, finish) = calls[i].push(&c.text, c.finish);
+                if delta == json!({}) && finish.is_none() && c.logprobs.is_empty() {
+                    None
+                } else {
+                    let logprobs = (!c.logprobs.is_empty()).then(|| logprobs_json(kind, &c.logprobs, 0));
+                    Some(chunk(vec![json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})]))
+                }
+            }
             Item::Chunk(i, Ok(c)) => {
                 if c.text.is_empty() && c.finish.is_none() && c.logprobs.is_empty() {
                     None

@@ -12,6 +12,7 @@ mod json;
 mod models;
 mod page;
 mod responses;
+mod tools;
 mod types;
 mod usage;
 

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::sampling::SamplingParams;
-use crate::serving::{ChatMessage, GenParams};
+use crate::serving::{tools, ChatMessage, GenParams};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -68,9 +68,7 @@ impl ChatCompletionRequest {
     /// A 400 for each field the server cannot honour yet, unless its value asks for nothing:
     /// no tools (`null`, `[]`, `tool_choice` "none" or "auto").
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        refuse_tools("tools", &self.tools)?;
         refuse_tools("functions", &self.functions)?;
-        refuse_tool_choice("tool_choice", &self.tool_choice)?;
         refuse_tool_choice("function_call", &self.function_call)
     }
 }
@@ -357,6 +355,8 @@ pub struct ContentPart {
 pub struct RequestMessage {
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Value>,
 }
 
 impl RequestMessage {
@@ -402,13 +402,29 @@ impl RequestMessage {
                 text
             }
         };
-        // Templates know `system`; `developer` is OpenAI's newer name for it.
-        let role = if self.role == "developer" {
-            "system".to_string()
-        } else {
-            self.role.clone()
+        // Templates know `system`; `developer` is OpenAI's newer name for it. Calls and their
+        // results are written as the tool-calling format has the model read them.
+        let (role, content) = match self.role.as_str() {
+            "developer" => ("system", content),
+            "tool" => ("user", tools::render_result(&content)),
+            "assistant" => match &self.tool_calls {
+                None | Some(Value::Null) => ("assistant", content),
+                Some(calls) => {
+                    let calls = tools::render_calls(&super::tools::message_calls(index, calls)?);
+                    let content = if content.is_empty() {
+                        calls
+                    } else {
+                        format!("{content}\n{calls}")
+                    };
+                    ("assistant", content)
+                }
+            },
+            role => (role, content),
         };
-        Ok(ChatMessage { role, content })
+        Ok(ChatMessage {
+            role: role.to_string(),
+            content,
+        })
     }
 }
 
@@ -434,9 +450,10 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    // Not acted on yet: see `refuse_unsupported`.
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    // The deprecated function-calling fields: see `refuse_unsupported`.
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,

@@ -11,6 +11,7 @@ mod registry;
 mod stop;
 mod structured;
 mod template;
+pub mod tools;
 
 pub use detokenizer::Detokenizer;
 pub use embed::EmbeddingModel;

@@ -1,0 +1,304 @@
+//! Tools as requests give them: chat's `tools` (`{"type": "function", "function": {...}}`) and
+//! the Responses API's (`{"type": "function", "name": ...}`), `tool_choice` in either shape, and
+//! the calls and results that earlier turns hand back.
+
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::types::wrong_type;
+use crate::engine::FinishReason;
+use crate::serving::tools::{self, Tool, ToolCall, ToolChoice};
+use crate::serving::{ChatMessage, OutputFormat};
+
+/// Which API's shapes a request uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Chat completions: a function's fields under `function`.
+    Chat,
+    /// The Responses API: a function's fields inline.
+    Responses,
+}
+
+/// The tools a request lets the model call, validated.
+pub struct ToolUse {
+    pub tools: Vec<Tool>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+}
+
+impl ToolUse {
+    /// `None` when there are no tools, or `tool_choice` is "none".
+    pub fn parse(
+        dialect: Dialect,
+        tools: Option<&Value>,
+        choice: Option<&Value>,
+        parallel: Option<bool>,
+    ) -> Result<Option<Self>, ApiError> {
+        let tools = match tools {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, t)| tool(dialect, i, t))
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(other) => return Err(wrong_type("tools", "an array", other)),
+        };
+        for (i, t) in tools.iter().enumerate() {
+            if tools[..i].iter().any(|u| u.name == t.name) {
+                return Err(ApiError::invalid(
+                    Some(&format!("tools[{i}]")),
+                    format!("Duplicate tool name '{}'.", t.name),
+                ));
+            }
+        }
+        let choice = match choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => return Ok(None),
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::invalid(
+                        Some("tool_choice"),
+                        format!(
+                            "Invalid value for 'tool_choice': '{other}'; expected 'none', 'auto', \
+                             'required' or a function."
+                        ),
+                    ))
+                }
+            },
+            Some(named @ Value::Object(_)) => {
+                let name = match dialect {
+                    Dialect::Chat => named.pointer("/function/name"),
+                    Dialect::Responses => named.get("name"),
+                };
+                match (named.get("type").and_then(Value::as_str), name.and_then(Value::as_str)) {
+                    (Some("function"), Some(name)) => ToolChoice::Named(name.to_string()),
+                    _ => {
+                        let shape = match dialect {
+                            Dialect::Chat => r#"{"type": "function", "function": {"name": ...}}"#,
+                            Dialect::Responses => r#"{"type": "function", "name": ...}"#,
+                        };
+                        return Err(ApiError::invalid(
+                            Some("tool_choice"),
+                            format!("Invalid value for 'tool_choice': expected {shape}."),
+                        ));
+                    }
+                }
+            }
+            Some(other) => return Err(wrong_type("tool_choice", "a string or an object", other)),
+        };
+        if tools.is_empty() {
+            return match choice {
+                ToolChoice::Auto => Ok(None),
+                _ => Err(ApiError::invalid(
+                    Some("tool_choice"),
+                    "'tool_choice' is only allowed when 'tools' are specified.",
+                )),
+            };
+        }
+        if let ToolChoice::Named(name) = &choice {
+            if !tools.iter().any(|t| &t.name == name) {
+                return Err(ApiError::invalid(
+                    Some("tool_choice"),
+                    format!("Invalid value for 'tool_choice': no tool named '{name}' in 'tools'."),
+                ));
+            }
+        }
+        Ok(Some(Self {
+            tools,
+            choice,
+            parallel: parallel.unwrap_or(true),
+        }))
+    }
+
+    pub fn grammar(&self) -> OutputFormat {
+        tools::grammar(&self.tools, &self.choice, self.parallel)
+    }
+
+    /// Describes the tools to the model: in the conversation's system message, or in one of its
+    /// own ahead of it.
+    pub fn instruct(&self, messages: &mut Vec<ChatMessage>) {
+        let prompt = tools::system_prompt(&self.tools);
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => {
+                m.content = format!("{}\n\n{prompt}", m.content);
+            }
+            _ => messages.insert(
+                0,
+                ChatMessage {
+                    role: "system".into(),
+                    content: prompt,
+                },
+            ),
+        }
+    }
+}
+
+fn tool(dialect: Dialect, i: usize, t: &Value) -> Result<Tool, ApiError> {
+    let at = |field: &str| format!("tools[{i}].{field}");
+    match t.get("type").and_then(Value::as_str) {
+        Some("function") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some(&at("type")),
+                format!(
+                    "Invalid value for '{}': '{other}'; this server calls function tools only.",
+                    at("type")
+                ),
+            ))
+        }
+        None => return Err(missing(&at("type"))),
+    }
+    let (f, prefix) = match dialect {
+        Dialect::Chat => match t.get("function") {
+            Some(f @ Value::Object(_)) => (f, "function."),
+            None | Some(Value::Null) => return Err(missing(&at("function"))),
+            Some(other) => return Err(wrong_type(&at("function"), "an object", other)),
+        },
+        Dialect::Responses => (t, ""),
+    };
+    let name_param = at(&format!("{prefix}name"));
+    let name = match f.get("name") {
+        Some(Value::String(name)) => name.clone(),
+        None | Some(Value::Null) => return Err(missing(&name_param)),
+        Some(other) => return Err(wrong_type(&name_param, "a string", other)),
+    };
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(ApiError::invalid(
+            Some(&name_param),
+            format!(
+                "Invalid '{name_param}': '{name}'. Expected a string of 1 to 64 letters, digits, \
+                 underscores or dashes."
+            ),
+        ));
+    }
+    let params_param = at(&format!("{prefix}parameters"));
+    let parameters = match f.get("parameters") {
+        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(other) => return Err(wrong_type(&params_param, "an object", other)),
+    };
+    let description = f
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(Tool {
+        name,
+        description,
+        parameters,
+    })
+}
+
+fn missing(param: &str) -> ApiError {
+    ApiError::invalid(Some(param), format!("Missing required parameter: '{param}'."))
+}
+
+/// Chat's `tool_calls` of an assistant message (`messages[i].tool_calls`), as the calls they
+/// record.
+pub fn message_calls(index: usize, value: &Value) -> Result<Vec<ToolCall>, ApiError> {
+    let param = format!("messages[{index}].tool_calls");
+    let Value::Array(list) = value else {
+        return Err(wrong_type(&param, "an array", value));
+    };
+    list.iter()
+        .enumerate()
+        .map(|(j, call)| {
+            let at = format!("{param}[{j}].function");
+            let name = call.pointer("/function/name").and_then(Value::as_str);
+            let arguments = match call.pointer("/function/arguments") {
+                Some(Value::String(s)) => Some(s.clone()),
+                None | Some(Value::Null) => Some("{}".to_string()),
+                Some(_) => None,
+            };
+            match (name, arguments) {
+                (Some(name), Some(arguments)) => Ok(ToolCall {
+                    name: name.to_string(),
+                    arguments,
+                }),
+                _ => Err(ApiError::invalid(
+                    Some(&at),
+                    format!(
+                        "Invalid value for '{at}': expected {{\"name\": string, \"arguments\": string}}."
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// OpenAI's id for a call: `call_` and 24 random characters.
+pub fn call_id() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("call_{}", &id[..24])
+}
+
+/// Chat's `tool_calls` for the calls of one answer; a stream's deltas number them (`index`).
+pub fn chat_calls(calls: &[ToolCall], numbered: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut call = json!({
+                "id": call_id(),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            });
+            if numbered {
+                call["index"] = json!(i);
+            }
+            call
+        })
+        .collect()
+}
+
+/// A chat message's fields for one answer: its text, or its calls when the text is calls.
+pub fn chat_answer(text: String, finish: FinishReason) -> (Value, &'static str) {
+    match tools::parse_calls(&text) {
+        Some(calls) => (
+            json!({"role": "assistant", "content": null, "tool_calls": chat_calls(&calls, false)}),
+            "tool_calls",
+        ),
+        None => (
+            json!({"role": "assistant", "content": text}),
+            finish.as_str(),
+        ),
+    }
+}
+
+/// One streamed chat choice whose answer may be calls. The grammar lets an answer with tools
+/// start with `<` only when it is calls, so text is streamed as soon as its first character is
+/// not `<`; calls are held back and sent whole at the end.
+#[derive(Default)]
+pub struct CallStream {
+    held: String,
+    text: bool,
+}
+
+impl CallStream {
+    /// The delta to send for a chunk (`{}` for none) and the finish reason to report.
+    pub fn push(&mut self, text: &str, finish: Option<FinishReason>) -> (Value, Option<&'static str>) {
+        let content = |t: &str| if t.is_empty() { json!({}) } else { json!({"content": t}) };
+        if self.text {
+            return (content(text), finish.map(FinishReason::as_str));
+        }
+        self.held.push_str(text);
+        if !self.held.is_empty() && !self.held.starts_with('<') {
+            self.text = true;
+            let held = std::mem::take(&mut self.held);
+            return (content(&held), finish.map(FinishReason::as_str));
+        }
+        let Some(finish) = finish else {
+            return (json!({}), None);
+        };
+        let held = std::mem::take(&mut self.held);
+        match tools::parse_calls(&held) {
+            Some(calls) => (json!({"tool_calls": chat_calls(&calls, true)}), Some("tool_calls")),
+            None => (content(&held), Some(finish.as_str())),
+        }
+    }
+}

@@ -478,14 +478,14 @@ def _():
     eq(final.status, "completed", "status")
 
 
-@check("responses: max_output_tokens -> incomplete; tools, JSON, images -> 400 naming the field")
+@check("responses: max_output_tokens -> incomplete; hosted tools, images -> 400 naming the field")
 def _():
     r = client.responses.create(model=CHAT, input=LONG_MSG[0]["content"], max_output_tokens=4, store=False)
     eq((r.status, r.incomplete_details.reason, r.usage.output_tokens),
        ("incomplete", "max_output_tokens", 4), "status, reason, output tokens")
     sdk_error(openai.NotFoundError, lambda: client.responses.retrieve(r.id), 404)
-    for kw, param in [(dict(tools=[{"type": "web_search"}]), "tools"),
-                      (dict(text={"format": {"type": "json_object"}}), "text.format"),
+    for kw, param in [(dict(tools=[{"type": "web_search"}]), "tools[0].type"),
+                      (dict(text={"format": {"type": "json_schema", "schema": {}}}), "text.format.name"),
                       (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]),
                        "input[0].content[0]")]:
         args = dict(model=CHAT, input="Hi")

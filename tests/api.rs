@@ -395,30 +395,47 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
     assert_eq!(resp.status(), 200);
 }
 
-/// Tools, JSON output, `best_of` and `suffix` are not implemented: a request that asks
+/// The deprecated `functions`, `best_of` and `suffix` are not implemented: a request that asks
 /// for them gets a 400 naming the field rather than an answer that silently ignores it, while
-/// values that ask for nothing (as some clients send by default) pass.
+/// values that ask for nothing (as some clients send by default) pass. Tools and output
+/// formats that cannot be honoured as given are 400s naming the field too.
 #[tokio::test]
 async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
     let base = &shared().base;
     let chat_path = "/v1/chat/completions";
     let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
     for (extra, param) in [
-        (json!({"tools": tool}), "tools"),
+        (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
         (json!({"tools": "f"}), "tools"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            "tools[0].function.name",
+        ),
         (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"tool_choice": "required"}), "tool_choice"),
         (
-            json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+            json!({"tools": tool, "tool_choice": {"type": "function", "function": {"name": "g"}}}),
             "tool_choice",
         ),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"tools": tool, "response_format": {"type": "json_object"}}),
             "response_format",
         ),
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
-            "response_format",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
+            "response_format.json_schema.name",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}),
+            "guided_regex",
+        ),
+        (
+            json!({"structured_outputs": {"yaml": "x"}}),
+            "structured_outputs.yaml",
         ),
         (
             json!({"response_format": {"type": "yaml"}}),

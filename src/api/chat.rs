@@ -12,8 +12,8 @@ use axum::Json;
 use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
-use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
 use super::tools::{self, CallStream, Dialect, ToolUse};
+use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
 use super::{formats, json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
@@ -193,7 +193,8 @@ pub async fn chat_completions(
     let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
     params.sampling.logit_bias = logit_bias(&req.logit_bias, model.vocab_size())?;
     params.priority = lane(priority);
-    params.format = formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
+    params.format =
+        formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
     let tool_use = ToolUse::parse(
         Dialect::Chat,
         req.tools.as_ref(),
@@ -207,17 +208,20 @@ pub async fn chat_completions(
         .map(|(i, m)| m.to_chat(i))
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(tool_use) = &tool_use {
-        if let Some(format) = &params.format {
-            return Err(ApiError::invalid(
-                Some(&format.param),
-                format!(
-                    "'{}' cannot be combined with 'tools' on this server; pass                      \"tool_choice\": \"none\" to use it.",
-                    format.param
-                ),
-            ));
-        }
         tool_use.instruct(&mut messages);
-        params.format = Some(tool_use.grammar());
+        if let Some(grammar) = tool_use.grammar() {
+            if let Some(format) = &params.format {
+                return Err(ApiError::invalid(
+                    Some(&format.param),
+                    format!(
+                        "'{}' cannot be combined with 'tools' on this server; pass \
+                         \"tool_choice\": \"none\" to use it.",
+                        format.param
+                    ),
+                ));
+            }
+            params.format = Some(grammar);
+        }
     }
     let prompt = model.chat_prompt(&messages)?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;
@@ -226,7 +230,7 @@ pub async fn chat_completions(
         m.set_tokens(prompt.len() as u64, 0);
     }
     let mut meta = Meta::new(Kind::Chat, &model.info.id, meter, n);
-    meta.tools = tool_use.is_some();
+    meta.tools = tool_use.is_some_and(|t| t.calls);
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt.len())
@@ -268,7 +272,8 @@ pub async fn completions(
     let vocab = model.vocab_size();
     params.sampling.logit_bias = logit_bias(&req.logit_bias, vocab)?;
     params.priority = lane(priority);
-    params.format = formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
+    params.format =
+        formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         Prompt::Text(t) => vec![model.completion_prompt(t)?],
         Prompt::Texts(ts) => ts

@@ -93,7 +93,10 @@ fn named_schema(param: &str, spec: &Value) -> Result<OutputFormat, ApiError> {
 }
 
 fn missing(param: &str) -> ApiError {
-    ApiError::invalid(Some(param), format!("Missing required parameter: '{param}'."))
+    ApiError::invalid(
+        Some(param),
+        format!("Missing required parameter: '{param}'."),
+    )
 }
 
 /// vLLM's structured-output fields, for its users' requests to carry over.
@@ -148,8 +151,9 @@ impl VllmGuided {
                     found.push((format!("structured_outputs.{key}"), key.as_str(), value));
                 }
             }
-        } else if let Some(other @ (Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Array(_))) =
-            &self.structured_outputs
+        } else if let Some(
+            other @ (Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Array(_)),
+        ) = &self.structured_outputs
         {
             return Err(wrong_type("structured_outputs", "an object", other));
         }
@@ -179,9 +183,11 @@ fn guided(param: &str, kind: &str, value: &Value) -> Result<OutputFormat, ApiErr
     let grammar = match (kind, value) {
         ("json", Value::Object(_)) => Grammar::JsonSchema(value.clone()),
         // vLLM accepts the schema as a JSON string too.
-        ("json", Value::String(s)) => Grammar::JsonSchema(serde_json::from_str(s).map_err(|e| {
-            ApiError::invalid(Some(param), format!("'{param}' is not valid JSON: {e}"))
-        })?),
+        ("json", Value::String(s)) => {
+            Grammar::JsonSchema(serde_json::from_str(s).map_err(|e| {
+                ApiError::invalid(Some(param), format!("'{param}' is not valid JSON: {e}"))
+            })?)
+        }
         ("json_object", Value::Bool(true)) => Grammar::JsonSchema(json!({"type": "object"})),
         ("regex", Value::String(rx)) => Grammar::Regex(rx.clone()),
         ("choice", Value::Array(items)) if !items.is_empty() => {

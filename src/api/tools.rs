@@ -24,10 +24,13 @@ pub struct ToolUse {
     pub tools: Vec<Tool>,
     pub choice: ToolChoice,
     pub parallel: bool,
+    /// False with `tool_choice: "none"`: the model is told of the tools (as vLLM and OpenAI
+    /// tell it) but answers in text, unconstrained.
+    pub calls: bool,
 }
 
 impl ToolUse {
-    /// `None` when there are no tools, or `tool_choice` is "none".
+    /// `None` when there are no tools.
     pub fn parse(
         dialect: Dialect,
         tools: Option<&Value>,
@@ -51,10 +54,14 @@ impl ToolUse {
                 ));
             }
         }
+        let mut calls = true;
         let choice = match choice {
             None | Some(Value::Null) => ToolChoice::Auto,
             Some(Value::String(s)) => match s.as_str() {
-                "none" => return Ok(None),
+                "none" => {
+                    calls = false;
+                    ToolChoice::Auto
+                }
                 "auto" => ToolChoice::Auto,
                 "required" => ToolChoice::Required,
                 other => {
@@ -72,7 +79,10 @@ impl ToolUse {
                     Dialect::Chat => named.pointer("/function/name"),
                     Dialect::Responses => named.get("name"),
                 };
-                match (named.get("type").and_then(Value::as_str), name.and_then(Value::as_str)) {
+                match (
+                    named.get("type").and_then(Value::as_str),
+                    name.and_then(Value::as_str),
+                ) {
                     (Some("function"), Some(name)) => ToolChoice::Named(name.to_string()),
                     _ => {
                         let shape = match dialect {
@@ -109,11 +119,14 @@ impl ToolUse {
             tools,
             choice,
             parallel: parallel.unwrap_or(true),
+            calls,
         }))
     }
 
-    pub fn grammar(&self) -> OutputFormat {
-        tools::grammar(&self.tools, &self.choice, self.parallel)
+    /// The grammar of the answer, when it may be calls.
+    pub fn grammar(&self) -> Option<OutputFormat> {
+        self.calls
+            .then(|| tools::grammar(&self.tools, &self.choice, self.parallel))
     }
 
     /// Describes the tools to the model: in the conversation's system message, or in one of its
@@ -195,7 +208,10 @@ fn tool(dialect: Dialect, i: usize, t: &Value) -> Result<Tool, ApiError> {
 }
 
 fn missing(param: &str) -> ApiError {
-    ApiError::invalid(Some(param), format!("Missing required parameter: '{param}'."))
+    ApiError::invalid(
+        Some(param),
+        format!("Missing required parameter: '{param}'."),
+    )
 }
 
 /// Chat's `tool_calls` of an assistant message (`messages[i].tool_calls`), as the calls they
@@ -258,15 +274,23 @@ pub fn chat_calls(calls: &[ToolCall], numbered: bool) -> Vec<Value> {
 
 /// A chat message's fields for one answer: its text, or its calls when the text is calls.
 pub fn chat_answer(text: String, finish: FinishReason) -> (Value, &'static str) {
-    match tools::parse_calls(&text) {
+    match tools::parse_calls(&text, finish == FinishReason::Length) {
         Some(calls) => (
             json!({"role": "assistant", "content": null, "tool_calls": chat_calls(&calls, false)}),
-            "tool_calls",
+            calls_finish(finish),
         ),
         None => (
             json!({"role": "assistant", "content": text}),
             finish.as_str(),
         ),
+    }
+}
+
+/// The finish reason of an answer that is calls: `length` when the limit cut it short.
+fn calls_finish(finish: FinishReason) -> &'static str {
+    match finish {
+        FinishReason::Stop => "tool_calls",
+        FinishReason::Length => "length",
     }
 }
 
@@ -281,8 +305,18 @@ pub struct CallStream {
 
 impl CallStream {
     /// The delta to send for a chunk (`{}` for none) and the finish reason to report.
-    pub fn push(&mut self, text: &str, finish: Option<FinishReason>) -> (Value, Option<&'static str>) {
-        let content = |t: &str| if t.is_empty() { json!({}) } else { json!({"content": t}) };
+    pub fn push(
+        &mut self,
+        text: &str,
+        finish: Option<FinishReason>,
+    ) -> (Value, Option<&'static str>) {
+        let content = |t: &str| {
+            if t.is_empty() {
+                json!({})
+            } else {
+                json!({"content": t})
+            }
+        };
         if self.text {
             return (content(text), finish.map(FinishReason::as_str));
         }
@@ -296,8 +330,11 @@ impl CallStream {
             return (json!({}), None);
         };
         let held = std::mem::take(&mut self.held);
-        match tools::parse_calls(&held) {
-            Some(calls) => (json!({"tool_calls": chat_calls(&calls, true)}), Some("tool_calls")),
+        match tools::parse_calls(&held, finish == FinishReason::Length) {
+            Some(calls) => (
+                json!({"tool_calls": chat_calls(&calls, true)}),
+                Some(calls_finish(finish)),
+            ),
             None => (content(&held), Some(finish.as_str())),
         }
     }

@@ -101,16 +101,22 @@ pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> OutputFor
 }
 
 /// The calls in `text`, when it is made of `<tool_call>` blocks (each holding a JSON object with
-/// a string `name`); `None` for any other text, an answer or calls cut short.
-pub fn parse_calls(text: &str) -> Option<Vec<ToolCall>> {
+/// a string `name`); `None` for any other text. An output cut short (`cut`: it hit its token
+/// limit) keeps the calls it completed, when it completed any.
+pub fn parse_calls(text: &str, cut: bool) -> Option<Vec<ToolCall>> {
     let mut rest = text.trim();
     if !rest.starts_with(CALL_OPEN) {
         return None;
     }
     let mut calls = Vec::new();
     while let Some(after) = rest.strip_prefix(CALL_OPEN) {
-        let (body, tail) = after.split_once(CALL_CLOSE)?;
-        let call: Value = serde_json::from_str(body.trim()).ok()?;
+        let Some(call) = after.split_once(CALL_CLOSE).and_then(|(body, tail)| {
+            let call: Value = serde_json::from_str(body.trim()).ok()?;
+            Some((call, tail))
+        }) else {
+            break;
+        };
+        let (call, tail) = call;
         let name = call.get("name")?.as_str()?.to_string();
         let arguments = match call.get("arguments") {
             None | Some(Value::Null) => "{}".to_string(),
@@ -119,7 +125,9 @@ pub fn parse_calls(text: &str) -> Option<Vec<ToolCall>> {
         calls.push(ToolCall { name, arguments });
         rest = tail.trim_start();
     }
-    rest.is_empty().then_some(calls)
+    let whole =
+        rest.is_empty() || (cut && (CALL_OPEN.starts_with(rest) || rest.starts_with(CALL_OPEN)));
+    (whole && !calls.is_empty()).then_some(calls)
 }
 
 /// An assistant turn's calls, as the model would have written them.
@@ -157,17 +165,33 @@ mod tests {
                 arguments: "{}".into(),
             },
         ];
-        assert_eq!(parse_calls(&render_calls(&calls)), Some(calls));
+        assert_eq!(parse_calls(&render_calls(&calls), false), Some(calls));
     }
 
     #[test]
     fn answers_and_cut_calls_are_not_calls() {
-        assert_eq!(parse_calls("Paris is sunny."), None);
-        assert_eq!(parse_calls("<tool_call>\n{\"name\": \"f\", \"argu"), None);
-        assert_eq!(parse_calls("<tool_call>\n{\"arguments\": {}}\n</tool_call>"), None);
+        assert_eq!(parse_calls("Paris is sunny.", false), None);
         assert_eq!(
-            parse_calls("<tool_call>\n{\"name\": \"f\"}\n</tool_call> and more"),
+            parse_calls("<tool_call>\n{\"name\": \"f\", \"argu", true),
             None
         );
+        let no_name = "<tool_call>\n{\"arguments\": {}}\n</tool_call>";
+        assert_eq!(parse_calls(no_name, false), None);
+        let trailing = "<tool_call>\n{\"name\": \"f\"}\n</tool_call> and more";
+        assert_eq!(parse_calls(trailing, false), None);
+        assert_eq!(parse_calls(trailing, true), None);
+    }
+
+    #[test]
+    fn an_output_cut_short_keeps_its_complete_calls() {
+        let one = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>";
+        let cut = format!("{one}\n<tool_call>\n{{\"name\": \"f\", \"argu");
+        let calls = parse_calls(&cut, true).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].arguments, r#"{"a":1}"#);
+        // Complete, the same text is not calls.
+        assert_eq!(parse_calls(&cut, false), None);
+        let barely = format!("{one}\n<tool_c");
+        assert_eq!(parse_calls(&barely, true).map(|c| c.len()), Some(1));
     }
 }

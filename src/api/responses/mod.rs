@@ -23,12 +23,13 @@ use tokio::sync::mpsc;
 
 use super::chat::{chat_model, lane, reserve, run_to_end, token_logprobs};
 use super::files::blocking;
+use super::tools::ToolUse;
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::responses::StoredResponse;
 use crate::platform::usage::{Meter, TokenClock};
 use crate::platform::Caller;
-use crate::serving::{ChatMessage, ChatModel, Generation, ServingError};
+use crate::serving::{tools, ChatMessage, ChatModel, Generation, ServingError};
 use output::{status_of, text_part, usage_json, Events, Shape};
 use request::ResponsesRequest;
 
@@ -63,14 +64,22 @@ fn as_input(e: ServingError) -> ApiError {
 fn prompt(
     model: &ChatModel,
     instructions: Option<&str>,
+    tool_use: Option<&ToolUse>,
     conversation: &[ChatMessage],
     truncate: bool,
     max_tokens: Option<usize>,
 ) -> Result<Vec<u32>, ApiError> {
-    let system = instructions.filter(|i| !i.is_empty()).map(|i| ChatMessage {
-        role: "system".into(),
-        content: i.into(),
-    });
+    let mut system: Vec<ChatMessage> = instructions
+        .filter(|i| !i.is_empty())
+        .map(|i| ChatMessage {
+            role: "system".into(),
+            content: i.into(),
+        })
+        .into_iter()
+        .collect();
+    if let Some(tool_use) = tool_use {
+        tool_use.instruct(&mut system);
+    }
     let mut skip = 0;
     loop {
         let messages: Vec<ChatMessage> = system
@@ -177,6 +186,7 @@ pub async fn create(
     let prompt = prompt(
         &model,
         req.instructions.as_deref(),
+        parsed.tool_use.as_ref(),
         &conversation,
         parsed.truncate,
         params.max_tokens,
@@ -198,6 +208,7 @@ pub async fn create(
     });
     let run = Run {
         state,
+        tools: parsed.tool_use.as_ref().is_some_and(|t| t.calls),
         shape,
         meter,
         record,
@@ -214,6 +225,8 @@ pub async fn create(
 /// One response being generated.
 struct Run {
     state: Arc<AppState>,
+    /// An answer may be calls.
+    tools: bool,
     shape: Shape,
     meter: Option<Arc<Meter>>,
     record: Option<Record>,
@@ -260,13 +273,21 @@ impl Run {
             ApiError::from(e)
         })?;
         let (status, incomplete) = status_of(f.finish);
-        let item = self
-            .shape
-            .message(status, Some(text_part(&f.text, &f.logprobs)));
+        let cut = f.finish == FinishReason::Length;
+        let calls = self
+            .tools
+            .then(|| tools::parse_calls(&f.text, cut))
+            .flatten();
+        let output = match calls {
+            Some(calls) => calls.iter().map(call_item).collect(),
+            None => vec![self
+                .shape
+                .message(status, Some(text_part(&f.text, &f.logprobs)))],
+        };
         let usage = usage_json(self.prompt_tokens, f.completion_tokens, f.cached_tokens);
         let object = self
             .shape
-            .object(status, vec![item], usage, incomplete, Value::Null);
+            .object(status, output, usage, incomplete, Value::Null);
         self.settle(
             false,
             &object,
@@ -323,14 +344,24 @@ impl Run {
         );
         send!("response.created", json!({"response": opened}));
         send!("response.in_progress", json!({"response": opened}));
-        send!(
-            "response.output_item.added",
-            json!({"output_index": 0, "item": shape.message("in_progress", None)})
-        );
-        send!(
-            "response.content_part.added",
-            place(json!({"part": text_part("", &[])}))
-        );
+        let opening = [
+            (
+                "response.output_item.added",
+                json!({"output_index": 0, "item": shape.message("in_progress", None)}),
+            ),
+            (
+                "response.content_part.added",
+                place(json!({"part": text_part("", &[])})),
+            ),
+        ];
+        // With tools, the message opens once its first character shows it is not calls (see
+        // `CallStream`); until then its text is held.
+        let mut held = self.tools.then(String::new);
+        if held.is_none() {
+            for (kind, fields) in opening.clone() {
+                send!(kind, fields);
+            }
+        }
         let (mut text, mut logprobs) = (String::new(), Vec::new());
         let mut finish = FinishReason::Length;
         let mut clock = TokenClock::default();
@@ -357,29 +388,87 @@ impl Run {
             if let Some(m) = &self.meter {
                 clock.tick(m);
             }
-            if !chunk.text.is_empty() || !chunk.logprobs.is_empty() {
-                let delta =
-                    json!({"delta": chunk.text, "logprobs": token_logprobs(&chunk.logprobs)});
+            text.push_str(&chunk.text);
+            let delta = match &mut held {
+                Some(h) => {
+                    h.push_str(&chunk.text);
+                    if h.is_empty() || h.starts_with('<') {
+                        None
+                    } else {
+                        for (kind, fields) in opening.clone() {
+                            send!(kind, fields);
+                        }
+                        held.take()
+                    }
+                }
+                None => Some(chunk.text),
+            };
+            if let Some(delta) = delta.filter(|d| !d.is_empty() || !chunk.logprobs.is_empty()) {
+                let delta = json!({"delta": delta, "logprobs": token_logprobs(&chunk.logprobs)});
                 send!("response.output_text.delta", place(delta));
             }
-            text.push_str(&chunk.text);
             logprobs.extend(chunk.logprobs);
             if let Some(f) = chunk.finish {
                 finish = f;
             }
         }
-        let part = text_part(&text, &logprobs);
-        let done = json!({"text": text, "logprobs": part["logprobs"].clone()});
-        send!("response.output_text.done", place(done));
-        send!("response.content_part.done", place(json!({"part": part})));
         let (status, incomplete) = status_of(finish);
-        let item = shape.message(status, Some(part));
-        send!(
-            "response.output_item.done",
-            json!({"output_index": 0, "item": item})
-        );
+        let cut = finish == FinishReason::Length;
+        let calls = held
+            .is_some()
+            .then(|| tools::parse_calls(&text, cut))
+            .flatten();
+        let output = if let Some(calls) = calls {
+            let mut items = Vec::new();
+            for (index, call) in calls.iter().enumerate() {
+                let item = call_item(call);
+                let mut added = item.clone();
+                added["arguments"] = json!("");
+                added["status"] = json!("in_progress");
+                send!(
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": added})
+                );
+                let at = json!({"item_id": item["id"], "output_index": index});
+                let mut delta = at.clone();
+                delta["delta"] = json!(call.arguments);
+                send!("response.function_call_arguments.delta", delta);
+                let mut done = at;
+                done["arguments"] = json!(call.arguments);
+                send!("response.function_call_arguments.done", done);
+                send!(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item})
+                );
+                items.push(item);
+            }
+            items
+        } else {
+            if let Some(h) = held.take() {
+                // Held to the end: text that looked like calls but is not.
+                for (kind, fields) in opening.clone() {
+                    send!(kind, fields);
+                }
+                if !h.is_empty() {
+                    send!(
+                        "response.output_text.delta",
+                        place(json!({"delta": h, "logprobs": []}))
+                    );
+                }
+            }
+            let part = text_part(&text, &logprobs);
+            let done = json!({"text": text, "logprobs": part["logprobs"].clone()});
+            send!("response.output_text.done", place(done));
+            send!("response.content_part.done", place(json!({"part": part})));
+            let item = shape.message(status, Some(part));
+            send!(
+                "response.output_item.done",
+                json!({"output_index": 0, "item": item})
+            );
+            vec![item]
+        };
         let usage = usage_json(self.prompt_tokens, gen.completion_tokens, gen.cached_tokens);
-        let object = shape.object(status, vec![item], usage, incomplete, Value::Null);
+        let object = shape.object(status, output, usage, incomplete, Value::Null);
         // Stored and metered before the last event, so that a client reading it back next
         // finds it.
         let settled = self
@@ -420,6 +509,18 @@ impl Run {
             }
         }
     }
+}
+
+/// A call as a Responses output item.
+fn call_item(call: &tools::ToolCall) -> Value {
+    json!({
+        "id": new_id("fc"),
+        "type": "function_call",
+        "status": "completed",
+        "call_id": super::tools::call_id(),
+        "name": call.name,
+        "arguments": call.arguments,
+    })
 }
 
 pub async fn retrieve(

@@ -22,6 +22,7 @@ pub struct Shape {
     tool_choice: Value,
     /// `text` as the response echoes it: the output format asked for.
     text: Value,
+    tools: Value,
     parallel_tool_calls: bool,
     truncation: &'static str,
     store: bool,
@@ -56,6 +57,10 @@ impl Shape {
             text: match req.text.as_ref().and_then(|t| t.get("format")) {
                 Some(format @ Value::Object(_)) => json!({ "format": format }),
                 _ => json!({"format": {"type": "text"}}),
+            },
+            tools: match &req.tools {
+                Some(list @ Value::Array(_)) => list.clone(),
+                _ => json!([]),
             },
             parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
             truncation: if req.truncation.as_deref() == Some("auto") {
@@ -97,7 +102,7 @@ impl Shape {
             "temperature": self.temperature,
             "text": self.text,
             "tool_choice": self.tool_choice,
-            "tools": [],
+            "tools": self.tools,
             "top_logprobs": self.top_logprobs,
             "top_p": self.top_p,
             "truncation": self.truncation,

@@ -1,16 +1,15 @@
 //! The body of `POST /v1/responses`, and its validation: input items into chat messages, sampling
-//! fields into serving's parameters. What this server cannot honour (tools,
+//! fields into serving's parameters. What this server cannot honour (hosted tools,
 //! background runs, reasoning effort, images) is a 400 naming the field, as in chat completions.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::super::types::{
-    metadata, refuse_tool_choice, refuse_tools, wrong_type, SamplingFields,
-};
 use super::super::formats;
+use super::super::tools::{Dialect, ToolUse};
+use super::super::types::{metadata, wrong_type, SamplingFields};
 use super::super::ApiError;
-use crate::serving::{ChatMessage, GenParams};
+use crate::serving::{tools, ChatMessage, GenParams};
 
 #[derive(Debug, Deserialize)]
 pub struct ResponsesRequest {
@@ -70,6 +69,8 @@ pub struct Parsed {
     pub store: bool,
     /// `truncation: "auto"`: drop the oldest messages of a conversation too long for the context.
     pub truncate: bool,
+    /// The tools the model may call.
+    pub tool_use: Option<ToolUse>,
 }
 
 impl ResponsesRequest {
@@ -115,6 +116,22 @@ impl ResponsesRequest {
             None | Some(Value::Null) => None,
             Some(format) => formats::text_format(format)?,
         };
+        let tool_use = ToolUse::parse(
+            Dialect::Responses,
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )?;
+        if let Some(grammar) = tool_use.as_ref().and_then(ToolUse::grammar) {
+            if params.format.is_some() {
+                return Err(ApiError::invalid(
+                    Some("text.format"),
+                    "'text.format' cannot be combined with 'tools' on this server; pass \
+                     \"tool_choice\": \"none\" to use it.",
+                ));
+            }
+            params.format = Some(grammar);
+        }
         let truncate = match self.truncation.as_deref() {
             None | Some("disabled") => false,
             Some("auto") => true,
@@ -151,13 +168,12 @@ impl ResponsesRequest {
             metadata: metadata(self.metadata.as_ref())?,
             store: self.store.unwrap_or(true),
             truncate,
+            tool_use,
         })
     }
 
     /// A 400 for each field whose value asks for what this server cannot do.
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        refuse_tools("tools", &self.tools)?;
-        refuse_tool_choice("tool_choice", &self.tool_choice)?;
         match &self.text {
             None | Some(Value::Null | Value::Object(_)) => {}
             Some(other) => return Err(wrong_type("text", "an object", other)),
@@ -235,20 +251,36 @@ fn message_item(id: Option<&str>, role: &str, texts: &[String]) -> Value {
 fn input_items(list: &[Value]) -> Result<(Vec<Value>, Vec<ChatMessage>), ApiError> {
     const ROLES: [&str; 4] = ["user", "assistant", "system", "developer"];
     let mut items = Vec::with_capacity(list.len());
-    let mut messages = Vec::with_capacity(list.len());
+    let mut messages: Vec<ChatMessage> = Vec::with_capacity(list.len());
     for (i, item) in list.iter().enumerate() {
         let Value::Object(fields) = item else {
             return Err(wrong_type(&format!("input[{i}]"), "an object", item));
         };
         match fields.get("type").and_then(Value::as_str) {
             None | Some("message") => {}
+            Some(kind @ ("function_call" | "function_call_output")) => {
+                let (item, message) = call_item(i, kind, fields)?;
+                items.push(item);
+                // Consecutive calls are one assistant turn.
+                match messages.last_mut() {
+                    Some(last)
+                        if kind == "function_call"
+                            && last.role == "assistant"
+                            && last.content.contains(tools::CALL_OPEN) =>
+                    {
+                        last.content = format!("{}\n{}", last.content, message.content);
+                    }
+                    _ => messages.push(message),
+                }
+                continue;
+            }
             Some(kind) => {
                 let param = format!("input[{i}].type");
                 return Err(ApiError::invalid(
                     Some(&param),
                     format!(
                         "Input items of type '{kind}' are not supported by this server: it takes \
-                         messages only (it does not call tools yet)."
+                         messages, function calls and their outputs."
                     ),
                 ));
             }
@@ -279,6 +311,47 @@ fn input_items(list: &[Value]) -> Result<(Vec<Value>, Vec<ChatMessage>), ApiErro
         messages.push(chat_message(role, texts.concat()));
     }
     Ok((items, messages))
+}
+
+/// A `function_call` item handed back (`call_id`, `name`, `arguments`), or the
+/// `function_call_output` that answers it (`call_id`, `output`).
+fn call_item(
+    i: usize,
+    kind: &str,
+    fields: &Map<String, Value>,
+) -> Result<(Value, ChatMessage), ApiError> {
+    let text = |key: &str| match fields.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => {
+            let param = format!("input[{i}].{key}");
+            Err(ApiError::invalid(
+                Some(&param),
+                format!("Missing required parameter: '{param}'."),
+            ))
+        }
+        Some(other) => Err(wrong_type(&format!("input[{i}].{key}"), "a string", other)),
+    };
+    let call_id = text("call_id")?;
+    let mut item = Value::Object(fields.clone());
+    if kind == "function_call" {
+        let call = tools::ToolCall {
+            name: text("name")?,
+            arguments: text("arguments")?,
+        };
+        if item.get("id").is_none() {
+            item["id"] = json!(super::new_id("fc"));
+        }
+        item["status"] = json!("completed");
+        let content = tools::render_calls(std::slice::from_ref(&call));
+        Ok((item, chat_message("assistant", content)))
+    } else {
+        let output = text("output")?;
+        item["call_id"] = json!(call_id);
+        if item.get("id").is_none() {
+            item["id"] = json!(super::new_id("fco"));
+        }
+        Ok((item, chat_message("user", tools::render_result(&output))))
+    }
 }
 
 /// The text parts of input message `i`.
@@ -390,19 +463,28 @@ mod tests {
                 "input[0].content[0]",
             ),
             (
-                json!({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}),
+                json!({"input": [{"type": "function_call_output", "output": "4"}]}),
+                "input[0].call_id",
+            ),
+            (
+                json!({"input": [{"type": "file_search_call", "id": "x"}]}),
                 "input[0].type",
             ),
             (
                 json!({"input": "x", "tools": [{"type": "web_search"}]}),
-                "tools",
+                "tools[0].type",
             ),
             (
                 json!({"input": "x", "tool_choice": "required"}),
                 "tool_choice",
             ),
             (
-                json!({"input": "x", "text": {"format": {"type": "json_object"}}}),
+                json!({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}),
+                "text.format.name",
+            ),
+            (
+                json!({"input": "x", "text": {"format": {"type": "json_object"}},
+                       "tools": [{"type": "function", "name": "f"}]}),
                 "text.format",
             ),
             (
@@ -438,6 +520,10 @@ mod tests {
         for body in [
             json!({"input": "x", "tools": [], "tool_choice": "auto", "reasoning": {"effort": null}}),
             json!({"input": "x", "text": {"format": {"type": "text"}}, "background": false}),
+            json!({"input": "x", "text": {"format": {"type": "json_object"}}}),
+            json!({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": "c", "output": "4"}],
+                   "tools": [{"type": "function", "name": "f"}], "tool_choice": "required"}),
             json!({"input": "x", "truncation": "auto", "include": ["reasoning.encrypted_content"]}),
             json!({"previous_response_id": "resp_1"}),
         ] {

@@ -494,6 +494,90 @@ def _():
         eq(err["param"], param, "param")
 
 
+# --------------------------------------------------------------------------- structured output + tools
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
+                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+
+
+def check_weather_args(name, arguments):
+    eq(name, "get_weather", "tool name")
+    args = json.loads(arguments)
+    eq(sorted(args), ["city", "unit"], "argument names")
+    expect(isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit"), f"arguments {args}")
+
+
+@check("structured: chat.completions.parse with a pydantic model; json_object; vLLM choice")
+def _():
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    r = client.chat.completions.parse(model=CHAT, messages=[{"role": "user", "content": "Alice is 30. Who is she?"}],
+                                      response_format=Person, temperature=0, max_tokens=60)
+    person = r.choices[0].message.parsed
+    expect(isinstance(person, Person) and isinstance(person.age, int), f"parsed {person!r}")
+    r = chat(messages=[{"role": "user", "content": "List three colors."}], response_format={"type": "json_object"},
+             temperature=0, max_tokens=100)
+    expect(isinstance(json.loads(r.choices[0].message.content), dict), "json_object answer is an object")
+    r = chat(messages=[{"role": "user", "content": "Is the sky blue?"}], temperature=1.0, max_tokens=5,
+             extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    expect(r.choices[0].message.content in ("yes", "no"), f"choice {r.choices[0].message.content!r}")
+    err = sdk_error(openai.BadRequestError, lambda: chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}), 400)
+    eq(err["param"], "response_format.json_schema.schema", "param")
+
+
+@check("tools: required and named calls follow the schema, stream, and take their results back")
+def _():
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": WEATHER, "strict": True}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = chat(messages=ask, tools=tools, tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=80)
+    eq(r.choices[0].finish_reason, "tool_calls", "finish_reason")
+    msg = r.choices[0].message
+    eq(len(msg.tool_calls), 1, "calls")
+    check_weather_args(msg.tool_calls[0].function.name, msg.tool_calls[0].function.arguments)
+    with client.chat.completions.stream(model=CHAT, messages=ask, tools=tools, temperature=0, max_tokens=80,
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}}) as s:
+        for _event in s:
+            pass
+        final = s.get_final_completion()
+    call = final.choices[0].message.tool_calls[0].function
+    check_weather_args(call.name, call.arguments)
+    followup = ask + [msg.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": '{"sky": "sunny"}'}]
+    r2 = chat(messages=followup, tools=tools, tool_choice="none", temperature=0, max_tokens=20)
+    expect(r2.choices[0].message.tool_calls is None, "no calls with tool_choice none")
+    expect(r2.usage.prompt_tokens > r.usage.prompt_tokens, "the call and its result are in the prompt")
+
+
+@check("tools: responses function calls, function_call_output, responses.parse")
+def _():
+    from pydantic import BaseModel
+
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}]
+    r = client.responses.create(model=CHAT, input="What is the weather in Paris?", tools=tools,
+                                tool_choice="required", parallel_tool_calls=False, temperature=0, max_output_tokens=80)
+    eq(r.output[0].type, "function_call", "output item")
+    check_weather_args(r.output[0].name, r.output[0].arguments)
+    r2 = client.responses.create(model=CHAT, previous_response_id=r.id, temperature=0, max_output_tokens=20,
+                                 input=[{"type": "function_call_output", "call_id": r.output[0].call_id,
+                                         "output": "sunny"}])
+    eq(r2.output[0].type, "message", "the answer after the call")
+
+    class City(BaseModel):
+        city: str
+        country: str
+
+    p = client.responses.parse(model=CHAT, input="Name a city in Japan.", text_format=City, temperature=0,
+                               max_output_tokens=60)
+    expect(isinstance(p.output_parsed, City), f"parsed {p.output_parsed!r}")
+
+
 # --------------------------------------------------------------------------- files + batches
 
 

@@ -73,20 +73,20 @@ impl ChatCompletionRequest {
     }
 }
 
-/// A 400 for a non-empty list of tools (`field`): this server calls none yet.
+/// A 400 for a non-empty list of deprecated functions (`field`): `tools` replaces them.
 pub fn refuse_tools(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
     match value {
         None => Ok(()),
         Some(Value::Array(list)) if list.is_empty() => Ok(()),
         Some(Value::Array(_)) => Err(ApiError::invalid(
             Some(field),
-            format!("Tool calling ('{field}') is not supported by this server yet."),
+            format!("The deprecated '{field}' is not supported by this server; use 'tools'."),
         )),
         Some(other) => Err(wrong_type(field, "an array", other)),
     }
 }
 
-/// A 400 for a tool choice (`field`) other than "none" or "auto".
+/// A 400 for a deprecated function choice (`field`) other than "none" or "auto".
 pub fn refuse_tool_choice(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
     match value {
         None => Ok(()),
@@ -94,7 +94,9 @@ pub fn refuse_tool_choice(field: &str, value: &Option<Value>) -> Result<(), ApiE
         Some(other) => Err(ApiError::invalid(
             Some(field),
             format!(
-                "Invalid value for '{field}': {other}; this server does not call tools yet, so                  only \"none\" and \"auto\" are accepted."
+                "Invalid value for '{field}': {other}; the deprecated function calling is not \
+                 supported, so only \"none\" and \"auto\" are accepted: use 'tools' and \
+                 'tool_choice'."
             ),
         )),
     }

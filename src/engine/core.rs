@@ -332,6 +332,7 @@ impl EngineCore {
             }
             rows
         };
+        let masked = self.restrict_rows(&ids, &mut host_rows);
         let mut sampled = Vec::with_capacity(ids.len());
         for (i, &id) in ids.iter().enumerate() {
             let (Some(req), Some(active)) = (self.scheduler.request(id), self.active.get_mut(&id))
@@ -351,16 +352,56 @@ impl EngineCore {
                 Some(row) => row,
                 None => logits.get(i)?.to_vec1::<f32>()?,
             };
-            if let Some(constraint) = active.constraint.as_mut() {
-                if let Err(e) = constraint.restrict(&mut row) {
-                    sampled.push((id, Err(e)));
-                    continue;
-                }
+            if let Some(Err(e)) = masked.get(&i) {
+                sampled.push((id, Err(e.clone())));
+                continue;
             }
             let (prompt, output) = req.tokens.split_at(req.num_prompt);
             sampled.push((id, Ok(active.sampler.sample(&mut row, prompt, output))));
         }
         Ok(sampled)
+    }
+
+    /// Masks the rows of the constrained sequences (row `i` is `ids[i]`'s), in parallel: a mask
+    /// takes from tens of microseconds to a millisecond, and a step may hold hundreds of
+    /// constrained sequences. Returns each masked row's outcome by its index.
+    fn restrict_rows(
+        &mut self,
+        ids: &[RequestId],
+        rows: &mut [Option<Vec<f32>>],
+    ) -> HashMap<usize, Result<(), String>> {
+        let mut work: Vec<(usize, Box<dyn TokenConstraint>, Vec<f32>)> = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let Some(active) = self.active.get_mut(id) else {
+                continue;
+            };
+            if active.constraint.is_none() {
+                continue;
+            }
+            // A constrained row always comes to the host (see `sample`).
+            if let Some(row) = rows.get_mut(i).and_then(Option::take) {
+                if let Some(c) = active.constraint.take() {
+                    work.push((i, c, row));
+                }
+            }
+        }
+        let restrict =
+            |(_, c, row): &mut (usize, Box<dyn TokenConstraint>, Vec<f32>)| c.restrict(row);
+        let outcomes: Vec<Result<(), String>> = if work.len() > 1 {
+            use rayon::prelude::*;
+            work.par_iter_mut().map(restrict).collect()
+        } else {
+            work.iter_mut().map(restrict).collect()
+        };
+        let mut masked = HashMap::with_capacity(work.len());
+        for ((i, c, row), outcome) in work.into_iter().zip(outcomes) {
+            rows[i] = Some(row);
+            if let Some(active) = self.active.get_mut(&ids[i]) {
+                active.constraint = Some(c);
+            }
+            masked.insert(i, outcome);
+        }
+        masked
     }
 
     fn publish_stats(&self) {

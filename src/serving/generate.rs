@@ -38,7 +38,7 @@ pub struct ChatModel {
     vocab_size: u32,
     template: ChatTemplate,
     eos_token_ids: Vec<TokenId>,
-    grammars: Grammars,
+    grammars: Arc<Grammars>,
 }
 
 /// One log-probability entry, as OpenAI reports it.
@@ -68,10 +68,12 @@ impl ChatModel {
         model_vocab_size: usize,
     ) -> Self {
         let tokenizer = Arc::new(tokenizer);
+        let grammars = Arc::new(Grammars::new(tokenizer.clone(), eos_token_ids.clone()));
+        grammars.warm();
         Self {
             info,
             engine,
-            grammars: Grammars::new(tokenizer.clone(), eos_token_ids.clone()),
+            grammars,
             // An id past the embeddings' rows is refused at the edge: on a GPU the lookup's
             // bounds check is a device assert, which leaves the device unusable for every
             // later call.

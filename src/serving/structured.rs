@@ -70,9 +70,31 @@ impl Grammars {
         }
     }
 
+    /// Builds the vocabulary's tables now (they take a moment for a large vocabulary), so that
+    /// the first request that needs them does not wait.
+    pub fn warm(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("grammar-warm".into())
+            .spawn(move || {
+                let _ = me.factory();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the grammar warm-up thread");
+        }
+    }
+
     fn factory(&self) -> Result<&ParserFactory, ServingError> {
         self.factory
-            .get_or_init(|| build_factory(&self.tokenizer, &self.eos_token_ids))
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                let built = build_factory(&self.tokenizer, &self.eos_token_ids);
+                match &built {
+                    Ok(_) => tracing::debug!(ms = started.elapsed().as_millis() as u64, "grammar tables built"),
+                    Err(e) => tracing::warn!(error = %e, "this model's tokenizer cannot drive structured output"),
+                }
+                built
+            })
             .as_ref()
             .map_err(|e| {
                 ServingError::WrongModelType(format!(

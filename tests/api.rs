@@ -418,8 +418,8 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
             "tool_choice",
         ),
         (
-            json!({"tools": tool, "response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"tools": tool, "structured_outputs": {"regex": "a+"}}),
+            "structured_outputs.regex",
         ),
         (
             json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),

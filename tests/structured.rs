@@ -103,6 +103,37 @@ async fn json_mode_choice_and_regex_hold_on_chat_and_completions() {
     let object: Value = serde_json::from_str(content(&r)).unwrap();
     assert!(object.is_object(), "{object}");
 
+    // With tools the model may call, an answer that is not calls still follows the schema.
+    let (status, r) = post(
+        base,
+        CHAT_PATH,
+        chat(
+            "Alice is 30. Describe her.",
+            json!({"temperature": 0, "max_tokens": 60, "tools": weather_tools(),
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+                       "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                       "required": ["name", "age"], "additionalProperties": false}}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let message = &r["choices"][0]["message"];
+    match message["tool_calls"].as_array() {
+        Some(calls) => calls.iter().for_each(|c| {
+            check_call(
+                c["function"]["name"].as_str().unwrap(),
+                c["function"]["arguments"].as_str().unwrap(),
+            )
+        }),
+        None => {
+            let person: Value = serde_json::from_str(message["content"].as_str().unwrap()).unwrap();
+            assert!(
+                person["name"].is_string() && person["age"].is_i64(),
+                "{person}"
+            );
+        }
+    }
+
     for temperature in [0.0, 1.0] {
         let (_, r) = post(
             base,

@@ -209,19 +209,7 @@ pub async fn chat_completions(
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(tool_use) = &tool_use {
         tool_use.instruct(&mut messages);
-        if let Some(grammar) = tool_use.grammar() {
-            if let Some(format) = &params.format {
-                return Err(ApiError::invalid(
-                    Some(&format.param),
-                    format!(
-                        "'{}' cannot be combined with 'tools' on this server; pass \
-                         \"tool_choice\": \"none\" to use it.",
-                        format.param
-                    ),
-                ));
-            }
-            params.format = Some(grammar);
-        }
+        params.format = tool_use.grammar(params.format.take())?;
     }
     let prompt = model.chat_prompt(&messages)?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;

@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::types::wrong_type;
 use crate::engine::FinishReason;
 use crate::serving::tools::{self, Tool, ToolCall, ToolChoice};
-use crate::serving::{ChatMessage, OutputFormat};
+use crate::serving::{ChatMessage, Grammar, OutputFormat};
 
 /// Which API's shapes a request uses.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -123,10 +123,35 @@ impl ToolUse {
         }))
     }
 
-    /// The grammar of the answer, when it may be calls.
-    pub fn grammar(&self) -> Option<OutputFormat> {
-        self.calls
-            .then(|| tools::grammar(&self.tools, &self.choice, self.parallel))
+    /// The grammar of the answer when it may be calls, with the request's own output format
+    /// (`format`, a JSON schema) for an answer that is not calls; `format` itself otherwise.
+    pub fn grammar(&self, format: Option<OutputFormat>) -> Result<Option<OutputFormat>, ApiError> {
+        if !self.calls {
+            return Ok(format);
+        }
+        let answer = match &format {
+            None => None,
+            Some(OutputFormat {
+                grammar: Grammar::JsonSchema(schema),
+                ..
+            }) => Some(schema),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    Some(&other.param),
+                    format!(
+                        "'{}' cannot be combined with 'tools': only a JSON schema or JSON mode \
+                         can; pass \"tool_choice\": \"none\" to use it.",
+                        other.param
+                    ),
+                ))
+            }
+        };
+        Ok(Some(tools::grammar(
+            &self.tools,
+            &self.choice,
+            self.parallel,
+            answer,
+        )))
     }
 
     /// Describes the tools to the model: in the conversation's system message, or in one of its

@@ -63,9 +63,15 @@ pub fn system_prompt(tools: &[Tool]) -> String {
     out
 }
 
-/// The grammar of the output: calls only, or (with `Auto`) either calls or an answer that does
-/// not start with `<`. Without `parallel`, at most one call.
-pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> OutputFormat {
+/// The grammar of the output: calls only, or (with `Auto`) either calls or an answer: JSON valid
+/// against `answer` when given (a structured output's schema), else text that does not start
+/// with `<`. Without `parallel`, at most one call.
+pub fn grammar(
+    tools: &[Tool],
+    choice: &ToolChoice,
+    parallel: bool,
+    answer: Option<&Value>,
+) -> OutputFormat {
     let callable: Vec<&Tool> = match choice {
         ToolChoice::Named(name) => tools.iter().filter(|t| &t.name == name).collect(),
         _ => tools.iter().collect(),
@@ -87,9 +93,18 @@ pub fn grammar(tools: &[Tool], choice: &ToolChoice, parallel: bool) -> OutputFor
     } else {
         "calls: call"
     };
-    let start = match choice {
-        ToolChoice::Auto => "start: calls | answer\nanswer: ANSWER?\nANSWER: /[^<][\\s\\S]*/",
-        _ => "start: calls",
+    let start = match (choice, answer) {
+        (ToolChoice::Auto, Some(schema)) => {
+            let mut schema = schema.clone();
+            if let Value::Object(map) = &mut schema {
+                map.entry("x-guidance").or_insert_with(compact_layout);
+            }
+            format!("start: calls | answer\nanswer: %json {schema}")
+        }
+        (ToolChoice::Auto, None) => {
+            "start: calls | answer\nanswer: ANSWER?\nANSWER: /[^<][\\s\\S]*/".to_string()
+        }
+        _ => "start: calls".to_string(),
     };
     let lark = format!(
         "{start}\n{calls}\ncall: \"{CALL_OPEN}\\n\" body \"\\n{CALL_CLOSE}\"\nbody: %json {schema}\n"

@@ -122,15 +122,8 @@ impl ResponsesRequest {
             self.tool_choice.as_ref(),
             self.parallel_tool_calls,
         )?;
-        if let Some(grammar) = tool_use.as_ref().and_then(ToolUse::grammar) {
-            if params.format.is_some() {
-                return Err(ApiError::invalid(
-                    Some("text.format"),
-                    "'text.format' cannot be combined with 'tools' on this server; pass \
-                     \"tool_choice\": \"none\" to use it.",
-                ));
-            }
-            params.format = Some(grammar);
+        if let Some(tool_use) = &tool_use {
+            params.format = tool_use.grammar(params.format.take())?;
         }
         let truncate = match self.truncation.as_deref() {
             None | Some("disabled") => false,
@@ -483,9 +476,9 @@ mod tests {
                 "text.format.name",
             ),
             (
-                json!({"input": "x", "text": {"format": {"type": "json_object"}},
+                json!({"input": "x", "tool_choice": {"type": "function"},
                        "tools": [{"type": "function", "name": "f"}]}),
-                "text.format",
+                "tool_choice",
             ),
             (
                 json!({"input": "x", "reasoning": {"effort": "high"}}),
@@ -521,6 +514,8 @@ mod tests {
             json!({"input": "x", "tools": [], "tool_choice": "auto", "reasoning": {"effort": null}}),
             json!({"input": "x", "text": {"format": {"type": "text"}}, "background": false}),
             json!({"input": "x", "text": {"format": {"type": "json_object"}}}),
+            json!({"input": "x", "text": {"format": {"type": "json_object"}},
+                   "tools": [{"type": "function", "name": "f"}]}),
             json!({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
                              {"type": "function_call_output", "call_id": "c", "output": "4"}],
                    "tools": [{"type": "function", "name": "f"}], "tool_choice": "required"}),

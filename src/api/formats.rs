@@ -61,26 +61,7 @@ fn format_type<'a>(field: &str, format: &'a Value) -> Result<&'a str, ApiError> 
 
 /// A `{name, schema, strict, description}` object; `param` names it in errors.
 fn named_schema(param: &str, spec: &Value) -> Result<OutputFormat, ApiError> {
-    let name_param = format!("{param}.name");
-    match spec.get("name") {
-        None | Some(Value::Null) => return Err(missing(&name_param)),
-        Some(Value::String(name)) => {
-            let valid = (1..=64).contains(&name.len())
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !valid {
-                return Err(ApiError::invalid(
-                    Some(&name_param),
-                    format!(
-                        "Invalid '{name_param}': '{name}'. Expected a string of 1 to 64 letters, \
-                         digits, underscores or dashes."
-                    ),
-                ));
-            }
-        }
-        Some(other) => return Err(wrong_type(&name_param, "a string", other)),
-    }
+    name(spec, &format!("{param}.name"))?;
     let schema_param = format!("{param}.schema");
     match spec.get("schema") {
         // OpenAI's schema is optional: without one, any JSON object.
@@ -92,11 +73,35 @@ fn named_schema(param: &str, spec: &Value) -> Result<OutputFormat, ApiError> {
     }
 }
 
-fn missing(param: &str) -> ApiError {
+pub fn missing(param: &str) -> ApiError {
     ApiError::invalid(
         Some(param),
         format!("Missing required parameter: '{param}'."),
     )
+}
+
+/// The required `name` of `object` (a schema's or a function's), as OpenAI restricts it:
+/// 1 to 64 letters, digits, underscores or dashes; `param` names it in errors.
+pub fn name(object: &Value, param: &str) -> Result<String, ApiError> {
+    let name = match object.get("name") {
+        Some(Value::String(name)) => name,
+        None | Some(Value::Null) => return Err(missing(param)),
+        Some(other) => return Err(wrong_type(param, "a string", other)),
+    };
+    let valid = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!(
+                "Invalid '{param}': '{name}'. Expected a string of 1 to 64 letters, digits, \
+                 underscores or dashes."
+            ),
+        ));
+    }
+    Ok(name.clone())
 }
 
 /// vLLM's structured-output fields, for its users' requests to carry over.

@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::formats::{self, missing};
 use super::types::wrong_type;
 use crate::engine::FinishReason;
 use crate::serving::tools::{self, Tool, ToolCall, ToolChoice};
@@ -196,25 +197,7 @@ fn tool(dialect: Dialect, i: usize, t: &Value) -> Result<Tool, ApiError> {
         },
         Dialect::Responses => (t, ""),
     };
-    let name_param = at(&format!("{prefix}name"));
-    let name = match f.get("name") {
-        Some(Value::String(name)) => name.clone(),
-        None | Some(Value::Null) => return Err(missing(&name_param)),
-        Some(other) => return Err(wrong_type(&name_param, "a string", other)),
-    };
-    let valid = (1..=64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !valid {
-        return Err(ApiError::invalid(
-            Some(&name_param),
-            format!(
-                "Invalid '{name_param}': '{name}'. Expected a string of 1 to 64 letters, digits, \
-                 underscores or dashes."
-            ),
-        ));
-    }
+    let name = formats::name(f, &at(&format!("{prefix}name")))?;
     let params_param = at(&format!("{prefix}parameters"));
     let parameters = match f.get("parameters") {
         None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
@@ -230,13 +213,6 @@ fn tool(dialect: Dialect, i: usize, t: &Value) -> Result<Tool, ApiError> {
         description,
         parameters,
     })
-}
-
-fn missing(param: &str) -> ApiError {
-    ApiError::invalid(
-        Some(param),
-        format!("Missing required parameter: '{param}'."),
-    )
 }
 
 /// Chat's `tool_calls` of an assistant message (`messages[i].tool_calls`), as the calls they

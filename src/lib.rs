@@ -32,7 +32,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // Changes made by `candela token|project` on the same database reach the server this fast.
     platform.spawn_reloader(std::time::Duration::from_millis(250));
-    let state = Arc::new(api::AppState { registry, platform });
+    let state = Arc::new(api::AppState {
+        registry,
+        platform,
+        batch_lock: Default::default(),
+    });
     let app =
         api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     // Batches left unfinished when the server last stopped run again.

@@ -34,6 +34,9 @@ use crate::serving::Registry;
 pub struct AppState {
     pub registry: Registry,
     pub platform: Arc<Platform>,
+    /// Held while this server owns the data directory's unfinished batches (see
+    /// `batches::resume`), so that a second server on the same directory does not run them too.
+    pub batch_lock: std::sync::OnceLock<std::fs::File>,
 }
 
 /// The endpoints that run a model, without the gate: the public router puts them behind it, and

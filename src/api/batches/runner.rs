@@ -341,8 +341,19 @@ pub fn spawn(state: Arc<AppState>, record: BatchRecord) {
 }
 
 /// Runs again the batches that were unfinished when the server last stopped (from their start:
-/// answers in flight then were not kept), and ends those it was cancelling.
+/// answers in flight then were not kept), and ends those it was cancelling. Only one server of
+/// a data directory does: the one holding its batch lock, for as long as it runs.
 pub async fn resume(state: Arc<AppState>) {
+    let path = state.platform.config.data_dir.join("batches.lock");
+    // Up to 10 s for a server stopping on the same directory to let go.
+    let lock = match take_lock(&path, 40).await {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "not resuming unfinished batches: another server on this data directory holds them");
+            return;
+        }
+    };
+    let _ = state.batch_lock.set(lock);
     let unfinished = match blocking(&state, |s| s.unfinished_batches()).await {
         Ok(b) => b,
         Err(e) => {
@@ -371,6 +382,33 @@ pub async fn resume(state: Arc<AppState>) {
             }
             Ok(_) => {}
             Err(e) => tracing::error!(batch = %record.id(), error = %e.message, "resuming a batch"),
+        }
+    }
+}
+
+/// Locks `path` (an advisory lock, let go when the file closes), trying again every 250 ms up
+/// to `retries` times while another holds it.
+async fn take_lock(path: &std::path::Path, retries: u32) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let mut tries = 0;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if tries < retries => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "the lock is held",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
 }
@@ -599,6 +637,22 @@ impl Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_holder_of_the_batch_lock_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("candela-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("batches.lock");
+        let held = take_lock(&path, 0).await.unwrap();
+        let refused = take_lock(&path, 1).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock);
+        // Let go while the other waits: it gets the lock.
+        let waiting = tokio::spawn(async move { take_lock(&path, 8).await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        drop(held);
+        assert!(waiting.await.unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn an_input_file_is_checked_line_by_line() {

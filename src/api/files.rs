@@ -68,21 +68,17 @@ pub async fn lookup(state: &AppState, project: &str, id: &str) -> Result<FileRec
         .ok_or_else(|| unknown(id))
 }
 
-/// Stores `bytes` as a new file of `project` (a batch's output).
-pub async fn create_file(
+/// Keeps a file written in full (flushed, moved into place) and lists it under `project`.
+pub async fn keep_file(
     state: &AppState,
     project: &str,
     filename: String,
     purpose: &str,
-    bytes: Vec<u8>,
+    file: NewFile,
 ) -> Result<FileRecord, ApiError> {
-    let dir = state.platform.config.data_dir.clone();
     let (project, purpose) = (project.to_string(), purpose.to_string());
     let store = state.platform.store.clone();
     tokio::task::spawn_blocking(move || {
-        let mut file = NewFile::create(&dir).map_err(|e| server_error("write a file", e))?;
-        file.write(&bytes)
-            .map_err(|e| server_error("write a file", e))?;
         let record = FileRecord {
             id: file.id.clone(),
             project,

@@ -105,6 +105,27 @@ impl Drop for NewFile {
     }
 }
 
+/// Removes the partial files a server killed mid-write left behind (those last written before
+/// `before`, this server's start); returns how many. Run by the server that owns the data
+/// directory (see `api::batches::resume`).
+pub fn sweep_partial(data_dir: &Path, before: std::time::SystemTime) -> std::io::Result<usize> {
+    let dir = files_dir(data_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let stale = entry.metadata()?.modified()? < before;
+        if stale && path.extension().is_some_and(|e| e == "part") {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn record(r: &rusqlite::Row) -> rusqlite::Result<FileRecord> {
     Ok(FileRecord {
         id: r.get(0)?,
@@ -213,6 +234,28 @@ mod tests {
         assert!(!store.delete_file("b", &id).unwrap());
         assert!(store.delete_file("a", &id).unwrap());
         drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_sweep_removes_stale_partial_files_only() {
+        let dir = std::env::temp_dir().join(format!("candela-sweep-{}", uuid::Uuid::new_v4()));
+        let files = files_dir(&dir);
+        std::fs::create_dir_all(&files).unwrap();
+        let minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let stale = files.join("file-old.part");
+        std::fs::write(&stale, b"cut").unwrap();
+        let old = std::fs::File::options().write(true).open(&stale).unwrap();
+        old.set_modified(minute_ago).unwrap();
+        std::fs::write(files.join("file-kept"), b"{}").unwrap();
+        let started = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+        // A file written since (an upload under way) stays.
+        let mut writing = NewFile::create(&dir).unwrap();
+        writing.write(b"half").unwrap();
+        assert_eq!(sweep_partial(&dir, started).unwrap(), 1);
+        assert!(!stale.exists());
+        assert!(files.join("file-kept").exists());
+        assert_eq!(std::fs::read(writing.keep().unwrap()).unwrap(), b"half");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

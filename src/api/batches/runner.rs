@@ -18,10 +18,10 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use super::super::files::{blocking, create_file, lookup};
+use super::super::files::{blocking, keep_file, lookup, server_error};
 use super::super::{ApiError, AppState};
 use crate::platform::batches::BatchRecord;
-use crate::platform::files::{files_dir, BATCH_OUTPUT};
+use crate::platform::files::{files_dir, sweep_partial, NewFile, BATCH_OUTPUT};
 use crate::platform::ratelimit::Class;
 use crate::platform::store::now;
 use crate::platform::usage::Meter;
@@ -254,11 +254,15 @@ async fn run_line(
     }
 }
 
-/// What the requests so far gave.
-#[derive(Default)]
+/// What the requests so far gave. The answers go to the output and error files as they come
+/// (each created at its first line), so a batch's memory does not grow with its answers.
 struct Results {
-    output: Vec<String>,
-    errors: Vec<String>,
+    data_dir: std::path::PathBuf,
+    output: Option<NewFile>,
+    errors: Option<NewFile>,
+    /// The first write that failed: the batch ends in an error instead of with a file that
+    /// lacks lines.
+    write_error: Option<String>,
     done: HashSet<String>,
     completed: usize,
     failed: usize,
@@ -266,6 +270,36 @@ struct Results {
 }
 
 impl Results {
+    fn new(data_dir: &std::path::Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            output: None,
+            errors: None,
+            write_error: None,
+            done: HashSet::new(),
+            completed: 0,
+            failed: 0,
+            usage: Usage::default(),
+        }
+    }
+
+    /// Appends a line to the output file (`ok`) or the error file.
+    fn write(&mut self, ok: bool, line: &str) {
+        let file = if ok { &mut self.output } else { &mut self.errors };
+        let written = match file {
+            Some(f) => f.write(line.as_bytes()).and_then(|()| f.write(b"\n")),
+            None => NewFile::create(&self.data_dir).and_then(|mut f| {
+                f.write(line.as_bytes())?;
+                f.write(b"\n")?;
+                *file = Some(f);
+                Ok(())
+            }),
+        };
+        if let Err(e) = written {
+            self.write_error.get_or_insert_with(|| e.to_string());
+        }
+    }
+
     fn add(&mut self, o: Outcome) {
         let ok = (200..300).contains(&o.status);
         if ok {
@@ -274,12 +308,11 @@ impl Results {
         let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
         let response = json!({"status_code": o.status, "request_id": request_id, "body": o.body});
         let line = result_line(&o.custom_id, response, Value::Null);
+        self.write(ok, &line);
         if ok {
             self.completed += 1;
-            self.output.push(line);
         } else {
             self.failed += 1;
-            self.errors.push(line);
         }
         self.done.insert(o.custom_id);
     }
@@ -344,6 +377,8 @@ pub fn spawn(state: Arc<AppState>, record: BatchRecord) {
 /// answers in flight then were not kept), and ends those it was cancelling. Only one server of
 /// a data directory does: the one holding its batch lock, for as long as it runs.
 pub async fn resume(state: Arc<AppState>) {
+    // A second back: file times are coarser than the clock.
+    let started = std::time::SystemTime::now() - Duration::from_secs(1);
     let path = state.platform.config.data_dir.join("batches.lock");
     // Up to 10 s for a server stopping on the same directory to let go.
     let lock = match take_lock(&path, 40).await {
@@ -354,6 +389,13 @@ pub async fn resume(state: Arc<AppState>) {
         }
     };
     let _ = state.batch_lock.set(lock);
+    let dir = state.platform.config.data_dir.clone();
+    match tokio::task::spawn_blocking(move || sweep_partial(&dir, started)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(files = n, "removed partial files left by an earlier run"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "removing partial files"),
+        Err(e) => tracing::warn!(error = %e, "removing partial files"),
+    }
     let unfinished = match blocking(&state, |s| s.unfinished_batches()).await {
         Ok(b) => b,
         Err(e) => {
@@ -505,7 +547,8 @@ impl Runner {
                 tracing::info!(batch = %self.id(), errors = errors.len(), "batch failed validation");
                 self.object["errors"] = json!({"object": "list", "data": errors});
                 if !self.move_to("failed").await? {
-                    return self.finish(End::Cancelled, Results::default(), &[]).await;
+                    let results = Results::new(&self.state.platform.config.data_dir);
+                    return self.finish(End::Cancelled, results, &[]).await;
                 }
                 return Ok(());
             }
@@ -513,7 +556,8 @@ impl Runner {
         self.object["request_counts"]["total"] = json!(lines.len());
         let ids: Vec<String> = lines.iter().map(|l| l.custom_id.clone()).collect();
         if !self.move_to("in_progress").await? {
-            return self.finish(End::Cancelled, Results::default(), &ids).await;
+            let results = Results::new(&self.state.platform.config.data_dir);
+            return self.finish(End::Cancelled, results, &ids).await;
         }
         let (results, end) = self.run_lines(lines).await?;
         self.finish(end, results, &ids).await
@@ -538,7 +582,7 @@ impl Runner {
                 )
             })
             .buffer_unordered(CONCURRENCY);
-        let mut results = Results::default();
+        let mut results = Results::new(&self.state.platform.config.data_dir);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let end = loop {
             tokio::select! {
@@ -600,23 +644,24 @@ impl Runner {
             ),
         };
         if let Some((code, message)) = reason {
-            for id in ids.iter().filter(|id| !results.done.contains(*id)) {
+            let done = std::mem::take(&mut results.done);
+            for id in ids.iter().filter(|id| !done.contains(*id)) {
                 let error = json!({"code": code, "message": message});
-                results.errors.push(result_line(id, Value::Null, error));
+                let line = result_line(id, Value::Null, error);
+                results.write(false, &line);
             }
         }
+        if let Some(e) = results.write_error.take() {
+            return Err(server_error("write the batch's results", e));
+        }
         let id = self.id();
-        for (lines, field, kind) in [
-            (&results.output, "output_file_id", "output"),
-            (&results.errors, "error_file_id", "error"),
+        for (file, field, kind) in [
+            (results.output.take(), "output_file_id", "output"),
+            (results.errors.take(), "error_file_id", "error"),
         ] {
-            if lines.is_empty() {
-                continue;
-            }
-            let mut bytes = lines.join("\n").into_bytes();
-            bytes.push(b'\n');
+            let Some(file) = file else { continue };
             let name = format!("{id}_{kind}.jsonl");
-            let file = create_file(&self.state, &self.project, name, BATCH_OUTPUT, bytes).await?;
+            let file = keep_file(&self.state, &self.project, name, BATCH_OUTPUT, file).await?;
             self.object[field] = json!(file.id);
         }
         self.object["request_counts"]["completed"] = json!(results.completed);

@@ -323,6 +323,18 @@ def _():
     eq(streamed, text, "streamed text")
 
 
+@check("completions (legacy): echo + logprobs scores the prompt")
+def _():
+    r = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=1, temperature=0,
+                                  echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    eq(len(lp.tokens), r.usage.prompt_tokens + 1, "one entry per prompt and answer token")
+    eq("".join(lp.tokens), r.choices[0].text, "tokens against the echoed text")
+    expect(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, "the first token has no log-probability")
+    expect(all(x <= 0 for x in lp.token_logprobs[1:]), f"log-probabilities {lp.token_logprobs}")
+    eq(len(lp.top_logprobs[1]), 2, "alternatives of a prompt token")
+
+
 @check("embeddings: float, list of 3")
 def _():
     r = client.embeddings.create(model=EMBED, input=SENTENCES, encoding_format="float")

@@ -68,6 +68,7 @@ async fn greedy_decoding_matches_the_reference() {
                 stop_token_ids: vec![],
                 priority: Default::default(),
                 constraint: None,
+                prompt_logprobs: None,
             })
             .unwrap();
         let mut got = Vec::new();
@@ -609,12 +610,75 @@ async fn echo_puts_each_prompt_before_its_completion() {
     );
 
     expect_error(
-        json!({"model": CHAT, "prompt": "hi", "echo": true, "logprobs": 1}),
+        json!({"model": CHAT, "prompt": "hi", "echo": true, "logprobs": 1, "stream": true}),
         cmpl,
         400,
         Some("echo"),
     )
     .await;
+}
+
+/// `echo` with `logprobs` scores the prompt (as evaluation harnesses use it): every prompt
+/// token but the first gets the log-probability the model gives it after the tokens before it,
+/// the same one it gets when it is generated, and the prompt is computed in full each time.
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt_as_generation_would() {
+    let base = &shared().base;
+    let cmpl = "/v1/completions";
+    let prompt = "The capital of France is";
+    let (_, first) = post(
+        base,
+        cmpl,
+        json!({"model": CHAT, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 2}),
+    )
+    .await;
+    let next = first["choices"][0]["text"].as_str().unwrap().to_string();
+    let next_lp = first["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap();
+    let scored = format!("{prompt}{next}");
+    for _ in 0..2 {
+        let (status, r) = post(
+            base,
+            cmpl,
+            json!({"model": CHAT, "prompt": scored, "max_tokens": 1, "temperature": 0,
+                   "logprobs": 2, "echo": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(
+            r["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+            "{r}"
+        );
+        let lps = &r["choices"][0]["logprobs"];
+        let tokens: Vec<&str> = lps["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let n_prompt = r["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+        assert_eq!(tokens.len(), n_prompt + 1);
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(tokens.concat(), text);
+        let logprobs = lps["token_logprobs"].as_array().unwrap();
+        assert!(logprobs[0].is_null() && lps["top_logprobs"][0].is_null());
+        assert!(logprobs[1..].iter().all(|l| l.as_f64().unwrap() <= 0.0));
+        // The last prompt token is the one generated before: the same log-probability.
+        assert_eq!(tokens[n_prompt - 1], next);
+        let scored_lp = logprobs[n_prompt - 1].as_f64().unwrap();
+        assert!(
+            (scored_lp - next_lp).abs() < 1e-3,
+            "{scored_lp} against {next_lp}"
+        );
+        let offsets: Vec<u64> = lps["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets[n_prompt], scored.len() as u64);
+    }
 }
 
 #[tokio::test]

@@ -44,6 +44,8 @@ struct Meta {
     echo: Vec<String>,
     /// Chat with tools: an answer may be calls.
     tools: bool,
+    /// With `echo` and `logprobs`, the text of each prompt's first token.
+    first_tokens: Vec<String>,
 }
 
 impl Meta {
@@ -63,6 +65,7 @@ impl Meta {
             n: n.max(1),
             echo: Vec::new(),
             tools: false,
+            first_tokens: Vec::new(),
         }
     }
 
@@ -248,11 +251,11 @@ pub async fn completions(
         Some(k) => Some(k as usize),
         None => None,
     };
-    if req.echo && logprobs.is_some() {
+    if req.echo && logprobs.is_some() && req.stream {
         return Err(ApiError::invalid(
             Some("echo"),
-            "'echo' together with 'logprobs' is not supported: this server does not compute the \
-             prompt's log-probabilities.",
+            "'echo' together with 'logprobs' is not supported when streaming; ask without \
+             'stream' for the prompt's log-probabilities.",
         ));
     }
     let max_tokens = Some((req.max_tokens.unwrap_or(16), "max_tokens"));
@@ -262,6 +265,9 @@ pub async fn completions(
     params.priority = lane(priority);
     params.format =
         formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
+    if req.echo {
+        params.prompt_logprobs = logprobs;
+    }
     let prompts: Vec<Vec<u32>> = match &req.prompt {
         Prompt::Text(t) => vec![model.completion_prompt(t)?],
         Prompt::Texts(ts) => ts
@@ -304,6 +310,12 @@ pub async fn completions(
                 )
             })
         };
+        if params.prompt_logprobs.is_some() {
+            meta.first_tokens = prompts
+                .iter()
+                .map(|p| model.tokenizer().decode(&p[..1], false).unwrap_or_default())
+                .collect();
+        }
         meta.echo = match &req.prompt {
             Prompt::Text(t) => vec![t.clone()],
             Prompt::Texts(ts) => ts.clone(),
@@ -324,6 +336,8 @@ pub async fn completions(
 pub(super) struct Finished {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
+    /// With `prompt_logprobs`: an entry per prompt token.
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     pub finish: FinishReason,
     pub completion_tokens: usize,
     pub cached_tokens: usize,
@@ -351,6 +365,7 @@ pub(super) async fn run_to_end(
     Ok(Finished {
         text,
         logprobs,
+        prompt_logprobs: gen.prompt_logprobs.take(),
         finish,
         completion_tokens: gen.completion_tokens,
         cached_tokens: gen.cached_tokens,
@@ -383,12 +398,21 @@ async fn full_response(
                 };
                 json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             }
-            Kind::Completion => json!({
-                "index": index,
-                "text": format!("{}{}", meta.echoed(index), f.text),
-                "logprobs": logprobs,
-                "finish_reason": f.finish.as_str(),
-            }),
+            Kind::Completion => {
+                let logprobs = match &f.prompt_logprobs {
+                    Some(prompt) => {
+                        let first = meta.first_tokens.get(index / meta.n).map_or("", String::as_str);
+                        Some(echo_logprobs(first, prompt, &f.logprobs))
+                    }
+                    None => logprobs,
+                };
+                json!({
+                    "index": index,
+                    "text": format!("{}{}", meta.echoed(index), f.text),
+                    "logprobs": logprobs,
+                    "finish_reason": f.finish.as_str(),
+                })
+            }
         });
     }
     let object = if meta.kind == Kind::Chat {
@@ -426,27 +450,49 @@ pub(super) fn token_logprobs(lps: &[TokenLogprob]) -> Vec<Value> {
 fn logprobs_json(kind: Kind, lps: &[TokenLogprob], text_offset: usize) -> Value {
     match kind {
         Kind::Chat => json!({"content": token_logprobs(lps)}),
-        Kind::Completion => {
-            let mut offsets = Vec::with_capacity(lps.len());
-            let mut offset = text_offset;
-            for lp in lps {
-                offsets.push(offset);
-                offset += lp.token.len();
-            }
-            let top: Vec<Value> = lps
-                .iter()
-                .map(|lp| {
-                    Value::Object(lp.top.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
-                })
-                .collect();
-            json!({
-                "tokens": lps.iter().map(|l| l.token.as_str()).collect::<Vec<_>>(),
-                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
-                "top_logprobs": top,
-                "text_offset": offsets,
-            })
-        }
+        Kind::Completion => completion_logprobs(
+            lps.iter()
+                .map(|lp| (lp.token.as_str(), Some(lp.logprob), Some(&lp.top[..]))),
+            text_offset,
+        ),
     }
+}
+
+/// Legacy completions' `logprobs`: parallel lists of tokens, their log-probabilities (`null` for
+/// a prompt's first token), their alternatives and their offsets in the text.
+fn completion_logprobs<'a>(
+    entries: impl Iterator<Item = (&'a str, Option<f32>, Option<&'a [(String, f32)]>)>,
+    text_offset: usize,
+) -> Value {
+    let (mut tokens, mut logprobs, mut top, mut offsets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut offset = text_offset;
+    for (token, logprob, alternatives) in entries {
+        tokens.push(token);
+        logprobs.push(logprob);
+        top.push(
+            alternatives.map(|alts| {
+                Value::Object(alts.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
+            }),
+        );
+        offsets.push(offset);
+        offset += token.len();
+    }
+    json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// With `echo` and `logprobs`: the prompt's tokens (`first` is the text of its first), then the
+/// answer's.
+fn echo_logprobs(first: &str, prompt: &[Option<TokenLogprob>], answer: &[TokenLogprob]) -> Value {
+    let prompt = prompt.iter().enumerate().map(|(i, lp)| match lp {
+        Some(lp) => (lp.token.as_str(), Some(lp.logprob), Some(&lp.top[..])),
+        None if i == 0 => (first, None, None),
+        None => ("", None, None),
+    });
+    let answer = answer
+        .iter()
+        .map(|lp| (lp.token.as_str(), Some(lp.logprob), Some(&lp.top[..])));
+    completion_logprobs(prompt.chain(answer), 0)
 }
 
 /// Items of the merged per-choice streams.

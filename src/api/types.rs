@@ -334,6 +334,7 @@ impl SamplingFields {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             priority: Default::default(),
             format: None,
+            prompt_logprobs: None,
         };
         Ok((params, n as usize))
     }

@@ -26,6 +26,9 @@ struct Active {
     sampler: Sampler,
     /// Structured output: masks each row before sampling (on the host).
     constraint: Option<Box<dyn TokenConstraint>>,
+    /// The prompt's log-probabilities so far, by position, when asked for; sent with the first
+    /// token.
+    prompt_logprobs: Option<Vec<Option<Sampled>>>,
     out: tokio_mpsc::UnboundedSender<Result<EngineOutput, EngineError>>,
     cached_prompt_tokens: Option<usize>,
 }
@@ -115,16 +118,19 @@ impl EngineCore {
                     )));
                     return true;
                 }
-                self.scheduler
-                    .add(SchedRequest::new(id, req.prompt.clone(), req.priority));
+                let mut sched = SchedRequest::new(id, req.prompt.clone(), req.priority);
+                sched.full_prompt = req.prompt_logprobs.is_some();
+                self.scheduler.add(sched);
                 let sampler = Sampler::new(req.sampling.clone());
                 let constraint = req.constraint.take().map(|c| c.0);
+                let prompt_logprobs = req.prompt_logprobs.map(|_| vec![None; req.prompt.len()]);
                 self.active.insert(
                     id,
                     Active {
                         req,
                         sampler,
                         constraint,
+                        prompt_logprobs,
                         out,
                         cached_prompt_tokens: None,
                     },
@@ -187,11 +193,15 @@ impl EngineCore {
         // of times a step. A GPU's launches need no pool: handing them over would only add a
         // wake-up to every step.
         let (runner, scheduler) = (&self.runner, &self.scheduler);
-        let logits = if runner.device().is_cpu() {
+        let step = if runner.device().is_cpu() {
             rayon::scope(|_| runner.execute(&out, scheduler))?
         } else {
             runner.execute(&out, scheduler)?
         };
+        let logits = step.sample;
+        if let Some((rows, spans)) = step.prompt {
+            self.prompt_logprobs(&rows, &spans)?;
+        }
         let launched = started.elapsed();
         self.scheduler.advance(&out);
         self.stats
@@ -244,6 +254,23 @@ impl EngineCore {
                 sampled,
                 finish,
                 cached_prompt_tokens: cached,
+                prompt_logprobs: active
+                    .prompt_logprobs
+                    .take()
+                    .map(|lps| {
+                        let prompt = &req.tokens[..req.num_prompt];
+                        lps.into_iter()
+                            .zip(prompt)
+                            .map(|(lp, &token)| {
+                                lp.unwrap_or(Sampled {
+                                    token,
+                                    logprob: None,
+                                    top_logprobs: Vec::new(),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }));
             self.scheduler.append(id, token);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -360,6 +387,44 @@ impl EngineCore {
             sampled.push((id, Ok(active.sampler.sample(&mut row, prompt, output))));
         }
         Ok(sampled)
+    }
+
+    /// Records the log-probabilities of the prompt tokens that `rows` (one per position of
+    /// `spans`, in order) predict.
+    fn prompt_logprobs(
+        &mut self,
+        rows: &Tensor,
+        spans: &[crate::runner::PromptSpan],
+    ) -> candela_models::Result<()> {
+        let rows = rows.to_vec2::<f32>()?;
+        let mut rows = rows.iter();
+        for span in spans {
+            let (Some(req), Some(active)) = (
+                self.scheduler.request(span.id),
+                self.active.get_mut(&span.id),
+            ) else {
+                rows.nth(span.len.saturating_sub(1));
+                continue;
+            };
+            let k = active.req.prompt_logprobs.unwrap_or(0);
+            for p in span.first..span.first + span.len {
+                let Some(row) = rows.next() else { break };
+                let token = req.tokens[p + 1];
+                let (logprob, top_logprobs) = crate::sampling::logprob_of(row, token, k);
+                if let Some(entry) = active
+                    .prompt_logprobs
+                    .as_mut()
+                    .and_then(|lps| lps.get_mut(p + 1))
+                {
+                    *entry = Some(Sampled {
+                        token,
+                        logprob: Some(logprob),
+                        top_logprobs,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Masks the rows of the constrained sequences (row `i` is `ids[i]`'s), in parallel: a mask

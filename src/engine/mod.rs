@@ -30,6 +30,9 @@ pub struct EngineRequest {
     pub priority: Priority,
     /// Structured output: which tokens may come next.
     pub constraint: Option<Constraint>,
+    /// Report the prompt's log-probabilities, with this many alternatives per token (the whole
+    /// prompt is then computed, none of it taken from the prefix cache).
+    pub prompt_logprobs: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +60,9 @@ pub struct EngineOutput {
     pub finish: Option<FinishReason>,
     /// Prompt tokens found in the prefix cache (reported on the first token).
     pub cached_prompt_tokens: usize,
+    /// With `prompt_logprobs`, on the first token: each prompt token's entry (the first, which
+    /// nothing predicts, without a log-probability).
+    pub prompt_logprobs: Vec<Sampled>,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]

@@ -5,6 +5,7 @@ use candela_kernels::free_memory;
 use candela_models::{Batch, CausalLm, KvCache, LmConfig, SeqAttention};
 use candle_core::{DType, Device, Tensor};
 
+use crate::ids::RequestId;
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
 pub struct ModelRunner {
@@ -87,12 +88,13 @@ impl ModelRunner {
     }
 
     /// Runs one step; returns the logits of each sampling sequence, in schedule order
-    /// (`[sampling sequences, vocab]` f32, on the model's device).
+    /// (`[sampling sequences, vocab]` f32, on the model's device), and those of the prompt
+    /// positions whose log-probabilities are wanted.
     pub fn execute(
         &self,
         out: &SchedulerOutput,
         sched: &Scheduler,
-    ) -> candela_models::Result<Tensor> {
+    ) -> candela_models::Result<StepLogits> {
         let bs = self.kv.block_size;
         let n = out.num_tokens();
         let (mut ids, mut positions, mut slots) = (
@@ -102,6 +104,8 @@ impl ModelRunner {
         );
         let mut seqs = Vec::with_capacity(out.seqs.len());
         let mut logits_rows = Vec::new();
+        let mut prompt_rows = Vec::new();
+        let mut prompt_spans = Vec::new();
         let mut precise_rows = Vec::with_capacity(n);
         for s in &out.seqs {
             let req = sched.request(s.id).expect("scheduled request exists");
@@ -116,6 +120,17 @@ impl ModelRunner {
             if s.samples {
                 logits_rows.push((query_start + s.num_new - 1) as u32);
             }
+            // Position p's logits predict prompt token p + 1.
+            let end = (s.num_computed + s.num_new).min(req.num_prompt.saturating_sub(1));
+            if req.full_prompt && s.num_computed < end {
+                let first = s.num_computed;
+                prompt_spans.push(PromptSpan {
+                    id: s.id,
+                    first,
+                    len: end - first,
+                });
+                prompt_rows.extend((first..end).map(|p| (query_start + p - first) as u32));
+            }
             seqs.push(SeqAttention {
                 query_start,
                 query_len: s.num_new,
@@ -124,6 +139,8 @@ impl ModelRunner {
                 prompt_len: req.num_prompt,
             });
         }
+        let sampling = logits_rows.len();
+        logits_rows.extend(prompt_rows);
         let batch = Batch::new(
             &ids,
             &positions,
@@ -133,6 +150,34 @@ impl ModelRunner {
             precise_rows,
             self.model.device(),
         )?;
-        self.model.forward(&batch, &self.kv)
+        let logits = self.model.forward(&batch, &self.kv)?;
+        if prompt_spans.is_empty() {
+            return Ok(StepLogits {
+                sample: logits,
+                prompt: None,
+            });
+        }
+        let extra = logits_rows.len() - sampling;
+        Ok(StepLogits {
+            sample: logits.narrow(0, 0, sampling)?,
+            prompt: Some((logits.narrow(0, sampling, extra)?, prompt_spans)),
+        })
     }
+}
+
+/// A step's logits.
+pub struct StepLogits {
+    /// One row per sampling sequence, in schedule order.
+    pub sample: Tensor,
+    /// Rows of prompt positions, span after span.
+    pub prompt: Option<(Tensor, Vec<PromptSpan>)>,
+}
+
+/// A request's prompt positions computed this step whose logits are wanted: positions
+/// `first..first + len`, each predicting the prompt token after it.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptSpan {
+    pub id: RequestId,
+    pub first: usize,
+    pub len: usize,
 }

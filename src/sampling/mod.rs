@@ -276,6 +276,20 @@ fn sum_where(x: &[f32], keep: impl Fn(f32) -> bool) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The log-probability of `token` under `logits`, and the `k` likeliest tokens' (a prompt
+/// token's entry, where nothing is sampled).
+pub fn logprob_of(logits: &[f32], token: TokenId, k: usize) -> (f32, Vec<(TokenId, f32)>) {
+    let lp = log_softmax(logits);
+    let top = top_k_indices(&lp, k)
+        .into_iter()
+        .map(|i| (i as TokenId, lp[i]))
+        .collect();
+    (
+        lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top,
+    )
+}
+
 fn log_softmax(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = x.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;

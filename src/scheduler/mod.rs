@@ -49,6 +49,9 @@ pub struct SchedRequest {
     pub priority: Priority,
     /// Prompt tokens found in the prefix cache when first admitted.
     pub num_cached: usize,
+    /// Compute the whole prompt, none of it from the prefix cache: its log-probabilities need
+    /// every position's logits.
+    pub full_prompt: bool,
 }
 
 impl SchedRequest {
@@ -60,6 +63,7 @@ impl SchedRequest {
             num_computed: 0,
             priority,
             num_cached: 0,
+            full_prompt: false,
         }
     }
 
@@ -240,7 +244,11 @@ impl Scheduler {
                 break;
             };
             let req = &self.requests[&id];
-            let prefix = self.kv.cached_prefix(&req.tokens);
+            let prefix = if req.full_prompt {
+                Vec::new()
+            } else {
+                self.kv.cached_prefix(&req.tokens)
+            };
             let num_computed = prefix.len() * self.cfg.block_size;
             let remaining = req.tokens.len() - num_computed;
             let num_new = take(remaining, budget, prefill_budget);

@@ -187,6 +187,27 @@ fn shared_prefix_is_not_recomputed() {
 }
 
 #[test]
+fn a_full_prompt_is_computed_whole_despite_the_prefix_cache() {
+    let mut s = sched(64, 64, 8);
+    let system = prompt(16, 3);
+    s.add(SchedRequest::new(
+        RequestId(1),
+        system.clone(),
+        Priority::Interactive,
+    ));
+    step(&mut s);
+    let mut scored = system.clone();
+    scored.extend([5, 6, 7]);
+    let mut req = SchedRequest::new(RequestId(2), scored, Priority::Interactive);
+    req.full_prompt = true;
+    s.add(req);
+    let out = step(&mut s);
+    let seq = out.seqs.iter().find(|q| q.id == RequestId(2)).unwrap();
+    assert_eq!((seq.num_computed, seq.num_new), (0, 19));
+    assert_eq!(s.request(RequestId(2)).unwrap().num_cached, 0);
+}
+
+#[test]
 fn running_out_of_blocks_preempts_the_newest_and_frees_its_blocks() {
     // 6 blocks of 4 = 24 slots; two requests of 8 prompt tokens each grow until they collide.
     let mut s = sched(6, 64, 8);

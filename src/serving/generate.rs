@@ -28,6 +28,8 @@ pub struct GenParams {
     pub priority: Priority,
     /// Structured output: a JSON schema or grammar the text must follow.
     pub format: Option<OutputFormat>,
+    /// The prompt's log-probabilities, with this many alternatives per token.
+    pub prompt_logprobs: Option<usize>,
 }
 
 pub struct ChatModel {
@@ -191,6 +193,7 @@ impl ChatModel {
             },
             priority: params.priority,
             constraint,
+            prompt_logprobs: params.prompt_logprobs,
         })?;
         Ok(Generation {
             stream: Some(stream),
@@ -201,6 +204,7 @@ impl ChatModel {
             prompt_tokens,
             completion_tokens: 0,
             cached_tokens: 0,
+            prompt_logprobs: None,
         })
     }
 
@@ -230,6 +234,9 @@ pub struct Generation {
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: usize,
+    /// With `prompt_logprobs`, once the first token is out: an entry per prompt token (`None`
+    /// for the first, which nothing predicts).
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
 }
 
 impl Generation {
@@ -267,18 +274,26 @@ impl Generation {
             // Ends the engine request now if a stop string ended it early.
             self.stream = None;
         }
-        let logprobs = if self.logprobs {
-            let text_of = |id: TokenId| self.tokenizer.decode(&[id], false).unwrap_or_default();
-            vec![TokenLogprob {
-                token: text_of(token),
-                logprob: out.sampled.logprob.unwrap_or(0.0),
-                top: out
-                    .sampled
-                    .top_logprobs
+        let text_of = |id: TokenId| self.tokenizer.decode(&[id], false).unwrap_or_default();
+        let entry = |s: &crate::sampling::Sampled| TokenLogprob {
+            token: text_of(s.token),
+            logprob: s.logprob.unwrap_or(0.0),
+            top: s
+                .top_logprobs
+                .iter()
+                .map(|&(id, lp)| (text_of(id), lp))
+                .collect(),
+        };
+        if !out.prompt_logprobs.is_empty() {
+            self.prompt_logprobs = Some(
+                out.prompt_logprobs
                     .iter()
-                    .map(|&(id, lp)| (text_of(id), lp))
+                    .map(|s| s.logprob.is_some().then(|| entry(s)))
                     .collect(),
-            }]
+            );
+        }
+        let logprobs = if self.logprobs {
+            vec![entry(&out.sampled)]
         } else {
             Vec::new()
         };

@@ -285,7 +285,11 @@ impl Results {
 
     /// Appends a line to the output file (`ok`) or the error file.
     fn write(&mut self, ok: bool, line: &str) {
-        let file = if ok { &mut self.output } else { &mut self.errors };
+        let file = if ok {
+            &mut self.output
+        } else {
+            &mut self.errors
+        };
         let written = match file {
             Some(f) => f.write(line.as_bytes()).and_then(|()| f.write(b"\n")),
             None => NewFile::create(&self.data_dir).and_then(|mut f| {

@@ -109,7 +109,8 @@ async fn json_mode_choice_and_regex_hold_on_chat_and_completions() {
         CHAT_PATH,
         chat(
             "Alice is 30. Describe her.",
-            json!({"temperature": 0, "max_tokens": 60, "tools": weather_tools(),
+            json!({"temperature": 0, "max_tokens": 100, "tools": weather_tools(),
+                   "parallel_tool_calls": false,
                    "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
                        "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
                        "required": ["name", "age"], "additionalProperties": false}}}}),
@@ -118,6 +119,15 @@ async fn json_mode_choice_and_regex_hold_on_chat_and_completions() {
     .await;
     assert_eq!(status, 200, "{r}");
     let message = &r["choices"][0]["message"];
+    assert_eq!(
+        r["choices"][0]["finish_reason"],
+        if message["tool_calls"].is_array() {
+            "tool_calls"
+        } else {
+            "stop"
+        },
+        "{r}"
+    );
     match message["tool_calls"].as_array() {
         Some(calls) => calls.iter().for_each(|c| {
             check_call(
@@ -204,13 +214,23 @@ async fn forced_and_named_tool_calls_follow_the_tools_schemas_and_continue_the_c
     streamed["stream"] = json!(true);
     let (events, done) = common::stream(base, CHAT_PATH, streamed).await;
     assert!(done);
+    // The call streams as OpenAI streams one: its id and name first, then its arguments in
+    // pieces that add up to the unstreamed call's.
     let deltas: Vec<&Value> = events
         .iter()
         .filter_map(|e| e["choices"][0]["delta"].get("tool_calls"))
+        .flat_map(|calls| calls.as_array().unwrap())
         .collect();
-    assert_eq!(deltas.len(), 1, "{events:?}");
-    assert_eq!(deltas[0][0]["index"], 0);
-    assert_eq!(&deltas[0][0]["function"], whole_call);
+    assert!(deltas.len() > 2, "{events:?}");
+    assert!(deltas.iter().all(|d| d["index"] == 0));
+    assert_eq!(deltas[0]["function"]["name"], whole_call["name"]);
+    assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert!(deltas[1..].iter().all(|d| d.get("id").is_none()));
+    let arguments: String = deltas
+        .iter()
+        .map(|d| d["function"]["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(arguments, whole_call["arguments"].as_str().unwrap());
     let last = events
         .iter()
         .rev()

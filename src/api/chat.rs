@@ -214,6 +214,7 @@ pub async fn chat_completions(
         tool_use.instruct(&mut messages);
         params.format = tool_use.grammar(params.format.take())?;
     }
+    tools::merge_tool_results(&mut messages);
     let prompt = model.chat_prompt(&messages)?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;

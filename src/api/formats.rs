@@ -151,8 +151,15 @@ impl VllmGuided {
     pub fn format(&self) -> Result<Option<OutputFormat>, ApiError> {
         let mut found = Vec::new();
         if let Some(Value::Object(so)) = &self.structured_outputs {
+            // vLLM's options of a format, not formats: they change nothing here.
+            const OPTIONS: [&str; 4] = [
+                "disable_any_whitespace",
+                "disable_additional_properties",
+                "disable_fallback",
+                "whitespace_pattern",
+            ];
             for (key, value) in so {
-                if !value.is_null() {
+                if !value.is_null() && !OPTIONS.contains(&key.as_str()) {
                     found.push((format!("structured_outputs.{key}"), key.as_str(), value));
                 }
             }

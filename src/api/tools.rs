@@ -8,7 +8,7 @@ use super::error::ApiError;
 use super::formats::{self, missing};
 use super::types::wrong_type;
 use crate::engine::FinishReason;
-use crate::serving::tools::{self, Tool, ToolCall, ToolChoice};
+use crate::serving::tools::{self, CallEvent, CallTracker, Tool, ToolCall, ToolChoice};
 use crate::serving::{ChatMessage, Grammar, OutputFormat};
 
 /// Which API's shapes a request uses.
@@ -174,6 +174,23 @@ impl ToolUse {
     }
 }
 
+/// Joins the results of parallel calls, one user turn each as they come, into one turn: chat
+/// templates that want user and assistant turns to alternate refuse two user turns in a row.
+pub fn merge_tool_results(messages: &mut Vec<ChatMessage>) {
+    let is_result = |m: &ChatMessage| m.role == "user" && m.content.starts_with(tools::RESULT_OPEN);
+    let mut merged: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for m in messages.drain(..) {
+        match merged.last_mut() {
+            Some(last) if is_result(last) && is_result(&m) => {
+                last.content.push('\n');
+                last.content.push_str(&m.content);
+            }
+            _ => merged.push(m),
+        }
+    }
+    *messages = merged;
+}
+
 fn tool(dialect: Dialect, i: usize, t: &Value) -> Result<Tool, ApiError> {
     let at = |field: &str| format!("tools[{i}].{field}");
     match t.get("type").and_then(Value::as_str) {
@@ -297,11 +314,13 @@ fn calls_finish(finish: FinishReason) -> &'static str {
 
 /// One streamed chat choice whose answer may be calls. The grammar lets an answer with tools
 /// start with `<` only when it is calls, so text is streamed as soon as its first character is
-/// not `<`; calls are held back and sent whole at the end.
+/// not `<`; calls are streamed as OpenAI streams them: each call's id and name once its name is
+/// whole, then its arguments as they grow.
 #[derive(Default)]
 pub struct CallStream {
     held: String,
     text: bool,
+    calls: CallTracker,
 }
 
 impl CallStream {
@@ -327,16 +346,37 @@ impl CallStream {
             let held = std::mem::take(&mut self.held);
             return (content(&held), finish.map(FinishReason::as_str));
         }
-        let Some(finish) = finish else {
-            return (json!({}), None);
+        let deltas: Vec<Value> = self
+            .calls
+            .update(&self.held)
+            .into_iter()
+            .map(|event| match event {
+                CallEvent::Start { index, name } => json!({
+                    "index": index, "id": call_id(), "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }),
+                CallEvent::Arguments { index, delta } => {
+                    json!({"index": index, "function": {"arguments": delta}})
+                }
+            })
+            .collect();
+        let delta = if deltas.is_empty() {
+            json!({})
+        } else {
+            json!({"tool_calls": deltas})
         };
-        let held = std::mem::take(&mut self.held);
-        match tools::parse_calls(&held, finish == FinishReason::Length) {
-            Some(calls) => (
-                json!({"tool_calls": chat_calls(&calls, true)}),
-                Some(calls_finish(finish)),
-            ),
-            None => (content(&held), Some(finish.as_str())),
+        let Some(finish) = finish else {
+            return (delta, None);
+        };
+        if self.calls.started() == 0 {
+            // Nothing that reads as a call: the text as it is.
+            return (content(&self.held), Some(finish.as_str()));
         }
+        let cut = finish == FinishReason::Length;
+        let reason = match tools::parse_calls(&self.held, cut) {
+            Some(_) => calls_finish(finish),
+            None => finish.as_str(),
+        };
+        (delta, Some(reason))
     }
 }

@@ -406,6 +406,11 @@ impl EngineCore {
                 rows.nth(span.len.saturating_sub(1));
                 continue;
             };
+            if active.prompt_logprobs.is_none() {
+                // Recomputed after a preemption: the entries went out with the first token.
+                rows.nth(span.len.saturating_sub(1));
+                continue;
+            }
             let k = active.req.prompt_logprobs.unwrap_or(0);
             for p in span.first..span.first + span.len {
                 let Some(row) = rows.next() else { break };

@@ -38,6 +38,10 @@ pub struct SchedulerConfig {
     pub block_size: usize,
 }
 
+/// Most prompt positions of `full_prompt` requests a step computes: each needs its whole row of
+/// logits (vocabulary-sized), which the model otherwise computes for one position a sequence.
+pub const FULL_PROMPT_TOKENS_PER_STEP: usize = 512;
+
 #[derive(Debug)]
 pub struct SchedRequest {
     pub id: RequestId,
@@ -185,6 +189,15 @@ impl Scheduler {
             1 => 1.min(budget),
             _ => remaining.min(budget).min(prefill_budget),
         };
+        // Prompt positions whose logits are all wanted (`full_prompt`), within their own cap.
+        let mut scored_budget = FULL_PROMPT_TOKENS_PER_STEP;
+        let score = |req: &SchedRequest, remaining: usize, num_new: usize, scored: usize| {
+            if req.full_prompt && remaining > 1 {
+                num_new.min(scored)
+            } else {
+                num_new
+            }
+        };
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -192,6 +205,7 @@ impl Scheduler {
             let req = &self.requests[&id];
             let remaining = req.tokens.len() - req.num_computed;
             let num_new = take(remaining, budget, prefill_budget);
+            let num_new = score(req, remaining, num_new, scored_budget);
             if num_new == 0 {
                 // Prefill budget spent: this one continues next step.
                 i += 1;
@@ -233,6 +247,9 @@ impl Scheduler {
                 budget -= num_new;
                 if remaining > 1 {
                     prefill_budget -= num_new;
+                    if req.full_prompt {
+                        scored_budget -= num_new;
+                    }
                 }
                 i += 1;
             }
@@ -252,6 +269,7 @@ impl Scheduler {
             let num_computed = prefix.len() * self.cfg.block_size;
             let remaining = req.tokens.len() - num_computed;
             let num_new = take(remaining, budget, prefill_budget);
+            let num_new = score(req, remaining, num_new, scored_budget);
             let total = num_computed + num_new;
             if num_new == 0 || !self.kv.allocate(id, total, &prefix) {
                 break;
@@ -275,6 +293,9 @@ impl Scheduler {
             budget -= num_new;
             if remaining > 1 {
                 prefill_budget -= num_new;
+                if req.full_prompt {
+                    scored_budget -= num_new;
+                }
             }
         }
         out

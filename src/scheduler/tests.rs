@@ -208,6 +208,32 @@ fn a_full_prompt_is_computed_whole_despite_the_prefix_cache() {
 }
 
 #[test]
+fn a_full_prompt_is_computed_a_capped_chunk_a_step() {
+    let mut s = sched(1024, 4096, 8);
+    let mut req = SchedRequest::new(RequestId(1), prompt(1200, 0), Priority::Interactive);
+    req.full_prompt = true;
+    s.add(req);
+    s.add(SchedRequest::new(
+        RequestId(2),
+        prompt(700, 1),
+        Priority::Interactive,
+    ));
+    let chunks: Vec<Vec<(usize, usize)>> = (0..3)
+        .map(|_| {
+            step(&mut s)
+                .seqs
+                .iter()
+                .map(|q| (q.id.0 as usize, q.num_new))
+                .collect()
+        })
+        .collect();
+    // The other prompt is not held back by the cap.
+    assert_eq!(chunks[0], [(1, FULL_PROMPT_TOKENS_PER_STEP), (2, 700)]);
+    assert_eq!(chunks[1][0], (1, FULL_PROMPT_TOKENS_PER_STEP));
+    assert_eq!(chunks[2][0], (1, 1200 - 2 * FULL_PROMPT_TOKENS_PER_STEP));
+}
+
+#[test]
 fn running_out_of_blocks_preempts_the_newest_and_frees_its_blocks() {
     // 6 blocks of 4 = 24 slots; two requests of 8 prompt tokens each grow until they collide.
     let mut s = sched(6, 64, 8);

@@ -59,7 +59,13 @@ pub struct Grammars {
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Vec<TokenId>,
     factory: OnceLock<Result<ParserFactory, String>>,
+    /// Compiled grammars by their text, fresh, to copy: clients send the same schema or tool
+    /// set call after call, and `n` choices share one.
+    compiled: std::sync::Mutex<std::collections::HashMap<String, Matcher>>,
 }
+
+/// Compiled grammars kept (the cache starts over when full).
+const COMPILED_KEPT: usize = 256;
 
 impl Grammars {
     pub fn new(tokenizer: Arc<Tokenizer>, eos_token_ids: Vec<TokenId>) -> Self {
@@ -67,6 +73,7 @@ impl Grammars {
             tokenizer,
             eos_token_ids,
             factory: OnceLock::new(),
+            compiled: Default::default(),
         }
     }
 
@@ -107,6 +114,42 @@ impl Grammars {
     /// compile is a 400 naming its field.
     pub fn constraint(&self, format: &OutputFormat) -> Result<Constraint, ServingError> {
         let factory = self.factory()?;
+        let key = match &format.grammar {
+            Grammar::JsonSchema(schema) => format!("json:{schema}"),
+            Grammar::Regex(rx) => format!("regex:{rx}"),
+            Grammar::Lark(lark) => format!("lark:{lark}"),
+        };
+        let cached = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map(Matcher::deep_clone);
+        let matcher = match cached {
+            Some(m) => m,
+            None => {
+                let matcher = self.compile(factory, format)?;
+                let mut kept = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                if kept.len() >= COMPILED_KEPT {
+                    kept.clear();
+                }
+                kept.insert(key, matcher.deep_clone());
+                matcher
+            }
+        };
+        Ok(Constraint(Box::new(GrammarConstraint {
+            matcher,
+            eos_token_ids: self.eos_token_ids.clone(),
+            trie_eos: factory.tok_env().tok_trie().eos_token(),
+        })))
+    }
+
+    fn compile(
+        &self,
+        factory: &ParserFactory,
+        format: &OutputFormat,
+    ) -> Result<Matcher, ServingError> {
+        let started = std::time::Instant::now();
         let grammar = match &format.grammar {
             Grammar::JsonSchema(schema) => {
                 let mut schema = schema.clone();
@@ -128,11 +171,11 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(ServingError::invalid(&format.param, e));
         }
-        Ok(Constraint(Box::new(GrammarConstraint {
-            matcher,
-            eos_token_ids: self.eos_token_ids.clone(),
-            trie_eos: factory.tok_env().tok_trie().eos_token(),
-        })))
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "grammar compiled"
+        );
+        Ok(matcher)
     }
 }
 

@@ -370,9 +370,11 @@ pub fn spawn(state: Arc<AppState>, record: BatchRecord) {
         object: record.object,
     };
     tokio::spawn(async move {
+        let mut runner = runner;
         let id = runner.id();
         if let Err(e) = runner.run().await {
-            tracing::error!(batch = %id, error = %e.message, "batch stopped");
+            tracing::error!(batch = %id, error = %e.message, "batch failed");
+            runner.fail(&e).await;
         }
     });
 }
@@ -544,7 +546,18 @@ impl Runner {
         })
     }
 
-    async fn run(mut self) -> Result<(), ApiError> {
+    /// Ends the batch as failed after an error of the server's own (a result file it could not
+    /// write, say): left as it is stored, it would run again from its start at the next start.
+    async fn fail(&mut self, e: &ApiError) {
+        let error =
+            json!({"code": "server_error", "message": e.message, "param": null, "line": null});
+        self.object["errors"] = json!({"object": "list", "data": [error]});
+        if let Err(e) = self.move_to("failed").await {
+            tracing::error!(batch = %self.id(), error = %e.message, "recording a batch's failure");
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), ApiError> {
         let lines = match self.read_lines().await? {
             Ok(lines) => lines,
             Err(errors) => {
@@ -615,7 +628,7 @@ impl Runner {
     /// Writes the output and error files and the final status. Requests that did not run (a
     /// cancel, the window's end) are listed in the error file.
     async fn finish(
-        mut self,
+        &mut self,
         end: End,
         mut results: Results,
         ids: &[String],

@@ -69,24 +69,21 @@ fn prompt(
     truncate: bool,
     max_tokens: Option<usize>,
 ) -> Result<Vec<u32>, ApiError> {
-    let mut system: Vec<ChatMessage> = instructions
-        .filter(|i| !i.is_empty())
-        .map(|i| ChatMessage {
-            role: "system".into(),
-            content: i.into(),
-        })
-        .into_iter()
-        .collect();
-    if let Some(tool_use) = tool_use {
-        tool_use.instruct(&mut system);
-    }
+    let system: Option<ChatMessage> = instructions.filter(|i| !i.is_empty()).map(|i| ChatMessage {
+        role: "system".into(),
+        content: i.into(),
+    });
     let mut skip = 0;
     loop {
-        let messages: Vec<ChatMessage> = system
+        let mut messages: Vec<ChatMessage> = system
             .iter()
             .chain(&conversation[skip..])
             .cloned()
             .collect();
+        if let Some(tool_use) = tool_use {
+            tool_use.instruct(&mut messages);
+        }
+        super::tools::merge_tool_results(&mut messages);
         let prompt = model.chat_prompt(&messages).map_err(as_input)?;
         let fits = prompt.len() + max_tokens.unwrap_or(1) <= model.context_limit();
         if fits || !truncate || skip + 1 >= conversation.len() {
@@ -279,7 +276,16 @@ impl Run {
             .then(|| tools::parse_calls(&f.text, cut))
             .flatten();
         let output = match calls {
-            Some(calls) => calls.iter().map(call_item).collect(),
+            Some(calls) => {
+                let (scanned, _) = tools::scan_calls(&f.text);
+                let complete = |i: usize| scanned.get(i).is_some_and(|c| c.complete);
+                let ids = || (new_id("fc"), super::tools::call_id());
+                calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, call)| call_item(call, complete(i), ids()))
+                    .collect()
+            }
             None => vec![self
                 .shape
                 .message(status, Some(text_part(&f.text, &f.logprobs)))],
@@ -365,6 +371,10 @@ impl Run {
         let (mut text, mut logprobs) = (String::new(), Vec::new());
         let mut finish = FinishReason::Length;
         let mut clock = TokenClock::default();
+        // Calls stream as they grow: each call's item once its name is whole, then its
+        // arguments. `call_ids` holds each started call's item id and call id.
+        let mut tracker = tools::CallTracker::default();
+        let mut call_ids: Vec<(String, String)> = Vec::new();
         while let Some(chunk) = gen.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -392,7 +402,30 @@ impl Run {
             let delta = match &mut held {
                 Some(h) => {
                     h.push_str(&chunk.text);
-                    if h.is_empty() || h.starts_with('<') {
+                    if h.starts_with('<') {
+                        for event in tracker.update(h) {
+                            let (kind, fields) = match event {
+                                tools::CallEvent::Start { index, name } => {
+                                    let ids = (new_id("fc"), super::tools::call_id());
+                                    let item = json!({
+                                        "id": ids.0, "type": "function_call", "status": "in_progress",
+                                        "call_id": ids.1, "name": name, "arguments": "",
+                                    });
+                                    call_ids.push(ids);
+                                    (
+                                        "response.output_item.added",
+                                        json!({"output_index": index, "item": item}),
+                                    )
+                                }
+                                tools::CallEvent::Arguments { index, delta } => (
+                                    "response.function_call_arguments.delta",
+                                    json!({"item_id": call_ids[index].0, "output_index": index, "delta": delta}),
+                                ),
+                            };
+                            send!(kind, fields);
+                        }
+                        None
+                    } else if h.is_empty() {
                         None
                     } else {
                         for (kind, fields) in opening.clone() {
@@ -413,29 +446,19 @@ impl Run {
             }
         }
         let (status, incomplete) = status_of(finish);
-        let cut = finish == FinishReason::Length;
-        let calls = held
-            .is_some()
-            .then(|| tools::parse_calls(&text, cut))
-            .flatten();
-        let output = if let Some(calls) = calls {
+        let (calls, _) = tools::scan_calls(&text);
+        let output = if held.is_some() && !call_ids.is_empty() {
             let mut items = Vec::new();
-            for (index, call) in calls.iter().enumerate() {
-                let item = call_item(call);
-                let mut added = item.clone();
-                added["arguments"] = json!("");
-                added["status"] = json!("in_progress");
+            for (index, (call, (item_id, call_id))) in calls.iter().zip(&call_ids).enumerate() {
+                let whole = tools::ToolCall {
+                    name: call.name.clone(),
+                    arguments: call.arguments.clone(),
+                };
+                let item = call_item(&whole, call.complete, (item_id.clone(), call_id.clone()));
                 send!(
-                    "response.output_item.added",
-                    json!({"output_index": index, "item": added})
+                    "response.function_call_arguments.done",
+                    json!({"item_id": item_id, "output_index": index, "arguments": call.arguments})
                 );
-                let at = json!({"item_id": item["id"], "output_index": index});
-                let mut delta = at.clone();
-                delta["delta"] = json!(call.arguments);
-                send!("response.function_call_arguments.delta", delta);
-                let mut done = at;
-                done["arguments"] = json!(call.arguments);
-                send!("response.function_call_arguments.done", done);
                 send!(
                     "response.output_item.done",
                     json!({"output_index": index, "item": item})
@@ -512,12 +535,12 @@ impl Run {
 }
 
 /// A call as a Responses output item.
-fn call_item(call: &tools::ToolCall) -> Value {
+fn call_item(call: &tools::ToolCall, complete: bool, (id, call_id): (String, String)) -> Value {
     json!({
-        "id": new_id("fc"),
+        "id": id,
         "type": "function_call",
-        "status": "completed",
-        "call_id": super::tools::call_id(),
+        "status": if complete { "completed" } else { "incomplete" },
+        "call_id": call_id,
         "name": call.name,
         "arguments": call.arguments,
     })

@@ -36,11 +36,12 @@ pub async fn serve(
         registry,
         platform,
         batch_lock: Default::default(),
+        background: Default::default(),
     });
     let app =
         api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     // Batches left unfinished when the server last stopped run again.
-    tokio::spawn(api::resume_batches(state.clone()));
+    tokio::spawn(api::resume(state.clone()));
     let stopper = state.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

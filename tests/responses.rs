@@ -1,6 +1,7 @@
 //! The Responses API through the real HTTP server and engine: answers that agree with chat
 //! completions, the event stream, stored responses and `previous_response_id`, input items,
-//! truncation, and stored responses kept to the project that made them.
+//! truncation, stored responses kept to the project that made them, and background responses
+//! (polled, streamed again from any event, cancelled).
 
 #[macro_use]
 mod common;
@@ -22,8 +23,11 @@ fn output_text(response: &Value) -> String {
 
 /// A streamed response's events, as (event name, data).
 async fn stream(base: &str, body: Value) -> Vec<(String, Value)> {
-    common::sse(base, "/v1/responses", body)
-        .await
+    parsed(common::sse(base, "/v1/responses", body).await)
+}
+
+fn parsed(events: Vec<(Option<String>, String)>) -> Vec<(String, Value)> {
+    events
         .into_iter()
         .map(|(name, data)| {
             (
@@ -334,5 +338,168 @@ async fn stored_responses_belong_to_their_project() {
         usage.body["total"]["output_tokens"].as_u64().unwrap() > 0,
         "{}",
         usage.body
+    );
+}
+
+/// Polls the response `id` until it is neither queued nor running.
+async fn settled(base: &str, id: &str) -> Value {
+    let path = format!("/v1/responses/{id}");
+    let start = Instant::now();
+    loop {
+        let r = call(base, "GET", &path, None, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if !matches!(r.body["status"].as_str(), Some("queued" | "in_progress")) {
+            return r.body;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_background_response_runs_on_is_streamed_again_and_cancelled() {
+    let s = shared();
+    let body = json!({"model": CHAT, "input": "Name three colours.", "temperature": 0,
+                      "max_output_tokens": 16});
+    let mut background = body.clone();
+    background["background"] = json!(true);
+    let (status, queued) = post(&s.base, "/v1/responses", background).await;
+    assert_eq!(status, 200, "{queued}");
+    assert_eq!(
+        (&queued["status"], &queued["background"]),
+        (&json!("queued"), &json!(true))
+    );
+    let id = queued["id"].as_str().unwrap();
+    // Polled to its end: the answer a client waiting for it gets.
+    let done = settled(&s.base, id).await;
+    let (_, waited) = post(&s.base, "/v1/responses", body).await;
+    assert_eq!(done["status"], "incomplete");
+    assert_eq!(output_text(&done), output_text(&waited));
+    assert_eq!(done["usage"]["output_tokens"], 16);
+    // Its events stay to be streamed again, whole or after a sequence number.
+    let all = parsed(common::sse_get(&s.base, &format!("/v1/responses/{id}?stream=true")).await);
+    assert_eq!(all[0].0, "response.created");
+    assert_eq!(all[0].1["response"]["status"], "queued");
+    assert_eq!(all[1].0, "response.in_progress");
+    let last = all.last().unwrap();
+    assert_eq!(last.0, "response.incomplete");
+    assert_eq!(last.1["response"]["output"], done["output"]);
+    let path = format!("/v1/responses/{id}?stream=true&starting_after=3");
+    let tail = parsed(common::sse_get(&s.base, &path).await);
+    assert_eq!(tail, all[4..]);
+    // Cancelling an ended one changes nothing.
+    let cancel = format!("/v1/responses/{id}/cancel");
+    let again = call(&s.base, "POST", &cancel, None, None).await;
+    assert_eq!(
+        (again.status, &again.body["status"]),
+        (200, &json!("incomplete"))
+    );
+
+    // A run that cannot end soon (a schema needing a long string): cancelled while it writes.
+    let long = json!({"model": CHAT, "input": "Write an essay.", "background": true,
+        "max_output_tokens": 4000, "text": {"format": {"type": "json_schema", "name": "essay",
+        "schema": {"type": "object", "properties": {"essay": {"type": "string", "minLength": 8000}},
+                   "required": ["essay"]}}}});
+    let (_, running) = post(&s.base, "/v1/responses", long.clone()).await;
+    let run_id = running["id"].as_str().unwrap().to_string();
+    let follow = json!({"model": CHAT, "input": "More.", "previous_response_id": run_id});
+    let (status, err) = post(&s.base, "/v1/responses", follow).await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("previous_response_id"))
+    );
+    let stream_path = format!("/v1/responses/{run_id}?stream=true");
+    let watcher = tokio::spawn({
+        let base = s.base.clone();
+        async move { parsed(common::sse_get(&base, &stream_path).await) }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let path = format!("/v1/responses/{run_id}/cancel");
+    let cancelled = call(&s.base, "POST", &path, None, None).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert_eq!(cancelled.body["status"], "cancelled");
+    assert_eq!(cancelled.body["output"][0]["status"], "incomplete");
+    let written = cancelled.body["usage"]["output_tokens"].as_u64().unwrap();
+    assert!(written > 0 && written < 4000, "{written}");
+    assert!(output_text(&cancelled.body).starts_with('{'));
+    let stored = call(
+        &s.base,
+        "GET",
+        &format!("/v1/responses/{run_id}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(stored.body, cancelled.body);
+    // The stream ends with the message closed and no completion event.
+    let events = watcher.await.unwrap();
+    assert_eq!(events.last().unwrap().0, "response.output_item.done");
+
+    // Deleting a running one stops it; it stays deleted.
+    let (_, running) = post(&s.base, "/v1/responses", long).await;
+    let path = format!("/v1/responses/{}", running["id"].as_str().unwrap());
+    assert_eq!(call(&s.base, "DELETE", &path, None, None).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(call(&s.base, "GET", &path, None, None).await.status, 404);
+}
+
+#[tokio::test]
+async fn background_responses_refuse_what_they_cannot_do() {
+    let s = shared();
+    let (status, err) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "x", "background": true, "store": false}),
+    )
+    .await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("background"))
+    );
+    let (_, plain) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "x", "max_output_tokens": 2}),
+    )
+    .await;
+    let id = plain["id"].as_str().unwrap();
+    let cancel = call(
+        &s.base,
+        "POST",
+        &format!("/v1/responses/{id}/cancel"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(cancel.status, 400);
+    for (query, param) in [("stream=true", "stream"), ("stream=yes", "stream")] {
+        let r = call(
+            &s.base,
+            "GET",
+            &format!("/v1/responses/{id}?{query}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (r.status, &r.body["error"]["param"]),
+            (400, &json!(param)),
+            "{query}"
+        );
+    }
+    let (_, bg) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "x", "max_output_tokens": 2, "background": true}),
+    )
+    .await;
+    let path = format!(
+        "/v1/responses/{}?stream=true&starting_after=-1",
+        bg["id"].as_str().unwrap()
+    );
+    let r = call(&s.base, "GET", &path, None, None).await;
+    assert_eq!(
+        (r.status, &r.body["error"]["param"]),
+        (400, &json!("starting_after"))
     );
 }

@@ -25,7 +25,6 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
-pub use batches::resume as resume_batches;
 pub use error::ApiError;
 
 use crate::platform::Platform;
@@ -37,6 +36,29 @@ pub struct AppState {
     /// Held while this server owns the data directory's unfinished batches (see
     /// `batches::resume`), so that a second server on the same directory does not run them too.
     pub batch_lock: std::sync::OnceLock<std::fs::File>,
+    /// Background responses running, and those finished lately (their events).
+    pub background: Arc<responses::background::Runs>,
+}
+
+/// Takes up the work a stopped server left in its data directory, if this server holds the
+/// directory's batch lock (one server of a directory does): its unfinished batches run again,
+/// and its unfinished background responses are marked failed (their runs ended with it).
+pub async fn resume(state: Arc<AppState>) {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    batches::resume(state.clone()).await;
+    if state.batch_lock.get().is_none() {
+        return;
+    }
+    match files::blocking(&state, move |s| s.fail_unfinished_responses(started)).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            responses = n,
+            "background responses of an earlier run marked failed"
+        ),
+        Err(e) => tracing::warn!(error = %e.message, "marking unfinished background responses"),
+    }
 }
 
 /// The endpoints that run a model, without the gate: the public router puts them behind it, and

@@ -1,6 +1,7 @@
 //! Stored responses of the Responses API (`store: true`, OpenAI's default): what
 //! `GET /v1/responses/{id}`, its input items and `previous_response_id` read back. Each belongs to
-//! the project that created it; another project's id reads as unknown.
+//! the project that created it; another project's id reads as unknown. A background response is
+//! stored when it is queued and again when it ends.
 
 use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
@@ -78,6 +79,46 @@ impl Store {
         }))
     }
 
+    /// Replaces the object of the response `id` of `project` while its status is `status`;
+    /// whether it did. (A background response moves on from `queued` this way without undoing
+    /// an end stored meanwhile.)
+    pub fn replace_response_in(
+        &self,
+        project: &str,
+        id: &str,
+        status: &str,
+        response: &Value,
+    ) -> Result<bool, StoreError> {
+        let response = response.to_string();
+        self.with(|c| {
+            c.execute(
+                "UPDATE responses SET response = ?4
+                 WHERE id = ?1 AND project = ?2 AND json_extract(response, '$.status') = ?3",
+                params![id, project, status, response],
+            )
+        })
+        .map(|n| n > 0)
+    }
+
+    /// Marks `failed` the background responses created before `before` (Unix seconds) that are
+    /// still queued or running: a stopped server left them, and nothing runs them now. How many.
+    pub fn fail_unfinished_responses(&self, before: i64) -> Result<usize, StoreError> {
+        let error = serde_json::json!({
+            "code": "server_error",
+            "message": "The server stopped before this background response finished.",
+        })
+        .to_string();
+        self.with(|c| {
+            c.execute(
+                "UPDATE responses
+                 SET response = json_set(response, '$.status', 'failed', '$.error', json(?1))
+                 WHERE created_at < ?2
+                   AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
+                params![error, before],
+            )
+        })
+    }
+
     /// Deletes the response `id` if `project` created it; whether there was one.
     pub fn delete_response(&self, project: &str, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
@@ -108,12 +149,36 @@ mod tests {
             conversation: vec![json!({"role": "user", "content": "hi"})],
         };
         store.put_response(&r).unwrap();
-        assert_eq!(store.response("a", "resp_1").unwrap(), Some(r));
+        assert_eq!(store.response("a", "resp_1").unwrap(), Some(r.clone()));
         assert_eq!(store.response("b", "resp_1").unwrap(), None);
         assert!(!store.delete_response("b", "resp_1").unwrap());
         assert!(store.delete_response("a", "resp_1").unwrap());
         assert_eq!(store.response("a", "resp_1").unwrap(), None);
         assert!(!store.delete_response("a", "resp_1").unwrap());
+
+        // A background response moves on only from the status it is in, and one left
+        // unfinished by a stopped server ends failed.
+        let queued = StoredResponse {
+            response: json!({"id": "resp_1", "status": "queued"}),
+            ..r
+        };
+        store.put_response(&queued).unwrap();
+        let running = json!({"id": "resp_1", "status": "in_progress"});
+        assert!(!store
+            .replace_response_in("b", "resp_1", "queued", &running)
+            .unwrap());
+        assert!(store
+            .replace_response_in("a", "resp_1", "queued", &running)
+            .unwrap());
+        assert!(!store
+            .replace_response_in("a", "resp_1", "queued", &running)
+            .unwrap());
+        assert_eq!(store.fail_unfinished_responses(7).unwrap(), 0);
+        assert_eq!(store.fail_unfinished_responses(8).unwrap(), 1);
+        let failed = store.response("a", "resp_1").unwrap().unwrap().response;
+        assert_eq!(failed["status"], "failed");
+        assert_eq!(failed["error"]["code"], "server_error");
+        assert_eq!(store.fail_unfinished_responses(8).unwrap(), 0);
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }

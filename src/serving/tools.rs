@@ -369,7 +369,10 @@ mod tests {
         assert_eq!(parse_calls(started, false), None);
         // Cut short, it is the call a stream has begun to send: a name, no arguments yet.
         let begun = parse_calls(started, true).unwrap();
-        assert_eq!((begun[0].name.as_str(), begun[0].arguments.as_str()), ("f", ""));
+        assert_eq!(
+            (begun[0].name.as_str(), begun[0].arguments.as_str()),
+            ("f", "")
+        );
         assert_eq!(parse_calls("<tool_call>\n{\"na", true), None);
         let no_name = "<tool_call>\n{\"arguments\": {}}\n</tool_call>";
         assert_eq!(parse_calls(no_name, false), None);

@@ -175,12 +175,16 @@ pub fn chat(content: &str, extra: Value) -> Value {
 
 /// Runs a streaming request and returns its server-sent events as (`event:` name, `data:`).
 pub async fn sse(base: &str, path: &str, body: Value) -> Vec<(Option<String>, String)> {
-    let resp = client()
-        .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    read_sse(client().post(format!("{base}{path}")).json(&body)).await
+}
+
+/// The events of a `GET` that streams (as `sse`).
+pub async fn sse_get(base: &str, path: &str) -> Vec<(Option<String>, String)> {
+    read_sse(client().get(format!("{base}{path}"))).await
+}
+
+async fn read_sse(request: reqwest::RequestBuilder) -> Vec<(Option<String>, String)> {
+    let resp = request.send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut bytes = resp.bytes_stream();
     let mut buf = String::new();

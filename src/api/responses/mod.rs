@@ -1,9 +1,11 @@
 //! The Responses API: `POST /v1/responses` (streamed as typed events or not), and for stored
 //! responses `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}`,
 //! `GET /v1/responses/{id}/input_items`; `previous_response_id` continues a stored conversation.
+//! `background: true` runs a response with no client attached (see `background`).
 //! A response is stored (`store`, true by default, as OpenAI's are) in the platform's database,
 //! under the caller's project: another project's ids read as unknown.
 
+pub mod background;
 mod output;
 mod request;
 
@@ -19,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::chat::{chat_model, lane, reserve, run_to_end, token_logprobs};
 use super::files::blocking;
@@ -173,6 +175,13 @@ pub async fn create(
                     .with_code("previous_response_not_found"),
                     _ => e,
                 })?;
+            let status = &previous.response["status"];
+            if status == "queued" || status == "in_progress" {
+                return Err(ApiError::invalid(
+                    Some("previous_response_id"),
+                    format!("Previous response '{id}' has not finished (it is {status})."),
+                ));
+            }
             messages_of(&previous.conversation)
         }
         None => Vec::new(),
@@ -211,8 +220,11 @@ pub async fn create(
         record,
         prompt_tokens,
         started,
+        cancel: None,
     };
-    if req.stream {
+    if run.shape.background {
+        run.background(gen, req.stream).await
+    } else if req.stream {
         Ok(run.stream(gen))
     } else {
         run.whole(gen).await
@@ -229,6 +241,18 @@ struct Run {
     record: Option<Record>,
     prompt_tokens: usize,
     started: std::time::Instant,
+    /// A background run stops when told.
+    cancel: Option<Arc<Notify>>,
+}
+
+/// An event stream as server-sent events.
+fn sse(events: mpsc::Receiver<(String, Value)>) -> Response {
+    let events = tokio_stream::wrappers::ReceiverStream::new(events).map(|(kind, event)| {
+        Ok::<_, Infallible>(Event::default().event(kind).data(event.to_string()))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 impl Run {
@@ -311,12 +335,57 @@ impl Run {
         }
         let (tx, rx) = mpsc::channel::<(String, Value)>(64);
         tokio::spawn(self.events(gen, tx));
-        let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(kind, event)| {
-            Ok::<_, Infallible>(Event::default().event(kind).data(event.to_string()))
-        });
-        Sse::new(events)
-            .keep_alive(KeepAlive::default())
-            .into_response()
+        sse(rx)
+    }
+
+    /// Stores the response as queued, then runs it with no client attached: its events go to
+    /// the server's log of background runs. Answers the queued response, or with `stream` the
+    /// run's events as they come (a client leaving does not stop the run).
+    async fn background(mut self, gen: Generation, stream: bool) -> Result<Response, ApiError> {
+        let queued = self
+            .shape
+            .object("queued", Vec::new(), Value::Null, Value::Null, Value::Null);
+        let Some(record) = &self.record else {
+            return Err(ApiError::invalid(
+                Some("store"),
+                "Background responses are stored.",
+            ));
+        };
+        let (id, project) = (self.shape.id.clone(), record.project.clone());
+        let row = StoredResponse {
+            id: id.clone(),
+            project: project.clone(),
+            created_at: self.shape.created_at as i64,
+            response: queued.clone(),
+            input_items: record.items.clone(),
+            conversation: record.conversation.clone(),
+        };
+        blocking(&self.state, move |s| s.put_response(&row)).await?;
+        if let Some(m) = &self.meter {
+            m.stream_started();
+        }
+        let runs = self.state.background.clone();
+        let live = runs.start(&id, &project);
+        self.cancel = Some(live.cancel.clone());
+        tracing::info!(id = %id, "background response queued");
+        let state = self.state.clone();
+        let (tx, rx) = mpsc::channel::<(String, Value)>(64);
+        tokio::spawn(self.events(gen, tx));
+        tokio::spawn(
+            runs.follow(id.clone(), live.clone(), rx, |object| async move {
+                let moved = blocking(&state, move |s| {
+                    s.replace_response_in(&project, &id, "queued", &object)
+                });
+                if let Err(e) = moved.await {
+                    tracing::warn!(error = %e.message, "storing a background response's start");
+                }
+            }),
+        );
+        if stream {
+            Ok(sse(live.events(None)))
+        } else {
+            Ok(Json(queued).into_response())
+        }
     }
 
     /// Sends the stream's events; returns early (dropping the generation, which cancels it)
@@ -341,15 +410,18 @@ impl Run {
             fields["content_index"] = at["content_index"].clone();
             fields
         };
-        let opened = shape.object(
-            "in_progress",
-            Vec::new(),
-            Value::Null,
-            Value::Null,
-            Value::Null,
+        let opened =
+            |status| shape.object(status, Vec::new(), Value::Null, Value::Null, Value::Null);
+        let created = if shape.background {
+            "queued"
+        } else {
+            "in_progress"
+        };
+        send!("response.created", json!({"response": opened(created)}));
+        send!(
+            "response.in_progress",
+            json!({"response": opened("in_progress")})
         );
-        send!("response.created", json!({"response": opened}));
-        send!("response.in_progress", json!({"response": opened}));
         let opening = [
             (
                 "response.output_item.added",
@@ -375,7 +447,21 @@ impl Run {
         // arguments. `call_ids` holds each started call's item id and call id.
         let mut tracker = tools::CallTracker::default();
         let mut call_ids: Vec<(String, String)> = Vec::new();
-        while let Some(chunk) = gen.next().await {
+        // A background run told to stop ends `cancelled`, with what it had written.
+        let mut cancelled = false;
+        loop {
+            let next = match &self.cancel {
+                Some(stop) => tokio::select! {
+                    biased;
+                    () = stop.notified() => {
+                        cancelled = true;
+                        None
+                    }
+                    next = gen.next() => next,
+                },
+                None => gen.next().await,
+            };
+            let Some(chunk) = next else { break };
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
@@ -445,7 +531,13 @@ impl Run {
                 finish = f;
             }
         }
-        let (status, incomplete) = status_of(finish);
+        let (completion_tokens, cached_tokens) = (gen.completion_tokens, gen.cached_tokens);
+        drop(gen);
+        let (status, incomplete) = match cancelled {
+            true => ("cancelled", Value::Null),
+            false => status_of(finish),
+        };
+        let item_status = if cancelled { "incomplete" } else { status };
         let (calls, _) = tools::scan_calls(&text);
         let output = if held.is_some() && !call_ids.is_empty() {
             let mut items = Vec::new();
@@ -483,25 +575,19 @@ impl Run {
             let done = json!({"text": text, "logprobs": part["logprobs"].clone()});
             send!("response.output_text.done", place(done));
             send!("response.content_part.done", place(json!({"part": part})));
-            let item = shape.message(status, Some(part));
+            let item = shape.message(item_status, Some(part));
             send!(
                 "response.output_item.done",
                 json!({"output_index": 0, "item": item})
             );
             vec![item]
         };
-        let usage = usage_json(self.prompt_tokens, gen.completion_tokens, gen.cached_tokens);
+        let usage = usage_json(self.prompt_tokens, completion_tokens, cached_tokens);
         let object = shape.object(status, output, usage, incomplete, Value::Null);
         // Stored and metered before the last event, so that a client reading it back next
         // finds it.
         let settled = self
-            .settle(
-                true,
-                &object,
-                &text,
-                gen.completion_tokens,
-                gen.cached_tokens,
-            )
+            .settle(true, &object, &text, completion_tokens, cached_tokens)
             .await;
         let shape = &self.shape;
         if let Some(m) = &self.meter {
@@ -511,6 +597,8 @@ impl Run {
             m.finish();
         }
         match settled {
+            // Streaming has no event for a cancelled response: its stream ends here.
+            Ok(()) if cancelled => {}
             Ok(()) => {
                 let kind = if status == "completed" {
                     "response.completed"
@@ -546,19 +634,54 @@ fn call_item(call: &tools::ToolCall, complete: bool, (id, call_id): (String, Str
     })
 }
 
+/// `GET /v1/responses/{id}`; with `stream=true` (a background response only) its events, from
+/// after `starting_after` if given, while the server keeps them.
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    if query.get("stream").is_some_and(|s| s == "true") {
+) -> Result<Response, ApiError> {
+    let stored = load(&state, &caller, &id).await?;
+    let stream = match query.get("stream").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("stream"),
+                "'stream' must be true or false.",
+            ))
+        }
+    };
+    if !stream {
+        return Ok(Json(stored.response).into_response());
+    }
+    let after = match query.get("starting_after") {
+        None => None,
+        Some(n) => Some(n.parse::<u64>().map_err(|_| {
+            ApiError::invalid(
+                Some("starting_after"),
+                "'starting_after' must be an event's sequence number (an integer from 0).",
+            )
+        })?),
+    };
+    if stored.response["background"] != true {
         return Err(ApiError::invalid(
             Some("stream"),
-            "Only background responses can be streamed again; this server runs none.",
+            "Only background responses can be streamed again.",
         ));
     }
-    Ok(Json(load(&state, &caller, &id).await?.response))
+    match state.background.get(&project(&caller), &id) {
+        Some(live) => Ok(sse(live.events(after))),
+        None => Err(ApiError::invalid(
+            Some("stream"),
+            format!(
+                "The events of response '{id}' are no longer kept (they are for {} minutes after \
+                 it ends, on the server that ran it); retrieve it without 'stream'.",
+                background::KEEP_FINISHED.as_secs() / 60
+            ),
+        )),
+    }
 }
 
 pub async fn delete(
@@ -567,6 +690,11 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let (owner, key) = (project(&caller), id.clone());
+    // A background run still going stops first, or its end would store it again.
+    if let Some(live) = state.background.get(&owner, &id) {
+        live.cancel.notify_one();
+        live.finished().await;
+    }
     if blocking(&state, move |s| s.delete_response(&owner, &key)).await? {
         Ok(Json(
             json!({"id": id, "object": "response", "deleted": true}),
@@ -578,17 +706,29 @@ pub async fn delete(
     }
 }
 
-/// `POST /v1/responses/{id}/cancel`: only background responses can be, and this server runs none.
+/// `POST /v1/responses/{id}/cancel`: stops a background response and answers it as it ended
+/// (`cancelled`, with what it had written). One that has ended already is answered unchanged.
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    load(&state, &caller, &id).await?;
-    Err(ApiError::invalid(
-        None,
-        "Only responses created with background=true can be cancelled.",
-    ))
+    let stored = load(&state, &caller, &id).await?;
+    if stored.response["background"] != true {
+        return Err(ApiError::invalid(
+            None,
+            "Only responses created with background=true can be cancelled.",
+        ));
+    }
+    match state.background.get(&project(&caller), &id) {
+        Some(live) if !live.is_done() => {
+            live.cancel.notify_one();
+            live.finished().await;
+            tracing::info!(id = %id, "background response cancelled");
+            Ok(Json(load(&state, &caller, &id).await?.response))
+        }
+        _ => Ok(Json(stored.response)),
+    }
 }
 
 /// `GET /v1/responses/{id}/input_items`: `limit` (1 to 100, default 20), `order` (`desc`, the

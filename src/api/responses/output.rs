@@ -13,6 +13,8 @@ pub struct Shape {
     pub message_id: String,
     pub created_at: u64,
     pub model: String,
+    /// Run in the background (`background: true`).
+    pub background: bool,
     instructions: Option<String>,
     max_output_tokens: Option<i64>,
     previous_response_id: Option<String>,
@@ -47,6 +49,7 @@ impl Shape {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             model: model.to_string(),
+            background: req.background == Some(true),
             instructions: req.instructions.clone(),
             max_output_tokens: req.max_output_tokens,
             previous_response_id: req.previous_response_id.clone(),
@@ -88,7 +91,7 @@ impl Shape {
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": false,
+            "background": self.background,
             "error": error,
             "incomplete_details": incomplete,
             "instructions": self.instructions,

@@ -1,6 +1,6 @@
 //! The body of `POST /v1/responses`, and its validation: input items into chat messages, sampling
 //! fields into serving's parameters. What this server cannot honour (hosted tools,
-//! background runs, reasoning effort, images) is a 400 naming the field, as in chat completions.
+//! reasoning effort, images) is a 400 naming the field, as in chat completions.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -191,11 +191,11 @@ impl ResponsesRequest {
                 other => return Err(wrong_type("reasoning", "an object", other)),
             }
         }
-        if self.background == Some(true) {
+        if self.background == Some(true) && self.store == Some(false) {
             return Err(ApiError::invalid(
                 Some("background"),
-                "Background responses are not supported by this server; stream the response \
-                 instead.",
+                "Background responses must be stored: 'background' needs 'store' true (the \
+                 default).",
             ));
         }
         for (field, value, what) in [
@@ -484,7 +484,10 @@ mod tests {
                 json!({"input": "x", "reasoning": {"effort": "high"}}),
                 "reasoning.effort",
             ),
-            (json!({"input": "x", "background": true}), "background"),
+            (
+                json!({"input": "x", "background": true, "store": false}),
+                "background",
+            ),
             (
                 json!({"input": "x", "conversation": "conv_1"}),
                 "conversation",

@@ -590,6 +590,35 @@ def _():
     expect(isinstance(p.output_parsed, City), f"parsed {p.output_parsed!r}")
 
 
+@check("responses: background polled, streamed again from an event, cancelled")
+def _():
+    r = client.responses.create(model=CHAT, input="Say hello.", background=True, temperature=0,
+                                max_output_tokens=200)
+    eq((r.status, r.background), ("queued", True), "created")
+    t0 = time.monotonic()
+    while r.status in ("queued", "in_progress"):
+        expect(time.monotonic() - t0 < 60, f"still {r.status}")
+        time.sleep(0.05)
+        r = client.responses.retrieve(r.id)
+    eq(r.status, "completed", "polled to its end")
+    events = list(client.responses.retrieve(r.id, stream=True, starting_after=2))
+    eq(events[0].sequence_number, 3, "first event after starting_after")
+    eq(events[-1].response.output_text, r.output_text, "the streamed end")
+    with client.responses.stream(response_id=r.id) as s:
+        eq(s.get_final_response().output_text, r.output_text, "stream helper")
+    essay = {"type": "object", "properties": {"essay": {"type": "string", "minLength": 8000}},
+             "required": ["essay"]}
+    long = client.responses.create(model=CHAT, input="Write an essay.", background=True, max_output_tokens=4000,
+                                   text={"format": {"type": "json_schema", "name": "essay", "schema": essay}})
+    time.sleep(0.3)
+    c = client.responses.cancel(long.id)
+    eq(c.status, "cancelled", "cancelled")
+    expect(0 < c.usage.output_tokens < 4000, f"cut short: {c.usage.output_tokens}")
+    eq(client.responses.retrieve(long.id).status, "cancelled", "stored cancelled")
+    sdk_error(openai.BadRequestError,
+              lambda: client.responses.create(model=CHAT, input="x", background=True, store=False), 400)
+
+
 # --------------------------------------------------------------------------- files + batches
 
 

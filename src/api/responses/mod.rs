@@ -477,6 +477,14 @@ impl Run {
                     let error = json!({"code": "server_error", "message": err.message});
                     let failed =
                         shape.object("failed", vec![item], Value::Null, Value::Null, error);
+                    // Stored failed, so that a client polling a background response sees it end.
+                    if let Some(record) = self.record.take() {
+                        let stored = record.finish(shape, &failed, &text);
+                        let put = blocking(&self.state, move |s| s.put_response(&stored));
+                        if let Err(e) = put.await {
+                            tracing::warn!(id = %shape.id, error = %e.message, "storing a failed response");
+                        }
+                    }
                     send!("response.failed", json!({"response": failed}));
                     return;
                 }

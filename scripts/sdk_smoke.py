@@ -619,6 +619,30 @@ def _():
               lambda: client.responses.create(model=CHAT, input="x", background=True, store=False), 400)
 
 
+@check("conversations: a history responses read and add to; items listed, added, deleted")
+def _():
+    first = {"type": "message", "role": "user", "content": "My name is Ada."}
+    conv = client.conversations.create(items=[first], metadata={"topic": "names"})
+    eq((conv.object, conv.metadata), ("conversation", {"topic": "names"}), "created")
+    question = "What is my name?"
+    r = client.responses.create(model=CHAT, conversation=conv.id, input=question, temperature=0, max_output_tokens=12)
+    eq(r.conversation.id, conv.id, "response's conversation")
+    same = client.responses.create(model=CHAT, input=[first, {"role": "user", "content": question}], temperature=0,
+                                   max_output_tokens=12)
+    eq(r.output_text, same.output_text, "the history read as input")
+    items = client.conversations.items.list(conv.id, order="asc")
+    eq([i.role for i in items.data], ["user", "user", "assistant"], "items after the response")
+    added = client.conversations.items.create(conv.id, items=[{"role": "user", "content": "hi"}])
+    got = client.conversations.items.retrieve(added.data[0].id, conversation_id=conv.id)
+    eq(got.content[0].text, "hi", "item read back")
+    eq(len(list(client.conversations.items.list(conv.id, limit=1))), 4, "auto-paged items")
+    client.conversations.items.delete(added.data[0].id, conversation_id=conv.id)
+    eq(client.conversations.update(conv.id, metadata={"topic": "x"}).metadata, {"topic": "x"}, "metadata")
+    eq(client.conversations.delete(conv.id).deleted, True, "deleted")
+    sdk_error(openai.NotFoundError, lambda: client.conversations.retrieve(conv.id), 404)
+    sdk_error(openai.BadRequestError, lambda: client.responses.create(model=CHAT, input="x", conversation=conv.id), 400)
+
+
 # --------------------------------------------------------------------------- files + batches
 
 

@@ -503,3 +503,205 @@ async fn background_responses_refuse_what_they_cannot_do() {
         (400, &json!("starting_after"))
     );
 }
+
+#[tokio::test]
+async fn a_conversation_is_a_responses_history_that_grows_with_each_response() {
+    let s = shared();
+    let first = json!({"type": "message", "role": "user", "content": "My name is Ada."});
+    let (status, conv) = post(
+        &s.base,
+        "/v1/conversations",
+        json!({"items": [first], "metadata": {"topic": "names"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{conv}");
+    assert_eq!(conv["object"], "conversation");
+    assert_eq!(conv["metadata"], json!({"topic": "names"}));
+    let id = conv["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("conv_"));
+    let question = "What is my name?";
+    let (_, r) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "conversation": id, "input": question, "temperature": 0,
+               "max_output_tokens": 12}),
+    )
+    .await;
+    assert_eq!(r["conversation"], json!({"id": id}));
+    // The history is read as if it had been sent as input.
+    let (_, same) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": [first, {"role": "user", "content": question}],
+               "temperature": 0, "max_output_tokens": 12}),
+    )
+    .await;
+    assert_eq!(output_text(&r), output_text(&same));
+    assert_eq!(r["usage"]["input_tokens"], same["usage"]["input_tokens"]);
+    assert_eq!(same["conversation"], Value::Null);
+    // The response's input and output were added, in order.
+    let items_path = format!("/v1/conversations/{id}/items");
+    let list = call(
+        &s.base,
+        "GET",
+        &format!("{items_path}?order=asc"),
+        None,
+        None,
+    )
+    .await;
+    let items = list.body["data"].as_array().unwrap();
+    let roles: Vec<&str> = items.iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "user", "assistant"]);
+    assert_eq!(items[2]["id"], r["output"][0]["id"]);
+    assert_eq!(items[1]["content"][0]["text"], question);
+    // The next response reads all of it (`conversation` as an object too).
+    let (_, next) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "conversation": {"id": id}, "input": "Thanks.",
+               "max_output_tokens": 2}),
+    )
+    .await;
+    assert!(next["usage"]["input_tokens"].as_u64() > r["usage"]["input_tokens"].as_u64());
+    // Items added, read, paged newest first, deleted.
+    let (status, added) = post(
+        &s.base,
+        &items_path,
+        json!({"items": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{added}");
+    let item = added["data"][0]["id"].as_str().unwrap().to_string();
+    let got = call(&s.base, "GET", &format!("{items_path}/{item}"), None, None).await;
+    assert_eq!(got.body["content"][0]["text"], "hi");
+    let page = call(&s.base, "GET", &format!("{items_path}?limit=2"), None, None).await;
+    assert_eq!(page.body["data"][0]["id"], item.as_str());
+    assert_eq!(page.body["has_more"], true);
+    let after = page.body["last_id"].as_str().unwrap();
+    let rest = call(
+        &s.base,
+        "GET",
+        &format!("{items_path}?after={after}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(rest.body["data"].as_array().unwrap().len(), 4);
+    let gone = call(
+        &s.base,
+        "DELETE",
+        &format!("{items_path}/{item}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((gone.status, &gone.body["id"]), (200, &json!(id)));
+    let again = call(&s.base, "GET", &format!("{items_path}/{item}"), None, None).await;
+    assert_eq!(again.status, 404);
+    // Metadata replaced; the conversation deleted with its items.
+    let path = format!("/v1/conversations/{id}");
+    let (_, updated) = post(&s.base, &path, json!({"metadata": {"topic": "other"}})).await;
+    assert_eq!(updated["metadata"], json!({"topic": "other"}));
+    let deleted = call(&s.base, "DELETE", &path, None, None).await;
+    assert_eq!(
+        deleted.body,
+        json!({"id": id, "object": "conversation.deleted", "deleted": true})
+    );
+    assert_eq!(
+        call(&s.base, "GET", &items_path, None, None).await.status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn conversations_refuse_bad_items_and_belong_to_their_project() {
+    let s = shared();
+    let many: Vec<Value> = (0..21)
+        .map(|_| json!({"role": "user", "content": "x"}))
+        .collect();
+    for (body, param) in [
+        (json!({"items": many}), "items"),
+        (
+            json!({"items": [{"role": "wizard", "content": "x"}]}),
+            "items[0].role",
+        ),
+        (json!({"items": [{"role": "user"}]}), "items[0].content"),
+        (json!({"items": "x"}), "items"),
+        (json!({"metadata": "x"}), "metadata"),
+    ] {
+        let (status, err) = post(&s.base, "/v1/conversations", body).await;
+        assert_eq!(
+            (status, err["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{err}"
+        );
+    }
+    let (_, conv) = post(&s.base, "/v1/conversations", json!({})).await;
+    let id = conv["id"].as_str().unwrap();
+    let (status, err) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "x", "conversation": id, "previous_response_id": "resp_1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("conversation"))
+    );
+    let (status, err) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": "x", "conversation": "conv_unknown"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("conversation"))
+    );
+    let (status, _) = post(&s.base, &format!("/v1/conversations/{id}"), json!({})).await;
+    assert_eq!(status, 400);
+
+    let g = gated();
+    let (_, mine) = create_token(g, "conversations-a", "1h");
+    let (_, theirs) = create_token(g, "conversations-b", "1h");
+    let made = call(
+        &g.base,
+        "POST",
+        "/v1/conversations",
+        Some(&mine),
+        Some(json!({})),
+    )
+    .await;
+    let id = made.body["id"].as_str().unwrap();
+    for path in [
+        format!("/v1/conversations/{id}"),
+        format!("/v1/conversations/{id}/items"),
+    ] {
+        assert_eq!(
+            call(&g.base, "GET", &path, Some(&mine), None).await.status,
+            200
+        );
+        assert_eq!(
+            call(&g.base, "GET", &path, Some(&theirs), None)
+                .await
+                .status,
+            404
+        );
+    }
+    let body = json!({"model": CHAT, "input": "x", "conversation": id, "max_output_tokens": 2});
+    let other = call(&g.base, "POST", "/v1/responses", Some(&theirs), Some(body)).await;
+    assert_eq!(other.status, 400);
+    let path = format!("/v1/conversations/{id}");
+    assert_eq!(
+        call(&g.base, "DELETE", &path, Some(&theirs), None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        call(&g.base, "DELETE", &path, Some(&mine), None)
+            .await
+            .status,
+        200
+    );
+}

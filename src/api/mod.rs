@@ -4,6 +4,7 @@ mod access;
 mod admin;
 mod batches;
 mod chat;
+mod conversations;
 mod embeddings;
 mod error;
 mod files;
@@ -85,6 +86,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/responses/{id}/input_items",
             get(responses::input_items),
+        )
+        .route("/v1/conversations", post(conversations::create))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::retrieve)
+                .post(conversations::update)
+                .delete(conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/items",
+            get(conversations::list_items).post(conversations::add_items),
+        )
+        .route(
+            "/v1/conversations/{id}/items/{item_id}",
+            get(conversations::get_item).delete(conversations::delete_item),
         )
         .route(
             "/v1/files",

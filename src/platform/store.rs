@@ -459,6 +459,19 @@ CREATE TABLE IF NOT EXISTS batches (
     object TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_project ON batches(project);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversation_items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation TEXT NOT NULL,
+    id TEXT NOT NULL,
+    item TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversation_items_of ON conversation_items(conversation, seq);
 ";
 
 #[cfg(test)]

@@ -35,6 +35,15 @@ use crate::serving::{tools, ChatMessage, ChatModel, Generation, ServingError};
 use output::{status_of, text_part, usage_json, Events, Shape};
 use request::ResponsesRequest;
 
+pub(crate) use request::input_items as parse_items;
+
+/// Now, in Unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// An id of OpenAI's form: a prefix (`resp`, `msg`) and 32 hex digits.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
@@ -184,7 +193,20 @@ pub async fn create(
             }
             messages_of(&previous.conversation)
         }
-        None => Vec::new(),
+        None => match &parsed.conversation {
+            Some(id) => {
+                let items = super::conversations::load(&state, &caller, id)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            Some("conversation"),
+                            format!("Conversation with id '{id}' not found."),
+                        )
+                    })?;
+                parse_items(&items)?.1
+            }
+            None => Vec::new(),
+        },
     };
     conversation.extend(parsed.messages);
     let mut params = parsed.params;
@@ -203,7 +225,18 @@ pub async fn create(
     if let Some(m) = &meter {
         m.set_tokens(prompt_tokens as u64, 0);
     }
-    let shape = Shape::new(&req, &model.info.id, parsed.store, parsed.metadata);
+    let shape = Shape::new(
+        &req,
+        &model.info.id,
+        parsed.store,
+        parsed.metadata,
+        parsed.conversation.clone(),
+    );
+    let thread = parsed.conversation.map(|id| Thread {
+        project: project(&caller),
+        id,
+        items: parsed.items.clone(),
+    });
     let record = parsed.store.then(|| Record {
         project: project(&caller),
         items: parsed.items,
@@ -221,6 +254,7 @@ pub async fn create(
         prompt_tokens,
         started,
         cancel: None,
+        thread,
     };
     if run.shape.background {
         run.background(gen, req.stream).await
@@ -243,6 +277,15 @@ struct Run {
     started: std::time::Instant,
     /// A background run stops when told.
     cancel: Option<Arc<Notify>>,
+    /// The conversation this response adds its items to.
+    thread: Option<Thread>,
+}
+
+/// A conversation (`conversation`) and the input items a response adds to it.
+struct Thread {
+    project: String,
+    id: String,
+    items: Vec<Value>,
 }
 
 /// An event stream as server-sent events.
@@ -278,6 +321,15 @@ impl Run {
         if let Some(record) = self.record.take() {
             let stored = record.finish(&self.shape, object, answer);
             blocking(&self.state, move |s| s.put_response(&stored)).await?;
+        }
+        if let Some(thread) = self.thread.take() {
+            let mut items = thread.items;
+            items.extend(object["output"].as_array().into_iter().flatten().cloned());
+            let id = thread.id.clone();
+            let kept = super::conversations::append(&self.state, thread.project, thread.id, items);
+            if !kept.await? {
+                tracing::warn!(conversation = %id, "the conversation was deleted while a response to it ran");
+            }
         }
         Ok(())
     }

@@ -13,6 +13,8 @@ pub struct Shape {
     pub message_id: String,
     pub created_at: u64,
     pub model: String,
+    /// The conversation the response reads and adds to.
+    pub conversation: Option<String>,
     /// Run in the background (`background: true`).
     pub background: bool,
     instructions: Option<String>,
@@ -41,14 +43,19 @@ pub fn status_of(finish: FinishReason) -> (&'static str, Value) {
 }
 
 impl Shape {
-    pub fn new(req: &ResponsesRequest, model: &str, store: bool, metadata: Value) -> Self {
+    pub fn new(
+        req: &ResponsesRequest,
+        model: &str,
+        store: bool,
+        metadata: Value,
+        conversation: Option<String>,
+    ) -> Self {
         Self {
             id: super::new_id("resp"),
             message_id: super::new_id("msg"),
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created_at: super::now(),
             model: model.to_string(),
+            conversation,
             background: req.background == Some(true),
             instructions: req.instructions.clone(),
             max_output_tokens: req.max_output_tokens,
@@ -92,6 +99,7 @@ impl Shape {
             "created_at": self.created_at,
             "status": status,
             "background": self.background,
+            "conversation": self.conversation.as_ref().map(|id| json!({"id": id})),
             "error": error,
             "incomplete_details": incomplete,
             "instructions": self.instructions,

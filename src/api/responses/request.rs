@@ -71,6 +71,8 @@ pub struct Parsed {
     pub truncate: bool,
     /// The tools the model may call.
     pub tool_use: Option<ToolUse>,
+    /// The conversation this response reads and adds to.
+    pub conversation: Option<String>,
 }
 
 impl ResponsesRequest {
@@ -154,7 +156,30 @@ impl ResponsesRequest {
             Some(Value::Array(list)) => input_items(list)?,
             Some(other) => return Err(wrong_type("input", "a string or an array", other)),
         };
+        let conversation = match &self.conversation {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(Value::Object(c)) => match c.get("id") {
+                Some(Value::String(id)) => Some(id.clone()),
+                None => {
+                    return Err(ApiError::invalid(
+                        Some("conversation.id"),
+                        "Missing required parameter: 'conversation.id'.",
+                    ))
+                }
+                Some(other) => return Err(wrong_type("conversation.id", "a string", other)),
+            },
+            Some(other) => return Err(wrong_type("conversation", "a string or an object", other)),
+        };
+        if conversation.is_some() && self.previous_response_id.is_some() {
+            return Err(ApiError::invalid(
+                Some("conversation"),
+                "'conversation' and 'previous_response_id' cannot be used together: each \
+                 names the history to continue.",
+            ));
+        }
         Ok(Parsed {
+            conversation,
             params,
             items,
             messages,
@@ -198,16 +223,12 @@ impl ResponsesRequest {
                  default).",
             ));
         }
-        for (field, value, what) in [
-            ("conversation", &self.conversation, "Conversations"),
-            ("prompt", &self.prompt, "Prompt templates"),
-        ] {
-            if value.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::invalid(
-                    Some(field),
-                    format!("{what} ('{field}') are not supported by this server; use 'input' and 'previous_response_id'."),
-                ));
-            }
+        if self.prompt.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "Prompt templates ('prompt') are not supported by this server; use 'input' and \
+                 'instructions'.",
+            ));
         }
         Ok(())
     }
@@ -241,7 +262,7 @@ fn message_item(id: Option<&str>, role: &str, texts: &[String]) -> Value {
 /// `input` as a list: messages (`{"role", "content"}`, with or without `"type": "message"`),
 /// each content a string or a list of text parts. Earlier output items may be passed back as
 /// input, as OpenAI's own examples do.
-fn input_items(list: &[Value]) -> Result<(Vec<Value>, Vec<ChatMessage>), ApiError> {
+pub(crate) fn input_items(list: &[Value]) -> Result<(Vec<Value>, Vec<ChatMessage>), ApiError> {
     const ROLES: [&str; 4] = ["user", "assistant", "system", "developer"];
     let mut items = Vec::with_capacity(list.len());
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(list.len());
@@ -489,9 +510,11 @@ mod tests {
                 "background",
             ),
             (
-                json!({"input": "x", "conversation": "conv_1"}),
+                json!({"input": "x", "conversation": "conv_1", "previous_response_id": "resp_1"}),
                 "conversation",
             ),
+            (json!({"input": "x", "conversation": 3}), "conversation"),
+            (json!({"input": "x", "conversation": {}}), "conversation.id"),
             (json!({"input": "x", "truncation": "middle"}), "truncation"),
             (
                 json!({"input": "x", "include": ["everything"]}),

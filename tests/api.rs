@@ -396,8 +396,8 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
     assert_eq!(resp.status(), 200);
 }
 
-/// The deprecated `functions`, `best_of` and `suffix` are not implemented: a request that asks
-/// for them gets a 400 naming the field rather than an answer that silently ignores it, while
+/// `best_of` and `suffix` are not implemented: a request that asks for them gets a 400 naming
+/// the field rather than an answer that silently ignores it, while
 /// values that ask for nothing (as some clients send by default) pass. Tools and output
 /// formats that cannot be honoured as given are 400s naming the field too.
 #[tokio::test]
@@ -412,7 +412,19 @@ async fn fields_the_server_cannot_honour_are_refused_not_ignored() {
             json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}),
             "tools[0].function.name",
         ),
-        (json!({"functions": [{"name": "f"}]}), "functions"),
+        (
+            json!({"functions": [{"name": "f"}], "tools": tool}),
+            "functions",
+        ),
+        (
+            json!({"functions": [{"description": "f"}]}),
+            "functions[0].name",
+        ),
+        (
+            json!({"functions": [{"name": "f"}], "function_call": {"name": "g"}}),
+            "function_call",
+        ),
+        (json!({"function_call": "auto"}), "function_call"),
         (json!({"tool_choice": "required"}), "tool_choice"),
         (
             json!({"tools": tool, "tool_choice": {"type": "function", "function": {"name": "g"}}}),

@@ -1,6 +1,7 @@
 //! Structured output and tool calling through the real HTTP server and engine: JSON schemas,
 //! JSON mode, vLLM's choice and regex, tool calls in chat and the Responses API (forced, named,
-//! streamed, and handed back in the next turn), each checked on what the real model wrote.
+//! streamed, and handed back in the next turn) and the deprecated `functions`, each checked on
+//! what the real model wrote.
 
 #[macro_use]
 mod common;
@@ -323,4 +324,72 @@ async fn responses_call_tools_take_their_outputs_back_and_follow_a_text_format()
         city["city"].is_string() && city["country"].is_string(),
         "{city}"
     );
+}
+
+/// The deprecated `functions` and `function_call`: the same call as the tool it stands for,
+/// answered as `function_call`, streamed in its pieces, and handed back with a `function` turn.
+#[tokio::test]
+async fn deprecated_functions_call_as_their_tools_do() {
+    let base = &shared().base;
+    let question = "What is the weather in Paris?";
+    let functions: Vec<Value> = weather_tools()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"].clone())
+        .collect();
+    let legacy = json!({"temperature": 0, "max_tokens": 80, "functions": functions,
+                        "function_call": {"name": "get_weather"}});
+    let (status, r) = post(base, CHAT_PATH, chat(question, legacy.clone())).await;
+    assert_eq!(status, 200, "{r}");
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "function_call", "{r}");
+    assert!(choice["message"].get("tool_calls").is_none(), "{r}");
+    let call = &choice["message"]["function_call"];
+    assert_eq!(call["name"], "get_weather");
+    check_call("get_weather", call["arguments"].as_str().unwrap());
+    let named = json!({"temperature": 0, "max_tokens": 80, "tools": weather_tools(),
+                       "parallel_tool_calls": false,
+                       "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let (_, tooled) = post(base, CHAT_PATH, chat(question, named)).await;
+    assert_eq!(
+        tooled["choices"][0]["message"]["tool_calls"][0]["function"],
+        *call
+    );
+
+    let mut streamed = chat(question, legacy);
+    streamed["stream"] = json!(true);
+    let (events, done) = common::stream(base, CHAT_PATH, streamed).await;
+    assert!(done);
+    let deltas: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"].get("function_call"))
+        .collect();
+    assert_eq!(deltas[0]["name"], "get_weather");
+    assert!(deltas[1..].iter().all(|d| d.get("name").is_none()));
+    let arguments: String = deltas
+        .iter()
+        .map(|d| d["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(arguments, call["arguments"].as_str().unwrap());
+    assert!(events
+        .iter()
+        .all(|e| e["choices"][0]["delta"].get("tool_calls").is_none()));
+    let last = events
+        .iter()
+        .rev()
+        .find(|e| !e["choices"][0]["finish_reason"].is_null());
+    assert_eq!(
+        last.unwrap()["choices"][0]["finish_reason"],
+        "function_call"
+    );
+
+    let followup = json!({"model": CHAT, "temperature": 0, "max_tokens": 20,
+        "functions": functions, "function_call": "none",
+        "messages": [{"role": "user", "content": question}, choice["message"].clone(),
+                     {"role": "function", "name": "get_weather", "content": "sunny, 21C"}]});
+    let (status, next) = post(base, CHAT_PATH, followup).await;
+    assert_eq!(status, 200, "{next}");
+    assert!(next["choices"][0]["message"]["function_call"].is_null());
+    assert!(next["usage"]["prompt_tokens"].as_u64() > r["usage"]["prompt_tokens"].as_u64());
 }

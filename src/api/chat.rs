@@ -44,6 +44,8 @@ struct Meta {
     echo: Vec<String>,
     /// Chat with tools: an answer may be calls.
     tools: bool,
+    /// The tools were the deprecated `functions`: a call is answered as `function_call`.
+    functions: bool,
     /// With `echo` and `logprobs`, the text of each prompt's first token.
     first_tokens: Vec<String>,
 }
@@ -65,6 +67,7 @@ impl Meta {
             n: n.max(1),
             echo: Vec::new(),
             tools: false,
+            functions: false,
             first_tokens: Vec::new(),
         }
     }
@@ -171,7 +174,6 @@ pub async fn chat_completions(
     let meter = meter.map(|Extension(m)| m);
     let mut req: ChatCompletionRequest = json::parse(body)?;
     let model = chat_model(&state, &req.model, meter.as_deref())?;
-    req.refuse_unsupported()?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(
@@ -198,12 +200,21 @@ pub async fn chat_completions(
     params.priority = lane(priority);
     params.format =
         formats::request_format(req.response_format.as_ref(), crate::vllm_guided!(req))?;
-    let tool_use = ToolUse::parse(
-        Dialect::Chat,
+    let functions = tools::legacy_functions(
+        req.functions.as_ref(),
+        req.function_call.as_ref(),
         req.tools.as_ref(),
-        req.tool_choice.as_ref(),
-        req.parallel_tool_calls,
     )?;
+    let legacy = functions.is_some();
+    let tool_use = match functions {
+        Some(functions) => Some(functions),
+        None => ToolUse::parse(
+            Dialect::Chat,
+            req.tools.as_ref(),
+            req.tool_choice.as_ref(),
+            req.parallel_tool_calls,
+        )?,
+    };
     let mut messages = req
         .messages
         .iter()
@@ -223,6 +234,7 @@ pub async fn chat_completions(
     }
     let mut meta = Meta::new(Kind::Chat, &model.info.id, meter, n);
     meta.tools = tool_use.is_some_and(|t| t.calls);
+    meta.functions = legacy;
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt.len())
@@ -393,7 +405,12 @@ async fn full_response(
         choices.push(match meta.kind {
             Kind::Chat => {
                 let (message, finish) = if meta.tools {
-                    tools::chat_answer(f.text, f.finish)
+                    let (mut message, finish) = tools::chat_answer(f.text, f.finish);
+                    let finish = match meta.functions {
+                        true => tools::as_function_call(&mut message, Some(finish)).unwrap_or(finish),
+                        false => finish,
+                    };
+                    (message, finish)
                 } else {
                     (json!({"role": "assistant", "content": f.text}), f.finish.as_str())
                 };
@@ -587,7 +604,7 @@ fn stream_response(
     };
     let mut offsets = vec![0usize; n];
     let mut calls: Vec<CallStream> = (0..n).map(|_| CallStream::default()).collect();
-    let tooled = meta.tools;
+    let (tooled, functions) = (meta.tools, meta.functions);
     // (completion tokens, cached tokens, failure status): the usage chunk needs totals known only
     // at the end.
     let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize, None::<u16>)));
@@ -598,7 +615,10 @@ fn stream_response(
         let out: Option<Value> = match item {
             _ if t.2.is_some() => None,
             Item::Chunk(i, Ok(c)) if kind == Kind::Chat && tooled => {
-                let (delta, finish) = calls[i].push(&c.text, c.finish);
+                let (mut delta, mut finish) = calls[i].push(&c.text, c.finish);
+                if functions {
+                    finish = tools::as_function_call(&mut delta, finish);
+                }
                 if delta == json!({}) && finish.is_none() && c.logprobs.is_empty() {
                     None
                 } else {

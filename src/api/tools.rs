@@ -174,6 +174,102 @@ impl ToolUse {
     }
 }
 
+/// The deprecated `functions` and `function_call` of chat completions, as the `tools` and
+/// `tool_choice` they stand for (one call an answer: they predate parallel calls). `None` when
+/// the request has no functions.
+pub fn legacy_functions(
+    functions: Option<&Value>,
+    function_call: Option<&Value>,
+    tools: Option<&Value>,
+) -> Result<Option<ToolUse>, ApiError> {
+    let list = match functions {
+        None | Some(Value::Null) => {
+            return match function_call {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => Err(ApiError::invalid(
+                    Some("function_call"),
+                    "'function_call' is only allowed when 'functions' are specified.",
+                )),
+            }
+        }
+        Some(Value::Array(list)) => list,
+        Some(other) => return Err(wrong_type("functions", "an array", other)),
+    };
+    if tools.is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::invalid(
+            Some("functions"),
+            "'functions' and 'tools' cannot be used together: 'tools' replaces the deprecated \
+             'functions'.",
+        ));
+    }
+    let tools: Vec<Value> = list
+        .iter()
+        .map(|f| json!({"type": "function", "function": f}))
+        .collect();
+    let choice = match function_call {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "none" || s == "auto" => Some(json!(s)),
+        Some(Value::Object(named)) => match named.get("name") {
+            Some(Value::String(name)) => {
+                Some(json!({"type": "function", "function": {"name": name}}))
+            }
+            None => return Err(missing("function_call.name")),
+            Some(other) => return Err(wrong_type("function_call.name", "a string", other)),
+        },
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("function_call"),
+                format!(
+                    "Invalid value for 'function_call': {other}; expected \"none\", \"auto\" or \
+                     {{\"name\": ...}}."
+                ),
+            ))
+        }
+    };
+    ToolUse::parse(
+        Dialect::Chat,
+        Some(&Value::from(tools)),
+        choice.as_ref(),
+        Some(false),
+    )
+    .map_err(|mut e| {
+        let Some(param) = e.param.take() else {
+            return e;
+        };
+        // The fields as this request named them.
+        let named = match param.strip_prefix("tools[") {
+            Some(rest) => {
+                let (i, tail) = rest.split_once(']').unwrap_or((rest, ""));
+                let tail = tail.strip_prefix(".function").unwrap_or(tail);
+                format!("functions[{i}]{tail}")
+            }
+            None => param.replace("tool_choice", "function_call"),
+        };
+        e.message = e
+            .message
+            .replace(&param, &named)
+            .replace("'tools'", "'functions'");
+        e.param = Some(named);
+        e
+    })
+}
+
+/// An answer with calls in the deprecated shape of `functions`: a message's (or a streamed
+/// delta's) first call as its `function_call`, and `function_call` as the finish reason.
+pub fn as_function_call(message: &mut Value, finish: Option<&'static str>) -> Option<&'static str> {
+    let calls = message.as_object_mut().and_then(|m| m.remove("tool_calls"));
+    if let Some(call) = calls.as_ref().and_then(|c| c.get(0)) {
+        message["function_call"] = call["function"].clone();
+    }
+    finish.map(|f| {
+        if f == "tool_calls" {
+            "function_call"
+        } else {
+            f
+        }
+    })
+}
+
 /// Joins the results of parallel calls, one user turn each as they come, into one turn: chat
 /// templates that want user and assistant turns to alternate refuse two user turns in a row.
 pub fn merge_tool_results(messages: &mut Vec<ChatMessage>) {
@@ -241,28 +337,35 @@ pub fn message_calls(index: usize, value: &Value) -> Result<Vec<ToolCall>, ApiEr
     };
     list.iter()
         .enumerate()
-        .map(|(j, call)| {
-            let at = format!("{param}[{j}].function");
-            let name = call.pointer("/function/name").and_then(Value::as_str);
-            let arguments = match call.pointer("/function/arguments") {
-                Some(Value::String(s)) => Some(s.clone()),
-                None | Some(Value::Null) => Some("{}".to_string()),
-                Some(_) => None,
-            };
-            match (name, arguments) {
-                (Some(name), Some(arguments)) => Ok(ToolCall {
-                    name: name.to_string(),
-                    arguments,
-                }),
-                _ => Err(ApiError::invalid(
-                    Some(&at),
-                    format!(
-                        "Invalid value for '{at}': expected {{\"name\": string, \"arguments\": string}}."
-                    ),
-                )),
-            }
-        })
+        .map(|(j, call)| recorded_call(&format!("{param}[{j}].function"), call.get("function")))
         .collect()
+}
+
+/// The deprecated `function_call` of an assistant message (`messages[i].function_call`).
+pub fn message_function_call(index: usize, value: &Value) -> Result<ToolCall, ApiError> {
+    recorded_call(&format!("messages[{index}].function_call"), Some(value))
+}
+
+/// A call an earlier turn made, `{"name", "arguments"}` (`at` names it in errors).
+fn recorded_call(at: &str, function: Option<&Value>) -> Result<ToolCall, ApiError> {
+    let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+    let arguments = match function.and_then(|f| f.get("arguments")) {
+        Some(Value::String(s)) => Some(s.clone()),
+        None | Some(Value::Null) => Some("{}".to_string()),
+        Some(_) => None,
+    };
+    match (name, arguments) {
+        (Some(name), Some(arguments)) => Ok(ToolCall {
+            name: name.to_string(),
+            arguments,
+        }),
+        _ => Err(ApiError::invalid(
+            Some(at),
+            format!(
+                "Invalid value for '{at}': expected {{\"name\": string, \"arguments\": string}}."
+            ),
+        )),
+    }
 }
 
 /// OpenAI's id for a call: `call_` and 24 random characters.

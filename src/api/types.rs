@@ -64,42 +64,6 @@ impl ChatCompletionRequest {
     pub fn sampling(&mut self) -> SamplingFields {
         sampling_fields!(self)
     }
-
-    /// A 400 for each field the server cannot honour yet, unless its value asks for nothing:
-    /// no tools (`null`, `[]`, `tool_choice` "none" or "auto").
-    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        refuse_tools("functions", &self.functions)?;
-        refuse_tool_choice("function_call", &self.function_call)
-    }
-}
-
-/// A 400 for a non-empty list of deprecated functions (`field`): `tools` replaces them.
-pub fn refuse_tools(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
-    match value {
-        None => Ok(()),
-        Some(Value::Array(list)) if list.is_empty() => Ok(()),
-        Some(Value::Array(_)) => Err(ApiError::invalid(
-            Some(field),
-            format!("The deprecated '{field}' is not supported by this server; use 'tools'."),
-        )),
-        Some(other) => Err(wrong_type(field, "an array", other)),
-    }
-}
-
-/// A 400 for a deprecated function choice (`field`) other than "none" or "auto".
-pub fn refuse_tool_choice(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
-    match value {
-        None => Ok(()),
-        Some(Value::String(s)) if s == "none" || s == "auto" => Ok(()),
-        Some(other) => Err(ApiError::invalid(
-            Some(field),
-            format!(
-                "Invalid value for '{field}': {other}; the deprecated function calling is not \
-                 supported, so only \"none\" and \"auto\" are accepted: use 'tools' and \
-                 'tool_choice'."
-            ),
-        )),
-    }
 }
 
 impl CompletionRequest {
@@ -107,7 +71,8 @@ impl CompletionRequest {
         sampling_fields!(self)
     }
 
-    /// As [`ChatCompletionRequest::refuse_unsupported`]: `best_of` beyond `n`, a `suffix`.
+    /// A 400 for each field the server cannot honour yet, unless its value asks for nothing:
+    /// `best_of` beyond `n`, a `suffix`.
     pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
         let n = self.n.unwrap_or(1);
         match self.best_of {
@@ -360,11 +325,20 @@ pub struct RequestMessage {
     pub content: Option<MessageContent>,
     /// An assistant turn's calls.
     pub tool_calls: Option<Value>,
+    /// An assistant turn's call in the deprecated function calling.
+    pub function_call: Option<Value>,
 }
 
 impl RequestMessage {
     pub fn to_chat(&self, index: usize) -> Result<ChatMessage, ApiError> {
-        const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+        const ROLES: [&str; 6] = [
+            "system",
+            "developer",
+            "user",
+            "assistant",
+            "tool",
+            "function",
+        ];
         if !ROLES.contains(&self.role.as_str()) {
             let param = format!("messages[{index}].role");
             return Err(ApiError::invalid(
@@ -409,19 +383,26 @@ impl RequestMessage {
         // results are written as the tool-calling format has the model read them.
         let (role, content) = match self.role.as_str() {
             "developer" => ("system", content),
-            "tool" => ("user", tools::render_result(&content)),
-            "assistant" => match &self.tool_calls {
-                None | Some(Value::Null) => ("assistant", content),
-                Some(calls) => {
-                    let calls = tools::render_calls(&super::tools::message_calls(index, calls)?);
-                    let content = if content.is_empty() {
-                        calls
-                    } else {
-                        format!("{content}\n{calls}")
-                    };
-                    ("assistant", content)
+            "tool" | "function" => ("user", tools::render_result(&content)),
+            "assistant" => {
+                let calls = match (&self.tool_calls, &self.function_call) {
+                    (Some(calls), _) if !calls.is_null() => {
+                        Some(super::tools::message_calls(index, calls)?)
+                    }
+                    (_, Some(call)) if !call.is_null() => {
+                        Some(vec![super::tools::message_function_call(index, call)?])
+                    }
+                    _ => None,
+                };
+                match calls {
+                    None => ("assistant", content),
+                    Some(calls) if content.is_empty() => ("assistant", tools::render_calls(&calls)),
+                    Some(calls) => {
+                        let calls = tools::render_calls(&calls);
+                        ("assistant", format!("{content}\n{calls}"))
+                    }
                 }
-            },
+            }
             role => (role, content),
         };
         Ok(ChatMessage {
@@ -456,7 +437,7 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
-    // The deprecated function-calling fields: see `refuse_unsupported`.
+    // The deprecated function calling (see `tools::legacy_functions`).
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,

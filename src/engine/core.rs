@@ -375,14 +375,20 @@ impl EngineCore {
                 sampled.push((id, Ok(sampled_token)));
                 continue;
             }
-            let mut row = match host_rows.get_mut(i).and_then(Option::take) {
-                Some(row) => row,
-                None => logits.get(i)?.to_vec1::<f32>()?,
-            };
             if let Some(Err(e)) = masked.get(&i) {
                 sampled.push((id, Err(e.clone())));
                 continue;
             }
+            let mut row = match host_rows.get_mut(i).and_then(Option::take) {
+                Some(row) => row,
+                // A constrained row is always copied over and masked; never sample one unmasked.
+                None if active.constraint.is_some() => {
+                    let e = "the constrained row was not masked".to_string();
+                    sampled.push((id, Err(e)));
+                    continue;
+                }
+                None => logits.get(i)?.to_vec1::<f32>()?,
+            };
             let (prompt, output) = req.tokens.split_at(req.num_prompt);
             sampled.push((id, Ok(active.sampler.sample(&mut row, prompt, output))));
         }

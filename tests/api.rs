@@ -690,6 +690,39 @@ async fn echo_with_logprobs_scores_the_prompt_as_generation_would() {
             .map(|o| o.as_u64().unwrap())
             .collect();
         assert_eq!(offsets[n_prompt], scored.len() as u64);
+
+        // `max_tokens: 0` scores the prompt alone: the same entries, no answer.
+        let (status, only) = post(
+            base,
+            cmpl,
+            json!({"model": CHAT, "prompt": scored, "max_tokens": 0, "logprobs": 2, "echo": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{only}");
+        let choice = &only["choices"][0];
+        assert_eq!(choice["text"], scored.as_str());
+        assert_eq!(choice["finish_reason"], "length");
+        assert_eq!(only["usage"]["completion_tokens"], 0);
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let all = lps[key].as_array().unwrap();
+            assert_eq!(
+                choice["logprobs"][key].as_array().unwrap(),
+                &all[..n_prompt],
+                "{key}"
+            );
+        }
+    }
+    for extra in [json!({}), json!({"echo": true, "stream": true})] {
+        let mut body = json!({"model": CHAT, "prompt": prompt, "max_tokens": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, err) = post(base, cmpl, body).await;
+        assert_eq!(
+            (status, &err["error"]["param"]),
+            (400, &json!("max_tokens")),
+            "{extra}"
+        );
     }
 }
 

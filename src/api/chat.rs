@@ -46,6 +46,9 @@ struct Meta {
     tools: bool,
     /// The tools were the deprecated `functions`: a call is answered as `function_call`.
     functions: bool,
+    /// `max_tokens: 0` with `echo`: the answer is the prompt alone (its one generated token is
+    /// dropped).
+    score_only: bool,
     /// With `echo` and `logprobs`, the text of each prompt's first token.
     first_tokens: Vec<String>,
 }
@@ -68,6 +71,7 @@ impl Meta {
             echo: Vec::new(),
             tools: false,
             functions: false,
+            score_only: false,
             first_tokens: Vec::new(),
         }
     }
@@ -271,7 +275,20 @@ pub async fn completions(
              'stream' for the prompt's log-probabilities.",
         ));
     }
-    let max_tokens = Some((req.max_tokens.unwrap_or(16), "max_tokens"));
+    // `max_tokens: 0` with `echo` scores the prompt and writes nothing, as OpenAI's completions
+    // did: one token is generated and left out of the answer and its usage.
+    let score_only = req.max_tokens == Some(0);
+    if score_only && (!req.echo || req.stream) {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            "Invalid value for 'max_tokens': 0; it must be at least 1 (0 is allowed with 'echo' \
+             and without 'stream', to score the prompt).",
+        ));
+    }
+    let max_tokens = match score_only {
+        true => Some((1, "max_tokens")),
+        false => Some((req.max_tokens.unwrap_or(16), "max_tokens")),
+    };
     let (mut params, n) = req.sampling().to_params(max_tokens, logprobs)?;
     let vocab = model.vocab_size();
     params.sampling.logit_bias = logit_bias(&req.logit_bias, vocab)?;
@@ -313,6 +330,7 @@ pub async fn completions(
         m.set_tokens(prompt_tokens as u64, 0);
     }
     let mut meta = Meta::new(Kind::Completion, &model.info.id, meter, n);
+    meta.score_only = score_only;
     if req.echo {
         // The prompts as given, or decoded where they are token ids.
         let decode = |ids: &[u32]| {
@@ -396,7 +414,13 @@ async fn full_response(
     let mut choices = Vec::new();
     let (mut completion, mut cached) = (0, 0);
     for (index, r) in results.into_iter().enumerate() {
-        let f = r.inspect_err(|_| meta.log(false, prompt_tokens, completion, cached, true))?;
+        let mut f = r.inspect_err(|_| meta.log(false, prompt_tokens, completion, cached, true))?;
+        if meta.score_only {
+            f.text.clear();
+            f.logprobs.clear();
+            f.completion_tokens = 0;
+            f.finish = FinishReason::Length;
+        }
         completion += f.completion_tokens;
         if index % meta.n == 0 {
             cached += f.cached_tokens;

@@ -231,6 +231,7 @@ pub async fn chat_completions(
     }
     tools::merge_tool_results(&mut messages);
     let prompt = model.chat_prompt(&messages)?;
+    model.prepare(&params).await?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;
     if let Some(m) = &meter {
@@ -320,6 +321,7 @@ pub async fn completions(
         ));
     }
     let prompt_total: usize = prompts.iter().map(Vec::len).sum();
+    model.prepare(&params).await?;
     reserve(meter.as_deref(), prompt_total, &params, n * prompts.len())?;
     let mut gens = Vec::new();
     for p in &prompts {

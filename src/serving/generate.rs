@@ -126,6 +126,26 @@ impl ChatModel {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Compiles the output format of `params` on a blocking thread, for `start` to find it
+    /// compiled: a grammar takes a millisecond or two (a pathological one longer, within
+    /// llguidance's bounds), and the first one may wait for the vocabulary's tables, none of
+    /// which should hold an async worker.
+    pub async fn prepare(&self, params: &GenParams) -> Result<(), ServingError> {
+        let Some(format) = params.format.clone() else {
+            return Ok(());
+        };
+        let grammars = self.grammars.clone();
+        let param = format.param.clone();
+        tokio::task::spawn_blocking(move || grammars.constraint(&format).map(drop))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ServingError::invalid(
+                    &param,
+                    format!("'{param}' could not be compiled: {e}"),
+                ))
+            })
+    }
+
     /// Checks the prompt and output length against the context and starts generating.
     pub fn start(
         &self,

@@ -220,6 +220,7 @@ pub async fn create(
         params.max_tokens,
     )?;
     let prompt_tokens = prompt.len();
+    model.prepare(&params).await?;
     reserve(meter.as_deref(), prompt_tokens, &params, 1)?;
     let gen = model.start(prompt, params, "input").map_err(as_input)?;
     if let Some(m) = &meter {

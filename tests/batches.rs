@@ -437,3 +437,36 @@ async fn files_and_batches_belong_to_their_project() {
         "{usage}"
     );
 }
+
+/// Responses run in a batch as the endpoint runs them; `background` has no place there.
+#[tokio::test]
+async fn a_batch_of_responses_refuses_background_ones() {
+    let s = shared();
+    let line = |id: &str, body: Value| json!({"custom_id": id, "method": "POST", "url": "/v1/responses", "body": body});
+    let lines = [
+        line(
+            "plain",
+            json!({"model": CHAT, "input": "Say hi.", "max_output_tokens": 4}),
+        ),
+        line(
+            "background",
+            json!({"model": CHAT, "input": "Say hi.", "max_output_tokens": 4, "background": true}),
+        ),
+    ];
+    let (_, file) = upload(&s.base, None, "batch", "responses.jsonl", &jsonl(&lines)).await;
+    let batch = create_batch(&s.base, None, &file, "/v1/responses").await;
+    let done = wait(&s.base, None, batch["id"].as_str().unwrap(), 120).await;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 2, "completed": 1, "failed": 1}),
+        "{done}"
+    );
+    let output = lines_of(&s.base, None, &done["output_file_id"]).await;
+    assert_eq!(output[0]["response"]["body"]["status"], "incomplete");
+    let errors = lines_of(&s.base, None, &done["error_file_id"]).await;
+    assert_eq!(errors[0]["custom_id"], "background");
+    assert_eq!(
+        errors[0]["response"]["body"]["error"]["param"],
+        "background"
+    );
+}

@@ -211,6 +211,13 @@ pub async fn create(
     conversation.extend(parsed.messages);
     let mut params = parsed.params;
     params.priority = lane(priority);
+    if parsed.background && params.priority == crate::scheduler::Priority::Batch {
+        return Err(ApiError::invalid(
+            Some("background"),
+            "'background' cannot be used in a batch: a batch already runs its requests in the \
+             background.",
+        ));
+    }
     let prompt = prompt(
         &model,
         req.instructions.as_deref(),

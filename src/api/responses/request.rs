@@ -73,6 +73,8 @@ pub struct Parsed {
     pub tool_use: Option<ToolUse>,
     /// The conversation this response reads and adds to.
     pub conversation: Option<String>,
+    /// Run with no client attached (`background: true`).
+    pub background: bool,
 }
 
 impl ResponsesRequest {
@@ -179,6 +181,7 @@ impl ResponsesRequest {
             ));
         }
         Ok(Parsed {
+            background: self.background == Some(true),
             conversation,
             params,
             items,

@@ -184,13 +184,10 @@ pub async fn list_items(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let page = super::page::Page::from_query(&query, 20, 100)?;
-    let mut items = load(&state, &caller, &id)
+    let items = load(&state, &caller, &id)
         .await?
         .ok_or_else(|| unknown(&id))?;
-    if !page.ascending {
-        items.reverse();
-    }
-    Ok(Json(page.list(items)?))
+    Ok(Json(page.list_oldest_first(items)?))
 }
 
 /// `POST /v1/conversations/{id}/items`: adds up to 20 `items` at its end; answers them.

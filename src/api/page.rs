@@ -49,6 +49,14 @@ impl Page {
         })
     }
 
+    /// The page of `objects`, given oldest first, in the order asked for.
+    pub fn list_oldest_first(&self, mut objects: Vec<Value>) -> Result<Value, ApiError> {
+        if !self.ascending {
+            objects.reverse();
+        }
+        self.list(objects)
+    }
+
     /// The page of `objects` (in the order asked for) that follows `after`, as a list object.
     pub fn list(&self, mut objects: Vec<Value>) -> Result<Value, ApiError> {
         if let Some(after) = &self.after {

@@ -808,9 +808,6 @@ pub async fn input_items(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let page = super::page::Page::from_query(&query, 20, 100)?;
-    let mut items = load(&state, &caller, &id).await?.input_items;
-    if !page.ascending {
-        items.reverse();
-    }
-    Ok(Json(page.list(items)?))
+    let items = load(&state, &caller, &id).await?.input_items;
+    Ok(Json(page.list_oldest_first(items)?))
 }

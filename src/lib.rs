@@ -32,15 +32,17 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // Changes made by `candela token|project` on the same database reach the server this fast.
     platform.spawn_reloader(std::time::Duration::from_millis(250));
+    let background = Arc::new(api::BackgroundRuns::open(&platform.config.data_dir));
     let state = Arc::new(api::AppState {
         registry,
         platform,
         batch_lock: Default::default(),
-        background: Default::default(),
+        background,
     });
     let app =
         api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Batches left unfinished when the server last stopped run again.
+    // Batches left unfinished when the server last stopped run again; background responses
+    // that a stopped server left are marked failed.
     tokio::spawn(api::resume(state.clone()));
     let stopper = state.clone();
     axum::serve(listener, app)
@@ -49,5 +51,11 @@ pub async fn serve(
             tracing::info!("shutting down: ending in-flight requests");
             stopper.registry.shutdown();
         })
-        .await
+        .await?;
+    // Background runs end once the engines stop: their end is stored before the server exits.
+    state
+        .background
+        .wait_all(std::time::Duration::from_secs(10))
+        .await;
+    Ok(())
 }

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::platform::{call, create_token, gated};
+use common::platform::{call, create_token, gated, ADMIN};
 use common::{post, shared, CHAT};
 use serde_json::{json, Value};
 
@@ -636,8 +636,33 @@ async fn conversations_refuse_bad_items_and_belong_to_their_project() {
             "{err}"
         );
     }
-    let (_, conv) = post(&s.base, "/v1/conversations", json!({})).await;
+    // An item's id is its conversation's once.
+    let item = json!({"id": "msg_dup", "role": "user", "content": "x"});
+    let (status, err) = post(&s.base, "/v1/conversations", json!({"items": [item, item]})).await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("items[1].id"))
+    );
+    let (_, conv) = post(&s.base, "/v1/conversations", json!({"items": [item]})).await;
     let id = conv["id"].as_str().unwrap();
+    let path = format!("/v1/conversations/{id}/items");
+    let (status, err) = post(&s.base, &path, json!({"items": [item]})).await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("items[0].id"))
+    );
+    let (status, err) = post(
+        &s.base,
+        "/v1/responses",
+        json!({"model": CHAT, "input": [item], "conversation": id}),
+    )
+    .await;
+    assert_eq!(
+        (status, &err["error"]["param"]),
+        (400, &json!("input[0].id"))
+    );
+    let listed = call(&s.base, "GET", &path, None, None).await;
+    assert_eq!(listed.body["data"].as_array().unwrap().len(), 1);
     let (status, err) = post(
         &s.base,
         "/v1/responses",
@@ -697,6 +722,12 @@ async fn conversations_refuse_bad_items_and_belong_to_their_project() {
             .await
             .status,
         404
+    );
+    // The admin token manages the server and has no conversations.
+    let admin = call(&g.base, "GET", &path, Some(ADMIN), None).await;
+    assert_eq!(
+        (admin.status, &admin.body["error"]["type"]),
+        (403, &json!("permission_error"))
     );
     assert_eq!(
         call(&g.base, "DELETE", &path, Some(&mine), None)

@@ -227,7 +227,21 @@ pub async fn chat_completions(
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(tool_use) = &tool_use {
         tool_use.instruct(&mut messages);
-        params.format = tool_use.grammar(params.format.take())?;
+        let named = |mut e: ApiError| {
+            if legacy {
+                e.message = e.message.replace("'tools'", "'functions'");
+            }
+            e
+        };
+        params.format = tool_use.grammar(params.format.take()).map_err(named)?;
+        if let Some(format) = params
+            .format
+            .as_mut()
+            .filter(|f| legacy && f.param == "tools")
+        {
+            // A function's schema that does not compile is named as the request named it.
+            format.param = "functions".into();
+        }
     }
     tools::merge_tool_results(&mut messages);
     let prompt = model.chat_prompt(&messages)?;

@@ -20,7 +20,7 @@ use super::files::blocking;
 use super::responses::{new_id, parse_items};
 use super::types::{metadata, wrong_type};
 use super::{json, ApiError, AppState};
-use crate::platform::conversations::Conversation;
+use crate::platform::conversations::{repeated_id, Added, Conversation};
 use crate::platform::Caller;
 
 /// Items one call may add, as OpenAI allows.
@@ -42,8 +42,8 @@ pub struct ItemsBody {
     items: Option<Value>,
 }
 
-fn project(caller: &Caller) -> String {
-    caller.tag().project
+fn project(caller: &Caller) -> Result<String, ApiError> {
+    super::files::owner(caller)
 }
 
 fn object(c: &Conversation) -> Value {
@@ -86,17 +86,38 @@ pub async fn load(
     caller: &Caller,
     id: &str,
 ) -> Result<Option<Vec<Value>>, ApiError> {
-    let (owner, key) = (project(caller), id.to_string());
+    let (owner, key) = (project(caller)?, id.to_string());
     blocking(state, move |s| s.conversation_items(&owner, &key)).await
 }
 
-/// Adds `items` at the end of the conversation `id` of `project`; whether it is still there.
+/// A 400 naming `{field}[i].id` for an item whose id is taken: by another of `items`, or where
+/// `taken` says.
+pub fn check_ids(
+    field: &str,
+    items: &[Value],
+    taken: impl FnMut(&str) -> bool,
+) -> Result<(), ApiError> {
+    match repeated_id(items, taken) {
+        None => Ok(()),
+        Some(dup) => Err(duplicate(field, items, dup)),
+    }
+}
+
+fn duplicate(field: &str, items: &[Value], id: &str) -> ApiError {
+    let at = items.iter().rposition(|i| i["id"] == id).unwrap_or(0);
+    ApiError::invalid(
+        Some(&format!("{field}[{at}].id")),
+        format!("Duplicate item found with id '{id}': an item's id is its conversation's once."),
+    )
+}
+
+/// Adds `items` at the end of the conversation `id` of `project`.
 pub async fn append(
     state: &AppState,
     project: String,
     id: String,
     items: Vec<Value>,
-) -> Result<bool, ApiError> {
+) -> Result<Added, ApiError> {
     blocking(state, move |s| {
         s.add_conversation_items(&project, &id, &items)
     })
@@ -115,7 +136,8 @@ pub async fn create(
         metadata: metadata(body.metadata.as_ref())?,
     };
     let items = items(body.items.as_ref())?;
-    let (owner, made) = (project(&caller), conversation.clone());
+    check_ids("items", &items, |_| false)?;
+    let (owner, made) = (project(&caller)?, conversation.clone());
     blocking(&state, move |s| {
         s.create_conversation(&owner, &made, &items)
     })
@@ -128,7 +150,7 @@ pub async fn retrieve(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| s.conversation(&owner, &key)).await?;
     Ok(Json(object(&found.ok_or_else(|| unknown(&id))?)))
 }
@@ -148,7 +170,7 @@ pub async fn update(
         ));
     };
     let metadata = metadata(Some(given))?;
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| {
         if s.set_conversation_metadata(&owner, &key, &metadata)? {
             s.conversation(&owner, &key)
@@ -165,7 +187,7 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     if !blocking(&state, move |s| s.delete_conversation(&owner, &key)).await? {
         return Err(unknown(&id));
     }
@@ -205,8 +227,10 @@ pub async fn add_items(
         ));
     }
     let items = items(body.items.as_ref())?;
-    if !append(&state, project(&caller), id.clone(), items.clone()).await? {
-        return Err(unknown(&id));
+    match append(&state, project(&caller)?, id.clone(), items.clone()).await? {
+        Added::Done => {}
+        Added::NoConversation => return Err(unknown(&id)),
+        Added::Duplicate(dup) => return Err(duplicate("items", &items, &dup)),
     }
     Ok(Json(json!({
         "object": "list",
@@ -242,7 +266,7 @@ pub async fn delete_item(
     Extension(caller): Extension<Caller>,
     Path((id, item)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key, gone) = (project(&caller), id.clone(), item.clone());
+    let (owner, key, gone) = (project(&caller)?, id.clone(), item.clone());
     let found = blocking(&state, move |s| {
         let Some(conversation) = s.conversation(&owner, &key)? else {
             return Ok(Err(unknown(&key)));

@@ -19,8 +19,8 @@ use crate::platform::files::{files_dir, FileRecord, NewFile, UPLOAD_PURPOSES};
 use crate::platform::store::{now, Store, StoreError};
 use crate::platform::Caller;
 
-/// The project a files or batches call acts for. The admin token manages the server and owns no
-/// files.
+/// The project a files, batches or conversations call acts for. The admin token manages the
+/// server and owns none of them.
 pub fn owner(caller: &Caller) -> Result<String, ApiError> {
     match caller {
         Caller::Admin => Err(ApiError {
@@ -28,8 +28,8 @@ pub fn owner(caller: &Caller) -> Result<String, ApiError> {
             kind: "permission_error",
             ..ApiError::invalid(
                 None,
-                "The admin token manages the server; use a project's access token for files and \
-                 batches.",
+                "The admin token manages the server; use a project's access token for files, \
+                 batches and conversations.",
             )
         }),
         other => Ok(other.tag().project),

@@ -27,6 +27,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 
 pub use error::ApiError;
+pub use responses::background::Runs as BackgroundRuns;
 
 use crate::platform::Platform;
 use crate::serving::Registry;
@@ -41,24 +42,30 @@ pub struct AppState {
     pub background: Arc<responses::background::Runs>,
 }
 
-/// Takes up the work a stopped server left in its data directory, if this server holds the
-/// directory's batch lock (one server of a directory does): its unfinished batches run again,
-/// and its unfinished background responses are marked failed (their runs ended with it).
+/// Takes up the work that stopped servers left in the data directory: unfinished batches run
+/// again (on the one server holding the directory's batch lock), and background responses whose
+/// server has stopped are marked failed, now and every minute (a server on the same directory
+/// may stop while this one runs).
 pub async fn resume(state: Arc<AppState>) {
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    batches::resume(state.clone()).await;
-    if state.batch_lock.get().is_none() {
-        return;
-    }
-    match files::blocking(&state, move |s| s.fail_unfinished_responses(started)).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            responses = n,
-            "background responses of an earlier run marked failed"
-        ),
-        Err(e) => tracing::warn!(error = %e.message, "marking unfinished background responses"),
+    tokio::spawn(sweep_background(state.clone()));
+    batches::resume(state).await;
+}
+
+async fn sweep_background(state: Arc<AppState>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        let runs = state.background.clone();
+        match files::blocking(&state, move |s| runs.sweep(s)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                responses = n,
+                "background responses of a stopped server marked failed"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "marking background responses of stopped servers")
+            }
+        }
     }
 }
 

@@ -258,8 +258,27 @@ pub fn legacy_functions(
 /// delta's) first call as its `function_call`, and `function_call` as the finish reason.
 pub fn as_function_call(message: &mut Value, finish: Option<&'static str>) -> Option<&'static str> {
     let calls = message.as_object_mut().and_then(|m| m.remove("tool_calls"));
-    if let Some(call) = calls.as_ref().and_then(|c| c.get(0)) {
-        message["function_call"] = call["function"].clone();
+    // The first call's entries: one in a message; in a delta, its name and arguments may come
+    // as several entries of index 0.
+    let entries = calls
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    let mut call = serde_json::Map::new();
+    for entry in entries.filter(|c| c.get("index").is_none_or(|i| i.as_u64() == Some(0))) {
+        if let Some(name) = entry.pointer("/function/name") {
+            call.insert("name".into(), name.clone());
+        }
+        if let Some(Value::String(more)) = entry.pointer("/function/arguments") {
+            match call.get_mut("arguments") {
+                Some(Value::String(arguments)) => arguments.push_str(more),
+                _ => drop(call.insert("arguments".into(), json!(more))),
+            }
+        }
+    }
+    if !call.is_empty() {
+        message["function_call"] = Value::Object(call);
     }
     finish.map(|f| {
         if f == "tool_calls" {
@@ -481,5 +500,69 @@ impl CallStream {
             None => finish.as_str(),
         };
         (delta, Some(reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_in_the_deprecated_shape_joins_the_pieces_of_its_first_call() {
+        // A delta that holds the call's start and the first of its arguments.
+        let mut delta = json!({"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}},
+            {"index": 0, "function": {"arguments": "{\"a\""}},
+        ]});
+        assert_eq!(as_function_call(&mut delta, None), None);
+        assert_eq!(
+            delta,
+            json!({"function_call": {"name": "f", "arguments": "{\"a\""}})
+        );
+        let mut message = json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        ]});
+        assert_eq!(
+            as_function_call(&mut message, Some("tool_calls")),
+            Some("function_call")
+        );
+        assert_eq!(
+            message,
+            json!({"role": "assistant", "content": null,
+                   "function_call": {"name": "f", "arguments": "{}"}})
+        );
+        let mut text = json!({"content": "hi"});
+        assert_eq!(as_function_call(&mut text, Some("stop")), Some("stop"));
+        assert_eq!(text, json!({"content": "hi"}));
+    }
+
+    #[test]
+    fn functions_stand_for_tools_and_errors_name_them() {
+        let functions = json!([{"name": "f", "parameters": {"type": "object"}}]);
+        let named = json!({"name": "f"});
+        let uses = legacy_functions(Some(&functions), Some(&named), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(uses.tools[0].name, "f");
+        assert!(matches!(uses.choice, ToolChoice::Named(ref n) if n == "f"));
+        assert!(!uses.parallel);
+        let param = |functions: Value, call: Option<Value>| {
+            legacy_functions(Some(&functions), call.as_ref(), None)
+                .err()
+                .and_then(|e| e.param)
+        };
+        assert_eq!(
+            param(json!([{"description": "x"}]), None).as_deref(),
+            Some("functions[0].name")
+        );
+        assert_eq!(
+            param(json!([{"name": "f", "parameters": 3}]), None).as_deref(),
+            Some("functions[0].parameters")
+        );
+        assert_eq!(
+            param(functions.clone(), Some(json!({"name": "g"}))).as_deref(),
+            Some("function_call")
+        );
+        assert!(legacy_functions(None, None, None).unwrap().is_none());
     }
 }

@@ -8,6 +8,24 @@ use serde_json::Value;
 
 use super::store::{Store, StoreError};
 
+/// What adding items to a conversation did.
+#[derive(Debug, PartialEq)]
+pub enum Added {
+    Done,
+    NoConversation,
+    /// Nothing was added: an item's id is the conversation's already, or repeats in the items.
+    Duplicate(String),
+}
+
+/// The first id of `items` that `taken` has or that an earlier item has.
+pub fn repeated_id<'a>(items: &'a [Value], mut taken: impl FnMut(&str) -> bool) -> Option<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    items
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .find(|&id| !seen.insert(id) || taken(id))
+}
+
 /// A conversation without its items.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conversation {
@@ -119,20 +137,27 @@ impl Store {
         })
     }
 
-    /// Adds `items` at the end of a conversation; whether `project` has it.
+    /// Adds `items` at the end of a conversation of `project`, unless an id would repeat.
     pub fn add_conversation_items(
         &self,
         project: &str,
         id: &str,
         items: &[Value],
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Added, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             if !owns(&tx, project, id)? {
-                return Ok(false);
+                return Ok(Added::NoConversation);
             }
+            let mut exists =
+                tx.prepare("SELECT 1 FROM conversation_items WHERE conversation = ?1 AND id = ?2")?;
+            let taken = |item: &str| exists.exists(params![id, item]).unwrap_or(true);
+            if let Some(dup) = repeated_id(items, taken) {
+                return Ok(Added::Duplicate(dup.to_string()));
+            }
+            drop(exists);
             append(&tx, id, items)?;
-            tx.commit().map(|()| true)
+            tx.commit().map(|()| Added::Done)
         })
     }
 
@@ -203,12 +228,22 @@ mod tests {
             Some(conversation.clone())
         );
         assert_eq!(store.conversation("b", "conv_1").unwrap(), None);
-        assert!(!store
-            .add_conversation_items("b", "conv_1", &[item("msg_x")])
-            .unwrap());
-        assert!(store
-            .add_conversation_items("a", "conv_1", &[item("msg_3")])
-            .unwrap());
+        let add = |project: &str, items: &[Value]| {
+            store
+                .add_conversation_items(project, "conv_1", items)
+                .unwrap()
+        };
+        assert_eq!(add("b", &[item("msg_x")]), Added::NoConversation);
+        assert_eq!(add("a", &[item("msg_3")]), Added::Done);
+        // An id is the conversation's once: nothing of a call that repeats one is added.
+        assert_eq!(
+            add("a", &[item("msg_4"), item("msg_2")]),
+            Added::Duplicate("msg_2".into())
+        );
+        assert_eq!(
+            add("a", &[item("msg_4"), item("msg_4")]),
+            Added::Duplicate("msg_4".into())
+        );
         let ids = |items: Vec<Value>| -> Vec<String> {
             items
                 .iter()

@@ -100,22 +100,68 @@ impl Store {
         .map(|n| n > 0)
     }
 
-    /// Marks `failed` the background responses created before `before` (Unix seconds) that are
-    /// still queued or running: a stopped server left them, and nothing runs them now. How many.
-    pub fn fail_unfinished_responses(&self, before: i64) -> Result<usize, StoreError> {
-        let error = serde_json::json!({
-            "code": "server_error",
-            "message": "The server stopped before this background response finished.",
-        })
-        .to_string();
+    /// Stores a background response as queued, run by the server started as `boot`.
+    pub fn queue_response(&self, r: &StoredResponse, boot: &str) -> Result<(), StoreError> {
+        self.put_response(r)?;
         self.with(|c| {
             c.execute(
-                "UPDATE responses
-                 SET response = json_set(response, '$.status', 'failed', '$.error', json(?1))
-                 WHERE created_at < ?2
-                   AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
-                params![error, before],
+                "INSERT OR REPLACE INTO background_owners (id, boot) VALUES (?1, ?2)",
+                params![r.id, boot],
             )
+            .map(drop)
+        })
+    }
+
+    /// Stores a background response's end, unless it has ended already (a server that took it
+    /// for a stopped one's marked it failed) or was deleted meanwhile; whether it did.
+    pub fn finish_response(&self, r: &StoredResponse) -> Result<bool, StoreError> {
+        let response = r.response.to_string();
+        let items = Value::from(r.input_items.clone()).to_string();
+        let conversation = Value::from(r.conversation.clone()).to_string();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE responses SET response = ?3, input_items = ?4, conversation = ?5
+                 WHERE id = ?1 AND project = ?2
+                   AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
+                params![r.id, r.project, response, items, conversation],
+            )?;
+            tx.execute("DELETE FROM background_owners WHERE id = ?1", params![r.id])?;
+            tx.commit().map(|()| n > 0)
+        })
+    }
+
+    /// The background responses still queued or running, with the server that runs each.
+    pub fn unfinished_responses(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.with(|c| {
+            let mut select = c.prepare(
+                "SELECT r.id, COALESCE(o.boot, '') FROM responses r
+                 LEFT JOIN background_owners o ON o.id = r.id
+                 WHERE json_extract(r.response, '$.status') IN ('queued', 'in_progress')",
+            )?;
+            let rows = select.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Marks `failed`, with `message`, those of the responses `ids` still queued or running
+    /// (their server stopped, or could not store their end); how many.
+    pub fn fail_responses(&self, ids: &[String], message: &str) -> Result<usize, StoreError> {
+        let error = serde_json::json!({"code": "server_error", "message": message}).to_string();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut failed = 0;
+            for id in ids {
+                failed += tx.execute(
+                    "UPDATE responses
+                     SET response = json_set(response, '$.status', 'failed', '$.error', json(?2))
+                     WHERE id = ?1
+                       AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
+                    params![id, error],
+                )?;
+                tx.execute("DELETE FROM background_owners WHERE id = ?1", params![id])?;
+            }
+            tx.commit().map(|()| failed)
         })
     }
 
@@ -156,13 +202,13 @@ mod tests {
         assert_eq!(store.response("a", "resp_1").unwrap(), None);
         assert!(!store.delete_response("a", "resp_1").unwrap());
 
-        // A background response moves on only from the status it is in, and one left
-        // unfinished by a stopped server ends failed.
+        // A background response moves on only from the status it is in; its end is stored
+        // only while it has not ended, and one whose server stopped ends failed.
         let queued = StoredResponse {
             response: json!({"id": "resp_1", "status": "queued"}),
-            ..r
+            ..r.clone()
         };
-        store.put_response(&queued).unwrap();
+        store.queue_response(&queued, "boot-1").unwrap();
         let running = json!({"id": "resp_1", "status": "in_progress"});
         assert!(!store
             .replace_response_in("b", "resp_1", "queued", &running)
@@ -173,12 +219,29 @@ mod tests {
         assert!(!store
             .replace_response_in("a", "resp_1", "queued", &running)
             .unwrap());
-        assert_eq!(store.fail_unfinished_responses(7).unwrap(), 0);
-        assert_eq!(store.fail_unfinished_responses(8).unwrap(), 1);
+        let unfinished = store.unfinished_responses().unwrap();
+        assert_eq!(unfinished, [("resp_1".to_string(), "boot-1".to_string())]);
+        let ids = ["resp_1".to_string()];
+        assert_eq!(store.fail_responses(&ids, "gone").unwrap(), 1);
         let failed = store.response("a", "resp_1").unwrap().unwrap().response;
         assert_eq!(failed["status"], "failed");
-        assert_eq!(failed["error"]["code"], "server_error");
-        assert_eq!(store.fail_unfinished_responses(8).unwrap(), 0);
+        assert_eq!(failed["error"]["message"], "gone");
+        assert_eq!(store.fail_responses(&ids, "gone").unwrap(), 0);
+        assert!(store.unfinished_responses().unwrap().is_empty());
+        let done = StoredResponse {
+            response: json!({"id": "resp_1", "status": "completed"}),
+            ..r.clone()
+        };
+        assert!(!store.finish_response(&done).unwrap());
+        store.queue_response(&queued, "boot-1").unwrap();
+        assert!(store.finish_response(&done).unwrap());
+        assert_eq!(
+            store.response("a", "resp_1").unwrap().unwrap().response["status"],
+            "completed"
+        );
+        assert!(store.delete_response("a", "resp_1").unwrap());
+        assert!(!store.finish_response(&done).unwrap());
+        assert_eq!(store.response("a", "resp_1").unwrap(), None);
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
     }

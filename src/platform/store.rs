@@ -472,6 +472,11 @@ CREATE TABLE IF NOT EXISTS conversation_items (
     item TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conversation_items_of ON conversation_items(conversation, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS conversation_items_id ON conversation_items(conversation, id);
+CREATE TABLE IF NOT EXISTS background_owners (
+    id TEXT PRIMARY KEY,
+    boot TEXT NOT NULL
+);
 ";
 
 #[cfg(test)]

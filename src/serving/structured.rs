@@ -64,7 +64,7 @@ pub struct Grammars {
     compiled: std::sync::Mutex<std::collections::HashMap<String, Matcher>>,
 }
 
-/// Compiled grammars kept (the cache starts over when full).
+/// Compiled grammars kept (past this, one goes for each new one).
 const COMPILED_KEPT: usize = 256;
 
 impl Grammars {
@@ -131,7 +131,11 @@ impl Grammars {
                 let matcher = self.compile(factory, format)?;
                 let mut kept = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
                 if kept.len() >= COMPILED_KEPT {
-                    kept.clear();
+                    // One makes room, so that the grammar a request just compiled ahead of its
+                    // start (`ChatModel::prepare`) is still here when it starts.
+                    if let Some(old) = kept.keys().find(|k| **k != key).cloned() {
+                        kept.remove(&old);
+                    }
                 }
                 kept.insert(key, matcher.deep_clone());
                 matcher

@@ -3,10 +3,19 @@
 //! response's is, so `GET /v1/responses/{id}` polls it. Its stream's events are kept in memory
 //! while it runs and for a while after, so that `GET /v1/responses/{id}?stream=true` (from
 //! `starting_after`) follows it from any point, and `POST /v1/responses/{id}/cancel` stops it.
+//!
+//! Several servers may share a data directory. Each stored run names the server that runs it
+//! (its boot id), and each server holds a lock file (`runs/<boot>.lock`) while it lives, so that
+//! the runs of a server that stopped are told from those of one still running, and marked
+//! failed (`Runs::sweep`).
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::platform::store::{Store, StoreError};
 
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, Notify};
@@ -20,10 +29,29 @@ const KEEP_FINISHED_RUNS: usize = 64;
 pub type StreamEvent = (String, Value);
 
 /// The background runs of this server: those running, and those finished lately.
-#[derive(Default)]
 pub struct Runs {
     inner: Mutex<Inner>,
+    /// This server's id in the stored runs.
+    pub boot: String,
+    /// Where the servers' lock files are (none in tests of this module alone).
+    dir: Option<PathBuf>,
+    /// This server's lock file, held while it lives.
+    _alive: Option<File>,
 }
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            boot: uuid::Uuid::new_v4().simple().to_string(),
+            dir: None,
+            _alive: None,
+        }
+    }
+}
+
+/// What a run that a stopped server left ends with.
+const STOPPED: &str = "The server that ran this background response stopped before it finished.";
 
 #[derive(Default)]
 struct Inner {
@@ -49,6 +77,98 @@ struct Log {
 }
 
 impl Runs {
+    /// The runs of a server on `data_dir`: it takes a lock file there for as long as it lives.
+    pub fn open(data_dir: &Path) -> Self {
+        let mut runs = Self {
+            dir: Some(data_dir.join("runs")),
+            ..Self::default()
+        };
+        match runs.take_lock() {
+            Ok(file) => runs._alive = Some(file),
+            Err(e) => {
+                tracing::warn!(error = %e, "no lock file for background responses: another server on this data directory could take this one's for stopped")
+            }
+        }
+        runs
+    }
+
+    /// Locks a file of its own name, made under another name first: a file seen under a
+    /// server's name is always locked already while that server lives.
+    fn take_lock(&self) -> std::io::Result<File> {
+        let dir = self.dir.as_ref().ok_or(std::io::ErrorKind::NotFound)?;
+        std::fs::create_dir_all(dir)?;
+        let making = dir.join(format!("{}.new", self.boot));
+        let file = File::create(&making)?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::Error(e) => e,
+            std::fs::TryLockError::WouldBlock => std::io::ErrorKind::WouldBlock.into(),
+        })?;
+        std::fs::rename(&making, dir.join(format!("{}.lock", self.boot)))?;
+        Ok(file)
+    }
+
+    /// Whether the server started as `boot` has stopped: its lock file is gone or free. A free
+    /// one is removed.
+    fn stopped(&self, boot: &str) -> bool {
+        let Some(dir) = &self.dir else { return false };
+        let path = dir.join(format!("{boot}.lock"));
+        match File::options().write(true).open(&path) {
+            Err(_) => true,
+            Ok(file) => match file.try_lock() {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// Marks failed the stored background responses whose server has stopped; how many.
+    pub fn sweep(&self, store: &Store) -> Result<usize, StoreError> {
+        let mut by_boot: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, boot) in store.unfinished_responses()? {
+            if boot != self.boot {
+                by_boot.entry(boot).or_default().push(id);
+            }
+        }
+        let mut failed = 0;
+        for (boot, ids) in by_boot {
+            if self.stopped(&boot) {
+                failed += store.fail_responses(&ids, STOPPED)?;
+            }
+        }
+        // The lock files of the other servers that stopped go too.
+        let files = self
+            .dir
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten();
+        for name in files
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+        {
+            if let Some(boot) = name.strip_suffix(".lock").filter(|b| *b != self.boot) {
+                self.stopped(boot);
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Waits, up to `limit`, for the runs still going to end (as they do once the engines
+    /// stop, storing their end).
+    pub async fn wait_all(&self, limit: Duration) {
+        let running: Vec<Arc<Live>> = self
+            .inner()
+            .live
+            .values()
+            .filter(|l| !l.is_done())
+            .cloned()
+            .collect();
+        let all = futures::future::join_all(running.iter().map(|l| l.finished()));
+        let _ = tokio::time::timeout(limit, all).await;
+    }
+
     fn inner(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -204,6 +324,42 @@ mod tests {
         assert_eq!(late.await.unwrap(), [1, 2, 3, 4]);
         let kept = runs.get("a", "resp_1").unwrap();
         assert_eq!(drain(kept.events(Some(3))).await, [4]);
+    }
+
+    #[test]
+    fn the_runs_of_a_stopped_server_are_failed_and_those_of_a_live_one_kept() {
+        use crate::platform::responses::StoredResponse;
+        let dir = std::env::temp_dir().join(format!("candela-runs-{}", uuid::Uuid::new_v4()));
+        let store = Store::open_dir(&dir).unwrap();
+        let (a, b) = (Runs::open(&dir), Runs::open(&dir));
+        let queue = |id: &str, runs: &Runs| {
+            let r = StoredResponse {
+                id: id.into(),
+                project: "p".into(),
+                created_at: 1,
+                response: json!({"id": id, "status": "queued"}),
+                input_items: Vec::new(),
+                conversation: Vec::new(),
+            };
+            store.queue_response(&r, &runs.boot).unwrap();
+        };
+        queue("resp_a", &a);
+        queue("resp_b", &b);
+        assert_eq!(b.sweep(&store).unwrap(), 0);
+        assert_eq!(a.sweep(&store).unwrap(), 0);
+        let lock = dir.join("runs").join(format!("{}.lock", a.boot));
+        assert!(lock.exists());
+        let gone = Runs::open(&dir);
+        let gone_lock = dir.join("runs").join(format!("{}.lock", gone.boot));
+        drop((a, gone));
+        assert_eq!(b.sweep(&store).unwrap(), 1);
+        assert!(!lock.exists() && !gone_lock.exists());
+        let status =
+            |id: &str| store.response("p", id).unwrap().unwrap().response["status"].clone();
+        assert_eq!(status("resp_a"), "failed");
+        assert_eq!(status("resp_b"), "queued");
+        drop((b, store));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

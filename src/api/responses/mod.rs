@@ -8,14 +8,14 @@
 pub mod background;
 mod output;
 mod request;
+mod stored;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -28,6 +28,7 @@ use super::files::blocking;
 use super::tools::ToolUse;
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
+use crate::platform::conversations::Added;
 use crate::platform::responses::StoredResponse;
 use crate::platform::usage::{Meter, TokenClock};
 use crate::platform::Caller;
@@ -36,6 +37,7 @@ use output::{status_of, text_part, usage_json, Events, Shape};
 use request::ResponsesRequest;
 
 pub(crate) use request::input_items as parse_items;
+pub use stored::{cancel, delete, input_items, retrieve};
 
 /// Now, in Unix seconds.
 pub fn now() -> u64 {
@@ -203,6 +205,9 @@ pub async fn create(
                             format!("Conversation with id '{id}' not found."),
                         )
                     })?;
+                // This call's items join the conversation: their ids must be new to it.
+                let taken = |new: &str| items.iter().any(|i| i["id"] == new);
+                super::conversations::check_ids("input", &parsed.items, taken)?;
                 parse_items(&items)?.1
             }
             None => Vec::new(),
@@ -328,16 +333,40 @@ impl Run {
         );
         if let Some(record) = self.record.take() {
             let stored = record.finish(&self.shape, object, answer);
-            blocking(&self.state, move |s| s.put_response(&stored)).await?;
+            self.store(stored).await?;
         }
         if let Some(thread) = self.thread.take() {
             let mut items = thread.items;
             items.extend(object["output"].as_array().into_iter().flatten().cloned());
             let id = thread.id.clone();
-            let kept = super::conversations::append(&self.state, thread.project, thread.id, items);
-            if !kept.await? {
-                tracing::warn!(conversation = %id, "the conversation was deleted while a response to it ran");
+            // The response stands whatever becomes of its conversation meanwhile.
+            let added = super::conversations::append(&self.state, thread.project, thread.id, items);
+            match added.await {
+                Ok(Added::Done) => {}
+                Ok(Added::NoConversation) => {
+                    tracing::warn!(conversation = %id, "the conversation was deleted while a response to it ran")
+                }
+                Ok(Added::Duplicate(item)) => {
+                    tracing::warn!(conversation = %id, item = %item, "an item was added to the conversation while a response to it ran")
+                }
+                Err(e) => {
+                    tracing::warn!(conversation = %id, error = %e.message, "adding a response's items to its conversation")
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Stores the response. A background one's end is stored only while it is queued or
+    /// running: not over a deletion, nor over the failure that a server taking it for a stopped
+    /// one's stored.
+    async fn store(&self, stored: StoredResponse) -> Result<(), ApiError> {
+        if !self.shape.background {
+            return blocking(&self.state, move |s| s.put_response(&stored)).await;
+        }
+        let id = stored.id.clone();
+        if !blocking(&self.state, move |s| s.finish_response(&stored)).await? {
+            tracing::info!(id = %id, "a background response ended after it was deleted or failed");
         }
         Ok(())
     }
@@ -420,27 +449,39 @@ impl Run {
             input_items: record.items.clone(),
             conversation: record.conversation.clone(),
         };
-        blocking(&self.state, move |s| s.put_response(&row)).await?;
+        let runs = self.state.background.clone();
+        let boot = runs.boot.clone();
+        blocking(&self.state, move |s| s.queue_response(&row, &boot)).await?;
         if let Some(m) = &self.meter {
             m.stream_started();
         }
-        let runs = self.state.background.clone();
         let live = runs.start(&id, &project);
         self.cancel = Some(live.cancel.clone());
         tracing::info!(id = %id, "background response queued");
         let state = self.state.clone();
         let (tx, rx) = mpsc::channel::<(String, Value)>(64);
         tokio::spawn(self.events(gen, tx));
-        tokio::spawn(
-            runs.follow(id.clone(), live.clone(), rx, |object| async move {
-                let moved = blocking(&state, move |s| {
-                    s.replace_response_in(&project, &id, "queued", &object)
-                });
-                if let Err(e) = moved.await {
-                    tracing::warn!(error = %e.message, "storing a background response's start");
-                }
-            }),
-        );
+        let (started, run_id) = (state.clone(), id.clone());
+        let follow = runs.follow(id.clone(), live.clone(), rx, |object| async move {
+            let moved = blocking(&started, move |s| {
+                s.replace_response_in(&project, &run_id, "queued", &object)
+            });
+            if let Err(e) = moved.await {
+                tracing::warn!(error = %e.message, "storing a background response's start");
+            }
+        });
+        tokio::spawn(async move {
+            follow.await;
+            // A run that could not store its end (or stopped short) ends failed rather than
+            // running forever for those who poll it.
+            let ids = vec![id];
+            let message = "The server could not store this background response's end.";
+            match blocking(&state, move |s| s.fail_responses(&ids, message)).await {
+                Ok(0) => {}
+                Ok(_) => tracing::warn!("a background response ended without storing its end"),
+                Err(e) => tracing::warn!(error = %e.message, "ending a background response"),
+            }
+        });
         if stream {
             Ok(sse(live.events(None)))
         } else {
@@ -540,8 +581,7 @@ impl Run {
                     // Stored failed, so that a client polling a background response sees it end.
                     if let Some(record) = self.record.take() {
                         let stored = record.finish(shape, &failed, &text);
-                        let put = blocking(&self.state, move |s| s.put_response(&stored));
-                        if let Err(e) = put.await {
+                        if let Err(e) = self.store(stored).await {
                             tracing::warn!(id = %shape.id, error = %e.message, "storing a failed response");
                         }
                     }
@@ -700,114 +740,4 @@ fn call_item(call: &tools::ToolCall, complete: bool, (id, call_id): (String, Str
         "name": call.name,
         "arguments": call.arguments,
     })
-}
-
-/// `GET /v1/responses/{id}`; with `stream=true` (a background response only) its events, from
-/// after `starting_after` if given, while the server keeps them.
-pub async fn retrieve(
-    State(state): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let stored = load(&state, &caller, &id).await?;
-    let stream = match query.get("stream").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                Some("stream"),
-                "'stream' must be true or false.",
-            ))
-        }
-    };
-    if !stream {
-        return Ok(Json(stored.response).into_response());
-    }
-    let after = match query.get("starting_after") {
-        None => None,
-        Some(n) => Some(n.parse::<u64>().map_err(|_| {
-            ApiError::invalid(
-                Some("starting_after"),
-                "'starting_after' must be an event's sequence number (an integer from 0).",
-            )
-        })?),
-    };
-    if stored.response["background"] != true {
-        return Err(ApiError::invalid(
-            Some("stream"),
-            "Only background responses can be streamed again.",
-        ));
-    }
-    match state.background.get(&project(&caller), &id) {
-        Some(live) => Ok(sse(live.events(after))),
-        None => Err(ApiError::invalid(
-            Some("stream"),
-            format!(
-                "The events of response '{id}' are no longer kept (they are for {} minutes after \
-                 it ends, on the server that ran it); retrieve it without 'stream'.",
-                background::KEEP_FINISHED.as_secs() / 60
-            ),
-        )),
-    }
-}
-
-pub async fn delete(
-    State(state): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (project(&caller), id.clone());
-    // A background run still going stops first, or its end would store it again.
-    if let Some(live) = state.background.get(&owner, &id) {
-        live.cancel.notify_one();
-        live.finished().await;
-    }
-    if blocking(&state, move |s| s.delete_response(&owner, &key)).await? {
-        Ok(Json(
-            json!({"id": id, "object": "response", "deleted": true}),
-        ))
-    } else {
-        Err(ApiError::not_found(format!(
-            "No response found with id '{id}'."
-        )))
-    }
-}
-
-/// `POST /v1/responses/{id}/cancel`: stops a background response and answers it as it ended
-/// (`cancelled`, with what it had written). One that has ended already is answered unchanged.
-pub async fn cancel(
-    State(state): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let stored = load(&state, &caller, &id).await?;
-    if stored.response["background"] != true {
-        return Err(ApiError::invalid(
-            None,
-            "Only responses created with background=true can be cancelled.",
-        ));
-    }
-    match state.background.get(&project(&caller), &id) {
-        Some(live) if !live.is_done() => {
-            live.cancel.notify_one();
-            live.finished().await;
-            tracing::info!(id = %id, "background response cancelled");
-            Ok(Json(load(&state, &caller, &id).await?.response))
-        }
-        _ => Ok(Json(stored.response)),
-    }
-}
-
-/// `GET /v1/responses/{id}/input_items`: `limit` (1 to 100, default 20), `order` (`desc`, the
-/// default, or `asc`), `after` (an item id).
-pub async fn input_items(
-    State(state): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let page = super::page::Page::from_query(&query, 20, 100)?;
-    let items = load(&state, &caller, &id).await?.input_items;
-    Ok(Json(page.list_oldest_first(items)?))
 }

@@ -18,7 +18,7 @@ pub enum Added {
 }
 
 /// The first id of `items` that `taken` has or that an earlier item has.
-pub fn repeated_id<'a>(items: &'a [Value], mut taken: impl FnMut(&str) -> bool) -> Option<&'a str> {
+pub fn repeated_id(items: &[Value], mut taken: impl FnMut(&str) -> bool) -> Option<&str> {
     let mut seen = std::collections::HashSet::new();
     items
         .iter()

@@ -643,6 +643,27 @@ def _():
     sdk_error(openai.BadRequestError, lambda: client.responses.create(model=CHAT, input="x", conversation=conv.id), 400)
 
 
+@check("chat: store keeps a completion, streamed or not; retrieve, list, messages, update, delete")
+def _():
+    r = chat(messages=[{"role": "user", "content": "Say hi."}], store=True, metadata={"smoke": "plain"},
+             max_tokens=8, temperature=0)
+    got = client.chat.completions.retrieve(r.id)
+    eq(got.choices[0].message.content, r.choices[0].message.content, "retrieved answer")
+    eq([m.content for m in client.chat.completions.messages.list(r.id)], ["Say hi."], "stored messages")
+    s = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Count."}], store=True,
+                                       max_tokens=8, temperature=0, stream=True)
+    sid, text = None, ""
+    for ch in s:
+        sid = ch.id
+        text += "".join(c.delta.content or "" for c in ch.choices)
+    eq(client.chat.completions.retrieve(sid).choices[0].message.content, text, "a stream kept whole")
+    listed = [c.id for c in client.chat.completions.list(metadata={"smoke": "plain"})]
+    expect(r.id in listed and sid not in listed, f"metadata filter: {listed}")
+    eq(client.chat.completions.update(r.id, metadata={"smoke": "x"}).id, r.id, "update")
+    eq(client.chat.completions.delete(r.id).deleted, True, "delete")
+    sdk_error(openai.NotFoundError, lambda: client.chat.completions.retrieve(r.id), 404)
+
+
 # --------------------------------------------------------------------------- files + batches
 
 

@@ -356,3 +356,145 @@ async fn request_limits_413_and_embedding_inputs() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+/// `store: true` keeps a chat completion, streamed or not, with its messages; the project that
+/// made it reads, lists (filtered by model and metadata), updates and deletes it, and no other.
+#[tokio::test]
+async fn stored_chat_completions_are_kept_for_their_project() {
+    let s = common::shared();
+    let body = json!({"model": CHAT, "temperature": 0, "max_tokens": 8, "store": true,
+        "metadata": {"app": "kept"},
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]});
+    let (status, made) = common::post(&s.base, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    let got = call(
+        &s.base,
+        "GET",
+        &format!("/v1/chat/completions/{id}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(got.body["choices"], made["choices"]);
+    assert_eq!(got.body["usage"], made["usage"]);
+    assert_eq!(got.body["metadata"], json!({"app": "kept"}));
+    let path = format!("/v1/chat/completions/{id}/messages");
+    let messages = call(&s.base, "GET", &path, None, None).await.body;
+    let listed: Vec<(&str, &str)> = messages["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(listed, [("system", "Be brief."), ("user", "Say hi.")]);
+    assert_eq!(messages["data"][0]["id"], format!("{id}-0"));
+    assert_eq!(messages["data"][1]["content_parts"][0]["text"], "Say hi.");
+
+    // Streamed: kept whole, as the stream added up.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["n"] = json!(2);
+    streamed["metadata"] = json!({"app": "streamed"});
+    let (events, done) = common::stream(&s.base, "/v1/chat/completions", streamed).await;
+    assert!(done);
+    let stream_id = events[0]["id"].as_str().unwrap().to_string();
+    let mut texts = [String::new(), String::new()];
+    for e in &events {
+        for c in e["choices"].as_array().unwrap() {
+            let i = c["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    let path = format!("/v1/chat/completions/{stream_id}");
+    let kept = call(&s.base, "GET", &path, None, None).await.body;
+    assert_eq!(kept["object"], "chat.completion");
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(kept["choices"][i]["message"]["content"], text.as_str());
+    }
+    assert_eq!(kept["usage"]["completion_tokens"], 16);
+
+    // Listed oldest first, filtered; metadata replaced; deleted.
+    let list = call(
+        &s.base,
+        "GET",
+        "/v1/chat/completions?metadata[app]=kept",
+        None,
+        None,
+    )
+    .await;
+    let ids: Vec<&Value> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["id"])
+        .collect();
+    assert!(
+        ids.contains(&&json!(id)) && !ids.contains(&&json!(stream_id)),
+        "{}",
+        list.body
+    );
+    let all = call(&s.base, "GET", "/v1/chat/completions?limit=100", None, None).await;
+    let ids: Vec<&str> = all.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    let (a, b) = (
+        ids.iter().position(|i| *i == id),
+        ids.iter().position(|i| *i == stream_id),
+    );
+    assert!(a < b, "{ids:?}");
+    let update = json!({"metadata": {"app": "renamed"}});
+    let path = format!("/v1/chat/completions/{id}");
+    let (_, updated) = common::post(&s.base, &path, update).await;
+    assert_eq!(updated["metadata"], json!({"app": "renamed"}));
+    let deleted = call(&s.base, "DELETE", &path, None, None).await;
+    assert_eq!(
+        deleted.body,
+        json!({"id": id, "object": "chat.completion.deleted", "deleted": true})
+    );
+    assert_eq!(call(&s.base, "GET", &path, None, None).await.status, 404);
+    // Not kept without `store`.
+    let mut plain = body;
+    plain["store"] = json!(false);
+    let (_, unkept) = common::post(&s.base, "/v1/chat/completions", plain).await;
+    let path = format!("/v1/chat/completions/{}", unkept["id"].as_str().unwrap());
+    assert_eq!(call(&s.base, "GET", &path, None, None).await.status, 404);
+
+    // Another project's token does not see them.
+    let g = gated();
+    let (_, mine) = create_token(g, "stored-chat-a", "1h");
+    let (_, theirs) = create_token(g, "stored-chat-b", "1h");
+    let body = json!({"model": CHAT, "max_tokens": 2, "store": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let made = call(
+        &g.base,
+        "POST",
+        "/v1/chat/completions",
+        Some(&mine),
+        Some(body),
+    )
+    .await;
+    let path = format!("/v1/chat/completions/{}", made.body["id"].as_str().unwrap());
+    assert_eq!(
+        call(&g.base, "GET", &path, Some(&mine), None).await.status,
+        200
+    );
+    assert_eq!(
+        call(&g.base, "GET", &path, Some(&theirs), None)
+            .await
+            .status,
+        404
+    );
+    let theirs_list = call(&g.base, "GET", "/v1/chat/completions", Some(&theirs), None).await;
+    assert_eq!(theirs_list.body["data"], json!([]));
+    assert_eq!(
+        call(&g.base, "DELETE", &path, Some(&theirs), None)
+            .await
+            .status,
+        404
+    );
+}

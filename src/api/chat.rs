@@ -12,11 +12,13 @@ use axum::Json;
 use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
+use super::stored_chat::{Gathered, Storing};
 use super::tools::{self, CallStream, Dialect, ToolUse};
 use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
 use super::{formats, json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
+use crate::platform::Caller;
 use crate::scheduler::Priority;
 use crate::serving::{
     ChatModel, GenChunk, GenParams, Generation, Served, ServingError, TokenLogprob,
@@ -49,6 +51,8 @@ struct Meta {
     /// `max_tokens: 0` with `echo`: the answer is the prompt alone (its one generated token is
     /// dropped).
     score_only: bool,
+    /// `store: true`: the completion is kept once it is whole.
+    store: Option<Arc<Storing>>,
     /// With `echo` and `logprobs`, the text of each prompt's first token.
     first_tokens: Vec<String>,
 }
@@ -72,6 +76,7 @@ impl Meta {
             tools: false,
             functions: false,
             score_only: false,
+            store: None,
             first_tokens: Vec::new(),
         }
     }
@@ -171,6 +176,7 @@ pub(super) fn lane(lane: Option<Extension<Priority>>) -> Priority {
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     meter: Option<Extension<Arc<Meter>>>,
     priority: Option<Extension<Priority>>,
     body: Result<Bytes, BytesRejection>,
@@ -178,6 +184,7 @@ pub async fn chat_completions(
     let meter = meter.map(|Extension(m)| m);
     let mut req: ChatCompletionRequest = json::parse(body)?;
     let model = chat_model(&state, &req.model, meter.as_deref())?;
+    let metadata = super::types::metadata(req.metadata.as_ref())?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (_, Some(k)) if !(0..=20).contains(&k) => {
             return Err(ApiError::invalid(
@@ -254,6 +261,8 @@ pub async fn chat_completions(
     let mut meta = Meta::new(Kind::Chat, &model.info.id, meter, n);
     meta.tools = tool_use.is_some_and(|t| t.calls);
     meta.functions = legacy;
+    let caller = caller.as_ref().map(|Extension(c)| c);
+    meta.store = Storing::new(&state, caller, req.store, metadata, &meta.id, &req.messages);
     let resp = if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         stream_response(meta, gens, include_usage, prompt.len())
@@ -419,6 +428,32 @@ pub(super) async fn run_to_end(
     })
 }
 
+/// A chat choice of a whole answer: its message (its calls, when the answer is calls) and why
+/// it ended.
+fn chat_choice(
+    meta: &Meta,
+    index: usize,
+    text: String,
+    finish: FinishReason,
+    logprobs: &[TokenLogprob],
+) -> Value {
+    let logprobs = (!logprobs.is_empty()).then(|| logprobs_json(Kind::Chat, logprobs, 0));
+    let (message, finish) = if meta.tools {
+        let (mut message, finish) = tools::chat_answer(text, finish);
+        let finish = match meta.functions {
+            true => tools::as_function_call(&mut message, Some(finish)).unwrap_or(finish),
+            false => finish,
+        };
+        (message, finish)
+    } else {
+        (
+            json!({"role": "assistant", "content": text}),
+            finish.as_str(),
+        )
+    };
+    json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+}
+
 async fn full_response(
     meta: Meta,
     gens: Vec<Generation>,
@@ -443,23 +478,14 @@ async fn full_response(
         }
         let logprobs = (!f.logprobs.is_empty()).then(|| logprobs_json(meta.kind, &f.logprobs, 0));
         choices.push(match meta.kind {
-            Kind::Chat => {
-                let (message, finish) = if meta.tools {
-                    let (mut message, finish) = tools::chat_answer(f.text, f.finish);
-                    let finish = match meta.functions {
-                        true => tools::as_function_call(&mut message, Some(finish)).unwrap_or(finish),
-                        false => finish,
-                    };
-                    (message, finish)
-                } else {
-                    (json!({"role": "assistant", "content": f.text}), f.finish.as_str())
-                };
-                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
-            }
+            Kind::Chat => chat_choice(&meta, index, f.text, f.finish, &f.logprobs),
             Kind::Completion => {
                 let logprobs = match &f.prompt_logprobs {
                     Some(prompt) => {
-                        let first = meta.first_tokens.get(index / meta.n).map_or("", String::as_str);
+                        let first = meta
+                            .first_tokens
+                            .get(index / meta.n)
+                            .map_or("", String::as_str);
                         Some(echo_logprobs(first, prompt, &f.logprobs))
                     }
                     None => logprobs,
@@ -481,15 +507,18 @@ async fn full_response(
     if let Some(m) = &meta.meter {
         m.set_tokens(prompt_tokens as u64, completion as u64);
     }
-    Ok(Json(json!({
+    let object = json!({
         "id": meta.id,
         "object": object,
         "created": meta.created,
         "model": meta.model,
         "choices": choices,
         "usage": Usage::new(prompt_tokens, completion, cached),
-    }))
-    .into_response())
+    });
+    if let Some(store) = &meta.store {
+        store.keep(&object).await?;
+    }
+    Ok(Json(object).into_response())
 }
 
 /// Log-probabilities as chat and the Responses API list them: token, logprob, bytes, and the
@@ -650,7 +679,21 @@ fn stream_response(
     let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize, None::<u16>)));
     let body_totals = totals.clone();
     let kind = meta.kind;
+    // With `store`, each choice is gathered to be kept whole at the end.
+    let gathered = meta.store.as_ref().map(|_| {
+        let choices = (0..n).map(|_| Gathered::default()).collect::<Vec<_>>();
+        Arc::new(std::sync::Mutex::new(choices))
+    });
+    let gather = gathered.clone();
     let body = merged.filter_map(move |item| {
+        if let (Some(g), Item::Chunk(i, Ok(c))) = (&gather, &item) {
+            let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(choice) = g.get_mut(*i) {
+                choice.text.push_str(&c.text);
+                choice.logprobs.extend(c.logprobs.iter().cloned());
+                choice.finish = c.finish.or(choice.finish);
+            }
+        }
         let mut t = body_totals.lock().unwrap_or_else(|p| p.into_inner());
         let out: Option<Value> = match item {
             _ if t.2.is_some() => None,
@@ -710,6 +753,22 @@ fn stream_response(
             m.finish();
         }
         let failed = failed.is_some();
+        if let (Some(store), Some(gathered), false) = (&meta_tail.store, &gathered, failed) {
+            // Kept before the last event, so that a client reading it back next finds it.
+            let choices: Vec<Value> = std::mem::take(&mut *gathered.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| chat_choice(&meta_tail, i, c.text, c.finish.unwrap_or(FinishReason::Length), &c.logprobs))
+                .collect();
+            let whole = json!({
+                "id": meta_tail.id, "object": "chat.completion", "created": meta_tail.created,
+                "model": meta_tail.model, "choices": choices,
+                "usage": Usage::new(prompt_tokens, completion, cached),
+            });
+            if let Err(e) = store.keep(&whole).await {
+                tracing::warn!(id = %meta_tail.id, error = %e.message, "storing a streamed chat completion");
+            }
+        }
         let usage = (include_usage && !failed).then(|| {
             json!({
                 "id": meta_tail.id, "object": object, "created": meta_tail.created, "model": meta_tail.model,

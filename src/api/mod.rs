@@ -13,6 +13,7 @@ mod json;
 mod models;
 mod page;
 mod responses;
+mod stored_chat;
 mod tools;
 mod types;
 mod usage;
@@ -82,6 +83,17 @@ fn model_endpoints() -> Router<Arc<AppState>> {
 pub fn router(state: Arc<AppState>) -> Router {
     // Everything under /v1 that needs a caller: an access token, or anonymous when allowed.
     let api = model_endpoints()
+        .route("/v1/chat/completions", get(stored_chat::list))
+        .route(
+            "/v1/chat/completions/{id}",
+            get(stored_chat::retrieve)
+                .post(stored_chat::update)
+                .delete(stored_chat::delete),
+        )
+        .route(
+            "/v1/chat/completions/{id}/messages",
+            get(stored_chat::messages),
+        )
         .route("/v1/models", get(models::list))
         .route("/v1/models/resolve", get(models::resolve))
         .route("/v1/models/{*id}", get(models::retrieve))

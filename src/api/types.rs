@@ -327,6 +327,9 @@ pub struct RequestMessage {
     pub tool_calls: Option<Value>,
     /// An assistant turn's call in the deprecated function calling.
     pub function_call: Option<Value>,
+    /// Kept with a stored completion's messages.
+    pub name: Option<Value>,
+    pub tool_call_id: Option<Value>,
 }
 
 impl RequestMessage {
@@ -416,6 +419,9 @@ impl RequestMessage {
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<RequestMessage>,
+    /// Keep the completion (see `stored_chat`), with `metadata`.
+    pub store: Option<bool>,
+    pub metadata: Option<Value>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,

@@ -3,6 +3,7 @@
 //! (metrics), and which model a query such as `chat@fastest` means (virtual models).
 
 pub mod batches;
+pub mod chat_completions;
 pub mod conversations;
 pub mod files;
 pub mod metrics;

@@ -473,6 +473,14 @@ CREATE TABLE IF NOT EXISTS conversation_items (
 );
 CREATE INDEX IF NOT EXISTS conversation_items_of ON conversation_items(conversation, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS conversation_items_id ON conversation_items(conversation, id);
+CREATE TABLE IF NOT EXISTS chat_completions (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    completion TEXT NOT NULL,
+    messages TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_completions_project ON chat_completions(project, created_at);
 CREATE TABLE IF NOT EXISTS background_owners (
     id TEXT PRIMARY KEY,
     boot TEXT NOT NULL

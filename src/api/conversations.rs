@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::files::blocking;
 use super::responses::{new_id, parse_items};
-use super::types::{metadata, wrong_type};
+use super::types::{metadata, new_metadata, wrong_type};
 use super::{json, ApiError, AppState};
 use crate::platform::conversations::{repeated_id, Added, Conversation};
 use crate::platform::Caller;
@@ -163,13 +163,7 @@ pub async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body: UpdateBody = json::parse(body)?;
-    let Some(given) = body.metadata.as_ref() else {
-        return Err(ApiError::invalid(
-            Some("metadata"),
-            "Missing required parameter: 'metadata'.",
-        ));
-    };
-    let metadata = metadata(Some(given))?;
+    let metadata = new_metadata(body.metadata.as_ref())?;
     let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| {
         if s.set_conversation_metadata(&owner, &key, &metadata)? {

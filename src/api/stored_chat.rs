@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::files::blocking;
 use super::page::Page;
-use super::types::{metadata, MessageContent, RequestMessage};
+use super::types::{new_metadata, MessageContent, RequestMessage};
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::chat_completions::StoredCompletion;
@@ -173,13 +173,7 @@ pub async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body: UpdateBody = json::parse(body)?;
-    let Some(given) = body.metadata.as_ref() else {
-        return Err(ApiError::invalid(
-            Some("metadata"),
-            "Missing required parameter: 'metadata'.",
-        ));
-    };
-    let metadata = metadata(Some(given))?;
+    let metadata = new_metadata(body.metadata.as_ref())?;
     let (owner, key) = (project(&caller), id.clone());
     let found = blocking(&state, move |s| {
         s.set_chat_completion_metadata(&owner, &key, &metadata)

@@ -153,6 +153,17 @@ const METADATA_PAIRS: usize = 16;
 const METADATA_KEY: usize = 64;
 const METADATA_VALUE: usize = 512;
 
+/// The `metadata` of an update, which replaces the object's: required.
+pub fn new_metadata(value: Option<&Value>) -> Result<Value, ApiError> {
+    match value {
+        Some(given) => metadata(Some(given)),
+        None => Err(ApiError::invalid(
+            Some("metadata"),
+            "Missing required parameter: 'metadata'.",
+        )),
+    }
+}
+
 /// `metadata`: at most 16 string values, keys up to 64 characters, values up to 512.
 pub fn metadata(value: Option<&Value>) -> Result<Value, ApiError> {
     let map = match value {

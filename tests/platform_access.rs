@@ -451,6 +451,10 @@ async fn stored_chat_completions_are_kept_for_their_project() {
     let path = format!("/v1/chat/completions/{id}");
     let (_, updated) = common::post(&s.base, &path, update).await;
     assert_eq!(updated["metadata"], json!({"app": "renamed"}));
+    let (_, cleared) = common::post(&s.base, &path, json!({"metadata": null})).await;
+    assert_eq!(cleared["metadata"], json!({}));
+    let (status, _) = common::post(&s.base, &path, json!({})).await;
+    assert_eq!(status, 400);
     let deleted = call(&s.base, "DELETE", &path, None, None).await;
     assert_eq!(
         deleted.body,

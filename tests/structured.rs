@@ -213,6 +213,7 @@ async fn forced_and_named_tool_calls_follow_the_tools_schemas_and_continue_the_c
     check_call("get_time", whole_call["arguments"].as_str().unwrap());
     let mut streamed = chat(question, named);
     streamed["stream"] = json!(true);
+    streamed["store"] = json!(true);
     let (events, done) = common::stream(base, CHAT_PATH, streamed).await;
     assert!(done);
     // The call streams as OpenAI streams one: its id and name first, then its arguments in
@@ -232,6 +233,12 @@ async fn forced_and_named_tool_calls_follow_the_tools_schemas_and_continue_the_c
         .map(|d| d["function"]["arguments"].as_str().unwrap())
         .collect();
     assert_eq!(arguments, whole_call["arguments"].as_str().unwrap());
+    // Kept whole (`store`) as it streamed: the same call under the same id.
+    let path = format!("{CHAT_PATH}/{}", events[0]["id"].as_str().unwrap());
+    let kept = common::platform::call(base, "GET", &path, None, None).await.body;
+    let kept_call = &kept["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(kept_call["id"], deltas[0]["id"], "{kept}");
+    assert_eq!(kept_call["function"]["arguments"], arguments.as_str());
     let last = events
         .iter()
         .rev()

@@ -34,8 +34,11 @@ fn client_ip(req: &Request) -> IpAddr {
         .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip())
 }
 
-/// Calls that run a model: rate limited and metered.
-fn metered_class(path: &str) -> Option<Class> {
+/// Calls that run a model (a `POST` to a model endpoint): rate limited and metered.
+fn metered_class(method: &axum::http::Method, path: &str) -> Option<Class> {
+    if method != axum::http::Method::POST {
+        return None;
+    }
     match path {
         "/v1/embeddings" => Some(Class::Embeddings),
         "/v1/chat/completions" | "/v1/completions" | "/v1/responses" => Some(Class::Requests),
@@ -75,7 +78,7 @@ pub async fn gate(State(state): State<Arc<AppState>>, mut req: Request, next: Ne
         }
     };
     let path = req.uri().path().to_string();
-    let Some(class) = metered_class(&path) else {
+    let Some(class) = metered_class(req.method(), &path) else {
         req.extensions_mut().insert(caller);
         return next.run(req).await;
     };

@@ -689,9 +689,7 @@ fn stream_response(
         if let (Some(g), Item::Chunk(i, Ok(c))) = (&gather, &item) {
             let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(choice) = g.get_mut(*i) {
-                choice.text.push_str(&c.text);
-                choice.logprobs.extend(c.logprobs.iter().cloned());
-                choice.finish = c.finish.or(choice.finish);
+                choice.add(c);
             }
         }
         let mut t = body_totals.lock().unwrap_or_else(|p| p.into_inner());
@@ -699,6 +697,9 @@ fn stream_response(
             _ if t.2.is_some() => None,
             Item::Chunk(i, Ok(c)) if kind == Kind::Chat && tooled => {
                 let (mut delta, mut finish) = calls[i].push(&c.text, c.finish);
+                if let Some(choice) = gather.as_ref().and_then(|g| g.lock().ok()).as_mut().and_then(|g| g.get_mut(i)) {
+                    choice.note_calls(&delta);
+                }
                 if functions {
                     finish = tools::as_function_call(&mut delta, finish);
                 }
@@ -758,7 +759,11 @@ fn stream_response(
             let choices: Vec<Value> = std::mem::take(&mut *gathered.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .enumerate()
-                .map(|(i, c)| chat_choice(&meta_tail, i, c.text, c.finish.unwrap_or(FinishReason::Length), &c.logprobs))
+                .map(|(i, c)| {
+                    let mut choice = chat_choice(&meta_tail, i, c.text.clone(), c.finish.unwrap_or(FinishReason::Length), &c.logprobs);
+                    c.same_ids(&mut choice);
+                    choice
+                })
                 .collect();
             let whole = json!({
                 "id": meta_tail.id, "object": "chat.completion", "created": meta_tail.created,

@@ -33,11 +33,6 @@ pub struct CreateBody {
 }
 
 #[derive(Deserialize)]
-pub struct UpdateBody {
-    metadata: Option<Value>,
-}
-
-#[derive(Deserialize)]
 pub struct ItemsBody {
     items: Option<Value>,
 }
@@ -162,8 +157,8 @@ pub async fn update(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body: UpdateBody = json::parse(body)?;
-    let metadata = new_metadata(body.metadata.as_ref())?;
+    let body: serde_json::Map<String, Value> = json::parse(body)?;
+    let metadata = new_metadata(body.get("metadata"))?;
     let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| {
         if s.set_conversation_metadata(&owner, &key, &metadata)? {

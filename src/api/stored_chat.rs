@@ -12,7 +12,6 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::files::blocking;
@@ -115,6 +114,32 @@ pub struct Gathered {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
+    /// The ids its streamed calls were given, in order.
+    call_ids: Vec<String>,
+}
+
+impl Gathered {
+    pub fn add(&mut self, chunk: &crate::serving::GenChunk) {
+        self.text.push_str(&chunk.text);
+        self.logprobs.extend(chunk.logprobs.iter().cloned());
+        self.finish = chunk.finish.or(self.finish);
+    }
+
+    /// Notes the ids of the calls a streamed delta starts.
+    pub fn note_calls(&mut self, delta: &Value) {
+        let started = delta["tool_calls"].as_array().into_iter().flatten();
+        let ids = started.filter_map(|c| c["id"].as_str()).map(str::to_string);
+        self.call_ids.extend(ids);
+    }
+
+    /// Gives the calls of the choice built whole the ids the stream gave them.
+    pub fn same_ids(&self, choice: &mut Value) {
+        if let Some(calls) = choice["message"]["tool_calls"].as_array_mut() {
+            for (call, id) in calls.iter_mut().zip(&self.call_ids) {
+                call["id"] = json!(id);
+            }
+        }
+    }
 }
 
 fn project(caller: &Caller) -> String {
@@ -160,11 +185,6 @@ pub async fn retrieve(
     Ok(Json(found.ok_or_else(|| unknown(&id))?.completion))
 }
 
-#[derive(Deserialize)]
-pub struct UpdateBody {
-    metadata: Option<Value>,
-}
-
 /// `POST /v1/chat/completions/{id}`: replaces its `metadata`.
 pub async fn update(
     State(state): State<Arc<AppState>>,
@@ -172,8 +192,8 @@ pub async fn update(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let body: UpdateBody = json::parse(body)?;
-    let metadata = new_metadata(body.metadata.as_ref())?;
+    let body: serde_json::Map<String, Value> = json::parse(body)?;
+    let metadata = new_metadata(body.get("metadata"))?;
     let (owner, key) = (project(&caller), id.clone());
     let found = blocking(&state, move |s| {
         s.set_chat_completion_metadata(&owner, &key, &metadata)

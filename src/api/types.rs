@@ -153,7 +153,7 @@ const METADATA_PAIRS: usize = 16;
 const METADATA_KEY: usize = 64;
 const METADATA_VALUE: usize = 512;
 
-/// The `metadata` of an update, which replaces the object's: required.
+/// The `metadata` of an update, which replaces the object's: required (`null` clears it).
 pub fn new_metadata(value: Option<&Value>) -> Result<Value, ApiError> {
     match value {
         Some(given) => metadata(Some(given)),

@@ -151,11 +151,16 @@ impl Store {
             }
             let mut exists =
                 tx.prepare("SELECT 1 FROM conversation_items WHERE conversation = ?1 AND id = ?2")?;
-            let taken = |item: &str| exists.exists(params![id, item]).unwrap_or(true);
-            if let Some(dup) = repeated_id(items, taken) {
-                return Ok(Added::Duplicate(dup.to_string()));
+            let mut taken = std::collections::HashSet::new();
+            for item in items.iter().filter_map(|i| i["id"].as_str()) {
+                if exists.exists(params![id, item])? {
+                    taken.insert(item);
+                }
             }
             drop(exists);
+            if let Some(dup) = repeated_id(items, |item| taken.contains(item)) {
+                return Ok(Added::Duplicate(dup.to_string()));
+            }
             append(&tx, id, items)?;
             tx.commit().map(|()| Added::Done)
         })

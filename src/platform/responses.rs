@@ -102,13 +102,23 @@ impl Store {
 
     /// Stores a background response as queued, run by the server started as `boot`.
     pub fn queue_response(&self, r: &StoredResponse, boot: &str) -> Result<(), StoreError> {
-        self.put_response(r)?;
+        let response = r.response.to_string();
+        let items = Value::from(r.input_items.clone()).to_string();
+        let conversation = Value::from(r.conversation.clone()).to_string();
+        // One transaction: a sweep never sees the response without its server.
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "INSERT OR REPLACE INTO background_owners (id, boot) VALUES (?1, ?2)",
                 params![r.id, boot],
-            )
-            .map(drop)
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO responses
+                 (id, project, created_at, response, input_items, conversation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.id, r.project, r.created_at, response, items, conversation],
+            )?;
+            tx.commit()
         })
     }
 
@@ -168,12 +178,16 @@ impl Store {
     /// Deletes the response `id` if `project` created it; whether there was one.
     pub fn delete_response(&self, project: &str, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let n = tx.execute(
                 "DELETE FROM responses WHERE id = ?1 AND project = ?2",
                 params![id, project],
-            )
+            )?;
+            if n > 0 {
+                tx.execute("DELETE FROM background_owners WHERE id = ?1", params![id])?;
+            }
+            tx.commit().map(|()| n > 0)
         })
-        .map(|n| n > 0)
     }
 }
 

@@ -112,16 +112,10 @@ impl Runs {
     fn stopped(&self, boot: &str) -> bool {
         let Some(dir) = &self.dir else { return false };
         let path = dir.join(format!("{boot}.lock"));
-        match File::options().write(true).open(&path) {
-            Err(_) => true,
-            Ok(file) => match file.try_lock() {
-                Ok(()) => {
-                    let _ = std::fs::remove_file(&path);
-                    true
-                }
-                Err(_) => false,
-            },
-        }
+        free(&path).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading a server's lock file; taking that server for running");
+            false
+        })
     }
 
     /// Marks failed the stored background responses whose server has stopped; how many.
@@ -138,18 +132,17 @@ impl Runs {
                 failed += store.fail_responses(&ids, STOPPED)?;
             }
         }
-        // The lock files of the other servers that stopped go too.
-        let files = self
-            .dir
-            .iter()
-            .filter_map(|d| std::fs::read_dir(d).ok())
-            .flatten();
-        for name in files
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-        {
-            if let Some(boot) = name.strip_suffix(".lock").filter(|b| *b != self.boot) {
-                self.stopped(boot);
+        // The lock files of the other servers that stopped go too (and those of servers that
+        // stopped while making theirs).
+        let files = self.dir.iter().filter_map(|d| std::fs::read_dir(d).ok());
+        for path in files.flatten().flatten().map(|e| e.path()) {
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            let lock = path.extension().is_some_and(|e| e == "lock" || e == "new");
+            if lock && name != self.boot {
+                let _ = free(&path);
             }
         }
         Ok(failed)
@@ -217,6 +210,23 @@ impl Runs {
         let mut inner = self.inner();
         inner.finished.push_back((id, Instant::now()));
         inner.expire();
+    }
+}
+
+/// Whether no server holds the lock file at `path` (gone, or free: then it is removed).
+fn free(path: &Path) -> std::io::Result<bool> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            std::fs::remove_file(path)?;
+            Ok(true)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

@@ -355,7 +355,7 @@ fn call_item(
             name: text("name")?,
             arguments: text("arguments")?,
         };
-        if item.get("id").is_none() {
+        if !item.get("id").is_some_and(Value::is_string) {
             item["id"] = json!(super::new_id("fc"));
         }
         item["status"] = json!("completed");
@@ -364,7 +364,7 @@ fn call_item(
     } else {
         let output = text("output")?;
         item["call_id"] = json!(call_id);
-        if item.get("id").is_none() {
+        if !item.get("id").is_some_and(Value::is_string) {
             item["id"] = json!(super::new_id("fco"));
         }
         Ok((item, chat_message("user", tools::render_result(&output))))

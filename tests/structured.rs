@@ -235,7 +235,9 @@ async fn forced_and_named_tool_calls_follow_the_tools_schemas_and_continue_the_c
     assert_eq!(arguments, whole_call["arguments"].as_str().unwrap());
     // Kept whole (`store`) as it streamed: the same call under the same id.
     let path = format!("{CHAT_PATH}/{}", events[0]["id"].as_str().unwrap());
-    let kept = common::platform::call(base, "GET", &path, None, None).await.body;
+    let kept = common::platform::call(base, "GET", &path, None, None)
+        .await
+        .body;
     let kept_call = &kept["choices"][0]["message"]["tool_calls"][0];
     assert_eq!(kept_call["id"], deltas[0]["id"], "{kept}");
     assert_eq!(kept_call["function"]["arguments"], arguments.as_str());

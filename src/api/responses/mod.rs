@@ -331,15 +331,13 @@ impl Run {
             false,
             self.started,
         );
-        if let Some(record) = self.record.take() {
-            let stored = record.finish(&self.shape, object, answer);
-            self.store(stored).await?;
-        }
         if let Some(thread) = self.thread.take() {
             let mut items = thread.items;
             items.extend(object["output"].as_array().into_iter().flatten().cloned());
             let id = thread.id.clone();
-            // The response stands whatever becomes of its conversation meanwhile.
+            // Added before the response is stored as ended, so that a client that sees it end
+            // finds its items in the conversation; the response stands whatever became of the
+            // conversation meanwhile.
             let added = super::conversations::append(&self.state, thread.project, thread.id, items);
             match added.await {
                 Ok(Added::Done) => {}
@@ -353,6 +351,10 @@ impl Run {
                     tracing::warn!(conversation = %id, error = %e.message, "adding a response's items to its conversation")
                 }
             }
+        }
+        if let Some(record) = self.record.take() {
+            let stored = record.finish(&self.shape, object, answer);
+            self.store(stored).await?;
         }
         Ok(())
     }

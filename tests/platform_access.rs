@@ -495,6 +495,9 @@ async fn stored_chat_completions_are_kept_for_their_project() {
     );
     let theirs_list = call(&g.base, "GET", "/v1/chat/completions", Some(&theirs), None).await;
     assert_eq!(theirs_list.body["data"], json!([]));
+    // The admin token manages the server and has no stored completions.
+    let admin = call(&g.base, "GET", "/v1/chat/completions", Some(ADMIN), None).await;
+    assert_eq!(admin.status, 403);
     assert_eq!(
         call(&g.base, "DELETE", &path, Some(&theirs), None)
             .await

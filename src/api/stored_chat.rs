@@ -142,8 +142,8 @@ impl Gathered {
     }
 }
 
-fn project(caller: &Caller) -> String {
-    caller.tag().project
+fn project(caller: &Caller) -> Result<String, ApiError> {
+    super::files::owner(caller)
 }
 
 fn unknown(id: &str) -> ApiError {
@@ -159,7 +159,7 @@ pub async fn list(
     let mut page = Page::from_query(&query, 20, 100)?;
     // Oldest first unless asked otherwise.
     page.ascending = query.get("order").is_none_or(|o| o == "asc");
-    let owner = project(&caller);
+    let owner = project(&caller)?;
     let mut all = blocking(&state, move |s| s.chat_completions(&owner)).await?;
     if let Some(model) = query.get("model") {
         all.retain(|c| c["model"].as_str() == Some(model));
@@ -180,7 +180,7 @@ pub async fn retrieve(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| s.chat_completion(&owner, &key)).await?;
     Ok(Json(found.ok_or_else(|| unknown(&id))?.completion))
 }
@@ -194,7 +194,7 @@ pub async fn update(
 ) -> Result<Json<Value>, ApiError> {
     let body: serde_json::Map<String, Value> = json::parse(body)?;
     let metadata = new_metadata(body.get("metadata"))?;
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| {
         s.set_chat_completion_metadata(&owner, &key, &metadata)
     })
@@ -207,7 +207,7 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     if !blocking(&state, move |s| s.delete_chat_completion(&owner, &key)).await? {
         return Err(unknown(&id));
     }
@@ -226,7 +226,7 @@ pub async fn messages(
 ) -> Result<Json<Value>, ApiError> {
     let mut page = Page::from_query(&query, 20, 100)?;
     page.ascending = query.get("order").is_none_or(|o| o == "asc");
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| s.chat_completion(&owner, &key)).await?;
     let messages = found.ok_or_else(|| unknown(&id))?.messages;
     Ok(Json(page.list_oldest_first(messages)?))

@@ -51,12 +51,13 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-fn project(caller: &Caller) -> String {
-    caller.tag().project
+/// The project whose stored responses a call reads (the admin token has none).
+fn project(caller: &Caller) -> Result<String, ApiError> {
+    super::files::owner(caller)
 }
 
 async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<StoredResponse, ApiError> {
-    let (project, key) = (project(caller), id.to_string());
+    let (project, key) = (project(caller)?, id.to_string());
     blocking(state, move |s| s.response(&project, &key))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("No response found with id '{id}'.")))
@@ -245,13 +246,14 @@ pub async fn create(
         parsed.metadata,
         parsed.conversation.clone(),
     );
+    let owner = project(&caller)?;
     let thread = parsed.conversation.map(|id| Thread {
-        project: project(&caller),
+        project: owner.clone(),
         id,
         items: parsed.items.clone(),
     });
     let record = parsed.store.then(|| Record {
-        project: project(&caller),
+        project: owner,
         items: parsed.items,
         conversation: conversation
             .iter()

@@ -52,7 +52,7 @@ pub async fn retrieve(
             "Only background responses can be streamed again.",
         ));
     }
-    match state.background.get(&project(&caller), &id) {
+    match state.background.get(&project(&caller)?, &id) {
         Some(live) => Ok(sse(live.events(after))),
         None => Err(ApiError::invalid(
             Some("stream"),
@@ -70,7 +70,7 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (owner, key) = (project(&caller), id.clone());
+    let (owner, key) = (project(&caller)?, id.clone());
     // A background run still going stops first, or its end would store it again.
     if let Some(live) = state.background.get(&owner, &id) {
         live.cancel.notify_one();
@@ -101,7 +101,7 @@ pub async fn cancel(
             "Only responses created with background=true can be cancelled.",
         ));
     }
-    match state.background.get(&project(&caller), &id) {
+    match state.background.get(&project(&caller)?, &id) {
         Some(live) if !live.is_done() => {
             live.cancel.notify_one();
             live.finished().await;

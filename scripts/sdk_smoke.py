@@ -732,6 +732,48 @@ def _():
     eq(err["param"], "endpoint", "param")
 
 
+@check("uploads: a file sent in parts (SDK chunked helper) runs as a batch; md5, sizes, cancel")
+def _():
+    import hashlib
+    import tempfile
+    body = {"model": CHAT, "messages": MSG, "temperature": 0, "max_tokens": 8}
+    lines = [{"custom_id": f"u{i}", "method": "POST", "url": "/v1/chat/completions", "body": body} for i in range(3)]
+    data = "".join(json.dumps(l) + "\n" for l in lines).encode()
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        up = client.uploads.upload_file_chunked(file=tmp.name, mime_type="application/jsonl", purpose="batch",
+                                                part_size=100)
+    eq((up.status, up.bytes, up.file.bytes, up.file.purpose), ("completed", len(data), len(data), "batch"), "upload")
+    eq(client.files.content(up.file.id).content, data, "the file is the parts in order")
+    b = wait_batch(client.batches.create(input_file_id=up.file.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h").id)
+    eq((b.status, b.request_counts.completed), ("completed", 3), "batch of the uploaded file")
+    # By hand: parts named out of order, a wrong md5, a part too many, cancel.
+    up = client.uploads.create(bytes=6, filename="x.txt", mime_type="text/plain", purpose="user_data")
+    eq((up.status, up.file, up.object), ("pending", None, "upload"), "created")
+    p1 = client.uploads.parts.create(up.id, data=b"abc")
+    p2 = client.uploads.parts.create(up.id, data=b"def")
+    eq((p1.object, p1.upload_id), ("upload.part", up.id), "part")
+    err = sdk_error(openai.BadRequestError, lambda: client.uploads.parts.create(up.id, data=b"g"), 400)
+    eq(err["param"], "data", "a part past the bytes")
+    err = sdk_error(openai.BadRequestError, lambda: client.uploads.complete(up.id, part_ids=[p2.id, p1.id], md5="0" * 32), 400)
+    eq(err["param"], "md5", "md5 mismatch")
+    err = sdk_error(openai.BadRequestError, lambda: client.uploads.complete(up.id, part_ids=[p1.id]), 400)
+    eq(err["param"], "part_ids", "bytes mismatch")
+    done = client.uploads.complete(up.id, part_ids=[p2.id, p1.id], md5=hashlib.md5(b"defabc").hexdigest())
+    eq(client.files.content(done.file.id).content, b"defabc", "order of part_ids")
+    sdk_error(openai.BadRequestError, lambda: client.uploads.cancel(up.id), 400)
+    up = client.uploads.create(bytes=3, filename="y.txt", mime_type="text/plain", purpose="user_data")
+    client.uploads.parts.create(up.id, data=b"ab")
+    eq(client.uploads.cancel(up.id).status, "cancelled", "cancel")
+    sdk_error(openai.BadRequestError, lambda: client.uploads.parts.create(up.id, data=b"c"), 400)
+    err = sdk_error(openai.BadRequestError, lambda: client.uploads.create(
+        bytes=0, filename="z", mime_type="text/plain", purpose="batch"), 400)
+    eq(err["param"], "bytes", "bytes 0")
+    sdk_error(openai.NotFoundError, lambda: client.uploads.cancel("upload_nope"), 404)
+
+
 # --------------------------------------------------------------------------- platform
 
 

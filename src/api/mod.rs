@@ -16,6 +16,7 @@ mod responses;
 mod stored_chat;
 mod tools;
 mod types;
+mod uploads;
 mod usage;
 
 use std::sync::Arc;
@@ -46,16 +47,24 @@ pub struct AppState {
 /// Takes up the work that stopped servers left in the data directory: unfinished batches run
 /// again (on the one server holding the directory's batch lock), and background responses whose
 /// server has stopped are marked failed, now and every minute (a server on the same directory
-/// may stop while this one runs).
+/// may stop while this one runs); uploads past their hour are expired and their parts removed.
 pub async fn resume(state: Arc<AppState>) {
-    tokio::spawn(sweep_background(state.clone()));
+    tokio::spawn(sweep(state.clone()));
     batches::resume(state).await;
 }
 
-async fn sweep_background(state: Arc<AppState>) {
+async fn sweep(state: Arc<AppState>) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         every.tick().await;
+        let data_dir = state.platform.config.data_dir.clone();
+        let now = crate::platform::store::now();
+        let swept = files::blocking(&state, move |s| {
+            crate::platform::uploads::sweep(s, &data_dir, now)
+        });
+        if let Err(e) = swept.await {
+            tracing::warn!(error = %e.message, "expiring uploads");
+        }
         let runs = state.background.clone();
         match files::blocking(&state, move |s| runs.sweep(s)).await {
             Ok(0) => {}
@@ -130,6 +139,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/uploads", post(uploads::create))
+        .route(
+            "/v1/uploads/{id}/parts",
+            // Parts are streamed to disk under their own limit (64 MB).
+            post(uploads::add_part).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/uploads/{id}/complete", post(uploads::complete))
+        .route("/v1/uploads/{id}/cancel", post(uploads::cancel))
         .route("/v1/batches", post(batches::create).get(batches::list))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))

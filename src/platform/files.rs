@@ -64,10 +64,15 @@ pub struct NewFile {
 }
 
 impl NewFile {
+    /// A new file of the Files API, with a new id.
     pub fn create(data_dir: &Path) -> std::io::Result<Self> {
-        let dir = files_dir(data_dir);
-        std::fs::create_dir_all(&dir)?;
         let id = format!("file-{}", uuid::Uuid::new_v4().simple());
+        Self::create_in(&files_dir(data_dir), id)
+    }
+
+    /// A new file `dir/id` (an upload's part, say).
+    pub fn create_in(dir: &Path, id: String) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
         let part = dir.join(format!("{id}.part"));
         let out = std::io::BufWriter::new(std::fs::File::create(&part)?);
         Ok(Self {

@@ -12,6 +12,7 @@ pub mod ratelimit;
 pub mod responses;
 pub mod store;
 pub mod token;
+pub mod uploads;
 pub mod usage;
 
 use std::collections::HashMap;

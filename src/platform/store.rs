@@ -1,6 +1,6 @@
 //! The embedded SQLite database under the data directory: projects with their limits, access
 //! tokens (only a hash of each secret), the usage log, stored Responses API responses
-//! (`responses.rs`), files and batches (`files.rs`, `batches.rs`). The CLI and a running server open the same file; WAL mode lets them write
+//! (`responses.rs`), files, uploads and batches (`files.rs`, `uploads.rs`, `batches.rs`). The CLI and a running server open the same file; WAL mode lets them write
 //! while the other reads.
 
 use std::path::{Path, PathBuf};
@@ -481,6 +481,26 @@ CREATE TABLE IF NOT EXISTS chat_completions (
     messages TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chat_completions_project ON chat_completions(project, created_at);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    mime_type TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    file_id TEXT
+);
+CREATE INDEX IF NOT EXISTS uploads_pending ON uploads(status, expires_at);
+CREATE TABLE IF NOT EXISTS upload_parts (
+    id TEXT PRIMARY KEY,
+    upload TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS upload_parts_of ON upload_parts(upload);
 CREATE TABLE IF NOT EXISTS background_owners (
     id TEXT PRIMARY KEY,
     boot TEXT NOT NULL

@@ -383,6 +383,27 @@ def _():
     expect(diff <= 1e-3, f"single vs batched max diff {diff}")
 
 
+@check("tokenize: counts what chat counts (tools too); detokenize round-trips; bad ids -> 400")
+def _():
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}}}}}]
+    for kw in ({}, {"tools": tools}):
+        st, _, raw = http("POST", "/tokenize", {"model": CHAT, "messages": MSG, **kw})
+        eq(st, 200, "status")
+        tok = json.loads(raw)
+        used = chat(max_tokens=1, **kw).usage.prompt_tokens
+        eq((tok["count"], len(tok["tokens"]), tok["max_model_len"]), (used, used, CHAT_CONTEXT), f"count {kw.keys()}")
+    st, _, raw = http("POST", "/tokenize", {"model": CHAT, "prompt": "Hello world", "return_token_strs": True})
+    tok = json.loads(raw)
+    eq(len(tok["token_strs"]), tok["count"], "token_strs")
+    st, _, raw = http("POST", "/detokenize", {"model": CHAT, "tokens": tok["tokens"]})
+    eq(json.loads(raw)["prompt"], "Hello world", "round trip")
+    st, _, raw = http("POST", "/detokenize", {"model": CHAT, "tokens": [1, -5]})
+    eq(check_error_json(st, raw, 400)["param"], "tokens[1]", "bad id")
+    st, _, raw = http("POST", "/tokenize", {"model": EMBED, "messages": MSG})
+    eq(check_error_json(st, raw, 400)["param"], "messages", "no template on an embedding model")
+
+
 @check("errors: unknown model -> 404")
 def _():
     sdk_error(openai.NotFoundError, lambda: client.chat.completions.create(

@@ -14,6 +14,7 @@ mod models;
 mod page;
 mod responses;
 mod stored_chat;
+mod tokenize;
 mod tools;
 mod types;
 mod uploads;
@@ -151,6 +152,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/usage", get(usage::usage))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), access::gate));
     let admin = Router::new()
         .route(

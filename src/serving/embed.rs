@@ -84,6 +84,15 @@ impl EmbeddingModel {
         })
     }
 
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The vocabulary's size and the most tokens an input may have.
+    pub fn limits(&self) -> (u32, usize) {
+        (self.vocab_size, self.max_tokens)
+    }
+
     /// Tokenizes the inputs (with the model's special tokens).
     pub fn tokenize(&self, inputs: &[String]) -> Result<Vec<Vec<u32>>, ServingError> {
         inputs

@@ -88,18 +88,22 @@ impl ChatModel {
 
     /// Renders and tokenizes a conversation.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, ServingError> {
+        let text = self.render(messages)?;
+        // The template writes any BOS itself.
+        self.tokenize(&text, false, "messages")
+    }
+
+    /// A conversation as the chat template writes it, with the assistant's turn opened.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ServingError> {
         if messages.is_empty() {
             return Err(ServingError::invalid(
                 "messages",
                 "`messages` must contain at least one message.",
             ));
         }
-        let text = self
-            .template
+        self.template
             .render(messages)
-            .map_err(|e| ServingError::invalid("messages", e))?;
-        // The template writes any BOS itself.
-        self.tokenize(&text, false, "messages")
+            .map_err(|e| ServingError::invalid("messages", e))
     }
 
     /// Tokenizes a raw completion prompt.

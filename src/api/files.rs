@@ -196,12 +196,9 @@ pub async fn list(
     let project = owner(&caller)?;
     let page = super::page::Page::from_query(&query, 10_000, 10_000)?;
     let purpose = query.get("purpose").cloned();
-    let mut files = blocking(&state, move |s| s.files(&project, purpose.as_deref())).await?;
-    if !page.ascending {
-        files.reverse();
-    }
+    let files = blocking(&state, move |s| s.files(&project, purpose.as_deref())).await?;
     let objects: Vec<Value> = files.iter().map(FileRecord::json).collect();
-    Ok(Json(page.list(objects)?))
+    Ok(Json(page.list_oldest_first(objects)?))
 }
 
 pub async fn retrieve(

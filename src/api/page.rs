@@ -49,6 +49,20 @@ impl Page {
         })
     }
 
+    /// As [`Page::from_query`], for lists that are oldest first unless `order=desc` says
+    /// otherwise (OpenAI's lists of a stored completion and its messages).
+    pub fn from_query_oldest_first(
+        query: &HashMap<String, String>,
+        default_limit: usize,
+        max_limit: usize,
+    ) -> Result<Self, ApiError> {
+        let page = Self::from_query(query, default_limit, max_limit)?;
+        Ok(Self {
+            ascending: query.get("order").is_none_or(|o| o == "asc"),
+            ..page
+        })
+    }
+
     /// The page of `objects`, given oldest first, in the order asked for.
     pub fn list_oldest_first(&self, mut objects: Vec<Value>) -> Result<Value, ApiError> {
         if !self.ascending {

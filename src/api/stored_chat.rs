@@ -156,9 +156,7 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut page = Page::from_query(&query, 20, 100)?;
-    // Oldest first unless asked otherwise.
-    page.ascending = query.get("order").is_none_or(|o| o == "asc");
+    let page = Page::from_query_oldest_first(&query, 20, 100)?;
     let owner = project(&caller)?;
     let mut all = blocking(&state, move |s| s.chat_completions(&owner)).await?;
     if let Some(model) = query.get("model") {
@@ -224,8 +222,7 @@ pub async fn messages(
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut page = Page::from_query(&query, 20, 100)?;
-    page.ascending = query.get("order").is_none_or(|o| o == "asc");
+    let page = Page::from_query_oldest_first(&query, 20, 100)?;
     let (owner, key) = (project(&caller)?, id.clone());
     let found = blocking(&state, move |s| s.chat_completion(&owner, &key)).await?;
     let messages = found.ok_or_else(|| unknown(&id))?.messages;

@@ -333,6 +333,18 @@ def _():
     expect(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, "the first token has no log-probability")
     expect(all(x <= 0 for x in lp.token_logprobs[1:]), f"log-probabilities {lp.token_logprobs}")
     eq(len(lp.top_logprobs[1]), 2, "alternatives of a prompt token")
+    # Streamed: the prompt with its log-probabilities first, then the answer's; the same lists.
+    kw = dict(model=CHAT, prompt="The capital of France is", max_tokens=4, temperature=0, echo=True, logprobs=2)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    eq("".join(c.text for c in chunks), whole.text, "streamed text")
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        got = [x for c in chunks if c.logprobs for x in getattr(c.logprobs, key)]
+        want = getattr(whole.logprobs, key)
+        if key == "token_logprobs":
+            expect(got[0] is None and all(abs(a - b) < 1e-3 for a, b in zip(got[1:], want[1:])), f"{got} {want}")
+        else:
+            eq(got, want, f"streamed {key}")
 
 
 @check("embeddings: float, list of 3")

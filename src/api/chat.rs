@@ -12,6 +12,7 @@ use axum::Json;
 use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 
+use super::logprobs::{completion_logprobs, echo_len, echo_logprobs, token_logprobs};
 use super::stored_chat::{Gathered, Storing};
 use super::tools::{self, CallStream, Dialect, ToolUse};
 use super::types::{logit_bias, ChatCompletionRequest, CompletionRequest, Prompt, Usage};
@@ -292,13 +293,6 @@ pub async fn completions(
         Some(k) => Some(k as usize),
         None => None,
     };
-    if req.echo && logprobs.is_some() && req.stream {
-        return Err(ApiError::invalid(
-            Some("echo"),
-            "'echo' together with 'logprobs' is not supported when streaming; ask without \
-             'stream' for the prompt's log-probabilities.",
-        ));
-    }
     // `max_tokens: 0` with `echo` scores the prompt and writes nothing, as OpenAI's completions
     // did: one token is generated and left out of the answer and its usage.
     let score_only = req.max_tokens == Some(0);
@@ -521,19 +515,6 @@ async fn full_response(
     Ok(Json(object).into_response())
 }
 
-/// Log-probabilities as chat and the Responses API list them: token, logprob, bytes, and the
-/// alternatives.
-pub(super) fn token_logprobs(lps: &[TokenLogprob]) -> Vec<Value> {
-    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
-    lps.iter()
-        .map(|lp| {
-            let mut e = entry(&lp.token, lp.logprob);
-            e["top_logprobs"] = lp.top.iter().map(|(t, l)| entry(t, *l)).collect();
-            e
-        })
-        .collect()
-}
-
 fn logprobs_json(kind: Kind, lps: &[TokenLogprob], text_offset: usize) -> Value {
     match kind {
         Kind::Chat => json!({"content": token_logprobs(lps)}),
@@ -545,45 +526,11 @@ fn logprobs_json(kind: Kind, lps: &[TokenLogprob], text_offset: usize) -> Value 
     }
 }
 
-/// Legacy completions' `logprobs`: parallel lists of tokens, their log-probabilities (`null` for
-/// a prompt's first token), their alternatives and their offsets in the text.
-fn completion_logprobs<'a>(
-    entries: impl Iterator<Item = (&'a str, Option<f32>, Option<&'a [(String, f32)]>)>,
-    text_offset: usize,
-) -> Value {
-    let (mut tokens, mut logprobs, mut top, mut offsets) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut offset = text_offset;
-    for (token, logprob, alternatives) in entries {
-        tokens.push(token);
-        logprobs.push(logprob);
-        top.push(
-            alternatives.map(|alts| {
-                Value::Object(alts.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
-            }),
-        );
-        offsets.push(offset);
-        offset += token.len();
-    }
-    json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets})
-}
-
-/// With `echo` and `logprobs`: the prompt's tokens (`first` is the text of its first), then the
-/// answer's.
-fn echo_logprobs(first: &str, prompt: &[Option<TokenLogprob>], answer: &[TokenLogprob]) -> Value {
-    let prompt = prompt.iter().enumerate().map(|(i, lp)| match lp {
-        Some(lp) => (lp.token.as_str(), Some(lp.logprob), Some(&lp.top[..])),
-        None if i == 0 => (first, None, None),
-        None => ("", None, None),
-    });
-    let answer = answer
-        .iter()
-        .map(|lp| (lp.token.as_str(), Some(lp.logprob), Some(&lp.top[..])));
-    completion_logprobs(prompt.chain(answer), 0)
-}
-
 /// Items of the merged per-choice streams.
 enum Item {
+    /// With `echo` and `logprobs`: the prompt's log-probabilities, before the choice's first
+    /// chunk.
+    Prompt(usize, Vec<Option<TokenLogprob>>),
     Chunk(usize, Result<GenChunk, ServingError>),
     Done {
         index: usize,
@@ -607,19 +554,22 @@ fn choice_stream(
                     if let Some(m) = &meter {
                         clock.tick(m);
                     }
-                    Some((Item::Chunk(index, chunk), Some((gen, clock))))
+                    let prompt = gen.prompt_logprobs.take().map(|p| Item::Prompt(index, p));
+                    let items = prompt.into_iter().chain([Item::Chunk(index, chunk)]);
+                    Some((items.collect::<Vec<_>>(), Some((gen, clock))))
                 }
                 None => Some((
-                    Item::Done {
+                    vec![Item::Done {
                         index,
                         completion_tokens: gen.completion_tokens,
                         cached_tokens: gen.cached_tokens,
-                    },
+                    }],
                     None,
                 )),
             }
         }
     })
+    .flat_map(stream::iter)
     .boxed()
 }
 
@@ -664,7 +614,8 @@ fn stream_response(
         (0..n)
             .map(|i| chunk(vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})]))
             .collect()
-    } else if !meta.echo.is_empty() {
+    } else if !meta.echo.is_empty() && meta.first_tokens.is_empty() {
+        // (With `logprobs`, each prompt comes with its log-probabilities once they are known.)
         (0..n)
             .map(|i| chunk(vec![json!({"index": i, "text": meta.echoed(i), "logprobs": null, "finish_reason": null})]))
             .collect()
@@ -685,6 +636,7 @@ fn stream_response(
         Arc::new(std::sync::Mutex::new(choices))
     });
     let gather = gathered.clone();
+    let body_meta = meta.clone();
     let body = merged.filter_map(move |item| {
         if let (Some(g), Item::Chunk(i, Ok(c))) = (&gather, &item) {
             let mut g = g.lock().unwrap_or_else(|p| p.into_inner());
@@ -695,6 +647,12 @@ fn stream_response(
         let mut t = body_totals.lock().unwrap_or_else(|p| p.into_inner());
         let out: Option<Value> = match item {
             _ if t.2.is_some() => None,
+            Item::Prompt(i, prompt) => {
+                let first = body_meta.first_tokens.get(i / per_prompt).map_or("", String::as_str);
+                let logprobs = echo_logprobs(first, &prompt, &[]);
+                offsets[i] = echo_len(first, &prompt);
+                Some(chunk(vec![json!({"index": i, "text": body_meta.echoed(i), "logprobs": logprobs, "finish_reason": null})]))
+            }
             Item::Chunk(i, Ok(c)) if kind == Kind::Chat && tooled => {
                 let (mut delta, mut finish) = calls[i].push(&c.text, c.finish);
                 if let Some(choice) = gather.as_ref().and_then(|g| g.lock().ok()).as_mut().and_then(|g| g.get_mut(i)) {

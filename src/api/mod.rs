@@ -10,6 +10,7 @@ mod error;
 mod files;
 mod formats;
 mod json;
+mod logprobs;
 mod models;
 mod page;
 mod responses;

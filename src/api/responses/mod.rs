@@ -23,8 +23,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 
-use super::chat::{chat_model, lane, reserve, run_to_end, token_logprobs};
+use super::chat::{chat_model, lane, reserve, run_to_end};
 use super::files::blocking;
+use super::logprobs::token_logprobs;
 use super::tools::ToolUse;
 use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;

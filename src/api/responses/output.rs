@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::super::chat::token_logprobs;
+use super::super::logprobs::token_logprobs;
 use super::request::ResponsesRequest;
 use crate::engine::FinishReason;
 use crate::serving::TokenLogprob;

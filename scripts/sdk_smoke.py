@@ -507,6 +507,21 @@ def _():
     eq(r.output_text, want.choices[0].message.content, "text against the same chat")
 
 
+@check("responses: input_tokens.count equals the usage a response reports (history, tools)")
+def _():
+    tools = [{"type": "function", "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}]
+    first = client.responses.create(model=CHAT, input="What is 2+2?", instructions="Be brief.", max_output_tokens=4)
+    eq(client.responses.input_tokens.count(model=CHAT, input="What is 2+2?", instructions="Be brief.").input_tokens,
+       first.usage.input_tokens, "plain")
+    kw = dict(input="And with a tool?", previous_response_id=first.id, tools=tools)
+    counted = client.responses.input_tokens.count(**kw)  # model: the default chat model
+    eq((counted.object, counted.input_tokens), ("response.input_tokens",
+       client.responses.create(model=CHAT, max_output_tokens=4, **kw).usage.input_tokens), "history and tools")
+    err = sdk_error(openai.BadRequestError, lambda: client.responses.input_tokens.count(
+        model=CHAT, input="x", previous_response_id="resp_nope"), 400)
+    eq(err["param"], "previous_response_id", "unknown previous response")
+
+
 @check("responses: streamed events add up to the response; SDK stream helper")
 def _():
     with client.responses.stream(model=CHAT, input=MSG[0]["content"], temperature=0,

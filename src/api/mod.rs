@@ -112,6 +112,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/responses/{id}",
             get(responses::retrieve).delete(responses::delete),
         )
+        .route("/v1/responses/input_tokens", post(responses::input_tokens))
         .route("/v1/responses/{id}/cancel", post(responses::cancel))
         .route(
             "/v1/responses/{id}/input_items",

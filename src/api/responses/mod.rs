@@ -6,6 +6,7 @@
 //! under the caller's project: another project's ids read as unknown.
 
 pub mod background;
+mod count;
 mod output;
 mod request;
 mod stored;
@@ -37,6 +38,7 @@ use crate::serving::{tools, ChatMessage, ChatModel, Generation, ServingError};
 use output::{status_of, text_part, usage_json, Events, Shape};
 use request::ResponsesRequest;
 
+pub use count::input_tokens;
 pub(crate) use request::input_items as parse_items;
 pub use stored::{cancel, delete, input_items, retrieve};
 
@@ -164,30 +166,24 @@ fn log(
     );
 }
 
-pub async fn create(
-    State(state): State<Arc<AppState>>,
-    Extension(caller): Extension<Caller>,
-    meter: Option<Extension<Arc<Meter>>>,
-    priority: Option<Extension<crate::scheduler::Priority>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let started = std::time::Instant::now();
-    let meter = meter.map(|Extension(m)| m);
-    let req: ResponsesRequest = json::parse(body)?;
-    let model = chat_model(&state, &req.model, meter.as_deref())?;
-    let parsed = req.parse()?;
-    let mut conversation = match &req.previous_response_id {
+/// The history a request continues: the conversation of its `previous_response_id`, or the
+/// items of its `conversation`, read from the store.
+async fn history(
+    state: &AppState,
+    caller: &Caller,
+    req: &ResponsesRequest,
+    parsed: &request::Parsed,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    Ok(match &req.previous_response_id {
         Some(id) => {
-            let previous = load(&state, &caller, id)
-                .await
-                .map_err(|e| match e.status {
-                    axum::http::StatusCode::NOT_FOUND => ApiError::invalid(
-                        Some("previous_response_id"),
-                        format!("Previous response with id '{id}' not found."),
-                    )
-                    .with_code("previous_response_not_found"),
-                    _ => e,
-                })?;
+            let previous = load(state, caller, id).await.map_err(|e| match e.status {
+                axum::http::StatusCode::NOT_FOUND => ApiError::invalid(
+                    Some("previous_response_id"),
+                    format!("Previous response with id '{id}' not found."),
+                )
+                .with_code("previous_response_not_found"),
+                _ => e,
+            })?;
             let status = &previous.response["status"];
             if status == "queued" || status == "in_progress" {
                 return Err(ApiError::invalid(
@@ -199,7 +195,7 @@ pub async fn create(
         }
         None => match &parsed.conversation {
             Some(id) => {
-                let items = super::conversations::load(&state, &caller, id)
+                let items = super::conversations::load(state, caller, id)
                     .await?
                     .ok_or_else(|| {
                         ApiError::invalid(
@@ -214,7 +210,22 @@ pub async fn create(
             }
             None => Vec::new(),
         },
-    };
+    })
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    meter: Option<Extension<Arc<Meter>>>,
+    priority: Option<Extension<crate::scheduler::Priority>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let meter = meter.map(|Extension(m)| m);
+    let req: ResponsesRequest = json::parse(body)?;
+    let model = chat_model(&state, &req.model, meter.as_deref())?;
+    let parsed = req.parse()?;
+    let mut conversation = history(&state, &caller, &req, &parsed).await?;
     conversation.extend(parsed.messages);
     let mut params = parsed.params;
     params.priority = lane(priority);

@@ -416,6 +416,26 @@ def _():
     eq(check_error_json(st, raw, 400)["param"], "messages", "no template on an embedding model")
 
 
+@check("rerank and score: embedding similarity, ranked; as the embeddings' cosine")
+def _():
+    docs = SENTENCES[2:] + SENTENCES[1:2] + [{"text": "Dogs bark at night."}]
+    st, _, raw = http("POST", "/v1/rerank", {"model": EMBED, "query": SENTENCES[0], "documents": docs, "top_n": 2})
+    eq(st, 200, "status")
+    r = json.loads(raw)
+    eq([x["index"] for x in r["results"]][0], 1, "the kitten ranks first")
+    eq((len(r["results"]), r["results"][0]["document"]["text"]), (2, SENTENCES[1]), "top_n and document")
+    vecs = [np.array(d.embedding) for d in client.embeddings.create(model=EMBED, input=SENTENCES[:2]).data]
+    cos = float(vecs[0] @ vecs[1] / np.linalg.norm(vecs[0]) / np.linalg.norm(vecs[1]))
+    expect(abs(r["results"][0]["relevance_score"] - cos) < 1e-4, f"{r['results'][0]} against {cos}")
+    st, _, raw = http("POST", "/v1/score", {"model": EMBED, "text_1": SENTENCES[0], "text_2": SENTENCES[1:]})
+    scores = [d["score"] for d in json.loads(raw)["data"]]
+    expect(abs(scores[0] - cos) < 1e-4 and scores[0] > scores[1], f"scores {scores}")
+    st, _, raw = http("POST", "/v1/rerank", {"model": EMBED, "query": "x", "documents": ["ok", ""]})
+    eq(check_error_json(st, raw, 400)["param"], "documents[1]", "empty document")
+    st, _, raw = http("POST", "/v1/score", {"model": CHAT, "text_1": "a", "text_2": "b"})
+    eq(check_error_json(st, raw, 400)["param"], "model", "a chat model")
+
+
 @check("errors: unknown model -> 404")
 def _():
     sdk_error(openai.NotFoundError, lambda: client.chat.completions.create(
@@ -803,8 +823,9 @@ def _():
     p1 = client.uploads.parts.create(up.id, data=b"abc")
     p2 = client.uploads.parts.create(up.id, data=b"def")
     eq((p1.object, p1.upload_id), ("upload.part", up.id), "part")
-    err = sdk_error(openai.BadRequestError, lambda: client.uploads.parts.create(up.id, data=b"g"), 400)
-    eq(err["param"], "data", "a part past the bytes")
+    err = sdk_error(openai.BadRequestError, lambda: client.uploads.parts.create(up.id, data=b"1234567"), 400)
+    eq(err["param"], "data", "a part larger than the upload")
+    spare = client.uploads.parts.create(up.id, data=b"g")  # beyond the bytes: left out of part_ids
     err = sdk_error(openai.BadRequestError, lambda: client.uploads.complete(up.id, part_ids=[p2.id, p1.id], md5="0" * 32), 400)
     eq(err["param"], "md5", "md5 mismatch")
     err = sdk_error(openai.BadRequestError, lambda: client.uploads.complete(up.id, part_ids=[p1.id]), 400)

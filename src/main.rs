@@ -187,7 +187,8 @@ struct ServeArgs {
     /// Largest file uploaded to /v1/files (a batch's input), in bytes; larger ones get 413.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     max_file_bytes: u64,
-    /// Most inputs in one embeddings request.
+    /// Most inputs in one embeddings request, and most documents (or texts on a side) in one
+    /// rerank or score request.
     #[arg(long, default_value_t = 25)]
     max_embedding_inputs: usize,
     /// `auto`: weights from each --model source. `dummy`: each --model is a Hugging Face Llama

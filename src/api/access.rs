@@ -40,7 +40,9 @@ fn metered_class(method: &axum::http::Method, path: &str) -> Option<Class> {
         return None;
     }
     match path {
-        "/v1/embeddings" => Some(Class::Embeddings),
+        "/v1/embeddings" | "/v1/rerank" | "/rerank" | "/v2/rerank" | "/v1/score" | "/score" => {
+            Some(Class::Embeddings)
+        }
         "/v1/chat/completions" | "/v1/completions" | "/v1/responses" => Some(Class::Requests),
         _ => None,
     }

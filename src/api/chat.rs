@@ -673,7 +673,11 @@ fn stream_response(
                     None
                 } else {
                     let logprobs = (!c.logprobs.is_empty()).then(|| logprobs_json(kind, &c.logprobs, offsets[i]));
-                    offsets[i] += c.text.len();
+                    // As the whole response counts them: by the tokens' own text.
+                    offsets[i] += match c.logprobs.is_empty() {
+                        true => c.text.len(),
+                        false => c.logprobs.iter().map(|lp| lp.token.len()).sum(),
+                    };
                     let finish = c.finish.map(FinishReason::as_str);
                     Some(chunk(vec![match kind {
                         Kind::Chat => {

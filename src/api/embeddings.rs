@@ -13,19 +13,16 @@ use serde_json::{json, Value};
 use super::types::{EmbeddingInput, EmbeddingRequest};
 use super::{json, ApiError, AppState};
 use crate::platform::usage::Meter;
-use crate::serving::{Served, ServingError};
+use crate::serving::{EmbeddingModel, Served, ServingError};
 use candela_models::ModelKind;
 
-pub async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    meter: Option<Extension<Arc<Meter>>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: EmbeddingRequest = json::parse(body)?;
-    let model = match state
-        .registry
-        .resolve(&req.model, Some(ModelKind::Embedding))?
-    {
+/// The embedding model `model` names, noted on the call's meter.
+pub(super) fn embedding_model(
+    state: &AppState,
+    model: &str,
+    meter: Option<&Meter>,
+) -> Result<Arc<EmbeddingModel>, ApiError> {
+    let model = match state.registry.resolve(model, Some(ModelKind::Embedding))? {
         Served::Embedding(m) => m,
         Served::Chat(m) => {
             return Err(ServingError::WrongModelType(format!(
@@ -35,9 +32,20 @@ pub async fn embeddings(
             .into())
         }
     };
-    if let Some(Extension(m)) = &meter {
+    if let Some(m) = meter {
         m.set_model(&model.info);
     }
+    Ok(model)
+}
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    meter: Option<Extension<Arc<Meter>>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let meter = meter.map(|Extension(m)| m);
+    let req: EmbeddingRequest = json::parse(body)?;
+    let model = embedding_model(&state, &req.model, meter.as_deref())?;
     let max_inputs = state.platform.config.max_embedding_inputs;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -96,7 +104,7 @@ pub async fn embeddings(
     }
     let prompt_tokens: usize = tokens.iter().map(Vec::len).sum();
     let vectors = model.embed(tokens).await?;
-    if let Some(Extension(m)) = &meter {
+    if let Some(m) = &meter {
         m.set_tokens(prompt_tokens as u64, 0);
     }
     let data: Vec<Value> = vectors

@@ -13,6 +13,7 @@ mod json;
 mod logprobs;
 mod models;
 mod page;
+mod rerank;
 mod responses;
 mod stored_chat;
 mod tokenize;
@@ -154,6 +155,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/usage", get(usage::usage))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/rerank", post(rerank::rerank))
+        .route("/v2/rerank", post(rerank::rerank))
+        .route("/v1/score", post(rerank::score))
+        .route("/score", post(rerank::score))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), access::gate));

@@ -30,6 +30,8 @@ pub struct TokenizeBody {
     add_special_tokens: Option<bool>,
     #[serde(default)]
     return_token_strs: bool,
+    /// With `messages`: open the assistant's turn, as chat completions do (default true).
+    add_generation_prompt: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +96,7 @@ pub async fn tokenize(
                 tool_use.instruct(&mut messages);
             }
             tools::merge_tool_results(&mut messages);
-            let text = chat.render(&messages)?;
+            let text = chat.render(&messages, req.add_generation_prompt.unwrap_or(true))?;
             (text, req.add_special_tokens.unwrap_or(false), "messages")
         }
         _ => {
@@ -135,7 +137,7 @@ pub async fn detokenize(
             Ok(id) if id < vocab => Ok(id),
             _ => Err(ApiError::invalid(
                 Some(&format!("tokens[{i}]")),
-                format!("Invalid value for 'tokens[{i}]': {t} is not a token id of this model (0 to {}).", vocab - 1),
+                format!("Invalid value for 'tokens[{i}]': {t} is not a token id of this model (0 to {}).", vocab.saturating_sub(1)),
             )),
         })
         .collect::<Result<Vec<u32>, _>>()?;

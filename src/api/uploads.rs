@@ -5,7 +5,7 @@
 //! `md5` when given), and `POST /v1/uploads/{id}/cancel` drops it. Uploads belong to the caller's
 //! project; another project's ids read as unknown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::Arc;
 
@@ -22,9 +22,9 @@ use serde_json::Value;
 use super::files::{blocking, owner, server_error};
 use super::{json, ApiError, AppState};
 use crate::platform::files::{FileRecord, NewFile, UPLOAD_PURPOSES};
-use crate::platform::store::{now, StoreError};
+use crate::platform::store::{now, Store, StoreError};
 use crate::platform::uploads::{
-    parts_dir, PartRecord, Refused, UploadRecord, MAX_PART_BYTES, UPLOAD_TTL_S,
+    parts_dir, PartRecord, Refused, UploadRecord, MAX_PART_BYTES, PENDING, UPLOAD_TTL_S,
 };
 use crate::platform::Caller;
 
@@ -126,7 +126,7 @@ pub async fn add_part(
 ) -> Result<Json<Value>, ApiError> {
     let project = owner(&caller)?;
     let upload = lookup(&state, &project, &id).await?;
-    if upload.status(now()) != "pending" {
+    if upload.status(now()) != PENDING {
         return Err(refused(
             &id,
             Refused::NotPending(upload.status(now()).into()),
@@ -193,14 +193,26 @@ pub async fn add_part(
     };
     let listed = part.clone();
     let added = blocking(&state, move |s| {
-        let path = new
-            .keep()
-            .map_err(|e| StoreError::Invalid(format!("keeping part {}: {e}", listed.id)))?;
-        let added = s.add_part(&project, &listed, listed.created_at)?;
-        if added.is_err() {
+        let path = match new.keep() {
+            Ok(path) => path,
+            // The upload ended meanwhile (its folder went with it): say so, not a disk error.
+            Err(e) => match s.upload(&project, &listed.upload)? {
+                Some(u) if u.status(now()) != PENDING => {
+                    return Ok(Err(Refused::NotPending(u.status(now()).into())))
+                }
+                _ => {
+                    return Err(StoreError::Invalid(format!(
+                        "keeping part {}: {e}",
+                        listed.id
+                    )))
+                }
+            },
+        };
+        let added = s.add_part(&project, &listed, listed.created_at);
+        if !matches!(added, Ok(Ok(()))) {
             let _ = std::fs::remove_file(path);
         }
-        Ok(added)
+        added
     })
     .await?;
     added.map_err(|why| refused(&id, why))?;
@@ -224,12 +236,6 @@ pub async fn complete(
     let project = owner(&caller)?;
     let body: CompleteBody = json::parse(body)?;
     let upload = lookup(&state, &project, &id).await?;
-    if upload.status(now()) != "pending" {
-        return Err(refused(
-            &id,
-            Refused::NotPending(upload.status(now()).into()),
-        ));
-    }
     let key = id.clone();
     let parts = blocking(&state, move |s| s.parts(&key)).await?;
     let chosen = choose_parts(&body.part_ids, &parts)?;
@@ -243,64 +249,21 @@ pub async fn complete(
             ),
         ));
     }
+    // From here until it ends, this call alone acts on the upload.
+    let (owner, key) = (project.clone(), id.clone());
+    let begun = blocking(&state, move |s| s.begin_completion(&owner, &key, now())).await?;
+    begun.map_err(|why| refused(&id, why))?;
     let data_dir = state.platform.config.data_dir.clone();
     let store = state.platform.store.clone();
     let key = id.clone();
-    let assembled = tokio::task::spawn_blocking(move || -> Result<Assembly, ApiError> {
-        let dir = parts_dir(&data_dir, &key);
-        let mut file = NewFile::create(&data_dir).map_err(|e| server_error("write a file", e))?;
-        let mut md5 = Md5::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for part in &chosen {
-            let mut from = std::fs::File::open(dir.join(&part.id))
-                .map_err(|e| server_error("read an upload's part", e))?;
-            loop {
-                let n = from
-                    .read(&mut buf)
-                    .map_err(|e| server_error("read an upload's part", e))?;
-                if n == 0 {
-                    break;
-                }
-                md5.update(&buf[..n]);
-                file.write(&buf[..n])
-                    .map_err(|e| server_error("write a file", e))?;
+    let assembled = tokio::task::spawn_blocking(move || {
+        let done = assemble(&data_dir, &store, &upload, &chosen, body.md5);
+        if !matches!(done, Ok(Assembly::Done(_))) {
+            if let Err(e) = store.abandon_completion(&upload.id) {
+                tracing::warn!(upload = %upload.id, error = %e, "leaving an upload pending again");
             }
         }
-        let digest = hex(&md5.finalize());
-        if let Some(expected) = body.md5.filter(|m| !m.is_empty()) {
-            if !expected.eq_ignore_ascii_case(&digest) {
-                return Ok(Assembly::Refused(ApiError::invalid(
-                    Some("md5"),
-                    format!("The parts' MD5 is {digest}, not the '{expected}' given."),
-                )));
-            }
-        }
-        let record = FileRecord {
-            id: file.id.clone(),
-            project: upload.project.clone(),
-            filename: upload.filename.clone(),
-            purpose: upload.purpose.clone(),
-            bytes: file.bytes,
-            created_at: now(),
-        };
-        let path = file.keep().map_err(|e| server_error("write a file", e))?;
-        let done = store
-            .complete_upload(&upload.project, &key, &record, record.created_at)
-            .map_err(|e| server_error("record a file", e));
-        match done {
-            Ok(Ok(())) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Ok(Assembly::Done(record))
-            }
-            Ok(Err(why)) => {
-                let _ = std::fs::remove_file(&path);
-                Ok(Assembly::Refused(refused(&key, why)))
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
-        }
+        done
     })
     .await
     .map_err(|e| server_error("write a file", e))??;
@@ -309,8 +272,74 @@ pub async fn complete(
         Assembly::Refused(e) => return Err(e),
     };
     tracing::info!(upload = %id, file = %file.id, bytes = file.bytes, "upload completed");
-    let upload = lookup(&state, &project, &id).await?;
+    let upload = lookup(&state, &project, &key).await?;
     Ok(Json(upload.json(now(), Some(&file))))
+}
+
+/// Copies the `chosen` parts of `upload`, in order, into a new file of the Files API and lists
+/// it, checking `md5` when given.
+fn assemble(
+    data_dir: &std::path::Path,
+    store: &Store,
+    upload: &UploadRecord,
+    chosen: &[PartRecord],
+    md5_given: Option<String>,
+) -> Result<Assembly, ApiError> {
+    let key = &upload.id;
+    let dir = parts_dir(data_dir, key);
+    let mut file = NewFile::create(data_dir).map_err(|e| server_error("write a file", e))?;
+    let mut md5 = Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for part in chosen {
+        let mut from = std::fs::File::open(dir.join(&part.id))
+            .map_err(|e| server_error("read an upload's part", e))?;
+        loop {
+            let n = from
+                .read(&mut buf)
+                .map_err(|e| server_error("read an upload's part", e))?;
+            if n == 0 {
+                break;
+            }
+            md5.update(&buf[..n]);
+            file.write(&buf[..n])
+                .map_err(|e| server_error("write a file", e))?;
+        }
+    }
+    let digest = hex(&md5.finalize());
+    if let Some(expected) = md5_given.filter(|m| !m.is_empty()) {
+        if !expected.eq_ignore_ascii_case(&digest) {
+            return Ok(Assembly::Refused(ApiError::invalid(
+                Some("md5"),
+                format!("The parts' MD5 is {digest}, not the '{expected}' given."),
+            )));
+        }
+    }
+    let record = FileRecord {
+        id: file.id.clone(),
+        project: upload.project.clone(),
+        filename: upload.filename.clone(),
+        purpose: upload.purpose.clone(),
+        bytes: file.bytes,
+        created_at: now(),
+    };
+    let path = file.keep().map_err(|e| server_error("write a file", e))?;
+    let done = store
+        .complete_upload(&upload.project, key, &record)
+        .map_err(|e| server_error("record a file", e));
+    match done {
+        Ok(Ok(())) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(Assembly::Done(record))
+        }
+        Ok(Err(why)) => {
+            let _ = std::fs::remove_file(&path);
+            Ok(Assembly::Refused(refused(key, why)))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
 }
 
 /// The parts `ids` names, in its order: each one of the upload's, and named once.
@@ -321,6 +350,7 @@ fn choose_parts(ids: &[String], parts: &[PartRecord]) -> Result<Vec<PartRecord>,
             "Invalid value for 'part_ids': name the upload's parts, in order.",
         ));
     }
+    let by_id: HashMap<&str, &PartRecord> = parts.iter().map(|p| (p.id.as_str(), p)).collect();
     let mut seen = HashSet::new();
     ids.iter()
         .enumerate()
@@ -332,7 +362,7 @@ fn choose_parts(ids: &[String], parts: &[PartRecord]) -> Result<Vec<PartRecord>,
                     format!("Part '{id}' is named twice."),
                 ));
             }
-            parts.iter().find(|p| &p.id == id).cloned().ok_or_else(|| {
+            by_id.get(id.as_str()).map(|p| (*p).clone()).ok_or_else(|| {
                 ApiError::invalid(Some(&field), format!("No part '{id}' in this upload."))
             })
         })

@@ -3,7 +3,9 @@
 //! part's bytes live under `DATA_DIR/uploads/UPLOAD_ID/PART_ID`, written whole before the part
 //! is listed (see [`super::files::NewFile`]). An upload is `pending` until it is completed (its
 //! file is then listed with the project's files and its parts removed), cancelled, or an hour
-//! old (`expired`). Each belongs to the project that created it.
+//! old (`expired`). While its parts are being put together it is `completing`: it takes no
+//! parts, cancel or second completion meanwhile, and its parts stay. Each belongs to the project
+//! that created it.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,18 @@ use super::store::{Store, StoreError};
 pub const UPLOAD_TTL_S: i64 = 3600;
 /// The largest part, as OpenAI's.
 pub const MAX_PART_BYTES: u64 = 64 << 20;
+pub const PENDING: &str = "pending";
+/// Being put together by a `complete` call.
+const COMPLETING: &str = "completing";
+
+/// The most bytes an upload's parts may hold together: twice its bytes, or its bytes and a
+/// part, whichever is more. Parts beyond its bytes are allowed (a part sent again after a lost
+/// answer, one left out of `part_ids`), within a bound on the disk they take.
+pub fn parts_limit(bytes: u64) -> u64 {
+    bytes
+        .saturating_mul(2)
+        .max(bytes.saturating_add(MAX_PART_BYTES))
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct UploadRecord {
@@ -28,7 +42,8 @@ pub struct UploadRecord {
     pub bytes: u64,
     pub created_at: i64,
     pub expires_at: i64,
-    /// `pending`, `completed` or `cancelled` as stored; see [`UploadRecord::status`].
+    /// `pending`, `completing`, `completed`, `cancelled` or `expired` as stored; see
+    /// [`UploadRecord::status`].
     pub status: String,
     pub file_id: Option<String>,
 }
@@ -36,7 +51,7 @@ pub struct UploadRecord {
 impl UploadRecord {
     /// The status at `now`: a pending upload past its hour is `expired`.
     pub fn status(&self, now: i64) -> &str {
-        if self.status == "pending" && now >= self.expires_at {
+        if self.status == PENDING && now >= self.expires_at {
             "expired"
         } else {
             &self.status
@@ -110,12 +125,25 @@ fn upload(r: &rusqlite::Row) -> rusqlite::Result<UploadRecord> {
 const COLUMNS: &str =
     "id, project, filename, purpose, mime_type, bytes, created_at, expires_at, status, file_id";
 
-/// Whether `u` takes parts or completion at `now`; else its status.
-fn pending(u: &UploadRecord, now: i64) -> Result<(), Refused> {
+/// Whether `u` is `want` at `now`; else its status.
+fn is(u: &UploadRecord, want: &str, now: i64) -> Result<(), Refused> {
     match u.status(now) {
-        "pending" => Ok(()),
+        s if s == want => Ok(()),
         other => Err(Refused::NotPending(other.to_string())),
     }
+}
+
+/// The upload `id` of `project`, within a transaction.
+fn upload_in(
+    tx: &rusqlite::Transaction,
+    project: &str,
+    id: &str,
+) -> rusqlite::Result<UploadRecord> {
+    tx.query_row(
+        &format!("SELECT {COLUMNS} FROM uploads WHERE id = ?1 AND project = ?2"),
+        params![id, project],
+        upload,
+    )
 }
 
 impl Store {
@@ -152,8 +180,9 @@ impl Store {
         })
     }
 
-    /// Lists a part whose bytes are in place, if the upload is pending at `now` and the parts
-    /// stay within its bytes; in one transaction, so that parts sent at once are counted right.
+    /// Lists a part whose bytes are in place, if the upload is pending at `now` and its parts
+    /// stay within [`parts_limit`]; in one transaction, so that parts sent at once are counted
+    /// right.
     pub fn add_part(
         &self,
         project: &str,
@@ -162,12 +191,8 @@ impl Store {
     ) -> Result<Result<(), Refused>, StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let u = tx.query_row(
-                &format!("SELECT {COLUMNS} FROM uploads WHERE id = ?1 AND project = ?2"),
-                params![part.upload, project],
-                upload,
-            )?;
-            if let Err(refused) = pending(&u, now) {
+            let u = upload_in(&tx, project, &part.upload)?;
+            if let Err(refused) = is(&u, PENDING, now) {
                 return Ok(Err(refused));
             }
             let have: i64 = tx.query_row(
@@ -175,7 +200,7 @@ impl Store {
                 params![part.upload],
                 |r| r.get(0),
             )?;
-            if have as u64 + part.bytes > u.bytes {
+            if have as u64 + part.bytes > parts_limit(u.bytes) {
                 return Ok(Err(Refused::TooLarge(have as u64)));
             }
             tx.execute(
@@ -205,24 +230,52 @@ impl Store {
         })
     }
 
-    /// Lists the file an upload's parts made and marks the upload completed, if it is still
-    /// pending at `now`: one transaction, so that an upload completes into one file at most.
+    /// Moves an upload pending at `now` to `completing`, for one `complete` call to put its
+    /// parts together undisturbed; else why not.
+    pub fn begin_completion(
+        &self,
+        project: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<Result<UploadRecord, Refused>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let u = upload_in(&tx, project, id)?;
+            if let Err(refused) = is(&u, PENDING, now) {
+                return Ok(Err(refused));
+            }
+            tx.execute(
+                "UPDATE uploads SET status = ?2 WHERE id = ?1",
+                params![id, COMPLETING],
+            )?;
+            tx.commit().map(|()| Ok(u))
+        })
+    }
+
+    /// A completion that failed (a wrong md5, a disk error) leaves the upload pending again.
+    pub fn abandon_completion(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE uploads SET status = ?2 WHERE id = ?1 AND status = ?3",
+                params![id, PENDING, COMPLETING],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Lists the file an upload's parts made and marks the upload completed, if this call is
+    /// completing it: one transaction, so that an upload completes into one file at most.
     pub fn complete_upload(
         &self,
         project: &str,
         id: &str,
         file: &FileRecord,
-        now: i64,
     ) -> Result<Result<(), Refused>, StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let u = tx.query_row(
-                &format!("SELECT {COLUMNS} FROM uploads WHERE id = ?1 AND project = ?2"),
-                params![id, project],
-                upload,
-            )?;
-            if let Err(refused) = pending(&u, now) {
-                return Ok(Err(refused));
+            let u = upload_in(&tx, project, id)?;
+            if u.status != COMPLETING {
+                return Ok(Err(Refused::NotPending(u.status)));
             }
             tx.execute(
                 "INSERT INTO files (id, project, filename, purpose, bytes, created_at)
@@ -254,12 +307,8 @@ impl Store {
     ) -> Result<Result<(), Refused>, StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let u = tx.query_row(
-                &format!("SELECT {COLUMNS} FROM uploads WHERE id = ?1 AND project = ?2"),
-                params![id, project],
-                upload,
-            )?;
-            if let Err(refused) = pending(&u, now) {
+            let u = upload_in(&tx, project, id)?;
+            if let Err(refused) = is(&u, PENDING, now) {
                 return Ok(Err(refused));
             }
             tx.execute(
@@ -314,7 +363,8 @@ pub fn sweep(store: &Store, data_dir: &Path, now: i64) -> Result<usize, StoreErr
             )
             .optional()
         })?;
-        if status.as_deref() != Some("pending") && std::fs::remove_dir_all(entry.path()).is_ok() {
+        let in_use = matches!(status.as_deref(), Some(PENDING | COMPLETING));
+        if !in_use && std::fs::remove_dir_all(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -350,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn parts_stay_within_the_upload_which_completes_once() {
+    fn parts_stay_within_the_limit_and_an_upload_completes_once() {
         let dir = std::env::temp_dir().join(format!("candela-uploads-{}", uuid::Uuid::new_v4()));
         let store = Store::open_dir(&dir).unwrap();
         store
@@ -361,31 +411,23 @@ mod tests {
         assert!(store
             .add_part("b", &part("p0", "upload_1", 1), 100)
             .is_err());
+        let add = |p: PartRecord| store.add_part("a", &p, 100).unwrap();
+        assert_eq!(add(part("p1", "upload_1", 6)), Ok(()));
+        // Parts may go past the upload's bytes (a part sent twice), within `parts_limit`.
+        assert_eq!(add(part("p2", "upload_1", 6)), Ok(()));
+        assert_eq!(parts_limit(10), 10 + MAX_PART_BYTES);
         assert_eq!(
-            store
-                .add_part("a", &part("p1", "upload_1", 6), 100)
-                .unwrap(),
-            Ok(())
+            add(part("p9", "upload_1", MAX_PART_BYTES)),
+            Err(Refused::TooLarge(12))
         );
-        assert_eq!(
-            store
-                .add_part("a", &part("p2", "upload_1", 5), 100)
-                .unwrap(),
-            Err(Refused::TooLarge(6))
-        );
-        assert_eq!(
-            store
-                .add_part("a", &part("p3", "upload_1", 4), 100)
-                .unwrap(),
-            Ok(())
-        );
+        assert_eq!(add(part("p3", "upload_1", 4)), Ok(()));
         let ids: Vec<String> = store
             .parts("upload_1")
             .unwrap()
             .into_iter()
             .map(|p| p.id)
             .collect();
-        assert_eq!(ids, ["p1", "p3"]);
+        assert_eq!(ids, ["p1", "p2", "p3"]);
 
         let file = FileRecord {
             id: "file-1".into(),
@@ -395,17 +437,46 @@ mod tests {
             bytes: 10,
             created_at: 101,
         };
+        // Not begun: nothing to complete.
+        let not = |status: &str| Err(Refused::NotPending(status.into()));
         assert_eq!(
-            store.complete_upload("a", "upload_1", &file, 101).unwrap(),
+            store.complete_upload("a", "upload_1", &file).unwrap(),
+            not("pending")
+        );
+        // A failed completion leaves it pending; while one runs, the upload takes nothing else.
+        assert!(store
+            .begin_completion("a", "upload_1", 101)
+            .unwrap()
+            .is_ok());
+        store.abandon_completion("upload_1").unwrap();
+        assert!(store
+            .begin_completion("a", "upload_1", 101)
+            .unwrap()
+            .is_ok());
+        assert_eq!(add(part("p4", "upload_1", 1)), not("completing"));
+        assert_eq!(
+            store.cancel_upload("a", "upload_1", 101).unwrap(),
+            not("completing")
+        );
+        let again = store.begin_completion("a", "upload_1", 101).unwrap();
+        assert_eq!(again.map(drop), not("completing"));
+        std::fs::create_dir_all(parts_dir(&dir, "upload_1")).unwrap();
+        assert_eq!(
+            sweep(&store, &dir, 101).unwrap(),
+            0,
+            "a completing upload keeps its parts"
+        );
+        assert_eq!(
+            store.complete_upload("a", "upload_1", &file).unwrap(),
             Ok(())
         );
-        let again = FileRecord {
+        let second = FileRecord {
             id: "file-2".into(),
             ..file.clone()
         };
         assert_eq!(
-            store.complete_upload("a", "upload_1", &again, 102).unwrap(),
-            Err(Refused::NotPending("completed".into()))
+            store.complete_upload("a", "upload_1", &second).unwrap(),
+            not("completed")
         );
         assert_eq!(store.file("a", "file-2").unwrap(), None);
         assert_eq!(store.file("a", "file-1").unwrap(), Some(file));
@@ -417,7 +488,7 @@ mod tests {
         assert!(store.parts("upload_1").unwrap().is_empty());
         assert_eq!(
             store.cancel_upload("a", "upload_1", 103).unwrap(),
-            Err(Refused::NotPending("completed".into()))
+            not("completed")
         );
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();

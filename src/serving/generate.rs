@@ -88,13 +88,18 @@ impl ChatModel {
 
     /// Renders and tokenizes a conversation.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, ServingError> {
-        let text = self.render(messages)?;
+        let text = self.render(messages, true)?;
         // The template writes any BOS itself.
         self.tokenize(&text, false, "messages")
     }
 
-    /// A conversation as the chat template writes it, with the assistant's turn opened.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ServingError> {
+    /// A conversation as the chat template writes it, with the assistant's turn opened when
+    /// `add_generation_prompt` (as every request of the API has it).
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ServingError> {
         if messages.is_empty() {
             return Err(ServingError::invalid(
                 "messages",
@@ -102,7 +107,7 @@ impl ChatModel {
             ));
         }
         self.template
-            .render(messages)
+            .render(messages, add_generation_prompt)
             .map_err(|e| ServingError::invalid("messages", e))
     }
 

@@ -45,13 +45,17 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders the conversation with the assistant's turn opened.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+    /// Renders the conversation, with the assistant's turn opened when `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
         template
             .render(context! {
                 messages => messages,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
@@ -67,10 +71,13 @@ mod tests {
     fn default_chatml_renders_roles_and_opens_the_assistant_turn() {
         let t = ChatTemplate::new(None, None, None).unwrap();
         let out = t
-            .render(&[ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            }])
+            .render(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
+                true,
+            )
             .unwrap();
         assert_eq!(
             out,

@@ -588,6 +588,48 @@ def check_weather_args(name, arguments):
     expect(isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit"), f"arguments {args}")
 
 
+@check("anthropic: messages through the Anthropic SDK, streamed or not; stop sequences, tools, count, errors")
+def _():
+    import anthropic
+    ac = anthropic.Anthropic(base_url=BASE, api_key="none", max_retries=0, timeout=300)
+    greedy_kw = dict(model=CHAT, max_tokens=16, messages=MSG, extra_body={"temperature": 0})
+    r = ac.messages.create(**greedy_kw)
+    want = greedy().choices[0].message.content
+    eq((r.type, r.role, r.content[0].type, r.content[0].text), ("message", "assistant", "text", want), "as chat answers")
+    eq(r.usage.input_tokens + r.usage.cache_read_input_tokens,
+       ac.messages.count_tokens(model=CHAT, messages=MSG).input_tokens, "usage against count_tokens")
+    with ac.messages.stream(**greedy_kw) as s:
+        eq("".join(s.text_stream), want, "streamed text")
+        eq(s.get_final_message().stop_reason, r.stop_reason, "streamed stop_reason")
+    cut = want.split()[2]
+    r = ac.messages.create(**dict(greedy_kw, stop_sequences=[cut]))
+    eq((r.stop_reason, r.stop_sequence, r.content[0].text), ("stop_sequence", cut, want[:want.index(cut)]), "stop")
+    tools = [{"name": "get_weather", "description": "The weather of a city", "input_schema": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = ac.messages.create(model=CHAT, max_tokens=64, messages=ask, tools=tools,
+                           tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 0})
+    call = r.content[0]
+    eq((call.type, call.name, sorted(call.input)), ("tool_use", "get_weather", ["city"]), "tool_use block")
+    history = ask + [{"role": "assistant", "content": r.content},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny"}]}]
+    expect(ac.messages.count_tokens(model=CHAT, messages=history, tools=tools).input_tokens >
+           ac.messages.count_tokens(model=CHAT, messages=ask, tools=tools).input_tokens, "the result joins the prompt")
+    r = ac.messages.create(model=CHAT, max_tokens=8, messages=history, tools=tools, tool_choice={"type": "none"})
+    eq(r.content[0].type, "text", "an answer after the result")
+    try:
+        ac.messages.create(model=CHAT, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])
+        raise AssertionError("an image was accepted")
+    except anthropic.BadRequestError as e:
+        eq((e.body["type"], e.body["error"]["type"]), ("error", "invalid_request_error"), "Anthropic's error shape")
+    try:
+        ac.messages.create(model="no-such-model", max_tokens=8, messages=MSG)
+        raise AssertionError("an unknown model was accepted")
+    except anthropic.NotFoundError as e:
+        eq(e.body["error"]["type"], "not_found_error", "404 type")
+
+
 @check("structured: chat.completions.parse with a pydantic model; json_object; vLLM choice")
 def _():
     from pydantic import BaseModel

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: bash scripts/test.sh  (run from anywhere; works in the repo root)
 #
-#   1. Python venv at .venv with openai + numpy (installed only when missing)
+#   1. Python venv at .venv with openai, anthropic + numpy (installed only when missing)
 #   2. cargo build --release, then `candela fetch` (default models into $CANDELA_HOME)
 #   3. cargo test --release --workspace (the tests comparing texts once more with AVX2 kernels
 #      where the CPU has AVX-512), then the CUDA kernels' tests on the CPU emulator
@@ -37,8 +37,8 @@ fi
 if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$PY" -c 'import openai, numpy, gguf, safetensors, tokenizers' >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet --disable-pip-version-check openai numpy gguf safetensors tokenizers
+if ! "$PY" -c 'import openai, anthropic, numpy, gguf, safetensors, tokenizers' >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --disable-pip-version-check openai anthropic numpy gguf safetensors tokenizers
 fi
 "$PY" -c 'import openai, numpy; print("openai", openai.__version__, "numpy", numpy.__version__)'
 

@@ -14,12 +14,14 @@ use crate::platform::ratelimit::{format_reset, Class, Decision};
 use crate::platform::usage::Meter;
 use crate::platform::{AuthError, Caller};
 
-/// The bearer token of a request, if any (`None` for an empty one too).
+/// The bearer token of a request, or its `x-api-key`, if any (`None` for an empty one too).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        // Anthropic's SDK sends its key as `x-api-key`.
+        let key = headers.get("x-api-key")?.to_str().ok()?.trim();
+        return (!key.is_empty()).then_some(key);
+    };
+    let value = value.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
@@ -43,7 +45,9 @@ fn metered_class(method: &axum::http::Method, path: &str) -> Option<Class> {
         "/v1/embeddings" | "/v1/rerank" | "/rerank" | "/v2/rerank" | "/v1/score" | "/score" => {
             Some(Class::Embeddings)
         }
-        "/v1/chat/completions" | "/v1/completions" | "/v1/responses" => Some(Class::Requests),
+        "/v1/chat/completions" | "/v1/completions" | "/v1/responses" | "/v1/messages" => {
+            Some(Class::Requests)
+        }
         _ => None,
     }
 }

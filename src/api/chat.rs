@@ -389,6 +389,8 @@ pub(super) struct Finished {
     /// With `prompt_logprobs`: an entry per prompt token.
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     pub finish: FinishReason,
+    /// The stop string that ended it, if one did.
+    pub stop_sequence: Option<String>,
     pub completion_tokens: usize,
     pub cached_tokens: usize,
 }
@@ -417,6 +419,7 @@ pub(super) async fn run_to_end(
         logprobs,
         prompt_logprobs: gen.prompt_logprobs.take(),
         finish,
+        stop_sequence: gen.stop_sequence().map(str::to_owned),
         completion_tokens: gen.completion_tokens,
         cached_tokens: gen.cached_tokens,
     })

@@ -11,6 +11,7 @@ mod files;
 mod formats;
 mod json;
 mod logprobs;
+mod messages;
 mod models;
 mod page;
 mod rerank;
@@ -155,6 +156,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/usage", get(usage::usage))
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/rerank", post(rerank::rerank))
         .route("/rerank", post(rerank::rerank))
         .route("/v2/rerank", post(rerank::rerank))
@@ -188,6 +191,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(messages::anthropic_errors))
         .layer(DefaultBodyLimit::max(state.platform.config.max_body_bytes))
         .with_state(state)
 }

@@ -252,6 +252,13 @@ impl ChatModel {
     }
 }
 
+impl Generation {
+    /// The stop string that ended the generation, if one did.
+    pub fn stop_sequence(&self) -> Option<&str> {
+        self.stop.matched.as_deref()
+    }
+}
+
 /// A running generation. Dropping it cancels the request in the engine.
 pub struct Generation {
     stream: Option<RequestStream>,

@@ -4,6 +4,8 @@
 pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,
+    /// The stop string that was reached.
+    pub matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -11,6 +13,7 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
+            matched: None,
         }
     }
 
@@ -21,13 +24,14 @@ impl StopMatcher {
             return (text.to_string(), false);
         }
         self.pending.push_str(text);
-        if let Some(at) = self
+        if let Some((at, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
+            .filter_map(|s| Some((self.pending.find(s.as_str())?, s)))
+            .min_by_key(|&(at, _)| at)
         {
             let out = self.pending[..at].to_string();
+            self.matched = Some(stop.clone());
             self.pending.clear();
             return (out, true);
         }

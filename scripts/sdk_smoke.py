@@ -617,6 +617,13 @@ def _():
            ac.messages.count_tokens(model=CHAT, messages=ask, tools=tools).input_tokens, "the result joins the prompt")
     r = ac.messages.create(model=CHAT, max_tokens=8, messages=history, tools=tools, tool_choice={"type": "none"})
     eq(r.content[0].type, "text", "an answer after the result")
+    # A result and text in one user turn, as Claude Code sends them; streamed calls add up.
+    history[-1]["content"].append({"type": "text", "text": "Answer briefly."})
+    with ac.messages.stream(model=CHAT, max_tokens=64, messages=history, tools=tools,
+                            tool_choice={"type": "tool", "name": "get_weather"}) as s:
+        final = s.get_final_message()
+    eq((final.stop_reason, final.content[0].type, sorted(final.content[0].input)), ("tool_use", "tool_use", ["city"]),
+       "streamed tool_use")
     try:
         ac.messages.create(model=CHAT, max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])

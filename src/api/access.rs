@@ -16,12 +16,18 @@ use crate::platform::{AuthError, Caller};
 
 /// The bearer token of a request, or its `x-api-key`, if any (`None` for an empty one too).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+    authorization(headers).or_else(|| {
         // Anthropic's SDK sends its key as `x-api-key`.
         let key = headers.get("x-api-key")?.to_str().ok()?.trim();
-        return (!key.is_empty()).then_some(key);
-    };
-    let value = value.to_str().ok()?;
+        (!key.is_empty()).then_some(key)
+    })
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;

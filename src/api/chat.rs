@@ -147,7 +147,8 @@ pub(super) fn reserve(
     choices: usize,
 ) -> Result<(), ApiError> {
     let Some(meter) = meter else { return Ok(()) };
-    let tokens = (prompt_tokens + params.max_tokens.unwrap_or(0) * choices) as u64;
+    let output = params.max_tokens.unwrap_or(0).saturating_mul(choices);
+    let tokens = prompt_tokens.saturating_add(output) as u64;
     meter
         .reserve_tokens(tokens)
         .map_err(|wait| super::access::tokens_refused(meter, wait, tokens))

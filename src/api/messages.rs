@@ -88,7 +88,8 @@ fn error(e: &ApiError) -> Value {
 /// Rewrites the OpenAI error bodies of `/v1/messages` calls (those of the gate in front of it
 /// too: a missing key, a rate limit) into Anthropic's shape.
 pub async fn anthropic_errors(req: Request, next: Next) -> Response {
-    if !req.uri().path().starts_with("/v1/messages") {
+    let path = req.uri().path();
+    if path != "/v1/messages" && !path.starts_with("/v1/messages/") {
         return next.run(req).await;
     }
     let resp = next.run(req).await;
@@ -97,7 +98,12 @@ pub async fn anthropic_errors(req: Request, next: Next) -> Response {
     }
     let (mut parts, body) = resp.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-        return parts.into_response();
+        let e = ApiError {
+            status: parts.status,
+            ..ApiError::invalid(None, "The request failed; its error is too long to show.")
+        };
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, Body::from(error(&e).to_string()));
     };
     let Some(inner) = serde_json::from_slice::<Value>(&bytes)
         .ok()
@@ -173,13 +179,25 @@ fn chat_messages(
                     "function": {"name": b["name"], "arguments": b["input"].to_string()},
                 })),
                 ("user", Some("tool_result")) => {
-                    let content = match &b["content"] {
+                    let mut content = match &b["content"] {
                         Value::String(s) => s.clone(),
                         Value::Array(parts) => {
-                            parts.iter().filter_map(text_of).collect::<Vec<_>>().join("\n")
+                            let mut texts = Vec::new();
+                            for (k, part) in parts.iter().enumerate() {
+                                texts.push(text_of(part).ok_or_else(|| {
+                                    ApiError::invalid(
+                                        Some(&format!("{field}.content[{k}].type")),
+                                        "A tool result's content blocks must be of type 'text' on this server.",
+                                    )
+                                })?);
+                            }
+                            texts.join("\n")
                         }
                         _ => String::new(),
                     };
+                    if b["is_error"] == true {
+                        content = format!("Error: {content}");
+                    }
                     results.push(json!({"role": "tool", "tool_call_id": b["tool_use_id"], "content": content}));
                 }
                 // An earlier answer's reasoning is not part of the prompt.
@@ -205,6 +223,23 @@ fn chat_messages(
         .map(serde_json::from_value::<RequestMessage>)
         .collect::<Result<_, _>>()
         .map_err(|e| ApiError::invalid(Some("messages"), format!("Invalid messages: {e}")))
+}
+
+/// Joins consecutive turns of one role into one, as Anthropic's API does (a user turn of tool
+/// results and text comes to two user turns, which templates that want the roles to alternate
+/// refuse).
+fn join_turns(messages: &mut Vec<ChatMessage>) {
+    let mut joined: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for m in messages.drain(..) {
+        match joined.last_mut() {
+            Some(last) if last.role == m.role => {
+                last.content.push('\n');
+                last.content.push_str(&m.content);
+            }
+            _ => joined.push(m),
+        }
+    }
+    *messages = joined;
 }
 
 /// The tools and the choice among them, as chat completions take them.
@@ -291,6 +326,7 @@ fn prepare(
         params.format = t.grammar(params.format.take())?;
     }
     tools::merge_tool_results(&mut messages);
+    join_turns(&mut messages);
     let prompt = model.chat_prompt(&messages)?;
     Ok(Prepared {
         model,
@@ -390,12 +426,90 @@ pub async fn create(
     ))
 }
 
-/// A streamed message: text as it comes; an answer that may be calls is sent whole once it is
-/// known, as its blocks (a call's input in one `input_json_delta`).
+/// The events of a streamed answer, from its chunks: text as a text block, and (when the answer
+/// may be calls) each call as a `tool_use` block once its name is whole, its input as it grows.
+#[derive(Default)]
+struct Blocks {
+    calls: Option<tools::CallStream>,
+    /// The open block: its index and whether it is text.
+    open: Option<(usize, bool)>,
+    next: usize,
+}
+
+impl Blocks {
+    fn event(kind: &str, data: Value) -> Event {
+        Event::default().event(kind).data(data.to_string())
+    }
+
+    fn close(&mut self, out: &mut Vec<Event>) {
+        if let Some((index, _)) = self.open.take() {
+            out.push(Self::event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index}),
+            ));
+        }
+    }
+
+    fn start(&mut self, block: Value, text: bool, out: &mut Vec<Event>) -> usize {
+        self.close(out);
+        let index = self.next;
+        self.next += 1;
+        self.open = Some((index, text));
+        out.push(Self::event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": block}),
+        ));
+        index
+    }
+
+    fn text(&mut self, text: &str, out: &mut Vec<Event>) {
+        if text.is_empty() {
+            return;
+        }
+        let index = match self.open {
+            Some((index, true)) => index,
+            _ => self.start(json!({"type": "text", "text": ""}), true, out),
+        };
+        let delta = json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}});
+        out.push(Self::event("content_block_delta", delta));
+    }
+
+    /// A chunk's events, and the finish reason the chat stream would report.
+    fn push(
+        &mut self,
+        text: &str,
+        finish: Option<FinishReason>,
+    ) -> (Vec<Event>, Option<&'static str>) {
+        let mut out = Vec::new();
+        let Some(calls) = &mut self.calls else {
+            self.text(text, &mut out);
+            return (out, finish.map(FinishReason::as_str));
+        };
+        let (delta, reason) = calls.push(text, finish);
+        if let Some(t) = delta["content"].as_str() {
+            self.text(t, &mut out);
+        }
+        for d in delta["tool_calls"].as_array().into_iter().flatten() {
+            if let Some(id) = d.get("id") {
+                let block = json!({"type": "tool_use", "id": id, "name": d["function"]["name"], "input": {}});
+                self.start(block, false, &mut out);
+            }
+            let part = d["function"]["arguments"].as_str().unwrap_or_default();
+            if let (Some((index, false)), false) = (self.open, part.is_empty()) {
+                let delta = json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": part}});
+                out.push(Self::event("content_block_delta", delta));
+            }
+        }
+        (out, reason)
+    }
+}
+
+/// A streamed message, as Anthropic streams one. The response body drives the generation, so a
+/// client that leaves stops it (and its meter records the call as cut short).
 fn stream_events(
     id: String,
     model: String,
-    mut gen: crate::serving::Generation,
+    gen: crate::serving::Generation,
     prompt_tokens: usize,
     calls: bool,
     meter: Option<Arc<Meter>>,
@@ -403,132 +517,97 @@ fn stream_events(
     if let Some(m) = &meter {
         m.stream_started();
     }
-    let event = |kind: &str, data: Value| Event::default().event(kind).data(data.to_string());
     let opening = vec![
-        event(
+        Blocks::event(
             "message_start",
             json!({"type": "message_start", "message": {
                 "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
                 "stop_reason": null, "stop_sequence": null, "usage": usage(prompt_tokens, 0, 0),
             }}),
         ),
-        event("ping", json!({"type": "ping"})),
+        Blocks::event("ping", json!({"type": "ping"})),
     ];
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        let send = |e: Event| {
-            let tx = tx.clone();
-            async move { tx.send(e).await.is_ok() }
-        };
-        let mut text = String::new();
-        let mut finish = FinishReason::Length;
-        let mut clock = TokenClock::default();
-        let mut opened = false;
-        while let Some(chunk) = gen.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
+    let blocks = Blocks {
+        calls: calls.then(tools::CallStream::default),
+        ..Blocks::default()
+    };
+    struct State {
+        gen: crate::serving::Generation,
+        blocks: Blocks,
+        clock: TokenClock,
+        reason: Option<&'static str>,
+        done: bool,
+    }
+    let state = State {
+        gen,
+        blocks,
+        clock: TokenClock::default(),
+        reason: None,
+        done: false,
+    };
+    let body = stream::unfold(state, move |mut s| {
+        let (id, meter) = (id.clone(), meter.clone());
+        async move {
+            if s.done {
+                return None;
+            }
+            let Some(chunk) = s.gen.next().await else {
+                // The end: close the open block, then say why it stopped and what it used.
+                s.done = true;
+                let mut out = Vec::new();
+                s.blocks.close(&mut out);
+                let (output, cached) = (s.gen.completion_tokens, s.gen.cached_tokens);
+                let stop_sequence = s.gen.stop_sequence().map(str::to_owned);
+                let reason = match (s.reason, &stop_sequence) {
+                    (Some("tool_calls"), _) => "tool_use",
+                    (Some("length"), _) => "max_tokens",
+                    (_, Some(_)) => "stop_sequence",
+                    _ => "end_turn",
+                };
+                let stop_sequence = (reason == "stop_sequence")
+                    .then_some(stop_sequence)
+                    .flatten();
+                if let Some(m) = &meter {
+                    m.set_tokens(prompt_tokens as u64, output as u64);
+                    m.finish();
+                }
+                tracing::info!(id = %id, prompt_tokens, completion_tokens = output, "message");
+                out.push(Blocks::event(
+                    "message_delta",
+                    json!({"type": "message_delta",
+                    "delta": {"stop_reason": reason, "stop_sequence": stop_sequence},
+                    "usage": usage(prompt_tokens, output, cached)}),
+                ));
+                out.push(Blocks::event(
+                    "message_stop",
+                    json!({"type": "message_stop"}),
+                ));
+                return Some((out, s));
+            };
+            match chunk {
+                Ok(c) => {
+                    if let Some(m) = &meter {
+                        s.clock.tick(m);
+                    }
+                    let (out, reason) = s.blocks.push(&c.text, c.finish);
+                    s.reason = reason.or(s.reason);
+                    Some((out, s))
+                }
                 Err(e) => {
+                    s.done = true;
                     let e = ApiError::from(e);
                     if let Some(m) = &meter {
+                        m.set_tokens(prompt_tokens as u64, s.gen.completion_tokens as u64);
                         m.fail(e.status.as_u16());
                         m.finish();
                     }
-                    send(event("error", error(&e))).await;
-                    return;
-                }
-            };
-            if let Some(m) = &meter {
-                clock.tick(m);
-            }
-            if let Some(f) = chunk.finish {
-                finish = f;
-            }
-            if calls {
-                text.push_str(&chunk.text);
-                continue;
-            }
-            if !opened {
-                opened = true;
-                let start = json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
-                if !send(event("content_block_start", start)).await {
-                    return;
-                }
-            }
-            if !chunk.text.is_empty() {
-                let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": chunk.text}});
-                if !send(event("content_block_delta", delta)).await {
-                    return;
+                    Some((vec![Blocks::event("error", error(&e))], s))
                 }
             }
         }
-        let f = Finished {
-            text,
-            logprobs: Vec::new(),
-            prompt_logprobs: None,
-            finish,
-            stop_sequence: gen.stop_sequence().map(str::to_owned),
-            completion_tokens: gen.completion_tokens,
-            cached_tokens: gen.cached_tokens,
-        };
-        let output = f.completion_tokens;
-        if let Some(m) = &meter {
-            m.set_tokens(prompt_tokens as u64, output as u64);
-            m.finish();
-        }
-        let (blocks, reason, stop_sequence) = answer(f, calls);
-        let mut events = Vec::new();
-        if calls {
-            for (index, b) in blocks.into_iter().enumerate() {
-                let (start, delta) = match b["type"].as_str() {
-                    Some("tool_use") => (
-                        json!({"type": "tool_use", "id": b["id"], "name": b["name"], "input": {}}),
-                        json!({"type": "input_json_delta", "partial_json": b["input"].to_string()}),
-                    ),
-                    _ => (
-                        json!({"type": "text", "text": ""}),
-                        json!({"type": "text_delta", "text": b["text"]}),
-                    ),
-                };
-                events.push(event(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": index, "content_block": start}),
-                ));
-                events.push(event(
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": index, "delta": delta}),
-                ));
-                events.push(event(
-                    "content_block_stop",
-                    json!({"type": "content_block_stop", "index": index}),
-                ));
-            }
-        } else {
-            if !opened {
-                let start = json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
-                events.push(event("content_block_start", start));
-            }
-            events.push(event(
-                "content_block_stop",
-                json!({"type": "content_block_stop", "index": 0}),
-            ));
-        }
-        events.push(event(
-            "message_delta",
-            json!({"type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": stop_sequence},
-            "usage": {"output_tokens": output}}),
-        ));
-        events.push(event("message_stop", json!({"type": "message_stop"})));
-        tracing::info!(id = %id, prompt_tokens, completion_tokens = output, "message");
-        for e in events {
-            if !send(e).await {
-                return;
-            }
-        }
-    });
-    let events = stream::iter(opening)
-        .chain(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .map(Ok::<_, Infallible>);
+    })
+    .flat_map(stream::iter);
+    let events = stream::iter(opening).chain(body).map(Ok::<_, Infallible>);
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

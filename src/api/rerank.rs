@@ -83,14 +83,27 @@ async fn embed(
         model.check_ids(&ids).map_err(named)?;
         tokens.extend(ids);
     }
-    let total = tokens.iter().map(Vec::len).sum();
-    Ok((model.embed(tokens).await?, total))
+    let (count, total) = (tokens.len(), tokens.iter().map(Vec::len).sum());
+    let vectors = model.embed(tokens).await?;
+    if vectors.len() != count {
+        return Err(super::files::server_error(
+            "embed every text",
+            format!("{} embeddings for {count} texts", vectors.len()),
+        ));
+    }
+    Ok((vectors, total))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    dot / (norm(a) * norm(b)).max(f32::MIN_POSITIVE)
+    let cos = dot / (norm(a) * norm(b)).max(f32::MIN_POSITIVE);
+    // A broken vector ranks last rather than writing a NaN no JSON holds.
+    if cos.is_nan() {
+        -1.0
+    } else {
+        cos
+    }
 }
 
 /// At most `limit` texts a call, as `/v1/embeddings` takes.
@@ -138,7 +151,8 @@ pub async fn rerank(
         .map(|(i, v)| (i, cosine(&vectors[0], v)))
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    ranked.truncate(req.top_n.unwrap_or(ranked.len()));
+    // `top_n` 0 (or none) means all, as vLLM takes it.
+    ranked.truncate(req.top_n.filter(|&n| n > 0).unwrap_or(ranked.len()));
     let with_documents = req.return_documents.unwrap_or(true);
     let results: Vec<Value> = ranked
         .into_iter()

@@ -230,13 +230,15 @@ impl Store {
         })
     }
 
-    /// Moves an upload pending at `now` to `completing`, for one `complete` call to put its
-    /// parts together undisturbed; else why not.
-    pub fn begin_completion(
+    /// Moves an upload pending at `now` to `status`, forgetting its parts with `forget_parts`;
+    /// else why not. In one transaction: of calls racing on an upload, one moves it.
+    fn leave_pending(
         &self,
         project: &str,
         id: &str,
         now: i64,
+        status: &str,
+        forget_parts: bool,
     ) -> Result<Result<UploadRecord, Refused>, StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -246,10 +248,24 @@ impl Store {
             }
             tx.execute(
                 "UPDATE uploads SET status = ?2 WHERE id = ?1",
-                params![id, COMPLETING],
+                params![id, status],
             )?;
+            if forget_parts {
+                tx.execute("DELETE FROM upload_parts WHERE upload = ?1", params![id])?;
+            }
             tx.commit().map(|()| Ok(u))
         })
+    }
+
+    /// Moves an upload pending at `now` to `completing`, for one `complete` call to put its
+    /// parts together undisturbed; else why not.
+    pub fn begin_completion(
+        &self,
+        project: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<Result<UploadRecord, Refused>, StoreError> {
+        self.leave_pending(project, id, now, COMPLETING, false)
     }
 
     /// A completion that failed (a wrong md5, a disk error) leaves the upload pending again.
@@ -305,19 +321,9 @@ impl Store {
         id: &str,
         now: i64,
     ) -> Result<Result<(), Refused>, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let u = upload_in(&tx, project, id)?;
-            if let Err(refused) = is(&u, PENDING, now) {
-                return Ok(Err(refused));
-            }
-            tx.execute(
-                "UPDATE uploads SET status = 'cancelled' WHERE id = ?1",
-                params![id],
-            )?;
-            tx.execute("DELETE FROM upload_parts WHERE upload = ?1", params![id])?;
-            tx.commit().map(|()| Ok(()))
-        })
+        Ok(self
+            .leave_pending(project, id, now, "cancelled", true)?
+            .map(drop))
     }
 
     /// Forgets the parts of uploads that are past their hour at `now`; returns those uploads'

@@ -601,6 +601,13 @@ def _():
     with ac.messages.stream(**greedy_kw) as s:
         eq("".join(s.text_stream), want, "streamed text")
         eq(s.get_final_message().stop_reason, r.stop_reason, "streamed stop_reason")
+    # A prefill: the answer goes on from the final assistant turn (and chat's continue_final_message).
+    head = want[:want.index(" ", 4)]
+    r = ac.messages.create(**dict(greedy_kw, messages=MSG + [{"role": "assistant", "content": head}]))
+    eq(head + r.content[0].text, want, "prefill")
+    c = client.chat.completions.create(model=CHAT, messages=MSG + [{"role": "assistant", "content": head}], max_tokens=16,
+                                       temperature=0, extra_body={"continue_final_message": True})
+    eq(head + c.choices[0].message.content, want, "continue_final_message")
     cut = want.split()[2]
     r = ac.messages.create(**dict(greedy_kw, stop_sequences=[cut]))
     eq((r.stop_reason, r.stop_sequence, r.content[0].text), ("stop_sequence", cut, want[:want.index(cut)]), "stop")

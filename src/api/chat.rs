@@ -253,7 +253,8 @@ pub async fn chat_completions(
         }
     }
     tools::merge_tool_results(&mut messages);
-    let prompt = model.chat_prompt(&messages)?;
+    let end = super::types::turn_end(req.add_generation_prompt, req.continue_final_message);
+    let prompt = model.chat_prompt_ending(&messages, end)?;
     model.prepare(&params).await?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;
     let gens = start_n(&model, &prompt, &params, n, "messages")?;

@@ -28,7 +28,7 @@ use super::{json, ApiError, AppState};
 use crate::engine::FinishReason;
 use crate::platform::usage::{Meter, TokenClock};
 use crate::scheduler::Priority;
-use crate::serving::{ChatMessage, ChatModel, GenParams};
+use crate::serving::{ChatMessage, ChatModel, GenParams, TurnEnd};
 
 #[derive(Deserialize)]
 pub struct MessagesRequest {
@@ -327,7 +327,12 @@ fn prepare(
     }
     tools::merge_tool_results(&mut messages);
     join_turns(&mut messages);
-    let prompt = model.chat_prompt(&messages)?;
+    // A final assistant turn is a prefill: the answer goes on from its text.
+    let end = match messages.last() {
+        Some(m) if m.role == "assistant" => TurnEnd::Continued,
+        _ => TurnEnd::Open,
+    };
+    let prompt = model.chat_prompt_ending(&messages, end)?;
     Ok(Prepared {
         model,
         prompt,

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use super::tools::{self, Dialect, ToolUse};
-use super::types::RequestMessage;
+use super::types::{turn_end, RequestMessage};
 use super::{json, ApiError, AppState};
 use crate::serving::Served;
 
@@ -32,6 +32,8 @@ pub struct TokenizeBody {
     return_token_strs: bool,
     /// With `messages`: open the assistant's turn, as chat completions do (default true).
     add_generation_prompt: Option<bool>,
+    /// With `messages`: end inside the final assistant message, to go on from its text.
+    continue_final_message: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -96,7 +98,8 @@ pub async fn tokenize(
                 tool_use.instruct(&mut messages);
             }
             tools::merge_tool_results(&mut messages);
-            let text = chat.render(&messages, req.add_generation_prompt.unwrap_or(true))?;
+            let end = turn_end(req.add_generation_prompt, req.continue_final_message);
+            let text = chat.render(&messages, end)?;
             (text, req.add_special_tokens.unwrap_or(false), "messages")
         }
         _ => {

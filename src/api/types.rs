@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::sampling::SamplingParams;
-use crate::serving::{tools, ChatMessage, GenParams};
+use crate::serving::{tools, ChatMessage, GenParams, TurnEnd};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -201,6 +201,15 @@ pub fn metadata(value: Option<&Value>) -> Result<Value, ApiError> {
         }
     }
     Ok(Value::Object(map.clone()))
+}
+
+/// How a chat's prompt ends, from vLLM's `add_generation_prompt` and `continue_final_message`.
+pub fn turn_end(add_generation_prompt: Option<bool>, continue_final: Option<bool>) -> TurnEnd {
+    match (continue_final, add_generation_prompt) {
+        (Some(true), _) => TurnEnd::Continued,
+        (_, Some(false)) => TurnEnd::Closed,
+        _ => TurnEnd::Open,
+    }
 }
 
 /// OpenAI's message for a field of the wrong JSON type.
@@ -454,6 +463,10 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// vLLM's: close the last turn instead of opening the assistant's (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// vLLM's: answer by going on from the final assistant message's text.
+    pub continue_final_message: Option<bool>,
     // The deprecated function calling (see `tools::legacy_functions`).
     pub functions: Option<Value>,
     pub function_call: Option<Value>,

@@ -86,29 +86,59 @@ impl ChatModel {
         }
     }
 
-    /// Renders and tokenizes a conversation.
+    /// Renders and tokenizes a conversation, the assistant's turn opened.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, ServingError> {
-        let text = self.render(messages, true)?;
+        self.chat_prompt_ending(messages, TurnEnd::Open)
+    }
+
+    /// Renders and tokenizes a conversation, ending as `end` says.
+    pub fn chat_prompt_ending(
+        &self,
+        messages: &[ChatMessage],
+        end: TurnEnd,
+    ) -> Result<Vec<TokenId>, ServingError> {
+        let text = self.render(messages, end)?;
         // The template writes any BOS itself.
         self.tokenize(&text, false, "messages")
     }
 
-    /// A conversation as the chat template writes it, with the assistant's turn opened when
-    /// `add_generation_prompt` (as every request of the API has it).
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ServingError> {
+    /// A conversation as the chat template writes it, ending as `end` says.
+    pub fn render(&self, messages: &[ChatMessage], end: TurnEnd) -> Result<String, ServingError> {
         if messages.is_empty() {
             return Err(ServingError::invalid(
                 "messages",
                 "`messages` must contain at least one message.",
             ));
         }
-        self.template
-            .render(messages, add_generation_prompt)
-            .map_err(|e| ServingError::invalid("messages", e))
+        let render = |messages: &[ChatMessage], open: bool| {
+            self.template
+                .render(messages, open)
+                .map_err(|e| ServingError::invalid("messages", e))
+        };
+        let last = &messages[messages.len() - 1];
+        match end {
+            TurnEnd::Open => render(messages, true),
+            TurnEnd::Closed => render(messages, false),
+            TurnEnd::Continued if last.role != "assistant" => Err(ServingError::invalid(
+                "messages",
+                "To continue the final message, the last message must be the assistant's.",
+            )),
+            // Nothing to continue: the assistant's turn opened as usual.
+            TurnEnd::Continued if last.content.is_empty() => {
+                render(&messages[..messages.len() - 1], true)
+            }
+            TurnEnd::Continued => {
+                // The template closes every turn: cut what it wrote after the last message.
+                let text = render(messages, false)?;
+                let at = text.rfind(&last.content).ok_or_else(|| {
+                    ServingError::invalid(
+                        "messages",
+                        "The chat template changes the final message's text, so it cannot be continued.",
+                    )
+                })?;
+                Ok(text[..at + last.content.len()].to_string())
+            }
+        }
     }
 
     /// Tokenizes a raw completion prompt.
@@ -257,6 +287,18 @@ impl Generation {
     pub fn stop_sequence(&self) -> Option<&str> {
         self.stop.matched.as_deref()
     }
+}
+
+/// How a rendered conversation ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TurnEnd {
+    /// With the assistant's turn opened, for its answer (what every request has by default).
+    Open,
+    /// With the last turn closed (`add_generation_prompt: false`).
+    Closed,
+    /// Inside the final assistant message, for the answer to go on from its text (vLLM's
+    /// `continue_final_message`, Anthropic's prefill).
+    Continued,
 }
 
 /// A running generation. Dropping it cancels the request in the engine.

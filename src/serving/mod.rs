@@ -16,7 +16,7 @@ pub mod tools;
 pub use detokenizer::Detokenizer;
 pub use embed::EmbeddingModel;
 pub use error::ServingError;
-pub use generate::{ChatModel, GenChunk, GenParams, Generation, TokenLogprob};
+pub use generate::{ChatModel, GenChunk, GenParams, Generation, TokenLogprob, TurnEnd};
 pub use registry::{load_registry, ModelInfo, Registry, ServeOptions, Served, Want};
 pub use structured::{Grammar, OutputFormat};
 pub use template::ChatMessage;

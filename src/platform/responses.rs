@@ -137,6 +137,7 @@ impl Store {
                 params![r.id, r.project, response, items, conversation],
             )?;
             tx.execute("DELETE FROM background_owners WHERE id = ?1", params![r.id])?;
+            tx.execute("DELETE FROM response_cancels WHERE id = ?1", params![r.id])?;
             tx.commit().map(|()| n > 0)
         })
     }
@@ -170,6 +171,7 @@ impl Store {
                     params![id, error],
                 )?;
                 tx.execute("DELETE FROM background_owners WHERE id = ?1", params![id])?;
+                tx.execute("DELETE FROM response_cancels WHERE id = ?1", params![id])?;
             }
             tx.commit().map(|()| failed)
         })
@@ -185,8 +187,36 @@ impl Store {
             )?;
             if n > 0 {
                 tx.execute("DELETE FROM background_owners WHERE id = ?1", params![id])?;
+                tx.execute("DELETE FROM response_cancels WHERE id = ?1", params![id])?;
             }
             tx.commit().map(|()| n > 0)
+        })
+    }
+
+    /// Asks the server running the background response `id` of `project` to stop it (a cancel
+    /// sent to another server on the same data directory); whether it is still running.
+    pub fn request_cancel(&self, project: &str, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO response_cancels (id)
+                 SELECT id FROM responses WHERE id = ?1 AND project = ?2
+                   AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
+                params![id, project],
+            )
+        })
+        .map(|n| n > 0)
+    }
+
+    /// Whether the background response `id` should go on: it is still stored and no cancel
+    /// was asked for it.
+    pub fn run_wanted(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM responses WHERE id = ?1)
+                    AND NOT EXISTS (SELECT 1 FROM response_cancels WHERE id = ?1)",
+                params![id],
+                |r| r.get(0),
+            )
         })
     }
 }
@@ -195,6 +225,40 @@ impl Store {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_cancel_asked_elsewhere_reaches_the_running_server() {
+        let dir = std::env::temp_dir().join(format!("candela-resp-{}", uuid::Uuid::new_v4()));
+        let store = Store::open_dir(&dir).unwrap();
+        let queued = StoredResponse {
+            id: "resp_2".into(),
+            project: "a".into(),
+            created_at: 7,
+            response: json!({"id": "resp_2", "status": "queued"}),
+            input_items: Vec::new(),
+            conversation: Vec::new(),
+        };
+        store.queue_response(&queued, "boot-1").unwrap();
+        assert!(store.run_wanted("resp_2").unwrap());
+        // Another project's cancel is no cancel.
+        assert!(!store.request_cancel("b", "resp_2").unwrap());
+        assert!(store.run_wanted("resp_2").unwrap());
+        assert!(store.request_cancel("a", "resp_2").unwrap());
+        assert!(!store.run_wanted("resp_2").unwrap());
+        // Its end clears the request; an ended response takes none.
+        let done = StoredResponse {
+            response: json!({"id": "resp_2", "status": "cancelled"}),
+            ..queued.clone()
+        };
+        assert!(store.finish_response(&done).unwrap());
+        assert!(store.run_wanted("resp_2").unwrap());
+        assert!(!store.request_cancel("a", "resp_2").unwrap());
+        // A deleted response is not wanted either.
+        assert!(store.delete_response("a", "resp_2").unwrap());
+        assert!(!store.run_wanted("resp_2").unwrap());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_response_is_read_and_deleted_by_its_project_only() {

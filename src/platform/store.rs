@@ -505,6 +505,9 @@ CREATE TABLE IF NOT EXISTS background_owners (
     id TEXT PRIMARY KEY,
     boot TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS response_cancels (
+    id TEXT PRIMARY KEY
+);
 ";
 
 #[cfg(test)]

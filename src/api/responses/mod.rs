@@ -292,6 +292,22 @@ pub async fn create(
     }
 }
 
+/// Stops the background run `id` when a cancel for it comes through the database (sent to
+/// another server on the same data directory) or it is deleted there; checked every second
+/// while it runs.
+async fn watch(state: Arc<AppState>, live: Arc<background::Live>, id: String) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.tick().await;
+    while !live.is_done() {
+        every.tick().await;
+        let key = id.clone();
+        if let Ok(false) = blocking(&state, move |s| s.run_wanted(&key)).await {
+            live.cancel.notify_one();
+            return;
+        }
+    }
+}
+
 /// One response being generated.
 struct Run {
     state: Arc<AppState>,
@@ -473,6 +489,7 @@ impl Run {
         }
         let live = runs.start(&id, &project);
         self.cancel = Some(live.cancel.clone());
+        tokio::spawn(watch(self.state.clone(), live.clone(), id.clone()));
         tracing::info!(id = %id, "background response queued");
         let state = self.state.clone();
         let (tx, rx) = mpsc::channel::<(String, Value)>(64);

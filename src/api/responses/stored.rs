@@ -108,6 +108,22 @@ pub async fn cancel(
             tracing::info!(id = %id, "background response cancelled");
             Ok(Json(load(&state, &caller, &id).await?.response))
         }
+        // Running on another server on the same data directory: asked through the database
+        // (see `watch`), and answered once it has stopped, or after ten seconds as it is then.
+        None => {
+            let (owner, key) = (project(&caller)?, id.clone());
+            if blocking(&state, move |s| s.request_cancel(&owner, &key)).await? {
+                for _ in 0..40 {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    let status = load(&state, &caller, &id).await?.response["status"].clone();
+                    if status != "queued" && status != "in_progress" {
+                        break;
+                    }
+                }
+                tracing::info!(id = %id, "background response cancelled through the database");
+            }
+            Ok(Json(load(&state, &caller, &id).await?.response))
+        }
         // Ended already (perhaps since it was read above): as it is now.
         _ => Ok(Json(load(&state, &caller, &id).await?.response)),
     }

@@ -22,7 +22,7 @@ use crate::platform::usage::{Meter, TokenClock};
 use crate::platform::Caller;
 use crate::scheduler::Priority;
 use crate::serving::{
-    ChatModel, GenChunk, GenParams, Generation, Served, ServingError, TokenLogprob,
+    ChatModel, GenChunk, GenParams, Generation, Served, ServingError, TokenLogprob, TurnEnd,
 };
 use candela_models::ModelKind;
 
@@ -219,7 +219,7 @@ pub async fn chat_completions(
         req.tools.as_ref(),
     )?;
     let legacy = functions.is_some();
-    let tool_use = match functions {
+    let mut tool_use = match functions {
         Some(functions) => Some(functions),
         None => ToolUse::parse(
             Dialect::Chat,
@@ -234,6 +234,12 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(i, m)| m.to_chat(i))
         .collect::<Result<Vec<_>, _>>()?;
+    let end = super::types::turn_end(req.add_generation_prompt, req.continue_final_message)?;
+    if let (TurnEnd::Continued, Some(t)) = (end, tool_use.as_mut()) {
+        if messages.last().is_some_and(|m| !m.content.is_empty()) {
+            t.continuing()?;
+        }
+    }
     if let Some(tool_use) = &tool_use {
         tool_use.instruct(&mut messages);
         let named = |mut e: ApiError| {
@@ -253,7 +259,6 @@ pub async fn chat_completions(
         }
     }
     tools::merge_tool_results(&mut messages);
-    let end = super::types::turn_end(req.add_generation_prompt, req.continue_final_message);
     let prompt = model.chat_prompt_ending(&messages, end)?;
     model.prepare(&params).await?;
     reserve(meter.as_deref(), prompt.len(), &params, n)?;

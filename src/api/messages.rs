@@ -315,23 +315,28 @@ fn prepare(
         e
     })?;
     params.priority = priority;
-    let tool_use = tool_use(&req)?;
+    let mut tool_use = tool_use(&req)?;
     let mut messages: Vec<ChatMessage> = chat_messages(req.system.as_ref(), &req.messages)?
         .iter()
         .enumerate()
         .map(|(i, m)| m.to_chat(i))
         .collect::<Result<_, _>>()?;
+    // A final assistant turn is a prefill: the answer goes on from its text.
+    let end = match messages.last() {
+        Some(m) if m.role == "assistant" => TurnEnd::Continued,
+        _ => TurnEnd::Open,
+    };
+    if let (TurnEnd::Continued, Some(t)) = (end, tool_use.as_mut()) {
+        if messages.last().is_some_and(|m| !m.content.is_empty()) {
+            t.continuing()?;
+        }
+    }
     if let Some(t) = &tool_use {
         t.instruct(&mut messages);
         params.format = t.grammar(params.format.take())?;
     }
     tools::merge_tool_results(&mut messages);
     join_turns(&mut messages);
-    // A final assistant turn is a prefill: the answer goes on from its text.
-    let end = match messages.last() {
-        Some(m) if m.role == "assistant" => TurnEnd::Continued,
-        _ => TurnEnd::Open,
-    };
     let prompt = model.chat_prompt_ending(&messages, end)?;
     Ok(Prepared {
         model,

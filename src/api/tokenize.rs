@@ -98,7 +98,7 @@ pub async fn tokenize(
                 tool_use.instruct(&mut messages);
             }
             tools::merge_tool_results(&mut messages);
-            let end = turn_end(req.add_generation_prompt, req.continue_final_message);
+            let end = turn_end(req.add_generation_prompt, req.continue_final_message)?;
             let text = chat.render(&messages, end)?;
             (text, req.add_special_tokens.unwrap_or(false), "messages")
         }

@@ -31,6 +31,24 @@ pub struct ToolUse {
 }
 
 impl ToolUse {
+    /// For an answer that goes on from the final assistant message's text (a prefill), which is
+    /// text: with `auto` it goes on as text, free of the calls' grammar; a choice that requires
+    /// a call cannot go on from text.
+    pub fn continuing(&mut self) -> Result<(), ApiError> {
+        match self.choice {
+            _ if !self.calls => Ok(()),
+            ToolChoice::Auto => {
+                self.calls = false;
+                Ok(())
+            }
+            _ => Err(ApiError::invalid(
+                Some("tool_choice"),
+                "A 'tool_choice' that requires a call cannot go on from the final assistant \
+                 message's text; use 'auto' or 'none', or end the messages with another role.",
+            )),
+        }
+    }
+
     /// `None` when there are no tools.
     pub fn parse(
         dialect: Dialect,

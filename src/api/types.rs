@@ -204,11 +204,19 @@ pub fn metadata(value: Option<&Value>) -> Result<Value, ApiError> {
 }
 
 /// How a chat's prompt ends, from vLLM's `add_generation_prompt` and `continue_final_message`.
-pub fn turn_end(add_generation_prompt: Option<bool>, continue_final: Option<bool>) -> TurnEnd {
+pub fn turn_end(
+    add_generation_prompt: Option<bool>,
+    continue_final: Option<bool>,
+) -> Result<TurnEnd, ApiError> {
     match (continue_final, add_generation_prompt) {
-        (Some(true), _) => TurnEnd::Continued,
-        (_, Some(false)) => TurnEnd::Closed,
-        _ => TurnEnd::Open,
+        (Some(true), Some(true)) => Err(ApiError::invalid(
+            Some("continue_final_message"),
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true: the \
+             answer either goes on from the final message or opens a new turn.",
+        )),
+        (Some(true), _) => Ok(TurnEnd::Continued),
+        (_, Some(false)) => Ok(TurnEnd::Closed),
+        _ => Ok(TurnEnd::Open),
     }
 }
 

@@ -198,7 +198,7 @@ impl Store {
     pub fn request_cancel(&self, project: &str, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT OR IGNORE INTO response_cancels (id)
+                "INSERT OR REPLACE INTO response_cancels (id)
                  SELECT id FROM responses WHERE id = ?1 AND project = ?2
                    AND json_extract(response, '$.status') IN ('queued', 'in_progress')",
                 params![id, project],
@@ -207,12 +207,13 @@ impl Store {
         .map(|n| n > 0)
     }
 
-    /// Whether the background response `id` should go on: it is still stored and no cancel
-    /// was asked for it.
+    /// Whether the background response `id` should go on: it is stored, has not ended (another
+    /// server's sweep may have failed it), and no cancel was asked for it.
     pub fn run_wanted(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM responses WHERE id = ?1)
+                "SELECT EXISTS (SELECT 1 FROM responses WHERE id = ?1
+                                  AND json_extract(response, '$.status') IN ('queued', 'in_progress'))
                     AND NOT EXISTS (SELECT 1 FROM response_cancels WHERE id = ?1)",
                 params![id],
                 |r| r.get(0),

@@ -128,15 +128,28 @@ impl ChatModel {
                 render(&messages[..messages.len() - 1], true)
             }
             TurnEnd::Continued => {
-                // The template closes every turn: cut what it wrote after the last message.
-                let text = render(messages, false)?;
-                let at = text.rfind(&last.content).ok_or_else(|| {
-                    ServingError::invalid(
+                // The template closes every turn: a mark at the end of the final message's text
+                // shows where to cut what it wrote after (a search for the text itself could
+                // match the turn's end marker or an earlier message, and a template may trim).
+                let mark = format!(
+                    "\u{1}CANDELA-CONTINUE-{}\u{1}",
+                    uuid::Uuid::new_v4().simple()
+                );
+                let mut marked = messages.to_vec();
+                let n = marked.len();
+                marked[n - 1].content.push_str(&mark);
+                let text = render(&marked, false)?;
+                match text
+                    .match_indices(&mark)
+                    .map(|(at, _)| at)
+                    .collect::<Vec<_>>()[..]
+                {
+                    [at] => Ok(text[..at].to_string()),
+                    _ => Err(ServingError::invalid(
                         "messages",
-                        "The chat template changes the final message's text, so it cannot be continued.",
-                    )
-                })?;
-                Ok(text[..at + last.content.len()].to_string())
+                        "The chat template rewrites the final message, so it cannot be continued.",
+                    )),
+                }
             }
         }
     }

@@ -115,7 +115,11 @@ pub async fn cancel(
             if blocking(&state, move |s| s.request_cancel(&owner, &key)).await? {
                 for _ in 0..40 {
                     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                    let status = load(&state, &caller, &id).await?.response["status"].clone();
+                    // (Deleted meanwhile: the load below says so.)
+                    let Ok(now) = load(&state, &caller, &id).await else {
+                        break;
+                    };
+                    let status = &now.response["status"];
                     if status != "queued" && status != "in_progress" {
                         break;
                     }

@@ -252,8 +252,24 @@ mod tests {
             ..queued.clone()
         };
         assert!(store.finish_response(&done).unwrap());
-        assert!(store.run_wanted("resp_2").unwrap());
+        let cancels = |s: &Store| {
+            s.with(|c| {
+                c.query_row("SELECT COUNT(*) FROM response_cancels", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .unwrap()
+        };
+        assert_eq!(cancels(&store), 0);
         assert!(!store.request_cancel("a", "resp_2").unwrap());
+        // An ended response goes on no more (another server's sweep may have failed it).
+        assert!(!store.run_wanted("resp_2").unwrap());
+        assert_eq!(
+            store
+                .fail_responses(&["resp_2".to_string()], "gone")
+                .unwrap(),
+            0
+        );
         // A deleted response is not wanted either.
         assert!(store.delete_response("a", "resp_2").unwrap());
         assert!(!store.run_wanted("resp_2").unwrap());

@@ -36,6 +36,20 @@ pub fn owner(caller: &Caller) -> Result<String, ApiError> {
     }
 }
 
+/// A 400 naming `purpose` unless it is one the Files API takes.
+pub fn check_purpose(purpose: &str) -> Result<(), ApiError> {
+    if UPLOAD_PURPOSES.contains(&purpose) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        Some("purpose"),
+        format!(
+            "Invalid value for 'purpose': '{purpose}'. Supported values are: {}.",
+            UPLOAD_PURPOSES.join(", ")
+        ),
+    ))
+}
+
 pub fn server_error(what: &str, e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "{what}");
     ApiError {
@@ -147,15 +161,9 @@ pub async fn upload(
         ));
     };
     let purpose = match purpose {
-        Some(p) if UPLOAD_PURPOSES.contains(&p.as_str()) => p,
         Some(p) => {
-            return Err(ApiError::invalid(
-                Some("purpose"),
-                format!(
-                    "Invalid value for 'purpose': '{p}'. Supported values are: {}.",
-                    UPLOAD_PURPOSES.join(", ")
-                ),
-            ))
+            check_purpose(&p)?;
+            p
         }
         None => {
             return Err(ApiError::invalid(

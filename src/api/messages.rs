@@ -131,6 +131,18 @@ fn text_of(block: &Value) -> Option<&str> {
         .flatten()
 }
 
+/// The text of `blocks`, one a line; a 400 naming `{field}[i].type` for a block that is not
+/// text.
+fn join_texts(blocks: &[Value], field: &str, message: &str) -> Result<String, ApiError> {
+    let mut texts = Vec::with_capacity(blocks.len());
+    for (i, b) in blocks.iter().enumerate() {
+        let text = text_of(b)
+            .ok_or_else(|| ApiError::invalid(Some(&format!("{field}[{i}].type")), message))?;
+        texts.push(text);
+    }
+    Ok(texts.join("\n"))
+}
+
 /// The Anthropic conversation as the chat messages it means (calls and their results as chat
 /// completions take them), each checked.
 fn chat_messages(
@@ -141,16 +153,8 @@ fn chat_messages(
     match system {
         Some(Content::Text(t)) => out.push(json!({"role": "system", "content": t})),
         Some(Content::Blocks(blocks)) => {
-            let mut texts = Vec::new();
-            for (j, b) in blocks.iter().enumerate() {
-                texts.push(text_of(b).ok_or_else(|| {
-                    ApiError::invalid(
-                        Some(&format!("system[{j}].type")),
-                        "System blocks must be of type 'text'.",
-                    )
-                })?);
-            }
-            out.push(json!({"role": "system", "content": texts.join("\n")}));
+            let text = join_texts(blocks, "system", "System blocks must be of type 'text'.")?;
+            out.push(json!({"role": "system", "content": text}));
         }
         None => {}
     }
@@ -181,18 +185,11 @@ fn chat_messages(
                 ("user", Some("tool_result")) => {
                     let mut content = match &b["content"] {
                         Value::String(s) => s.clone(),
-                        Value::Array(parts) => {
-                            let mut texts = Vec::new();
-                            for (k, part) in parts.iter().enumerate() {
-                                texts.push(text_of(part).ok_or_else(|| {
-                                    ApiError::invalid(
-                                        Some(&format!("{field}.content[{k}].type")),
-                                        "A tool result's content blocks must be of type 'text' on this server.",
-                                    )
-                                })?);
-                            }
-                            texts.join("\n")
-                        }
+                        Value::Array(parts) => join_texts(
+                            parts,
+                            &format!("{field}.content"),
+                            "A tool result's content blocks must be of type 'text' on this server.",
+                        )?,
                         _ => String::new(),
                     };
                     if b["is_error"] == true {

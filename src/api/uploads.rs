@@ -19,9 +19,9 @@ use md5::{Digest, Md5};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::files::{blocking, owner, server_error};
+use super::files::{blocking, check_purpose, owner, server_error};
 use super::{json, ApiError, AppState};
-use crate::platform::files::{FileRecord, NewFile, UPLOAD_PURPOSES};
+use crate::platform::files::{FileRecord, NewFile};
 use crate::platform::store::{now, Store, StoreError};
 use crate::platform::uploads::{
     parts_dir, PartRecord, Refused, UploadRecord, MAX_PART_BYTES, PENDING, UPLOAD_TTL_S,
@@ -73,16 +73,7 @@ pub async fn create(
 ) -> Result<Json<Value>, ApiError> {
     let project = owner(&caller)?;
     let body: CreateBody = json::parse(body)?;
-    if !UPLOAD_PURPOSES.contains(&body.purpose.as_str()) {
-        return Err(ApiError::invalid(
-            Some("purpose"),
-            format!(
-                "Invalid value for 'purpose': '{}'. Supported values are: {}.",
-                body.purpose,
-                UPLOAD_PURPOSES.join(", ")
-            ),
-        ));
-    }
+    check_purpose(&body.purpose)?;
     let limit = state.platform.config.max_file_bytes;
     if body.bytes == 0 || body.bytes > limit {
         return Err(ApiError::invalid(
